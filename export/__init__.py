@@ -1,0 +1,1 @@
+"""xaiserve export: sources -> OpenVINO IR with preprocessing, labels and `saliency_map`."""

@@ -1,0 +1,104 @@
+"""The export step: source -> saliency insertion -> embedded preprocessing -> repository."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import openvino as ov
+
+from .parity import compile_f32, parity
+from .preprocessing import embed_preprocessing
+from .repository import staged_version
+from .saliency import SaliencySettings, insert_saliency
+from .sources import SourceOptions, create_source, synthetic_images
+
+CARD_NAME = "model_card.json"
+
+
+@dataclass
+class ExportRequest:
+    source: str
+    repository: Path
+    name: str
+    version: int | None = None
+    saliency: SaliencySettings = field(default_factory=SaliencySettings)
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    parity_images: np.ndarray | None = None  # u8 [n, H, W, 3] at the model's size
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the version directory
+    version: int
+    card: dict
+
+
+Progress = Callable[[str], None]
+
+
+def export_model(request: ExportRequest, progress: Progress = lambda _: None) -> ExportResult:
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    progress("loading the source")
+    loaded = create_source(request.source, request.source_options)
+    timings["load_and_convert_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress("inserting saliency")
+    model, insertion = insert_saliency(loaded.model, request.saliency)
+    info = loaded.info
+    if insertion is not None:
+        info.saliency_method = insertion.method
+        info.saliency_target_layer = insertion.target_layer
+        info.saliency_settings = json.dumps(request.saliency.as_dict(), sort_keys=True)
+    model = embed_preprocessing(model, info)
+    info.write(model)
+    timings["insert_s"] = time.perf_counter() - t
+
+    parity_figures = None
+    if loaded.torch_module is not None:
+        t = time.perf_counter()
+        progress("checking parity against the source")
+        images = request.parity_images
+        if images is None:
+            images = synthetic_images(4, info.input_height)
+        parity_figures = parity(loaded.torch_module, compile_f32(model), images, info)
+        timings["parity_s"] = time.perf_counter() - t
+
+    with staged_version(request.repository, request.name, request.version) as (staging, version):
+        t = time.perf_counter()
+        progress("writing the IR")
+        ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
+        (staging / "labels.txt").write_text("\n".join(info.labels) + "\n")
+        timings["save_s"] = time.perf_counter() - t
+        card = {
+            "name": request.name,
+            "version": version,
+            "source": loaded.description,
+            "openvino": ov.get_version(),
+            "input": {"name": "image", "shape": [-1, info.input_height, info.input_width, 3],
+                      "dtype": "u8", "layout": "NHWC", "color": "RGB"},
+            "preprocessing": {"mean_values": info.mean_values, "scale_values": info.scale_values,
+                              "resize_type": info.resize_type, "embedded": True},
+            "labels_file": "labels.txt",
+            "num_classes": len(info.labels),
+            "outputs": [{"name": sorted(o.get_names())[0] if len(o.get_names()) == 1 else
+                         ("saliency_map" if "saliency_map" in o.get_names() else "logits"),
+                         "shape": str(o.get_partial_shape())} for o in model.outputs],
+            "saliency": None if insertion is None else {
+                "method": insertion.method,
+                "target_layer": insertion.target_layer,
+                "feature_shape": insertion.feature_shape,
+                "map_shape": insertion.map_shape,
+                "settings": request.saliency.as_dict(),
+            },
+            "parity": parity_figures,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return ExportResult(Path(request.repository) / request.name / str(version), version, card)

@@ -1,0 +1,31 @@
+"""Embed the input conversion into the graph: u8 NHWC RGB images in, the model's float NCHW
+normalised tensor inside (OpenVINO PrePostProcessor), so clients send plain pixels."""
+
+from __future__ import annotations
+
+import openvino as ov
+from openvino.preprocess import PrePostProcessor
+
+from xaiserve.service.model_info import ModelInfo
+
+INPUT_NAME = "image"
+SCORES_NAME = "logits"
+
+
+def embed_preprocessing(model: ov.Model, info: ModelInfo) -> ov.Model:
+    ppp = PrePostProcessor(model)
+    source = ppp.input(0)
+    source.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    steps = source.preprocess()
+    steps.convert_element_type(ov.Type.f32)
+    if any(m != 0 for m in info.mean_values):
+        steps.mean(list(info.mean_values))
+    if any(s != 1 for s in info.scale_values):
+        steps.scale(list(info.scale_values))
+    source.model().set_layout(ov.Layout("NCHW"))
+    model = ppp.build()
+    model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    scores = next(o for o in model.outputs if "saliency_map" not in o.get_names())
+    scores.get_tensor().add_names({SCORES_NAME})
+    info.embedded_processing = True
+    return model

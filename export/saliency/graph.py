@@ -1,0 +1,194 @@
+"""Graph surgery helpers on OpenVINO models: find targets by structure, re-run a tail.
+
+Everything here works on `openvino.Model` objects only (no torch), so the same code inserts
+saliency into models converted from PyTorch and into IR or ONNX files someone already deployed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+
+class InsertionError(ValueError):
+    """The saliency branch cannot be built; the message says which option to give."""
+
+
+def const(values, dtype=np.int64) -> ov.Node:
+    return ops.constant(np.asarray(values, dtype=dtype))
+
+
+def key(node: ov.Node) -> str:
+    """A stable identity for a node (Python wrappers are recreated on every access, so their
+    id() is not one); OpenVINO's unique internal name is."""
+    return node.get_name()
+
+
+def node_name(output: ov.Output) -> str:
+    return output.get_node().get_friendly_name()
+
+
+def static_dims(output: ov.Output) -> list[int | None]:
+    shape = output.get_partial_shape()
+    return [d.get_length() if d.is_static else None for d in shape]
+
+
+def ancestors(output: ov.Output) -> set[str]:
+    """Ids of every node `output` depends on (including its own node)."""
+    seen: set[str] = set()
+    stack = [output.get_node()]
+    while stack:
+        node = stack.pop()
+        if key(node) in seen:
+            continue
+        seen.add(key(node))
+        stack.extend(v.get_node() for v in node.input_values())
+    return seen
+
+
+def _upstream_nodes(output: ov.Output) -> list[ov.Node]:
+    seen: dict[str, ov.Node] = {}
+    stack = [output.get_node()]
+    while stack:
+        node = stack.pop()
+        if key(node) in seen:
+            continue
+        seen[key(node)] = node
+        stack.extend(v.get_node() for v in node.input_values())
+    return list(seen.values())
+
+
+def score_output(model: ov.Model) -> ov.Output:
+    """The tensor of class scores: what feeds the first result of shape [N, K]."""
+    for result in model.get_results():
+        if result.get_output_partial_shape(0).rank.get_length() == 2:
+            return result.input_value(0)
+    raise InsertionError(
+        "the model has no [N, num_classes] output; only classifiers can be explained "
+        "(give --method none to export without saliency)"
+    )
+
+
+def find_by_name(model: ov.Model, name: str) -> ov.Output:
+    """The output of the node whose friendly name is `name` (for --target-layer)."""
+    for node in model.get_ordered_ops():
+        if node.get_friendly_name() == name:
+            return node.output(0)
+    raise InsertionError(f"--target-layer {name!r}: no node of that name in the model")
+
+
+@dataclass
+class Tail:
+    """The part of the network between a target tensor and the class scores, re-runnable on a
+    new input (for example a batch of masked copies of the target)."""
+
+    model: ov.Model
+    target: ov.Output
+    scores: ov.Output
+
+    def run_on(self, new_input: ov.Output) -> ov.Output:
+        """Clone the tail, feed it `new_input` instead of the target, return the new scores.
+
+        The clone starts from a copy of the whole model; its copy of the target's consumers is
+        rewired to `new_input`, so only the tail stays reachable from the new scores.
+        """
+        clone = self.model.clone()
+        originals = self.model.get_ordered_ops()
+        copies = clone.get_ordered_ops()
+        if len(originals) != len(copies):
+            raise InsertionError("could not clone the model graph for the saliency branch")
+        copy_of = {key(o): c for o, c in zip(originals, copies)}
+        target_copy = copy_of[key(self.target.get_node())].output(self.target.get_index())
+        scores_copy = copy_of[key(self.scores.get_node())].output(self.scores.get_index())
+        for consumer in list(target_copy.get_target_inputs()):
+            consumer.replace_source_output(new_input)
+        _make_batch_free(scores_copy, new_input)
+        own_inputs = {key(p) for p in self.model.get_parameters()}
+        leaked = [
+            n for n in _upstream_nodes(scores_copy)
+            if n.get_type_name() == "Parameter" and key(n) not in own_inputs
+        ]
+        if leaked:
+            raise InsertionError(
+                f"the layers after {node_name(self.target)!r} read the model input directly, so "
+                "they cannot be re-run on masked copies; give another --target-layer or "
+                "--method activationmap"
+            )
+        return scores_copy
+
+
+def _make_batch_free(scores: ov.Output, new_input: ov.Output) -> None:
+    """Reshapes in the tail often take the batch size from the model input (`x.view(bs, -1)`).
+    When a Reshape's output is static except for the batch dimension, a constant pattern with -1
+    there is equivalent and does not depend on the input's batch size."""
+    inside = ancestors(new_input)
+    for node in _upstream_nodes(scores):
+        if node.get_type_name() != "Reshape" or key(node) in inside:
+            continue
+        if node.input_value(1).get_node().get_type_name() == "Constant":
+            continue
+        dims = static_dims(node.output(0))
+        if dims and dims[0] is None and all(d is not None for d in dims[1:]):
+            node.input(1).replace_source_output(const([-1] + dims[1:]).output(0))
+
+
+_GLOBAL_POOL_TYPES = {"ReduceMean", "AvgPool", "AdaptiveAvgPool", "ReduceMax", "MaxPool",
+                      "AdaptiveMaxPool"}
+
+
+def is_global_pool(node: ov.Node) -> bool:
+    """True for an op that pools a 4-D [N, C, h, w] map over all of h and w."""
+    kind = node.get_type_name()
+    if kind not in _GLOBAL_POOL_TYPES:
+        return False
+    src = node.input_value(0)
+    if src.get_partial_shape().rank.get_length() != 4:
+        return False
+    if kind.startswith("Reduce"):
+        axes_node = node.input_value(1).get_node()
+        if axes_node.get_type_name() != "Constant":
+            return False
+        axes = {int(a) % 4 for a in np.ravel(axes_node.get_data())}
+        return axes == {2, 3}
+    out = static_dims(node.output(0))
+    return len(out) == 4 and out[2] == 1 and out[3] == 1
+
+
+def find_global_pool(scores: ov.Output) -> ov.Node | None:
+    """The global pooling closest to the scores on their path (the CNN head's entry)."""
+    best, best_depth = None, None
+    depth: dict[str, int] = {key(scores.get_node()): 0}
+    queue = [scores.get_node()]
+    while queue:
+        node = queue.pop(0)
+        d = depth[key(node)]
+        if is_global_pool(node) and (best_depth is None or d < best_depth):
+            best, best_depth = node, d
+        for v in node.input_values():
+            parent = v.get_node()
+            if key(parent) not in depth:
+                depth[key(parent)] = d + 1
+                queue.append(parent)
+    return best
+
+
+def find_last_transformer_block_input(model: ov.Model, scores: ov.Output) -> ov.Output | None:
+    """Input of the last transformer block: the residual stream that feeds that block's first
+    LayerNorm (MVN) and its residual Add. Counting back from the scores, the final norm is the
+    last MVN and the last block holds the two before it."""
+    on_path = ancestors(scores)
+    norms = [
+        n for n in model.get_ordered_ops()
+        if n.get_type_name() == "MVN" and key(n) in on_path
+        and n.input_value(0).get_partial_shape().rank.get_length() == 3
+    ]
+    if len(norms) < 3:
+        return None
+    stream = norms[-3].input_value(0)
+    consumers = {i.get_node().get_type_name() for i in stream.get_target_inputs()}
+    if "Add" not in consumers:
+        return None
+    return stream

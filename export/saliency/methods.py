@@ -1,0 +1,290 @@
+"""White-box saliency methods inserted into an OpenVINO graph, one class per method.
+
+Each method finds its target by the graph's structure and adds a `saliency_map` output
+[N, K, h, w] (K = number of classes; 1 for the class-agnostic ActivationMap) that is correct for
+every batch size N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from .graph import (
+    InsertionError,
+    Tail,
+    const,
+    find_by_name,
+    find_global_pool,
+    find_last_transformer_block_input,
+    is_global_pool,
+    node_name,
+    static_dims,
+)
+
+# Spread of a kept location over its 3x3 neighbourhood (the ReciproCAM/ViT-ReciproCAM kernel,
+# centre weight 1).
+GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32) / 4.0
+
+
+@dataclass(frozen=True)
+class SaliencySettings:
+    """How the saliency branch is built. The defaults are the project's choice for
+    localisation (see README, "Saliency"); `score="logit", mosaic="paper"` is the plain
+    ReciproCAM formulation of the paper and openvino-xai."""
+
+    method: str = "auto"
+    target_layer: str | None = None
+    # Class score read off each masked copy: softmax probability or raw logit.
+    score: Literal["softmax", "logit"] = "softmax"
+    # "local": each masked copy holds the kept location at full strength, as if the whole image
+    # looked like it (the head's average pooling then sees the location's own feature);
+    # "paper": zeros elsewhere, so pooling dilutes the location by 1/(h*w).
+    mosaic: Literal["local", "paper"] = "local"
+    spread: Literal["gaussian", "none"] = "gaussian"
+    # Per-class min-max of each map to [0, 1].
+    normalize: Literal["minmax", "none"] = "minmax"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """What was inserted, for the model card and rt_info."""
+
+    method: str
+    target_layer: str
+    feature_shape: list[int]
+    map_shape: list[int]
+
+
+def neighbourhood_weights(h: int, w: int, spread: str) -> np.ndarray:
+    """[h*w (mosaic k), h*w (location j)] weight of location j in mosaic k."""
+    kernel = GAUSSIAN_3X3 if spread == "gaussian" else np.array(
+        [[0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=np.float32)
+    weights = np.zeros((h * w, h * w), dtype=np.float32)
+    for ky in range(h):
+        for kx in range(w):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    y, x = ky + dy, kx + dx
+                    if 0 <= y < h and 0 <= x < w:
+                        weights[ky * w + kx, y * w + x] = kernel[dy + 1, dx + 1]
+    return weights
+
+
+def _minmax(x: ov.Output, axes: list[int]) -> ov.Output:
+    lo = ops.reduce_min(x, const(axes), keep_dims=True)
+    hi = ops.reduce_max(x, const(axes), keep_dims=True)
+    span = ops.maximum(ops.subtract(hi, lo), const(1e-12, np.float32))
+    return ops.divide(ops.subtract(x, lo), span).output(0)
+
+
+def _feature_dims(target: ov.Output, rank: int, option: str) -> list[int]:
+    dims = static_dims(target)
+    if len(dims) != rank or any(d is None for d in dims[1:]):
+        raise InsertionError(
+            f"target {node_name(target)!r} has shape {target.get_partial_shape()}, expected a "
+            f"{rank}-D tensor with static non-batch dimensions; {option}"
+        )
+    return dims
+
+
+def _scores_to_maps(scores: ov.Output, tail_ends_in_softmax: bool, hw: int, h: int, w: int,
+                    settings: SaliencySettings) -> ov.Output:
+    """[N*hw, K] scores of the masked copies -> [N, K, h, w] maps."""
+    if settings.score == "softmax" and not tail_ends_in_softmax:
+        scores = ops.softmax(scores, 1).output(0)
+    k = static_dims(scores)[1]
+    per_image = ops.reshape(scores, const([-1, hw, k]), special_zero=False)
+    maps = ops.transpose(per_image, const([0, 2, 1])).output(0)
+    if settings.normalize == "minmax":
+        maps = _minmax(maps, [2])
+    return ops.reshape(maps, const([0, 0, h, w]), special_zero=True).output(0)
+
+
+class SaliencyMethod:
+    """One white-box method: find the target tensor, build the `saliency_map` output."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: SaliencySettings):
+        self.settings = settings
+
+    def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
+        raise NotImplementedError
+
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+        raise NotImplementedError
+
+    def insert(self, model: ov.Model) -> tuple[ov.Model, Insertion]:
+        from .graph import score_output
+
+        scores = score_output(model)
+        target = self.find_target(model, scores)
+        saliency = self.build(model, scores, target)
+        result = ops.result(saliency)
+        result.output(0).get_tensor().set_names({"saliency_map"})
+        result.set_friendly_name("saliency_map")
+        new_model = ov.Model(list(model.get_results()) + [result], model.get_parameters(),
+                             model.get_friendly_name())
+        for key in ("model_info",):
+            if model.has_rt_info(key):
+                new_model.set_rt_info(model.get_rt_info(key), key)
+        return new_model, Insertion(
+            method=self.name,
+            target_layer=node_name(target),
+            feature_shape=[d if d is not None else -1 for d in static_dims(target)],
+            map_shape=[d if d is not None else -1 for d in static_dims(saliency)],
+        )
+
+
+def _ends_in_softmax(scores: ov.Output) -> bool:
+    return scores.get_node().get_type_name() in {"Softmax", "LogSoftmax"}
+
+
+class ReciproCAM(SaliencyMethod):
+    """ReciproCAM (Byun and Lee 2022) for CNNs: re-run the head on h*w masked copies of the
+    last feature map, one per location; the class scores of copy k form the map at k.
+
+    When the head starts with global average pooling, pooling a masked copy is a weighted mean of
+    the feature vectors, so the copies are never built: one [C, hw] x [hw, hw] product gives all
+    pooled vectors and only the layers after pooling run at batch N*h*w."""
+
+    name = "reciprocam"
+
+    def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
+        if self.settings.target_layer:
+            return find_by_name(model, self.settings.target_layer)
+        pool = find_global_pool(scores)
+        if pool is None:
+            raise InsertionError(
+                "no global pooling over a 4-D feature map was found on the way to the scores; "
+                "give --target-layer NAME (a [N, C, h, w] node), or --method vit-reciprocam for "
+                "a transformer, or --method none"
+            )
+        return pool.input_value(0)
+
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+        _, c, h, w = _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
+        hw = h * w
+        weights = neighbourhood_weights(h, w, self.settings.spread)  # [k, j]
+        consumers = [i.get_node() for i in target.get_target_inputs()]
+        avg_pool = (len(consumers) == 1 and consumers[0].get_type_name()
+                    in {"ReduceMean", "AvgPool", "AdaptiveAvgPool"}
+                    and is_global_pool(consumers[0]))
+        if avg_pool:
+            pool = consumers[0]
+            if self.settings.mosaic == "local":
+                mix = weights / weights.sum(axis=1, keepdims=True)
+            else:
+                mix = weights / hw
+            flat = ops.reshape(target, const([0, c, hw]), special_zero=True)
+            pooled = ops.matmul(flat, const(mix.T, np.float32), False, False)  # [N, C, hw(k)]
+            pooled = ops.transpose(pooled, const([0, 2, 1]))  # [N, hw, C]
+            pool_rank = pool.output(0).get_partial_shape().rank.get_length()
+            new_input = ops.reshape(pooled, const([-1, c] + [1] * (pool_rank - 2)), False)
+            tail = Tail(model, pool.output(0), scores)
+        else:
+            masks = weights.reshape(hw, h, w)
+            if self.settings.mosaic == "local":
+                masks = masks * hw / masks.reshape(hw, -1).sum(axis=1)[:, None, None]
+            expanded = ops.unsqueeze(target, const([1]))  # [N, 1, C, h, w]
+            mosaics = ops.multiply(expanded, const(masks[None, :, None], np.float32))
+            new_input = ops.reshape(mosaics, const([-1, c, h, w]), False)
+            tail = Tail(model, target, scores)
+        copy_scores = tail.run_on(new_input.output(0))
+        return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w, self.settings)
+
+
+class ViTReciproCAM(SaliencyMethod):
+    """ViT-ReciproCAM (arXiv 2310.02588): mask the token sequence at the input of the last
+    transformer block (one spatial token spread over its 3x3 neighbours, prefix tokens such as
+    CLS kept) and re-run the last block, the final norm and the head at batch N*h*w."""
+
+    name = "vit-reciprocam"
+
+    def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
+        if self.settings.target_layer:
+            return find_by_name(model, self.settings.target_layer)
+        stream = find_last_transformer_block_input(model, scores)
+        if stream is None:
+            raise InsertionError(
+                "no transformer blocks (LayerNorm + residual over [N, tokens, dim]) were found "
+                "before the scores; give --target-layer NAME (the [N, tokens, dim] input of a "
+                "block) or --method reciprocam for a CNN"
+            )
+        return stream
+
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+        _, tokens, dim = _feature_dims(target, 3, "give the [N, tokens, dim] --target-layer")
+        side = math.isqrt(tokens)
+        prefix = tokens - side * side
+        if side < 2 or prefix > 8:
+            raise InsertionError(
+                f"target {node_name(target)!r} has {tokens} tokens, not a square grid plus a few "
+                "prefix tokens; give --target-layer or --method none"
+            )
+        h = w = side
+        hw = h * w
+        weights = neighbourhood_weights(h, w, self.settings.spread)  # [k, j]
+        token_masks = np.ones((hw, tokens), dtype=np.float32)
+        token_masks[:, prefix:] = weights
+        expanded = ops.unsqueeze(target, const([1]))  # [N, 1, T, D]
+        mosaics = ops.multiply(expanded, const(token_masks[None, :, :, None], np.float32))
+        new_input = ops.reshape(mosaics, const([-1, tokens, dim]), False)
+        copy_scores = Tail(model, target, scores).run_on(new_input.output(0))
+        return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w, self.settings)
+
+
+class ActivationMap(SaliencyMethod):
+    """The cheapest map: the channel mean of the last feature map, class-agnostic ([N, 1, h, w])."""
+
+    name = "activationmap"
+
+    def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
+        return ReciproCAM(self.settings).find_target(model, scores)
+
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+        _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
+        mean = ops.reduce_mean(target, const([1]), keep_dims=True).output(0)
+        if self.settings.normalize == "minmax":
+            mean = _minmax(mean, [2, 3])
+        return mean
+
+
+METHODS: dict[str, type[SaliencyMethod]] = {
+    cls.name: cls for cls in (ReciproCAM, ViTReciproCAM, ActivationMap)
+}
+
+
+def detect_method(model: ov.Model) -> str:
+    """`auto`: a CNN (global pooling over a 4-D map) gets ReciproCAM, a transformer
+    ViT-ReciproCAM."""
+    from .graph import score_output
+
+    scores = score_output(model)
+    if find_global_pool(scores) is not None:
+        return ReciproCAM.name
+    if find_last_transformer_block_input(model, scores) is not None:
+        return ViTReciproCAM.name
+    raise InsertionError(
+        "could not tell the architecture from the graph (no global pooling over a 4-D map, no "
+        "transformer blocks); give --method reciprocam or vit-reciprocam with --target-layer NAME"
+    )
+
+
+def create_method(settings: SaliencySettings, model: ov.Model) -> SaliencyMethod:
+    name = detect_method(model) if settings.method == "auto" else settings.method
+    if name not in METHODS:
+        raise InsertionError(
+            f"--method {settings.method!r} is unknown; choose one of auto, none, "
+            + ", ".join(METHODS)
+        )
+    return METHODS[name](settings)

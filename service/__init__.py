@@ -1,0 +1,1 @@
+"""xaiserve runtime: model loading, preprocessing, serving. Never imports torch."""

@@ -1,0 +1,69 @@
+"""Image decoding and resizing to a model's input, as its `model_info` says. No torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .model_info import ModelInfo
+
+
+class ImageError(ValueError):
+    """An image cannot be decoded or has the wrong shape."""
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded JPEG/PNG/... bytes -> RGB u8 [H, W, 3]."""
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if array is None:
+        raise ImageError("not a decodable image (JPEG, PNG, BMP, TIFF or WebP expected)")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read it ({exc.strerror})") from None
+    try:
+        return decode_image(data)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Gray, RGB or RGBA u8 -> RGB u8 [H, W, 3]."""
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ImageError(f"image of shape {image.shape}: expected [H, W, 3]")
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False)
+
+
+def resize_for_model(image: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """RGB u8 [H, W, 3] of any size -> [input_height, input_width, 3].
+
+    `standard` stretches the whole image, so the saliency map covers all of it; `crop` resizes
+    the shorter side and takes the centre; `fit_to_window*` keeps the aspect ratio and pads."""
+    image = as_rgb(image)
+    h, w = info.input_height, info.input_width
+    if info.resize_type == "crop":
+        scale = max(h / image.shape[0], w / image.shape[1])
+        resized = cv2.resize(image, (max(w, round(image.shape[1] * scale)),
+                                     max(h, round(image.shape[0] * scale))),
+                             interpolation=cv2.INTER_LINEAR)
+        top = (resized.shape[0] - h) // 2
+        left = (resized.shape[1] - w) // 2
+        return np.ascontiguousarray(resized[top:top + h, left:left + w])
+    if info.resize_type.startswith("fit_to_window"):
+        scale = min(h / image.shape[0], w / image.shape[1])
+        nh, nw = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
+        resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        canvas = np.full((h, w, 3), info.pad_value, dtype=np.uint8)
+        top = (h - nh) // 2 if info.resize_type.endswith("letterbox") else 0
+        left = (w - nw) // 2 if info.resize_type.endswith("letterbox") else 0
+        canvas[top:top + nh, left:left + nw] = resized
+        return canvas
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
