@@ -1,0 +1,111 @@
+"""A served classifier with a clear lifecycle: load, preprocess, predict, explain.
+
+One object per model version. Inference goes through OpenVINO's async infer-request pool, so
+several callers can use one compiled model at once without a global lock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from .images import resize_for_model
+from .model_info import ModelInfo
+
+SALIENCY_OUTPUT = "saliency_map"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Prediction:
+    class_id: int
+    label: str
+    score: float
+
+
+@dataclass
+class Explanation:
+    """Predictions for one image and one saliency map per target class (float, [h, w], 0..1)."""
+
+    predictions: list[Prediction]
+    maps: dict[int, np.ndarray]
+    probabilities: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class ClassifierModel:
+    def __init__(self, path: str | Path, device: str = "CPU", config: dict | None = None,
+                 core: ov.Core | None = None):
+        self.path = Path(path)
+        self.device = device
+        self.config = config or {}
+        self.core = core or ov.Core()
+        self.compiled: ov.CompiledModel | None = None
+        self.info: ModelInfo | None = None
+
+    def load(self) -> "ClassifierModel":
+        xml = self.path if self.path.suffix == ".xml" else self.path / "model.xml"
+        try:
+            model = self.core.read_model(str(xml))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{xml}: cannot read the IR ({str(exc).splitlines()[0][:160]})") \
+                from None
+        info = ModelInfo.from_model(model)
+        if info is None or not info.embedded_processing:
+            raise ModelLoadError(f"{xml}: no embedded preprocessing in model_info; export it with "
+                                 "`xaiserve export`")
+        self.info = info
+        self.compiled = self.core.compile_model(model, self.device, self.config)
+        self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
+        return self
+
+    @property
+    def has_saliency(self) -> bool:
+        return SALIENCY_OUTPUT in self.output_names
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        return resize_for_model(image, self.info)
+
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present}."""
+        request = self.compiled.create_infer_request()
+        request.infer({0: batch})
+        out = {"logits": request.get_tensor("logits").data.copy()}
+        if self.has_saliency:
+            out[SALIENCY_OUTPUT] = request.get_tensor(SALIENCY_OUTPUT).data.copy()
+        return out
+
+    def explain(self, image: np.ndarray, top_k: int = 1) -> Explanation:
+        t0 = time.perf_counter()
+        tensor = self.preprocess(image)[None]
+        t1 = time.perf_counter()
+        out = self.predict(tensor)
+        t2 = time.perf_counter()
+        probs = softmax(out["logits"][0].astype(np.float64))
+        order = np.argsort(-probs)[:max(top_k, 1)]
+        predictions = [Prediction(int(c), self.label(int(c)), float(probs[c])) for c in order]
+        maps = {}
+        if self.has_saliency:
+            saliency = out[SALIENCY_OUTPUT][0]
+            for c in order[:top_k]:
+                maps[int(c)] = saliency[int(c) if saliency.shape[0] > 1 else 0]
+        return Explanation(predictions, maps, probs, {
+            "preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
+        })
+
+    def label(self, class_id: int) -> str:
+        labels = self.info.labels
+        return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)

@@ -1,0 +1,78 @@
+"""Synthetic images whose truth is known (object masks), and a small CNN trained on them.
+
+Importable as `torch:tests.synthetic:small_cnn` so the real export command can load it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SIZE = 64
+CLASSES = ("red", "green", "blue")
+SHAPES = ("square", "disk", "cross")
+
+
+def make_dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """u8 images [n, 64, 64, 3], labels [n], object masks [n, 64, 64] (bool).
+
+    One object per image, of a random shape at a random place on a grey noisy background; its
+    colour is the class."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(60, 140, size=(count, SIZE, SIZE, 3)).astype(np.uint8)
+    labels = rng.integers(0, len(CLASSES), size=count)
+    masks = np.zeros((count, SIZE, SIZE), dtype=bool)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i, label in enumerate(labels):
+        r = 8
+        cy, cx = rng.integers(r + 1, SIZE - r - 1, size=2)
+        dy, dx = np.abs(yy - cy), np.abs(xx - cx)
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        if shape == "square":
+            mask = (dy <= r - 1) & (dx <= r - 1)
+        elif shape == "disk":
+            mask = dy ** 2 + dx ** 2 <= r ** 2
+        else:
+            mask = ((dy <= 2) & (dx <= r)) | ((dx <= 2) & (dy <= r))
+        masks[i] = mask
+        colour = np.full(3, 40)
+        colour[label] = 230
+        images[i][mask] = colour
+    return images, labels, masks
+
+
+def small_cnn():
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
+    )
+
+
+def mlp():
+    """A classifier with no spatial feature map: saliency insertion cannot work on it."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 32), nn.ReLU(),
+                         nn.Linear(32, len(CLASSES)))
+
+
+def train_small_cnn(steps: int = 150, seed: int = 0):
+    """Train on x / 255 (the export gets --mean 0 --scale 255) for a few seconds."""
+    import torch
+
+    torch.manual_seed(seed)
+    images, labels, _ = make_dataset(1024, seed)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    y = torch.from_numpy(labels)
+    model = small_cnn()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()

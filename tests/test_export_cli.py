@@ -1,0 +1,128 @@
+"""`xaiserve export` as a pipeline step: sources, versions, and bad input (one line, exit 2,
+nothing left in the repository)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines()
+             if ln.startswith("xaiserve export: error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def _repository_is_empty(repo) -> bool:
+    return not repo.exists() or not any(repo.rglob("*"))
+
+
+def test_unknown_architecture(tmp_path):
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", "timm:resnet5000", "--repository", str(repo),
+                               "--name", "x"))
+    assert "resnet5000" in line and "not a timm architecture" in line
+    assert _repository_is_empty(repo)
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    import torch
+
+    from tests.synthetic import small_cnn
+
+    torch.save(small_cnn().state_dict(), tmp_path / "other.pth")
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", "timm:resnet18", "--checkpoint",
+                               str(tmp_path / "other.pth"), "--repository", str(repo),
+                               "--name", "r18"))
+    assert "does not fit timm:resnet18" in line and "--num-classes" in line
+    assert _repository_is_empty(repo)
+
+
+@pytest.mark.parametrize("content", [b"<net>garbage", b"\x00\x01\x02 not a model"])
+def test_unreadable_model_file(tmp_path, content):
+    bad = tmp_path / "deployed.xml"
+    bad.write_bytes(content)
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", str(bad), "--repository", str(repo), "--name", "x"))
+    assert "not a readable OpenVINO IR or ONNX model" in line
+    assert _repository_is_empty(repo)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a pickle")
+    line = _error_line(run_cli("export", "timm:resnet18", "--checkpoint", str(bad),
+                               "--repository", str(tmp_path / "m"), "--name", "x"))
+    assert "not a readable state dict" in line
+
+
+def test_architecture_where_insertion_fails(tmp_path):
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", "torch:tests.synthetic:mlp", "--input-size", "64",
+                               "--repository", str(repo), "--name", "mlp"))
+    assert "--target-layer" in line and "--method" in line
+    assert _repository_is_empty(repo)
+    # The same model without saliency exports fine.
+    ok = run_cli("export", "torch:tests.synthetic:mlp", "--input-size", "64", "--method", "none",
+                 "--repository", str(repo), "--name", "mlp")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["saliency"] is None
+
+
+def test_bad_name_and_taken_version(tmp_path):
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                               "--repository", str(repo), "--name", "../escape"))
+    assert "--name" in line
+    first = run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                    "--repository", str(repo), "--name", "cnn")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                     "--repository", str(repo), "--name", "cnn")
+    assert json.loads(second.stdout)["version"] == 2
+    line = _error_line(run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                               "--repository", str(repo), "--name", "cnn", "--version", "1"))
+    assert "--version" in line
+    assert sorted(p.name for p in (repo / "cnn").iterdir()) == ["1", "2"]
+
+
+def test_deployed_ir_gets_saliency_without_torch(tmp_path):
+    """A plain IR someone already deployed (float NCHW input, no saliency) is exported with a
+    saliency_map; the export path for files never imports torch."""
+    import torch
+
+    from tests.synthetic import small_cnn
+
+    torch.manual_seed(0)
+    plain = ov.convert_model(small_cnn().eval(), example_input=torch.zeros(1, 3, 64, 64),
+                             input=[ov.PartialShape([-1, 3, 64, 64])])
+    ov.save_model(plain, tmp_path / "deployed.xml")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\nblue\n")
+    script = (
+        "import sys; from xaiserve.service.cli import main; "
+        f"rc = main(['export', r'{tmp_path / 'deployed.xml'}', '--repository', "
+        f"r'{tmp_path / 'models'}', '--name', 'legacy', '--labels', r'{labels}', "
+        "'--scale', '255']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = ov.Core().read_model(tmp_path / "models" / "legacy" / "1" / "model.xml")
+    assert str(model.output("saliency_map").get_partial_shape()) == "[?,3,16,16]"
+    compiled = ov.Core().compile_model(model, "CPU")
+    out = compiled(np.zeros((2, 64, 64, 3), np.uint8))
+    assert out["saliency_map"].shape == (2, 3, 16, 16)
+    assert model.get_rt_info(["model_info", "labels"]).astype(str) == "red green blue"

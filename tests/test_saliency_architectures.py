@@ -1,0 +1,319 @@
+"""In-graph ReciproCAM / ViT-ReciproCAM across architectures, checked against torch.
+
+For each source (timm architectures with random weights, plus the default EfficientNet-Lite0)
+the exported `saliency_map` output is checked for
+  1. its shape [N, K, h, w] for N = 1 and N = 3;
+  2. batch independence: an image's map inside a batch of 3 equals its map run alone;
+  3. agreement with a direct torch computation of the method's formula (the head re-run on each
+     masked copy of the target built explicitly, not through the exporter's pooling shortcut),
+     for the project's default settings and for the plain paper formulation
+     (score="logit", mosaic="paper"), both un-normalised and min-max normalised;
+  4. the model-randomisation sanity check (Adebayo et al. 2018): re-initialising the classifier
+     in torch and re-exporting changes the maps substantially.
+
+Everything is compared in f32 on the float NCHW model, before preprocessing is embedded. Each
+source is converted once per module (a module-scoped fixture); the expensive ViT branches
+(h*w = 196 re-runs of the last block per image) are evaluated on as few images as possible.
+
+Tolerances. Raw maps (normalize="none") must agree to RAW_REL times the largest |value|.
+Min-max maps divide by the per-class range over locations; with random weights the softmax is
+nearly uniform and that range can be a few thousand ulps only (efficientnet_b0: range ~2e-5 on
+values ~0.1), so the raw error is amplified by 1/range. The min-max tolerance is therefore
+MINMAX_ABS + 4 * raw_tolerance / range per class: 1e-3 for well-conditioned maps, looser only
+where the map is nearly flat.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from xaiserve.export.parity import compile_f32  # noqa: E402
+from xaiserve.export.saliency import SaliencySettings, insert_saliency  # noqa: E402
+from xaiserve.export.sources import (  # noqa: E402
+    SourceOptions,
+    convert_torch,
+    create_source,
+    synthetic_images,
+)
+
+CNNS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny",
+        "regnety_002"]
+VITS = ["deit_tiny_patch16_224", "vit_small_patch16_224"]
+SOURCES = [f"timm:{a}" for a in CNNS + VITS] + ["default"]
+NUM_CLASSES = 10  # a small head keeps the h*w re-runs cheap (default keeps its 1000 classes)
+
+DEFAULT = SaliencySettings()
+PAPER = SaliencySettings(score="logit", mosaic="paper")
+SETTINGS = {"default": DEFAULT, "paper": PAPER}
+
+RAW_REL = 2e-5  # raw maps: max |exported - torch| <= RAW_REL * max |torch|
+MINMAX_ABS = 1e-3  # min-max maps, well-conditioned classes
+BATCH = 3
+REF_IMAGE = 0  # the image the torch reference is computed for (ViT references are costly)
+
+GAUSSIAN_3X3 = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 4.0
+
+
+def raw(settings: SaliencySettings) -> SaliencySettings:
+    return replace(settings, normalize="none")
+
+
+# --- torch reference ------------------------------------------------------------------------
+
+def location_masks(h: int, w: int, spread: str) -> torch.Tensor:
+    """[h*w, h, w]: mask k is location k spread over its 3x3 neighbourhood (zero padded),
+    built by convolution, independently of the exporter's `neighbourhood_weights`."""
+    deltas = torch.eye(h * w).reshape(h * w, 1, h, w)
+    if spread == "none":
+        return deltas[:, 0]
+    return torch.nn.functional.conv2d(deltas, GAUSSIAN_3X3[None, None], padding=1)[:, 0]
+
+
+def is_vit(module) -> bool:
+    return isinstance(module, timm.models.vision_transformer.VisionTransformer)
+
+
+def classifier_of(module) -> torch.nn.Linear:
+    """The last linear layer (what the randomisation test re-initialises)."""
+    if hasattr(module, "net"):  # the default source's Lite0 wrapper
+        return module.net._fc
+    return module.get_classifier()
+
+
+@torch.no_grad()
+def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
+                     ) -> tuple[torch.Tensor, int, int]:
+    """Pre-classifier features [h*w, D] of the h*w masked copies of one image's target, and h, w.
+
+    CNN: target F = the feature map the head's global average pooling reads; copy k is F * M_k
+    ("paper"), scaled by h*w / sum(M_k) for "local"; the head runs on the copies themselves.
+    ViT: target = the tokens entering the last block; prefix tokens kept, spatial token j of copy
+    k weighted by M_k[j]; then the last block, the final norm and the head's pooling (there is
+    no mosaic variant: `mosaic` is ignored, as it is by the exporter's ViT-ReciproCAM).
+    """
+    x = torch.from_numpy(image[None])
+    if is_vit(module):
+        captured = {}
+        hook = module.blocks[-1].register_forward_pre_hook(
+            lambda _, args: captured.__setitem__("tokens", args[0]))
+        try:
+            module.forward_features(x)
+        finally:
+            hook.remove()
+        tokens = captured["tokens"][0]  # [T, D]
+        t, d = tokens.shape
+        prefix = module.num_prefix_tokens
+        h, w = module.patch_embed.grid_size
+        assert t == prefix + h * w
+        token_masks = torch.ones(h * w, t)
+        token_masks[:, prefix:] = location_masks(h, w, spread).reshape(h * w, h * w)
+        copies = tokens[None] * token_masks[:, :, None]  # [hw, T, D]
+        return module.forward_head(module.norm(module.blocks[-1](copies)), pre_logits=True), h, w
+    if hasattr(module, "net"):
+        features = module.net.extract_features(x)[0]
+
+        def prelogits(m):
+            return torch.flatten(m.mean((2, 3), keepdim=True), 1)
+    else:
+        features = module.forward_features(x)[0]
+
+        def prelogits(m):
+            return module.forward_head(m, pre_logits=True)
+    c, h, w = features.shape
+    masks = location_masks(h, w, spread)
+    if mosaic == "local":
+        masks = masks * (h * w) / masks.sum((1, 2), keepdim=True)
+    copies = features[None] * masks[:, None]  # [hw, C, h, w]
+    return prelogits(copies), h, w
+
+
+@torch.no_grad()
+def maps_from_prelogits(prelogits: torch.Tensor, classifier, h: int, w: int,
+                        settings: SaliencySettings) -> np.ndarray:
+    scores = classifier(prelogits)  # [hw, K]
+    if settings.score == "softmax":
+        scores = scores.softmax(1)
+    maps = scores.T.double()  # [K, hw]
+    if settings.normalize == "minmax":
+        lo = maps.min(1, keepdim=True).values
+        hi = maps.max(1, keepdim=True).values
+        maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    return maps.reshape(-1, h, w).numpy()
+
+
+# --- one source, converted once ---------------------------------------------------------------
+
+class Case:
+    def __init__(self, spec: str):
+        torch.manual_seed(0)
+        self.spec = spec
+        options = SourceOptions() if spec == "default" else SourceOptions(num_classes=NUM_CLASSES)
+        self.source = create_source(spec, options)
+        self.module = self.source.torch_module.eval()
+        self.vit = is_vit(self.module)
+        info = self.source.info
+        images = synthetic_images(BATCH, info.input_height, seed=1).astype(np.float32)
+        images = (images - np.float32(info.mean_values)) / np.float32(info.scale_values)
+        self.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        self.num_classes = len(info.labels)
+        self.grid = 14 if self.vit else 7
+        self._compiled: dict = {}
+        self._maps: dict = {}
+        self._prelogits: dict = {}
+        self._randomised = None
+
+    def compiled(self, settings: SaliencySettings):
+        if settings not in self._compiled:
+            model, insertion = insert_saliency(self.source.model, settings)
+            self._compiled[settings] = (compile_f32(model), insertion)
+        return self._compiled[settings]
+
+    def saliency(self, settings: SaliencySettings, indices: tuple[int, ...]) -> np.ndarray:
+        key = (settings, indices)
+        if key not in self._maps:
+            compiled, _ = self.compiled(settings)
+            outputs = compiled(self.images[list(indices)])
+            self._maps[key] = outputs["saliency_map"].astype(np.float64)
+        return self._maps[key]
+
+    def reference(self, settings: SaliencySettings, index: int = REF_IMAGE,
+                  classifier=None) -> np.ndarray:
+        key = ("-" if self.vit else settings.mosaic, settings.spread, index)
+        if key not in self._prelogits:
+            self._prelogits[key] = masked_prelogits(self.module, self.images[index],
+                                                    settings.mosaic, settings.spread)
+        prelogits, h, w = self._prelogits[key]
+        return maps_from_prelogits(prelogits, classifier or classifier_of(self.module), h, w,
+                                   settings)
+
+    def randomised(self):
+        """(classifier, compiled default-settings model) with the classifier re-initialised."""
+        if self._randomised is None:
+            module = copy.deepcopy(self.module)
+            layer = classifier_of(module)
+            before = layer.weight.detach().clone()
+            torch.manual_seed(1234)
+            layer.reset_parameters()
+            assert not torch.allclose(before, layer.weight)
+            model, _ = insert_saliency(convert_torch(module, self.source.info.input_height),
+                                       DEFAULT)
+            self._randomised = (layer, compile_f32(model))
+        return self._randomised
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def case(request) -> Case:
+    # Module-scoped and parametrised: pytest runs all tests of one source together and drops
+    # it before converting the next.
+    return Case(request.param)
+
+
+def raw_tolerance(reference_raw: np.ndarray) -> float:
+    return RAW_REL * float(np.abs(reference_raw).max())
+
+
+def minmax_tolerance(raw_maps: np.ndarray, raw_tol: float) -> np.ndarray:
+    """Per-map tolerance [..., K, 1, 1] for min-max maps whose un-normalised values are
+    `raw_maps` and carry errors up to raw_tol (amplified by 1 / range)."""
+    span = raw_maps.max((-2, -1), keepdims=True) - raw_maps.min((-2, -1), keepdims=True)
+    return MINMAX_ABS + 4.0 * raw_tol / np.maximum(span, 1e-30)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, tol, what: str) -> None:
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    diff = np.abs(actual - expected)
+    tol = np.broadcast_to(tol, diff.shape)
+    worst = np.unravel_index((diff - tol).argmax(), diff.shape)
+    assert diff[worst] <= tol[worst], (
+        f"{what}: |diff| {diff[worst]:.3g} at {tuple(map(int, worst))} exceeds the tolerance "
+        f"{tol[worst]:.3g} there (max |diff| {diff.max():.3g})"
+    )
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each pair of maps over locations: [..., h, w] -> [...]."""
+    def ranks(x):
+        flat = x.reshape(*x.shape[:-2], -1)
+        return flat.argsort(-1).argsort(-1).astype(np.float64)
+    ra, rb = ranks(a), ranks(b)
+    ra -= ra.mean(-1, keepdims=True)
+    rb -= rb.mean(-1, keepdims=True)
+    return (ra * rb).sum(-1) / np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+def test_output_shape(case: Case):
+    _, insertion = case.compiled(DEFAULT)
+    k, g = case.num_classes, case.grid
+    assert insertion.method == ("vit-reciprocam" if case.vit else "reciprocam")
+    assert insertion.map_shape == [-1, k, g, g]
+    if case.vit:
+        dim = case.module.embed_dim
+        assert insertion.feature_shape == [-1, case.module.num_prefix_tokens + g * g, dim]
+    else:
+        assert insertion.feature_shape[2:] == [g, g]
+    for indices in [(0,), tuple(range(BATCH))]:
+        compiled, _ = case.compiled(DEFAULT)
+        outputs = compiled(case.images[list(indices)])
+        assert outputs["saliency_map"].shape == (len(indices), k, g, g)
+        assert np.isfinite(outputs["saliency_map"]).all()
+        assert outputs[compiled.outputs[0]].shape == (len(indices), k)
+
+
+def test_batch_matches_single(case: Case):
+    batch = case.saliency(DEFAULT, tuple(range(BATCH)))
+    raw_batch = case.saliency(raw(DEFAULT), tuple(range(BATCH)))
+    for i in range(BATCH):
+        single = case.saliency(DEFAULT, (i,))[0]
+        tol = minmax_tolerance(raw_batch[i], raw_tolerance(raw_batch[i]))
+        assert_close(batch[i], single, tol, f"image {i} in a batch of {BATCH} vs alone")
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_matches_torch_reference(case: Case, name: str):
+    settings = SETTINGS[name]
+    expected_raw = case.reference(raw(settings))
+    if settings == DEFAULT:
+        # reuse the batch run of the batch test (same image, same model)
+        actual_raw = case.saliency(raw(settings), tuple(range(BATCH)))[REF_IMAGE]
+    else:
+        actual_raw = case.saliency(raw(settings), (REF_IMAGE,))[0]
+    raw_tol = raw_tolerance(expected_raw)
+    assert_close(actual_raw, expected_raw, raw_tol, f"{name} settings, normalize=none")
+
+    expected = case.reference(settings)
+    actual = case.saliency(settings, (REF_IMAGE,))[0]
+    assert_close(actual, expected, minmax_tolerance(expected_raw, raw_tol),
+                 f"{name} settings, normalize=minmax")
+    assert actual.min() >= -1e-6 and actual.max() <= 1 + 1e-6
+
+
+def test_randomised_classifier_changes_maps(case: Case):
+    layer, compiled = case.randomised()
+    image = case.images[REF_IMAGE:REF_IMAGE + 1]
+    randomised = compiled(image)["saliency_map"][0].astype(np.float64)
+    original = case.saliency(DEFAULT, (REF_IMAGE,))[0]
+
+    # The comparison is meaningful only if both exports compute what they should: each agrees
+    # with its own torch reference, so their difference is signal, not export noise.
+    for maps, classifier, what in [(original, None, "original"),
+                                   (randomised, layer, "randomised")]:
+        expected_raw = case.reference(raw(DEFAULT), classifier=classifier)
+        assert np.ptp(expected_raw, axis=(1, 2)).min() > 0, f"{what}: a map is constant"
+        expected = case.reference(DEFAULT, classifier=classifier)
+        tol = minmax_tolerance(expected_raw, raw_tolerance(expected_raw))
+        assert_close(maps, expected, tol, f"{what} classifier vs torch")
+    noise = np.abs(original - case.reference(DEFAULT)).mean()
+
+    mean_abs = np.abs(original - randomised).mean()
+    correlation = rank_correlation(original, randomised).mean()
+    assert mean_abs > max(0.05, 10 * noise), (mean_abs, noise)
+    assert correlation < 0.9, correlation
