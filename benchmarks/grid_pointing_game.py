@@ -18,7 +18,7 @@ What is compared, all on the same ImageNet EfficientNet-Lite0 and the same mosai
   score=logit, normalize=none), to find which zero point and normalisation localise best before
   building one into the graph.
 
-Run:  python benchmarks/grid_pointing_game.py [--mosaics 60] [--out bench-out/grid_pointing_game.json]
+Run:  python benchmarks/grid_pointing_game.py [--mosaics 60] [--out bench-out/x.json]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import tempfile
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -169,7 +170,6 @@ def _features(module, x):
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_, __, output):
-        output.retain_grad()
         captured["pre"] = output
 
     handle = net._bn1.register_forward_hook(keep)
@@ -193,13 +193,11 @@ def gradcam_fn(module, mean: float, scale: float, layer: str = "pre") -> MapFn:
         out = []
         with torch.enable_grad():
             pre, post, logits = _features(module, x)
-            if layer == "post":
-                post.retain_grad()
             activ = pre if layer == "pre" else post
             for c in classes:
-                activ.grad = None
-                logits[0, c].backward(retain_graph=True)
-                weights = activ.grad[0].mean((1, 2))  # [C]
+                # autograd.grad walks back only as far as `activ`, not through the trunk.
+                (grad,) = torch.autograd.grad(logits[0, c], activ, retain_graph=True)
+                weights = grad[0].mean((1, 2))  # [C]
                 cam = torch.relu((weights[:, None, None] * activ[0]).sum(0))
                 out.append(cam.detach().numpy())
         return np.stack(out)
@@ -218,6 +216,16 @@ def cam_fn(module, mean: float, scale: float) -> MapFn:
         with torch.no_grad():
             post = module.net.extract_features(torch_input(mosaic[None], mean, scale))[0]
             return torch.einsum("kc,chw->khw", weight[classes], post).numpy()
+
+    return maps
+
+
+def mean_centred(fn: MapFn) -> MapFn:
+    """The same maps with each map's spatial mean as the zero point. Applied to the torch
+    baselines too, so a gain from re-centring our maps is not credited to the method alone."""
+    def maps(mosaic: np.ndarray, classes: list[int]) -> np.ndarray:
+        m = fn(mosaic, classes)
+        return m - m.mean(axis=(1, 2), keepdims=True)
 
     return maps
 
@@ -354,6 +362,16 @@ def paired_gap(scores: dict[str, list[float]], a: str, b: str) -> dict[str, floa
             "wins": float((d > 0).mean()), "losses": float((d < 0).mean())}
 
 
+def per_photo(scores: dict[str, list[float]], mosaics: list[tuple[str, ...]],
+              names: list[str]) -> dict[str, dict[str, float]]:
+    """Mean score per target photo: weakly classified photos (low top-1 probability) pull every
+    method down, and this shows whether a method's gain is broad or comes from a few photos."""
+    targets = [n for m in mosaics for n in m]
+    present = [n for n in names if n in targets]  # a short run may leave a photo out
+    return {method: {n: float(np.mean([v for v, t in zip(values, targets) if t == n]))
+                     for n in present} for method, values in scores.items()}
+
+
 def print_table(table: dict[str, dict[str, float]], reference: str) -> None:
     ref = table[reference]["mean"]
     print(f"{'method':52s} {'mean':>6s} {'±sem':>6s} {'>0.25':>6s} {'vs ' + reference:>12s}")
@@ -387,7 +405,8 @@ def plot_examples(kept: dict[str, dict[str, np.ndarray]], methods: list[str],
                       vmin=0, vmax=1)
             ax.add_patch(plt.Rectangle((left, top), CELL, CELL, fill=False, ec="white", lw=2))
             score = grid_score(kept[key][method][target], target)
-            ax.set_title(f"{method}\n{labels[top1[name]]}: {score:.2f}", fontsize=7)
+            title = textwrap.fill(method, 30)
+            ax.set_title(f"{title}\n{labels[top1[name]]}: {score:.2f}", fontsize=7)
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -402,12 +421,15 @@ def ir_variants():
     from xaiserve.export.saliency import SaliencySettings as S
 
     return {
-        "ir default (softmax, local, gaussian, minmax)": S(),
-        "ir paper ReciproCAM (logit, paper, gaussian, minmax)": S(score="logit", mosaic="paper"),
-        "ir softmax, paper, gaussian, minmax": S(score="softmax", mosaic="paper"),
-        "ir logit, local, gaussian, minmax": S(score="logit", mosaic="local"),
-        "ir softmax, local, none, minmax": S(spread="none"),
-        "ir softmax, local, gaussian, none": S(normalize="none"),
+        "ir default (logit, local, gaussian, centred)": S(),
+        "ir paper ReciproCAM (logit, paper, gaussian, minmax)": S(score="logit", mosaic="paper",
+                                                                   normalize="minmax"),
+        "ir softmax, local, gaussian, minmax": S(score="softmax", normalize="minmax"),
+        "ir softmax, local, gaussian, centred": S(score="softmax"),
+        "ir softmax, paper, gaussian, minmax": S(score="softmax", mosaic="paper",
+                                                 normalize="minmax"),
+        "ir logit, local, gaussian, minmax": S(normalize="minmax"),
+        "ir logit, local, none, centred": S(spread="none"),
     }
 
 
@@ -431,85 +453,124 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+REFERENCE = "gradcam (torch, bn1 pre-activation)"
+REFERENCE_CENTRED = REFERENCE + " - mean"
+DEFAULT = "ir default (logit, local, gaussian, centred)"
+PAPER = "ir paper ReciproCAM (logit, paper, gaussian, minmax)"
+
+
+@dataclass
+class PhotoSet:
+    """The photos kept for the game, their classes on their own, and their 112x112 cells."""
+
+    names: list[str]
+    top1: dict[str, int]
+    prob: dict[str, float]
+    dropped: list[str]
+    cells: dict[str, np.ndarray]
+
+
+def classify_photos(exported: Exported) -> PhotoSet:
+    """Top-1 class of each full photo through the IR, the target each cell is explained for."""
+    photos = load_photos()
+    logits = exported.run(np.stack([resize(p, SIZE) for p in photos.values()]))["logits"]
+    probs = _softmax(logits.T).T
+    top1 = {n: int(logits[i].argmax()) for i, n in enumerate(photos)}
+    prob = {n: float(probs[i, top1[n]]) for i, n in enumerate(photos)}
+    names = distinct_photos(photos, top1)
+    return PhotoSet(names, top1, prob, [n for n in photos if n not in names],
+                    {n: resize(photos[n], CELL) for n in names})
+
+
+def build_methods(module, mean: float, scale: float, exports: dict[str, Exported],
+                  raws: dict[str, Exported]) -> dict[str, MapFn]:
+    """Every compared method by display name: torch baselines, IR variants, prototypes."""
+    methods: dict[str, MapFn] = {
+        REFERENCE: gradcam_fn(module, mean, scale, "pre"),
+        "gradcam (torch, post-ReLU6)": gradcam_fn(module, mean, scale, "post"),
+        "cam (torch)": cam_fn(module, mean, scale),
+        REFERENCE_CENTRED: mean_centred(gradcam_fn(module, mean, scale, "pre")),
+    }
+    methods.update({name: ir_fn(e) for name, e in exports.items()})
+    bias = module.net._fc.bias.detach().numpy()
+    for raw_name, exported in raws.items():
+        for post_name, post in prototypes(bias).items():
+            methods[f"proto {post_name} [{raw_name}]"] = ir_fn(exported, post)
+    return methods
+
+
+def report(scores: dict[str, list[float]], mosaics: list[tuple[str, ...]], photos: PhotoSet,
+           labels: list[str]) -> dict:
+    """Print the table, the paired gaps that decide the target, and the per-photo breakdown."""
+    print(f"{len(mosaics)} mosaics x 4 targets = {len(mosaics) * 4} targets; photos:")
+    for n in photos.names:
+        print(f"  {n:14s} -> {labels[photos.top1[n]]} (p={photos.prob[n]:.2f})")
+    print()
+    table = summarise(scores)
+    print_table(table, REFERENCE)
+    best = max(table, key=lambda k: table[k]["mean"])
+    gaps = {m: paired_gap(scores, m, REFERENCE) for m in scores if m != REFERENCE}
+    print()
+    for method in dict.fromkeys([DEFAULT, best]):
+        for ref in (REFERENCE, REFERENCE_CENTRED):
+            if method != ref:
+                g = paired_gap(scores, method, ref)
+                print(f"{method} - {ref} (paired): {g['mean']:+.3f} ± {g['sem']:.3f}, "
+                      f"wins {g['wins']:.2f}, losses {g['losses']:.2f}")
+    breakdown = per_photo(scores, mosaics, photos.names)
+    shown = list(dict.fromkeys([REFERENCE, DEFAULT, PAPER, best]))
+    print("\nper target photo:", " | ".join(f"[{i}] {m}" for i, m in enumerate(shown)))
+    for n in breakdown[REFERENCE]:
+        print(f"  {n:14s} " + " ".join(f"{breakdown[m][n]:6.3f}" for m in shown))
+    return {"results": table, "best": best, "paired_vs_reference": gaps, "per_photo": breakdown}
+
+
 def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore")  # torch.jit.trace deprecation noise from the export
     started = time.perf_counter()
+    import torch
+
+    # OpenVINO's CPU threads stay busy between calls; torch competing with them for the same
+    # few cores ran 4-5x slower than torch on one thread.
+    torch.set_num_threads(1)
     from xaiserve.export.sources import create_source
 
     source = create_source("default")
     module, info = source.torch_module, source.info
     mean, scale = float(info.mean_values[0]), float(info.scale_values[0])
-    labels = info.labels
 
     with tempfile.TemporaryDirectory() as tmp:
-        repository = Path(tmp)
-        exports = {name: export_ir(s, repository, f"v{i}")
+        exports = {name: export_ir(s, Path(tmp), f"v{i}")
                    for i, (name, s) in enumerate(ir_variants().items())}
         raws = {} if args.no_prototypes else {
-            name: export_ir(s, repository, f"raw{i}")
+            name: export_ir(s, Path(tmp), f"raw{i}")
             for i, (name, s) in enumerate(raw_variants().items())}
         export_s = time.perf_counter() - started
+        photos = classify_photos(exports[DEFAULT])
+        mosaics = choose_mosaics(photos.names, args.mosaics, args.seed)
+        methods = build_methods(module, mean, scale, exports, raws)
+        scores, kept = evaluate(methods, mosaics, photos.cells, photos.top1)
 
-        photos = load_photos()
-        default_ir = next(iter(exports.values()))
-        full = np.stack([resize(p, SIZE) for p in photos.values()])
-        logits = default_ir.run(full)["logits"]
-        probs = _softmax(logits.T).T
-        top1 = {n: int(logits[i].argmax()) for i, n in enumerate(photos)}
-        names = distinct_photos(photos, top1)
-        cells = {n: resize(photos[n], CELL) for n in names}
-        mosaics = choose_mosaics(names, args.mosaics, args.seed)
-
-        methods: dict[str, MapFn] = {
-            "gradcam (torch, bn1 pre-activation)": gradcam_fn(module, mean, scale, "pre"),
-            "gradcam (torch, post-ReLU6)": gradcam_fn(module, mean, scale, "post"),
-            "cam (torch)": cam_fn(module, mean, scale),
-        }
-        methods.update({name: ir_fn(e) for name, e in exports.items()})
-        bias = module.net._fc.bias.detach().numpy()
-        for raw_name, exported in raws.items():
-            for post_name, post in prototypes(bias).items():
-                methods[f"proto {post_name} [{raw_name}]"] = ir_fn(exported, post)
-        scores, kept = evaluate(methods, mosaics, cells, top1)
-
-    reference = "gradcam (torch, bn1 pre-activation)"
-    default = "ir default (softmax, local, gaussian, minmax)"
-    table = summarise(scores)
-    print(f"{len(mosaics)} mosaics x 4 targets = {len(mosaics) * 4} targets; photos:")
-    for n in names:
-        print(f"  {n:14s} -> {labels[top1[n]]} (p={probs[list(photos).index(n), top1[n]]:.2f})")
-    print()
-    print_table(table, reference)
-    best = max(table, key=lambda k: table[k]["mean"])
-    gaps = {m: paired_gap(scores, m, reference) for m in scores if m != reference}
-    print(f"\ndefault - gradcam (paired): {gaps[default]['mean']:+.3f} ± {gaps[default]['sem']:.3f}")
-    print(f"best: {best} ({table[best]['mean']:.3f}); best - gradcam (paired): "
-          f"{gaps[best]['mean']:+.3f} ± {gaps[best]['sem']:.3f}" if best != reference else
-          f"best: {best}")
-
+    summary = report(scores, mosaics, photos, info.labels)
     png = args.png or args.out.with_suffix(".png")
-    figure_methods = [reference, "cam (torch)", default,
-                      "ir paper ReciproCAM (logit, paper, gaussian, minmax)"]
-    if best not in figure_methods:
-        figure_methods.append(best)
-    plot_examples(kept, figure_methods, mosaics, labels, top1, png)
+    figure_methods = list(dict.fromkeys([REFERENCE, "cam (torch)", DEFAULT, PAPER,
+                                         summary["best"]]))
+    plot_examples(kept, figure_methods, mosaics, info.labels, photos.top1, png)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "grid pointing game (Rao, Boehle, Schiele, CVPR 2022), 2x2 mosaics",
         "model": source.description,
-        "cell": CELL, "mosaic_size": SIZE, "chance": 0.25,
-        "photos": {n: {"top1": top1[n], "label": labels[top1[n]],
-                       "p": float(probs[list(photos).index(n), top1[n]])} for n in names},
-        "dropped_photos": [n for n in photos if n not in names],
+        "cell": CELL, "mosaic_size": SIZE, "chance": 0.25, "seed": args.seed,
+        "photos": {n: {"top1": photos.top1[n], "label": info.labels[photos.top1[n]],
+                       "p": photos.prob[n]} for n in photos.names},
+        "dropped_photos": photos.dropped,
         "mosaics": [list(m) for m in mosaics],
-        "reference": reference,
-        "default": default,
+        "reference": REFERENCE,
+        "default": DEFAULT,
         "ir_settings": {n: e.settings.as_dict() for n, e in exports.items()},
-        "results": table,
-        "paired_vs_reference": gaps,
-        "best": best,
+        **summary,
         "per_target_scores": scores,
         "export_s": round(export_s, 1),
         "total_s": round(time.perf_counter() - started, 1),

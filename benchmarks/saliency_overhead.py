@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -35,6 +36,7 @@ DEFAULT_SOURCES = ["default", "timm:resnet50"]
 DEIT_SOURCE = "timm:deit_tiny_patch16_224"
 VARIANTS = ("plain", "saliency")
 TARGET_RATIO = 1.10
+BUSY_LOAD = 3.0  # our own inference threads (2 here) keep the load average near 2
 
 
 @dataclass
@@ -58,6 +60,9 @@ class Timing:
     count: int
     min_ms: float | None = None
     max_ms: float | None = None
+    p10_ms: float | None = None
+    round_p50_ms: list[float] | None = None  # our loop only: the median of each round
+    cpu_ms: float | None = None  # our loop only: process CPU time per inference, all threads
 
 
 @dataclass
@@ -71,12 +76,21 @@ class PrecisionResult:
     ours: dict[str, Timing] = field(default_factory=dict)
     benchmark_app: dict[str, Timing] | None = None
     benchmark_app_error: str | None = None
+    load_before: float | None = None  # 1-min load average around our measurement
+    load_after: float | None = None
 
-    def ratio(self, which: str = "ours") -> float | None:
+    def ratio(self, which: str = "ours", stat: str = "p50_ms") -> float | None:
+        """saliency/plain of one statistic."""
         timings = self.ours if which == "ours" else self.benchmark_app
         if not timings:
             return None
-        return timings["saliency"].p50_ms / timings["plain"].p50_ms
+        return getattr(timings["saliency"], stat) / getattr(timings["plain"], stat)
+
+    def paired_ratio(self) -> float:
+        """Median over rounds of saliency/plain round medians: robust to load that changes
+        between rounds (both models of a round saw about the same load)."""
+        plain, sal = self.ours["plain"].round_p50_ms, self.ours["saliency"].round_p50_ms
+        return statistics.median(s / p for s, p in zip(sal, plain))
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -152,30 +166,48 @@ def run_for(request: ov.InferRequest, seconds: float) -> list[float]:
             return latencies
 
 
-def summarize(latencies: list[float], window_s: float) -> Timing:
+def summarize(latencies: list[float], window_s: float,
+              round_p50: list[float] | None = None, cpu_s: float | None = None) -> Timing:
+    ordered = sorted(latencies)
     return Timing(
-        p50_ms=statistics.median(latencies), mean_ms=statistics.fmean(latencies),
-        fps=len(latencies) / window_s, count=len(latencies),
-        min_ms=min(latencies), max_ms=max(latencies),
+        p50_ms=statistics.median(ordered), mean_ms=statistics.fmean(ordered),
+        fps=len(ordered) / window_s, count=len(ordered),
+        min_ms=ordered[0], max_ms=ordered[-1], p10_ms=ordered[len(ordered) // 10],
+        round_p50_ms=round_p50,
+        cpu_ms=None if cpu_s is None else cpu_s * 1e3 / len(ordered),
     )
 
 
 def measure_interleaved(requests: dict[str, ov.InferRequest], warmup_s: float,
                         seconds: float, rounds: int) -> dict[str, Timing]:
     """Warm each model up, then alternate (plain, saliency), (saliency, plain), ... for `rounds`
-    rounds of `seconds / rounds` each, so that each model gets `seconds` of measurement."""
+    rounds of `seconds / rounds` each, so that each model gets `seconds` of measurement. Short
+    rounds make load from other processes hit both models alike."""
     for request in requests.values():
         run_for(request, warmup_s)
     latencies: dict[str, list[float]] = {v: [] for v in requests}
+    round_p50: dict[str, list[float]] = {v: [] for v in requests}
     busy: dict[str, float] = {v: 0.0 for v in requests}
+    cpu: dict[str, float] = {v: 0.0 for v in requests}
     slice_s = seconds / rounds
     for r in range(rounds):
         order = list(requests) if r % 2 == 0 else list(reversed(requests))
         for variant in order:
-            t = time.perf_counter()
-            latencies[variant] += run_for(requests[variant], slice_s)
+            c, t = time.process_time(), time.perf_counter()
+            these = run_for(requests[variant], slice_s)
             busy[variant] += time.perf_counter() - t
-    return {v: summarize(latencies[v], busy[v]) for v in requests}
+            cpu[variant] += time.process_time() - c
+            latencies[variant] += these
+            round_p50[variant].append(statistics.median(these))
+    return {v: summarize(latencies[v], busy[v], round_p50[v], cpu[v]) for v in requests}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def top_layers(request: ov.InferRequest, count: int) -> list[dict]:
@@ -250,6 +282,7 @@ def benchmark_app_pair(pair: dict[str, Exported], precision: str, seconds: int,
 
 def bench_precision(core: ov.Core, pair: dict[str, Exported], precision: str,
                     args: argparse.Namespace, log) -> tuple[PrecisionResult, dict]:
+    """Compile both IRs alike, measure them interleaved, then run benchmark_app on both."""
     image = np.random.default_rng(0).integers(0, 256, pair["plain"].input_shape, dtype=np.uint8)
     config = compile_config(precision, args.profile)
     compiled, requests = {}, {}
@@ -264,11 +297,14 @@ def bench_precision(core: ov.Core, pair: dict[str, Exported], precision: str,
     )
     log(f"  [{precision}] executes in {result.execution_precision}, "
         f"{result.threads} threads, {result.streams} stream(s)")
+    result.load_before = load_average()
     result.ours = measure_interleaved(requests, args.warmup, args.seconds, args.rounds)
+    result.load_after = load_average()
     for variant in VARIANTS:
         t = result.ours[variant]
         log(f"    ours {variant:<8} p50 {t.p50_ms:.2f} ms  mean {t.mean_ms:.2f} ms  "
-            f"({t.count} inferences)")
+            f"p10 {t.p10_ms:.2f} ms  cpu {t.cpu_ms:.2f} ms ({t.count} inferences)")
+    log(f"    load average {result.load_before} -> {result.load_after}")
     profile = {v: top_layers(requests[v], args.profile_top) for v in VARIANTS} \
         if args.profile else {}
     del requests, compiled
@@ -279,6 +315,7 @@ def bench_precision(core: ov.Core, pair: dict[str, Exported], precision: str,
 
 
 def bench_source(source: str, args: argparse.Namespace, log) -> dict:
+    """Export the pair into a temporary repository and measure it in each precision."""
     log(f"{source}:")
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="saliency-overhead-") as tmp:
@@ -295,7 +332,9 @@ def bench_source(source: str, args: argparse.Namespace, log) -> dict:
         "input_shape": pair["plain"].input_shape,
         "saliency": pair["saliency"].saliency,
         "results": {
-            p: {**asdict(r), "ratio_p50": r.ratio("ours"),
+            p: {**asdict(r), "ratio_p50": r.ratio("ours"), "ratio_p10": r.ratio("ours", "p10_ms"),
+                "ratio_cpu": r.ratio("ours", "cpu_ms"),
+                "ratio_paired": r.paired_ratio(),
                 "benchmark_app_ratio_median": r.ratio("benchmark_app")}
             for p, r in results.items()
         },
@@ -312,23 +351,36 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(records: list[dict]) -> str:
     """One row per (source, precision)."""
     head = (f"{'source':<28} {'precision':<12} {'plain p50':>9} {'sal p50':>9} {'ratio':>6} "
-            f"{'plain mean':>10} {'sal mean':>9} {'plain fps':>9} {'sal fps':>8} "
-            f"{'ba ratio':>8} {'plain MiB':>9} {'sal MiB':>8} {'bin x':>6}  ok")
+            f"{'paired':>6} {'p10 x':>6} {'cpu x':>6} {'plain mean':>10} {'sal mean':>9} {'plain fps':>9} "
+            f"{'sal fps':>8} {'ba ratio':>8} {'plain MiB':>9} {'sal MiB':>8} {'bin x':>6} "
+            f"{'load':>4}  ok")
     lines = [head, "-" * len(head)]
+    busy = False
     for rec in records:
         for precision, r in rec["results"].items():
             p, s = r["ours"]["plain"], r["ours"]["saliency"]
             ok = "yes" if r["ratio_p50"] <= TARGET_RATIO else "NO"
+            load = max((x for x in (r["load_before"], r["load_after"]) if x is not None),
+                       default=None)
+            busy = busy or (load is not None and load > BUSY_LOAD)
             lines.append(
                 f"{rec['source']:<28} {precision + '/' + r['execution_precision']:<12} "
                 f"{p['p50_ms']:9.2f} {s['p50_ms']:9.2f} {r['ratio_p50']:6.3f} "
+                f"{r['ratio_paired']:6.3f} {r['ratio_p10']:6.3f} {r['ratio_cpu']:6.3f} "
                 f"{p['mean_ms']:10.2f} {s['mean_ms']:9.2f} {p['fps']:9.1f} {s['fps']:8.1f} "
                 f"{_fmt(r['benchmark_app_ratio_median'], '8.3f')} "
                 f"{rec['bin_bytes']['plain'] / 2**20:9.2f} "
-                f"{rec['bin_bytes']['saliency'] / 2**20:8.2f} {rec['bin_ratio']:6.3f}  {ok}"
+                f"{rec['bin_bytes']['saliency'] / 2**20:8.2f} {rec['bin_ratio']:6.3f} "
+                f"{_fmt(load, '4.1f')}  {ok}"
             )
-    lines.append(f"(latencies in ms, batch 1, sync; ratio = saliency/plain p50, target "
-                 f"<= {TARGET_RATIO:.2f}; ba = benchmark_app median ratio)")
+    lines.append(
+        f"(ms, batch 1, sync. ratio = saliency/plain p50 (target <= {TARGET_RATIO:.2f}); paired = "
+        "median of per-round ratios; p10 x = ratio of 10th percentiles; cpu x = ratio of process "
+        "CPU time per inference (least sensitive to other processes); ba = benchmark_app "
+        "median ratio; load = 1-min load average)")
+    if busy:
+        lines.append(f"WARNING: load average above {BUSY_LOAD} while measuring: other processes "
+                     "shared the CPU; trust the cpu x and paired ratios more than absolute times")
     return "\n".join(lines)
 
 
@@ -341,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also measure with INFERENCE_PRECISION_HINT=f32")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="measurement time per model, split over the rounds")
-    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=40, help="alternating rounds")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per model")
     parser.add_argument("--benchmark-app-seconds", type=int, default=10,
                         help="benchmark_app -t per IR; 0 skips benchmark_app")

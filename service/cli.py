@@ -29,11 +29,12 @@ def add_export(sub) -> None:
     p.add_argument("--method", default="auto",
                    choices=["auto", "reciprocam", "vit-reciprocam", "activationmap", "none"])
     p.add_argument("--target-layer", default=None, help="node name; overrides detection")
-    p.add_argument("--score", default="softmax", choices=["softmax", "logit"])
+    p.add_argument("--score", default="logit", choices=["logit", "softmax"])
     p.add_argument("--mosaic", default="local", choices=["local", "paper"],
-                   help="paper with --score logit is the plain ReciproCAM formulation")
+                   help="--mosaic paper --normalize minmax is the plain ReciproCAM formulation")
     p.add_argument("--spread", default="gaussian", choices=["gaussian", "none"])
-    p.add_argument("--normalize", default="minmax", choices=["minmax", "none"])
+    p.add_argument("--normalize", default="centred", choices=["centred", "minmax", "none"],
+                   help="zero point and scale of each class map")
     p.add_argument("--checkpoint", type=Path, default=None, help=".pth, .pt or .safetensors")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--labels", type=Path, default=None, help="text file, one label per line")

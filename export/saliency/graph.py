@@ -192,3 +192,54 @@ def find_last_transformer_block_input(model: ov.Model, scores: ov.Output) -> ov.
     if "Add" not in consumers:
         return None
     return stream
+
+
+@dataclass
+class LinearHead:
+    """A head that is one linear layer after pooling: scores = pooled @ W (+ bias)."""
+
+    weight: ov.Output
+    weight_is_kc: bool  # stored [K, C] (MatMul transpose_b) rather than [C, K]
+    bias: ov.Output | None
+
+
+def _is_constant(output: ov.Output) -> bool:
+    """A Constant, possibly through a Convert (weights decompressed from f16 or int8)."""
+    node = output.get_node()
+    while node.get_type_name() in {"Convert", "Multiply", "Subtract"} and all(
+            _is_constant(v) for v in node.input_values()):
+        return True
+    return node.get_type_name() == "Constant"
+
+
+def linear_head(pool: ov.Node, scores: ov.Output) -> LinearHead | None:
+    """Match pool -> (Reshape | Squeeze)* -> MatMul(x, const W) -> [Add(const b)] == scores."""
+    current = pool.output(0)
+    while True:
+        users = [i.get_node() for i in current.get_target_inputs()]
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if node.get_type_name() in {"Reshape", "Squeeze"}:
+            current = node.output(0)
+            continue
+        break
+    if node.get_type_name() != "MatMul" or not _is_constant(node.input_value(1)):
+        return None
+    attrs = node.get_attributes()
+    if attrs.get("transpose_a"):
+        return None
+    matmul_out = node.output(0)
+    if static_dims(matmul_out)[1:] != static_dims(scores)[1:] or len(static_dims(matmul_out)) != 2:
+        return None
+    bias = None
+    if key(node) != key(scores.get_node()):
+        users = [i.get_node() for i in matmul_out.get_target_inputs()]
+        if len(users) != 1 or users[0].get_type_name() != "Add" \
+                or key(users[0]) != key(scores.get_node()):
+            return None
+        other = [v for v in users[0].input_values() if key(v.get_node()) != key(node)]
+        if len(other) != 1 or not _is_constant(other[0]):
+            return None
+        bias = other[0]
+    return LinearHead(node.input_value(1), bool(attrs.get("transpose_b")), bias)

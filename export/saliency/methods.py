@@ -23,6 +23,8 @@ from .graph import (
     find_global_pool,
     find_last_transformer_block_input,
     is_global_pool,
+    key,
+    linear_head,
     node_name,
     static_dims,
 )
@@ -40,15 +42,18 @@ class SaliencySettings:
 
     method: str = "auto"
     target_layer: str | None = None
-    # Class score read off each masked copy: softmax probability or raw logit.
-    score: Literal["softmax", "logit"] = "softmax"
+    # Class score read off each masked copy: raw logit or softmax probability (which saturates
+    # at 1 for confident models, so the map's maximum becomes a plateau).
+    score: Literal["logit", "softmax"] = "logit"
     # "local": each masked copy holds the kept location at full strength, as if the whole image
     # looked like it (the head's average pooling then sees the location's own feature);
     # "paper": zeros elsewhere, so pooling dilutes the location by 1/(h*w).
     mosaic: Literal["local", "paper"] = "local"
     spread: Literal["gaussian", "none"] = "gaussian"
-    # Per-class min-max of each map to [0, 1].
-    normalize: Literal["minmax", "none"] = "minmax"
+    # Zero point and scale of each class map. "centred": the map's spatial mean is zero
+    # (locations scoring below average are no evidence), negatives clipped, maximum 1.
+    # "minmax": the weakest location is zero, the strongest 1 (openvino-xai).
+    normalize: Literal["centred", "minmax", "none"] = "centred"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +91,16 @@ def _minmax(x: ov.Output, axes: list[int]) -> ov.Output:
     return ops.divide(ops.subtract(x, lo), span).output(0)
 
 
+def _centred(x: ov.Output, axes: list[int]) -> ov.Output:
+    above = ops.relu(ops.subtract(x, ops.reduce_mean(x, const(axes), keep_dims=True)))
+    peak = ops.maximum(ops.reduce_max(above, const(axes), keep_dims=True),
+                       const(1e-12, np.float32))
+    return ops.divide(above, peak).output(0)
+
+
+NORMALIZERS = {"minmax": _minmax, "centred": _centred}
+
+
 def _feature_dims(target: ov.Output, rank: int, option: str) -> list[int]:
     dims = static_dims(target)
     if len(dims) != rank or any(d is None for d in dims[1:]):
@@ -104,8 +119,13 @@ def _scores_to_maps(scores: ov.Output, tail_ends_in_softmax: bool, hw: int, h: i
     k = static_dims(scores)[1]
     per_image = ops.reshape(scores, const([-1, hw, k]), special_zero=False)
     maps = ops.transpose(per_image, const([0, 2, 1])).output(0)
-    if settings.normalize == "minmax":
-        maps = _minmax(maps, [2])
+    return _finish_maps(maps, h, w, settings)
+
+
+def _finish_maps(maps: ov.Output, h: int, w: int, settings: SaliencySettings) -> ov.Output:
+    """[N, K, hw] class scores per location -> normalised [N, K, h, w]."""
+    if settings.normalize in NORMALIZERS:
+        maps = NORMALIZERS[settings.normalize](maps, [2])
     return ops.reshape(maps, const([0, 0, h, w]), special_zero=True).output(0)
 
 
@@ -120,7 +140,10 @@ class SaliencyMethod:
     def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
         raise NotImplementedError
 
-    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
+              ) -> tuple[ov.Output, ov.Output | None]:
+        """Return the saliency tensor, and a replacement for the scores when the method computes
+        them more cheaply on the way (else None)."""
         raise NotImplementedError
 
     def insert(self, model: ov.Model) -> tuple[ov.Model, Insertion]:
@@ -128,15 +151,18 @@ class SaliencyMethod:
 
         scores = score_output(model)
         target = self.find_target(model, scores)
-        saliency = self.build(model, scores, target)
+        saliency, new_scores = self.build(model, scores, target)
+        if new_scores is not None:
+            for result in model.get_results():
+                if key(result.input_value(0).get_node()) == key(scores.get_node()):
+                    result.input(0).replace_source_output(new_scores)
         result = ops.result(saliency)
         result.output(0).get_tensor().set_names({"saliency_map"})
         result.set_friendly_name("saliency_map")
         new_model = ov.Model(list(model.get_results()) + [result], model.get_parameters(),
                              model.get_friendly_name())
-        for key in ("model_info",):
-            if model.has_rt_info(key):
-                new_model.set_rt_info(model.get_rt_info(key), key)
+        if model.has_rt_info("model_info"):
+            new_model.set_rt_info(model.get_rt_info("model_info"), "model_info")
         return new_model, Insertion(
             method=self.name,
             target_layer=node_name(target),
@@ -171,35 +197,66 @@ class ReciproCAM(SaliencyMethod):
             )
         return pool.input_value(0)
 
-    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
+              ) -> tuple[ov.Output, ov.Output | None]:
         _, c, h, w = _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
         hw = h * w
         weights = neighbourhood_weights(h, w, self.settings.spread)  # [k, j]
         consumers = [i.get_node() for i in target.get_target_inputs()]
-        avg_pool = (len(consumers) == 1 and consumers[0].get_type_name()
-                    in {"ReduceMean", "AvgPool", "AdaptiveAvgPool"}
-                    and is_global_pool(consumers[0]))
-        if avg_pool:
-            pool = consumers[0]
-            if self.settings.mosaic == "local":
-                mix = weights / weights.sum(axis=1, keepdims=True)
-            else:
-                mix = weights / hw
-            flat = ops.reshape(target, const([0, c, hw]), special_zero=True)
-            pooled = ops.matmul(flat, const(mix.T, np.float32), False, False)  # [N, C, hw(k)]
-            pooled = ops.transpose(pooled, const([0, 2, 1]))  # [N, hw, C]
-            pool_rank = pool.output(0).get_partial_shape().rank.get_length()
-            new_input = ops.reshape(pooled, const([-1, c] + [1] * (pool_rank - 2)), False)
-            tail = Tail(model, pool.output(0), scores)
+        pool = consumers[0] if len(consumers) == 1 else None
+        if pool is None or pool.get_type_name() not in {"ReduceMean", "AvgPool",
+                                                         "AdaptiveAvgPool"} \
+                or not is_global_pool(pool):
+            return self._build_general(model, scores, target, weights), None
+        if self.settings.mosaic == "local":
+            mix = weights / weights.sum(axis=1, keepdims=True)
         else:
-            masks = weights.reshape(hw, h, w)
-            if self.settings.mosaic == "local":
-                masks = masks * hw / masks.reshape(hw, -1).sum(axis=1)[:, None, None]
-            expanded = ops.unsqueeze(target, const([1]))  # [N, 1, C, h, w]
-            mosaics = ops.multiply(expanded, const(masks[None, :, None], np.float32))
-            new_input = ops.reshape(mosaics, const([-1, c, h, w]), False)
-            tail = Tail(model, target, scores)
-        copy_scores = tail.run_on(new_input.output(0))
+            mix = weights / hw
+        flat = ops.reshape(target, const([0, c, hw]), special_zero=True).output(0)
+        head = linear_head(pool, scores)
+        if head is not None:
+            return self._build_linear(flat, head, mix, h, w)
+        pooled = ops.matmul(flat, const(mix.T, np.float32), False, False)  # [N, C, hw(k)]
+        pooled = ops.transpose(pooled, const([0, 2, 1]))  # [N, hw, C]
+        pool_rank = pool.output(0).get_partial_shape().rank.get_length()
+        new_input = ops.reshape(pooled, const([-1, c] + [1] * (pool_rank - 2)), False)
+        copy_scores = Tail(model, pool.output(0), scores).run_on(new_input.output(0))
+        return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
+                               self.settings), None
+
+    def _build_linear(self, flat: ov.Output, head, mix: np.ndarray, h: int, w: int
+                      ) -> tuple[ov.Output, ov.Output]:
+        """Head = average pooling + one linear layer: the class scores of every location come
+        from one product W @ F ([K, C] x [N, C, hw]); the masked copies are a mix of those
+        columns and the logits their mean. Exact, and the weights are read once."""
+        per_location = ops.matmul(head.weight, flat, not head.weight_is_kc, False)  # [N, K, hw]
+        # One product gives the masked copies' scores (columns :hw) and the logits, the mean over
+        # locations (column hw). Reading the logits off a ReduceMean followed by the bias Add
+        # gives wrong values for N > 1 on OpenVINO 2026.4's CPU plugin; this form does not.
+        hw = h * w
+        columns = np.concatenate([mix.T, np.full((hw, 1), 1.0 / hw)], axis=1)
+        scores = ops.matmul(per_location, const(columns, np.float32), False, False).output(0)
+        if head.bias is not None:
+            scores = ops.add(scores, ops.reshape(head.bias, const([-1, 1]), False)).output(0)
+        maps = ops.slice(scores, const([0]), const([hw]), const([1]), const([2])).output(0)
+        logits = ops.squeeze(ops.slice(scores, const([hw]), const([hw + 1]), const([1]),
+                                       const([2])), const([2])).output(0)
+        if self.settings.score == "softmax":
+            maps = ops.softmax(maps, 1).output(0)
+        return _finish_maps(maps, h, w, self.settings), logits
+
+    def _build_general(self, model: ov.Model, scores: ov.Output, target: ov.Output,
+                       weights: np.ndarray) -> ov.Output:
+        """Any head: materialise the masked copies and re-run the head on them."""
+        _, c, h, w = static_dims(target)
+        hw = h * w
+        masks = weights.reshape(hw, h, w)
+        if self.settings.mosaic == "local":
+            masks = masks * hw / masks.reshape(hw, -1).sum(axis=1)[:, None, None]
+        expanded = ops.unsqueeze(target, const([1]))  # [N, 1, C, h, w]
+        mosaics = ops.multiply(expanded, const(masks[None, :, None], np.float32))
+        new_input = ops.reshape(mosaics, const([-1, c, h, w]), False)
+        copy_scores = Tail(model, target, scores).run_on(new_input.output(0))
         return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w, self.settings)
 
 
@@ -240,7 +297,8 @@ class ViTReciproCAM(SaliencyMethod):
         mosaics = ops.multiply(expanded, const(token_masks[None, :, :, None], np.float32))
         new_input = ops.reshape(mosaics, const([-1, tokens, dim]), False)
         copy_scores = Tail(model, target, scores).run_on(new_input.output(0))
-        return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w, self.settings)
+        return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
+                               self.settings), None
 
 
 class ActivationMap(SaliencyMethod):
@@ -254,9 +312,9 @@ class ActivationMap(SaliencyMethod):
     def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
         _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
         mean = ops.reduce_mean(target, const([1]), keep_dims=True).output(0)
-        if self.settings.normalize == "minmax":
-            mean = _minmax(mean, [2, 3])
-        return mean
+        if self.settings.normalize in NORMALIZERS:
+            mean = NORMALIZERS[self.settings.normalize](mean, [2, 3])
+        return mean, None
 
 
 METHODS: dict[str, type[SaliencyMethod]] = {
