@@ -1,1 +1,3 @@
 """xaiserve runtime: model loading, preprocessing, serving. Never imports torch."""
+
+__version__ = "0.1.0"

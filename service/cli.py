@@ -90,15 +90,108 @@ def run_export(args) -> int:
     return 0
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over gRPC (KServe v2 + explain)")
+    p.add_argument("--repository", type=Path, default=None, help="default: models")
+    p.add_argument("--port", type=int, default=None, help="default: 9000")
+    p.add_argument("--host", default=None, help="default: 0.0.0.0")
+    p.add_argument("--config", type=Path, default=None, help="YAML: defaults, models, server")
+    p.add_argument("--device", default=None, help="CPU, GPU, NPU, AUTO, HETERO:...")
+    p.add_argument("--performance-hint", default=None,
+                   choices=["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"])
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--max-black-box-masks", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    import logging
+
+    from .config import ConfigError, load_settings
+    from .server import Server
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config, repository=args.repository, port=args.port,
+                                 host=args.host, workers=args.workers, device=args.device,
+                                 performance_hint=args.performance_hint,
+                                 num_requests=args.num_requests,
+                                 max_black_box_masks=args.max_black_box_masks)
+        server = Server(settings).start()
+    except (ConfigError, ValueError, OSError) as exc:
+        return _fail("serve", str(exc))
+    print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+    server.serve_forever()
+    return 0
+
+
 def add_explain(sub) -> None:
     p = sub.add_parser("explain", help="predict and explain images, write PNG overlays + JSON")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model-path", type=Path, required=True,
-                   help="models/<name> (newest version) or models/<name>/<version>")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    where.add_argument("--model-path", type=Path,
+                       help="in-process: models/<name> (newest version) or models/<name>/<v>")
+    p.add_argument("--model", help="model name on the server")
+    p.add_argument("--version", default="")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--method", default="auto", choices=["auto", "white-box", "black-box"])
+    p.add_argument("--masks", type=int, default=0, help="black-box masks (0: server default)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("out"))
     p.set_defaults(run=run_explain)
+
+
+def run_explain_remote(args) -> int:
+    import grpc
+
+    from .client import XaiClient
+
+    if not args.model:
+        return _fail("explain", "--model NAME is needed with --server")
+    client = XaiClient(args.server)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in args.images:
+        try:
+            response = client.explain(path, args.model, version=args.version, top_k=1,
+                                      method=args.method, num_masks=args.masks, seed=args.seed)
+        except OSError as exc:
+            print(f"xaiserve explain: error: {path}: {exc.strerror}", file=sys.stderr)
+            failures += 1
+            continue
+        except grpc.RpcError as exc:
+            print(f"xaiserve explain: error: {path}: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)
+            failures += 1
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                break
+            continue
+        record = {
+            "image": str(path), "id": response.id, "model": response.model_name,
+            "version": response.model_version,
+            "predictions": [{"class_id": p.class_id, "label": p.label, "score": p.score}
+                            for p in response.predictions[:args.top_k]],
+            "maps": [{"class_id": m.class_id, "label": m.label, "method": m.method,
+                      "shape": list(m.shape)} for m in response.maps],
+            "metrics": [{"name": m.name, "value": m.value, "text": m.text,
+                         "parameters": dict(m.parameters)} for m in response.metrics],
+            "timings_ms": dict(response.timings_ms),
+        }
+        if response.maps:
+            (args.out / f"{path.stem}_overlay.png").write_bytes(response.maps[0].data)
+            record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
+        (args.out / f"{path.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{path.name}: " + ", ".join(
+            f"{p['label']} ({p['class_id']}) {p['score']:.3f}" for p in record["predictions"])
+            + f"  [{response.maps[0].method if response.maps else 'no map'}, "
+              f"{response.timings_ms['total']:.0f} ms]")
+    client.close()
+    return 1 if failures else 0
 
 
 def resolve_version_dir(path: Path) -> Path:
@@ -112,6 +205,8 @@ def resolve_version_dir(path: Path) -> Path:
 
 
 def run_explain(args) -> int:
+    if args.server:
+        return run_explain_remote(args)
     from .images import ImageError, read_image
     from .model import ClassifierModel, ModelLoadError
     from .overlay import overlay, write_png
@@ -154,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xaiserve", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     add_export(sub)
+    add_serve(sub)
     add_explain(sub)
     return parser
 

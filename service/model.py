@@ -6,7 +6,9 @@ several callers can use one compiled model at once without a global lock.
 
 from __future__ import annotations
 
+import queue
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +72,22 @@ class ClassifierModel:
         self.info = info
         self.compiled = self.core.compile_model(model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
+        size = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._requests: queue.Queue = queue.Queue()
+        for _ in range(max(1, size)):
+            self._requests.put(self.compiled.create_infer_request())
+        self.num_requests = max(1, size)
         return self
+
+    @contextmanager
+    def infer_request(self):
+        """Borrow one of the model's infer requests (a pool sized by OpenVINO's optimal number):
+        callers on different requests run in parallel; no lock is held while inferring."""
+        request = self._requests.get()
+        try:
+            yield request
+        finally:
+            self._requests.put(request)
 
     @property
     def has_saliency(self) -> bool:
@@ -81,11 +98,11 @@ class ClassifierModel:
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present}."""
-        request = self.compiled.create_infer_request()
-        request.infer({0: batch})
-        out = {"logits": request.get_tensor("logits").data.copy()}
-        if self.has_saliency:
-            out[SALIENCY_OUTPUT] = request.get_tensor(SALIENCY_OUTPUT).data.copy()
+        with self.infer_request() as request:
+            request.infer({0: batch})
+            out = {"logits": request.get_tensor("logits").data.copy()}
+            if self.has_saliency:
+                out[SALIENCY_OUTPUT] = request.get_tensor(SALIENCY_OUTPUT).data.copy()
         return out
 
     def explain(self, image: np.ndarray, top_k: int = 1) -> Explanation:

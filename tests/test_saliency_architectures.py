@@ -2,10 +2,12 @@
 
 For each source (timm architectures with random weights, plus the default EfficientNet-Lite0)
 the exported `saliency_map` output is checked for
-  1. its shape [N, K, h, w] for N = 1 and N = 3;
+  1. its shape [N, K, h, w] for N = 1 and N = 3, the target tensor's shape, the logits;
+  1b. that insert_saliency leaves the source model as it was (it can be given saliency again);
   2. batch independence: an image's map inside a batch of 3 equals its map run alone;
   3. agreement with a direct torch computation of the method's formula (the head re-run on each
-     masked copy of the target built explicitly, not through the exporter's pooling shortcut),
+     masked copy of the target, built explicitly: none of the exporter's shortcuts, such as
+     mixing pooled features or the linear-head fast path),
      for the project's default settings (whatever `SaliencySettings()` currently is) and for
      the plain paper / openvino-xai formulation (score="logit", mosaic="paper",
      normalize="minmax"), and for softmax scores with min-max maps, each both un-normalised
@@ -99,6 +101,25 @@ def classifier_of(module) -> torch.nn.Linear:
 
 
 @torch.no_grad()
+def target_tensor(module, images: np.ndarray) -> torch.Tensor:
+    """The method's target in torch: the feature map [N, C, h, w] entering the head's global
+    average pooling (CNN), or the tokens [N, T, D] entering the last block (ViT)."""
+    x = torch.from_numpy(images)
+    if is_vit(module):
+        captured = {}
+        hook = module.blocks[-1].register_forward_pre_hook(
+            lambda _, args: captured.__setitem__("tokens", args[0]))
+        try:
+            module.forward_features(x)
+        finally:
+            hook.remove()
+        return captured["tokens"]
+    if hasattr(module, "net"):
+        return module.net.extract_features(x)
+    return module.forward_features(x)
+
+
+@torch.no_grad()
 def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
                      ) -> tuple[torch.Tensor, int, int]:
     """Pre-classifier features [h*w, D] of the h*w masked copies of one image's target, and h, w.
@@ -109,16 +130,9 @@ def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
     k weighted by M_k[j]; then the last block, the final norm and the head's pooling (there is
     no mosaic variant: `mosaic` is ignored, as it is by the exporter's ViT-ReciproCAM).
     """
-    x = torch.from_numpy(image[None])
+    target = target_tensor(module, image[None])[0]
     if is_vit(module):
-        captured = {}
-        hook = module.blocks[-1].register_forward_pre_hook(
-            lambda _, args: captured.__setitem__("tokens", args[0]))
-        try:
-            module.forward_features(x)
-        finally:
-            hook.remove()
-        tokens = captured["tokens"][0]  # [T, D]
+        tokens = target  # [T, D]
         t = tokens.shape[0]
         prefix = module.num_prefix_tokens
         h, w = module.patch_embed.grid_size
@@ -127,14 +141,11 @@ def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
         token_masks[:, prefix:] = location_masks(h, w, spread).reshape(h * w, h * w)
         copies = tokens[None] * token_masks[:, :, None]  # [hw, T, D]
         return module.forward_head(module.norm(module.blocks[-1](copies)), pre_logits=True), h, w
+    features = target  # [C, h, w]
     if hasattr(module, "net"):
-        features = module.net.extract_features(x)[0]
-
         def prelogits(m):
             return torch.flatten(m.mean((2, 3), keepdim=True), 1)
     else:
-        features = module.forward_features(x)[0]
-
         def prelogits(m):
             return module.forward_head(m, pre_logits=True)
     c, h, w = features.shape
@@ -195,6 +206,7 @@ class Case:
         self.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         self.num_classes = len(info.labels)
         self.grid = 14 if self.vit else 7
+        self.target_shape = [-1] + list(target_tensor(self.module, self.images[:1]).shape[1:])
         self._compiled: dict = {}
         self._outputs: dict = {}
         self._prelogits: dict = {}
@@ -203,6 +215,9 @@ class Case:
     def compiled(self, settings: SaliencySettings):
         if settings not in self._compiled:
             model, insertion = insert_saliency(self.source.model, settings)
+            # The same tensor as the torch reference's target, whatever the settings (a shape
+            # check: different layers of these networks differ in channels or tokens).
+            assert insertion.feature_shape == self.target_shape, (insertion, self.target_shape)
             self._compiled[settings] = (compile_f32(model), insertion)
         return self._compiled[settings]
 
@@ -298,16 +313,34 @@ def test_output_shape(case: Case):
         assert insertion.feature_shape == [-1, case.module.num_prefix_tokens + g * g, dim]
     else:
         assert insertion.feature_shape[2:] == [g, g]
+    assert insertion.feature_shape == case.target_shape
     for indices in [(0,), tuple(range(BATCH))]:
         outputs = case.run(DEFAULT, indices)
         assert outputs["saliency_map"].shape == (len(indices), k, g, g)
         assert np.isfinite(outputs["saliency_map"]).all()
         assert outputs["logits"].shape == (len(indices), k)
-    # The saliency branch leaves the scores as they were.
+    # The scores are still the network's (a fast path may compute them on the way).
     with torch.no_grad():
         expected = case.module(torch.from_numpy(case.images)).numpy()
     logits = case.run(DEFAULT, tuple(range(BATCH)))["logits"]
-    assert np.abs(logits - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_insertion_leaves_source_model_alone(case: Case):
+    """insert_saliency returns a new model; the source keeps its outputs, its graph and its
+    scores, so it can be given saliency again with other settings."""
+    model = case.source.model
+
+    def snapshot():
+        return ([r.input_value(0).get_node().get_name() for r in model.get_results()],
+                sorted(n.get_name() for n in model.get_ordered_ops()))
+
+    before = snapshot()
+    for settings in (DEFAULT, PAPER):
+        new_model, insertion = insert_saliency(model, settings)
+        assert snapshot() == before, f"insert_saliency({settings}) changed the source model"
+        assert len(new_model.outputs) == len(model.outputs) + 1
+        assert insertion.feature_shape == case.target_shape
 
 
 def test_batch_matches_single(case: Case):

@@ -149,6 +149,10 @@ class SaliencyMethod:
     def insert(self, model: ov.Model) -> tuple[ov.Model, Insertion]:
         from .graph import score_output
 
+        # The branch is built on a copy: it shares the copy's nodes, and a fast path rewires the
+        # scores' Result below, which must not change the caller's model (inserting twice into
+        # one source would otherwise find the wrong target or none).
+        model = model.clone()
         scores = score_output(model)
         target = self.find_target(model, scores)
         saliency, new_scores = self.build(model, scores, target)

@@ -1,0 +1,50 @@
+"""A small Python client for the explanation service (KServe v2 clients work as they are)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from .proto import xaiserve_pb2 as pb
+from .proto import xaiserve_pb2_grpc as pb_grpc
+
+MAP_FORMATS = {"float": pb.MAP_FORMAT_FLOAT, "u8": pb.MAP_FORMAT_U8_IMAGE,
+               "heatmap": pb.MAP_FORMAT_PNG_HEATMAP, "overlay": pb.MAP_FORMAT_PNG_OVERLAY}
+METHODS = {"auto": pb.METHOD_AUTO, "white-box": pb.METHOD_WHITE_BOX,
+           "black-box": pb.METHOD_BLACK_BOX}
+
+
+class XaiClient:
+    def __init__(self, address: str, timeout: float = 120.0,
+                 max_message_bytes: int = 64 * 1024 * 1024):
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = pb_grpc.ExplanationServiceStub(self.channel)
+        self.timeout = timeout
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def model_info(self, model: str, version: str = "") -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(model_name=model, model_version=version),
+                                   timeout=self.timeout)
+
+    def explain(self, image: bytes | Path, model: str, *, version: str = "",
+                targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
+                map_format: str = "overlay", num_masks: int = 0, seed: int = 0,
+                label: int | None = None) -> pb.ExplainResponse:
+        data = Path(image).read_bytes() if isinstance(image, Path) else image
+        request = pb.ExplainRequest(
+            model_name=model, model_version=version, image=pb.Image(encoded=data),
+            target_classes=targets or [], top_k=top_k, method=METHODS[method],
+            black_box=pb.BlackBoxOptions(num_masks=num_masks, seed=seed),
+            map_format=MAP_FORMATS[map_format])
+        if label is not None:
+            request.ground_truth.label = label
+            request.ground_truth.has_label = True
+        return self.stub.Explain(request, timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,82 @@
+"""Server settings: defaults, per-model overrides from a YAML file, and flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How one model is compiled and what its black-box explanations may cost."""
+
+    device: str = "CPU"
+    performance_hint: str = "THROUGHPUT"
+    num_requests: int = 0  # 0: the compiled model's optimal number
+    black_box_masks: int = 1000  # default RISE masks per request
+    max_black_box_masks: int = 8000  # per-request cap
+
+    def compile_config(self) -> dict:
+        config = {"PERFORMANCE_HINT": self.performance_hint}
+        if self.num_requests:
+            config["PERFORMANCE_HINT_NUM_REQUESTS"] = str(self.num_requests)
+        return config
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    repository: Path = Path("models")
+    host: str = "0.0.0.0"
+    port: int = 9000
+    workers: int = 16
+    max_message_bytes: int = 32 * 1024 * 1024
+    poll_seconds: float = 2.0
+    max_black_box_in_flight: int = 2  # server-wide cap on concurrent black-box explanations
+    defaults: ModelSettings = field(default_factory=ModelSettings)
+    models: dict[str, ModelSettings] = field(default_factory=dict)
+
+    def for_model(self, name: str) -> ModelSettings:
+        return self.models.get(name, self.defaults)
+
+
+def _model_settings(raw: dict, base: ModelSettings, where: str) -> ModelSettings:
+    known = {f.name for f in fields(ModelSettings)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    settings = replace(base, **raw)
+    if settings.performance_hint not in HINTS:
+        raise ConfigError(f"{where}.performance_hint: {settings.performance_hint!r}; one of {HINTS}")
+    if settings.max_black_box_masks < settings.black_box_masks:
+        raise ConfigError(f"{where}: black_box_masks is over max_black_box_masks")
+    return settings
+
+
+def load_settings(config_file: Path | None, **flags) -> ServerSettings:
+    """The YAML file (`defaults:` and `models: {name: {...}}`), then flags that are not None."""
+    raw: dict = {}
+    if config_file is not None:
+        try:
+            raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config {config_file}: {exc}") from None
+    model_flags = {k: v for k, v in flags.items()
+                   if k in {f.name for f in fields(ModelSettings)} and v is not None}
+    defaults = _model_settings({**raw.get("defaults", {}), **model_flags}, ModelSettings(),
+                               "defaults")
+    models = {name: _model_settings(values or {}, defaults, f"models.{name}")
+              for name, values in (raw.get("models") or {}).items()}
+    server_keys = {f.name for f in fields(ServerSettings)} - {"defaults", "models"}
+    server = {k: v for k, v in raw.get("server", {}).items() if k in server_keys}
+    server.update({k: v for k, v in flags.items() if k in server_keys and v is not None})
+    if "repository" in server:
+        server["repository"] = Path(server["repository"])
+    return ServerSettings(defaults=defaults, models=models, **server)

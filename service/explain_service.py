@@ -1,0 +1,221 @@
+"""xaiserve's typed explanation service: predictions, maps, metrics and timings per request."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import cv2
+import numpy as np
+
+from . import request_metrics as rm
+from .config import ServerSettings
+from .errors import exhausted, invalid, not_found, rpc
+from .images import ImageError, as_rgb, decode_image, resize_for_model
+from .kserve import served_version
+from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
+from .model import SALIENCY_OUTPUT, softmax
+from .proto import xaiserve_pb2 as pb
+from .proto import xaiserve_pb2_grpc as pb_grpc
+from .repository import ModelRepository, NotServed
+from .rise import RiseExplainer, RiseSettings
+
+MAX_TOP_K = 20
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class Stopwatch:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + (now - self._last) * 1e3
+        self._last = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total": (time.perf_counter() - self._start) * 1e3}
+
+
+def decode_request_image(image: pb.Image) -> np.ndarray:
+    kind = image.WhichOneof("source")
+    if kind == "encoded":
+        try:
+            return decode_image(image.encoded)
+        except ImageError as exc:
+            raise invalid(f"image.encoded: {exc}") from None
+    if kind == "tensor":
+        shape = list(image.tensor.shape)
+        if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
+            raise invalid(f"image.tensor.shape {shape}: expected [H, W, 3] u8 RGB")
+        if shape[0] * shape[1] > MAX_IMAGE_PIXELS:
+            raise invalid(f"image.tensor.shape {shape}: over {MAX_IMAGE_PIXELS} pixels")
+        if len(image.tensor.data) != shape[0] * shape[1] * 3:
+            raise invalid(f"image.tensor.data: {len(image.tensor.data)} bytes for shape {shape}")
+        return np.frombuffer(image.tensor.data, np.uint8).reshape(shape)
+    raise invalid("image: set image.encoded (JPEG/PNG bytes) or image.tensor (u8 [H, W, 3])")
+
+
+def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise invalid("ground_truth.mask_png: not a decodable PNG")
+    if mask.shape != (height, width):
+        raise invalid(f"ground_truth.mask_png: {mask.shape[1]}x{mask.shape[0]} does not match "
+                      f"the image's {width}x{height}; send a mask of the image's size")
+    return mask > 0
+
+
+class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
+    def __init__(self, repository: ModelRepository, settings: ServerSettings):
+        self.repository = repository
+        self.settings = settings
+        self.rise = RiseExplainer(max_masks=max(
+            [settings.defaults.max_black_box_masks]
+            + [m.max_black_box_masks for m in settings.models.values()]))
+        self.black_box_slots = threading.BoundedSemaphore(settings.max_black_box_in_flight)
+
+    @rpc
+    def ModelInfo(self, request, context):
+        try:
+            state = self.repository.state(request.model_name, request.model_version)
+        except NotServed as exc:
+            raise not_found(str(exc)) from None
+        response = pb.ModelInfoResponse(
+            model_name=request.model_name, model_version=str(state.version),
+            versions=[str(v) for v in self.repository.versions(request.model_name)],
+            ready=state.ready, reason=state.error or ("" if state.ready else "loading"),
+            device=self.settings.for_model(request.model_name).device)
+        if state.ready:
+            info = state.model.info
+            response.labels.extend(info.labels)
+            response.input_height, response.input_width = info.input_height, info.input_width
+            response.mean_values.extend(info.mean_values)
+            response.scale_values.extend(info.scale_values)
+            response.resize_type = info.resize_type
+            response.saliency_method = info.saliency_method or ""
+            response.saliency_target_layer = info.saliency_target_layer or ""
+        return response
+
+    @rpc
+    def Explain(self, request, context):
+        watch = Stopwatch()
+        state = served_version(self.repository, request.model_name, request.model_version)
+        model = state.model
+        image = as_rgb(decode_request_image(request.image))
+        watch.lap("decode")
+        tensor = resize_for_model(image, model.info)
+        watch.lap("preprocess")
+        out = model.predict(tensor[None])
+        watch.lap("inference")
+        num_classes = len(model.info.labels) or out["logits"].shape[1]
+        probabilities = softmax(out["logits"][0].astype(np.float64))
+        targets = self._targets(request, probabilities, num_classes)
+        maps, method = self._maps(request, state, tensor, out, targets)
+        watch.lap("explanation")
+
+        response = pb.ExplainResponse(id=request.id or uuid.uuid4().hex,
+                                      model_name=request.model_name,
+                                      model_version=str(state.version))
+        order = np.argsort(-probabilities)[:max(5, len(targets))]
+        for c in order:
+            response.predictions.add(class_id=int(c), label=model.label(int(c)),
+                                     score=float(probabilities[c]))
+        for c, saliency in zip(targets, maps):
+            self._add_map(response, request, image, saliency, c, model.label(c), method,
+                          float(probabilities[c]))
+        self._add_metrics(response, request, image, probabilities, maps)
+        watch.lap("metrics")
+        for name, value in watch.total().items():
+            response.timings_ms[name] = value
+        return response
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def _targets(self, request, probabilities: np.ndarray, num_classes: int) -> list[int]:
+        if request.target_classes:
+            for i, c in enumerate(request.target_classes):
+                if not 0 <= c < num_classes:
+                    raise invalid(f"target_classes[{i}] = {c} is out of range [0, {num_classes})")
+            return [int(c) for c in request.target_classes]
+        k = request.top_k or 1
+        if k > MAX_TOP_K:
+            raise invalid(f"top_k {k} is over {MAX_TOP_K}")
+        return [int(c) for c in np.argsort(-probabilities)[:k]]
+
+    def _maps(self, request, state, tensor, out, targets) -> tuple[list[np.ndarray], str]:
+        model = state.model
+        white_box = request.method == pb.METHOD_WHITE_BOX or (
+            request.method == pb.METHOD_AUTO and model.has_saliency)
+        if white_box:
+            if not model.has_saliency:
+                raise invalid("method WHITE_BOX: this model has no saliency_map output; use "
+                              "METHOD_BLACK_BOX or export it with `xaiserve export`")
+            saliency = out[SALIENCY_OUTPUT][0]
+            method = model.info.saliency_method or "white-box"
+            return [saliency[c if saliency.shape[0] > 1 else 0] for c in targets], method
+        limits = self.settings.for_model(request.model_name)
+        options = request.black_box
+        masks = options.num_masks or limits.black_box_masks
+        if masks > limits.max_black_box_masks:
+            raise exhausted(f"black_box.num_masks {masks} is over this server's cap of "
+                            f"{limits.max_black_box_masks}; ask for fewer masks")
+        try:
+            settings = RiseSettings(num_masks=masks, cells=options.cells or RiseSettings.cells,
+                                    seed=int(options.seed))
+        except ValueError as exc:
+            raise invalid(f"black_box: {exc}") from None
+        if not self.black_box_slots.acquire(timeout=30):
+            raise exhausted("the server is running its maximum of black-box explanations; "
+                            "retry later")
+        try:
+            maps = self.rise.explain(model.compiled, tensor, targets, settings)
+        finally:
+            self.black_box_slots.release()
+        return list(maps), "rise"
+
+    def _add_map(self, response, request, image, saliency, class_id, label, method, score):
+        entry = response.maps.add(class_id=class_id, label=label, method=method,
+                                  format=request.map_format)
+        h, w = image.shape[:2]
+        if request.map_format == pb.MAP_FORMAT_FLOAT:
+            entry.shape.extend(saliency.shape)
+            entry.values.extend(saliency.astype(np.float32).ravel().tolist())
+        elif request.map_format == pb.MAP_FORMAT_U8_IMAGE:
+            entry.shape.extend([h, w])
+            entry.data = to_u8_image(saliency, h, w).tobytes()
+        elif request.map_format == pb.MAP_FORMAT_PNG_HEATMAP:
+            entry.shape.extend([h, w])
+            entry.data = to_png_heatmap(saliency, h, w)
+        else:
+            entry.shape.extend([h, w])
+            entry.data = to_png_overlay(saliency, image, [f"{label}: {score:.2f}"])
+
+    def _add_metrics(self, response, request, image, probabilities, maps) -> None:
+        def add(name, value=0.0, text="", **parameters):
+            metric = response.metrics.add(name=name, value=float(value), text=text)
+            for k, v in parameters.items():
+                metric.parameters[k] = str(v)
+
+        add("top1_confidence", rm.top1_confidence(probabilities), score="softmax")
+        add("margin", rm.margin(probabilities), score="softmax")
+        add("entropy", rm.entropy(probabilities), unit="nats")
+        if maps:
+            add("coverage", rm.coverage(maps[0]), threshold=0.5, of="peak", target="first")
+            add("concentration", rm.concentration(maps[0]), top_fraction=0.1, target="first")
+        truth = request.ground_truth
+        if truth.has_label:
+            thresholds = rm.CaseThresholds(
+                high_confidence=request.thresholds.get("high_confidence", 0.5),
+                competing_margin=request.thresholds.get("competing_margin", 0.1))
+            if not 0 <= truth.label < len(probabilities):
+                raise invalid(f"ground_truth.label {truth.label} is out of range "
+                              f"[0, {len(probabilities)})")
+            add("prediction_case", 0.0, rm.prediction_case(probabilities, int(truth.label),
+                                                           thresholds),
+                high_confidence=thresholds.high_confidence,
+                competing_margin=thresholds.competing_margin)
+        if truth.mask_png:
+            decode_mask(truth.mask_png, *image.shape[:2])

@@ -1,0 +1,160 @@
+"""The served model repository (OpenVINO Model Server layout), kept in step with the disk.
+
+A watcher thread compares `<repository>/<name>/<version>/model.xml` with what is loaded: new
+versions are compiled in the background (a slow compile never blocks requests to other models),
+removed ones are dropped from the table; requests already holding a version keep it alive until
+they finish, since they hold a reference. A version that fails to load stays listed, not ready,
+with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import openvino as ov
+
+from .config import ServerSettings
+from .model import ClassifierModel
+
+log = logging.getLogger("xaiserve.repository")
+
+
+class NotServed(LookupError):
+    """Unknown model or version; the message lists what is served."""
+
+
+@dataclass
+class VersionState:
+    name: str
+    version: int
+    path: Path
+    model: ClassifierModel | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+
+def scan(repository: Path) -> dict[str, dict[int, Path]]:
+    """{name: {version: dir}} for every `<name>/<int>/model.xml` (hidden staging dirs skipped)."""
+    found: dict[str, dict[int, Path]] = {}
+    if not repository.is_dir():
+        return found
+    for model_dir in sorted(repository.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        for version_dir in model_dir.iterdir():
+            if version_dir.name.isdigit() and (version_dir / "model.xml").is_file():
+                found.setdefault(model_dir.name, {})[int(version_dir.name)] = version_dir
+    return found
+
+
+class ModelRepository:
+    def __init__(self, settings: ServerSettings, core: ov.Core | None = None):
+        self.settings = settings
+        self.core = core or ov.Core()
+        self._table: dict[str, dict[int, VersionState]] = {}
+        self._lock = threading.Lock()  # guards the table's structure only, never inference
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def check_devices(self) -> None:
+        """Fail early, naming the devices present, when a configured device is missing."""
+        present = self.core.available_devices
+        wanted = {self.settings.defaults.device} | {m.device for m in self.settings.models.values()}
+        for device in wanted:
+            base = device.split(":")[0].split(".")[0]
+            if base in ("AUTO", "HETERO", "MULTI"):
+                continue
+            if not any(d == device or d.split(".")[0] == base for d in present):
+                raise ValueError(f"device {device!r} is not present; devices here: "
+                                 f"{', '.join(present)} (or AUTO)")
+
+    def start(self, wait: bool = True) -> None:
+        self.refresh(wait=wait)
+        self._watcher = threading.Thread(target=self._watch, name="repository-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.poll_seconds):
+            try:
+                self.refresh(wait=False)
+            except Exception:  # noqa: BLE001 - the watcher must survive a bad scan
+                log.exception("repository scan failed")
+
+    def refresh(self, wait: bool = False) -> None:
+        on_disk = scan(Path(self.settings.repository))
+        loaders = []
+        with self._lock:
+            for name in list(self._table):
+                for version in list(self._table[name]):
+                    if version not in on_disk.get(name, {}):
+                        log.info("unloading %s version %d", name, version)
+                        del self._table[name][version]
+                if not self._table[name]:
+                    del self._table[name]
+            for name, versions in on_disk.items():
+                for version, path in versions.items():
+                    if version not in self._table.get(name, {}):
+                        state = VersionState(name, version, path)
+                        self._table.setdefault(name, {})[version] = state
+                        loaders.append(threading.Thread(target=self._load, args=(state,),
+                                                        daemon=True))
+        for thread in loaders:
+            thread.start()
+        if wait:
+            for thread in loaders:
+                thread.join()
+
+    def _load(self, state: VersionState) -> None:
+        settings = self.settings.for_model(state.name)
+        try:
+            state.model = ClassifierModel(state.path, settings.device, settings.compile_config(),
+                                          self.core).load()
+            log.info("loaded %s version %d on %s", state.name, state.version, settings.device)
+        except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
+            state.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            log.error("failed to load %s version %d: %s", state.name, state.version, state.error)
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._table)
+
+    def versions(self, name: str) -> list[int]:
+        with self._lock:
+            return sorted(self._table.get(name, {}))
+
+    def state(self, name: str, version: str | int | None = None) -> VersionState:
+        """The requested version, or the newest ready one (the newest at all if none is)."""
+        with self._lock:
+            versions = dict(self._table.get(name, {}))
+        if not versions:
+            served = ", ".join(self.names()) or "none"
+            raise NotServed(f"model_name {name!r} is not served (served: {served})")
+        if version not in (None, "", 0, "0"):
+            try:
+                number = int(version)
+            except ValueError:
+                raise NotServed(f"model_version {version!r} is not a version number") from None
+            if number not in versions:
+                raise NotServed(f"model_version {number} of {name!r} is not served "
+                                f"(versions: {sorted(versions)})")
+            return versions[number]
+        ready = [v for v in sorted(versions) if versions[v].ready]
+        return versions[ready[-1] if ready else max(versions)]
+
+    def all_ready(self) -> bool:
+        with self._lock:
+            states = [s for versions in self._table.values() for s in versions.values()]
+        return all(s.ready or s.error for s in states)

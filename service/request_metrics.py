@@ -1,0 +1,63 @@
+"""Per-request metrics: pure functions, arrays in, numbers out.
+
+Confidence, margin and entropy describe the prediction; coverage and concentration describe a
+map; the prediction case follows the OpenVINO XAI interpretation guide's four cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def top1_confidence(probabilities: np.ndarray) -> float:
+    return float(np.max(probabilities))
+
+
+def margin(probabilities: np.ndarray) -> float:
+    """Top-1 minus top-2 probability: small when two classes compete."""
+    top2 = np.sort(probabilities)[-2:]
+    return float(top2[-1] - top2[0]) if len(top2) == 2 else float(top2[-1])
+
+
+def entropy(probabilities: np.ndarray) -> float:
+    """Shannon entropy in nats."""
+    p = probabilities[probabilities > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def coverage(saliency: np.ndarray, threshold: float = 0.5) -> float:
+    """Fraction of the map at or above `threshold` of its peak."""
+    peak = float(saliency.max())
+    return float((saliency >= threshold * peak).mean()) if peak > 0 else 0.0
+
+
+def concentration(saliency: np.ndarray, top_fraction: float = 0.1) -> float:
+    """Share of the map's positive mass in its top `top_fraction` of locations (1 = all of it
+    in a few spots; `top_fraction` = spread evenly)."""
+    values = np.clip(saliency.ravel(), 0, None)
+    total = float(values.sum())
+    if total <= 0:
+        return 0.0
+    k = max(1, int(round(top_fraction * values.size)))
+    return float(np.sort(values)[-k:].sum() / total)
+
+
+@dataclass(frozen=True)
+class CaseThresholds:
+    high_confidence: float = 0.5
+    competing_margin: float = 0.1
+
+
+def prediction_case(probabilities: np.ndarray, label: int, thresholds: CaseThresholds) -> str:
+    """true_positive_high_confidence, true_positive_low_confidence,
+    false_positive_high_confidence, two_competing_predictions, or false_positive_low_confidence.
+    """
+    predicted = int(np.argmax(probabilities))
+    confidence = top1_confidence(probabilities)
+    if margin(probabilities) < thresholds.competing_margin:
+        return "two_competing_predictions"
+    high = confidence >= thresholds.high_confidence
+    if predicted == label:
+        return "true_positive_high_confidence" if high else "true_positive_low_confidence"
+    return "false_positive_high_confidence" if high else "false_positive_low_confidence"
