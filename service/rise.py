@@ -244,17 +244,51 @@ def optimal_requests(compiled_model: ov.CompiledModel) -> int:
 
 
 def _image_input(compiled_model: ov.CompiledModel) -> ov.ConstOutput:
-    for port in compiled_model.inputs:
-        if IMAGE_INPUT in port.get_names():
-            return port
-    return compiled_model.input(0)
+    return compiled_model.inputs[_image_index(compiled_model)]
+
+
+def _image_index(compiled_model: ov.CompiledModel) -> int:
+    return _port_index(compiled_model.inputs, IMAGE_INPUT)
 
 
 def _logits_output(compiled_model: ov.CompiledModel) -> ov.ConstOutput:
-    for port in compiled_model.outputs:
-        if LOGITS_OUTPUT in port.get_names():
-            return port
-    return compiled_model.output(0)
+    return compiled_model.outputs[_logits_index(compiled_model)]
+
+
+def _logits_index(compiled_model: ov.CompiledModel) -> int:
+    return _port_index(compiled_model.outputs, LOGITS_OUTPUT)
+
+
+def _port_index(ports: list[ov.ConstOutput], name: str) -> int:
+    """The port called `name`, else the first one (single-output models need no naming)."""
+    for index, port in enumerate(ports):
+        if name in port.get_names():
+            return index
+    return 0
+
+
+class _ScoreCollector:
+    """The AsyncInferQueue callback: writes each batch's target scores into its rows.
+
+    It must hold no reference to the compiled model (not even a port): OpenVINO may release the
+    callback on one of the model's own executor threads, and if that drops the model's last
+    reference the executor joins itself and the process aborts.
+    """
+
+    def __init__(self, n: int, targets: list[int], output_index: int):
+        self.scores = np.empty((n, len(targets)), dtype=np.float32)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.output_index = output_index
+        self.errors: list[BaseException] = []
+
+    def __call__(self, request: ov.InferRequest, userdata: tuple[int, int]) -> None:
+        start, count = userdata
+        try:
+            logits = request.get_output_tensor(self.output_index).data[:count]
+            probs = softmax(logits.astype(np.float32))
+            self.scores[start:start + count] = probs[:, self.targets]
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            self.errors.append(exc.with_traceback(None))
 
 
 class RiseExplainer:
@@ -312,21 +346,10 @@ class RiseExplainer:
                       ) -> tuple[np.ndarray, int]:
         """Softmax scores [N, T] of the targets for every masked image, via an AsyncInferQueue."""
         n = len(masks)
-        scores = np.empty((n, len(targets)), dtype=np.float32)
-        output = _logits_output(compiled_model)
-        port = _image_input(compiled_model)
-        errors: list[BaseException] = []
-
-        def on_done(request: ov.InferRequest, userdata: tuple[int, int]) -> None:
-            start, count = userdata
-            try:
-                logits = request.get_tensor(output).data[:count].astype(np.float32)
-                scores[start:start + count] = softmax(logits)[:, targets]
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
-                errors.append(exc)
-
+        collector = _ScoreCollector(n, targets, _logits_index(compiled_model))
+        port = _image_index(compiled_model)
         queue = ov.AsyncInferQueue(compiled_model, optimal_requests(compiled_model))
-        queue.set_callback(on_done)
+        queue.set_callback(collector)
         requests = 0
         aborted = ""
         for start in range(0, n, batch):
@@ -339,11 +362,11 @@ class RiseExplainer:
             queue.start_async({port: images}, (start, count))
             requests += 1
         queue.wait_all()
-        if errors:
-            raise errors[0]
+        if collector.errors:
+            raise collector.errors[0]
         if aborted:
             raise RiseAborted(f"RISE {aborted} after {min(requests * batch, n)} of {n} masks")
-        return scores, requests
+        return collector.scores, requests
 
     @staticmethod
     def _check_image(compiled_model: ov.CompiledModel, image: np.ndarray) -> tuple[int, int]:

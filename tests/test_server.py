@@ -1,0 +1,282 @@
+"""The gRPC server on a real port, called by real clients: KServe v2, the explanation service,
+health, reflection, the repository kept in step with the disk, and bad input."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import time
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from xaiserve.service.client import XaiClient
+from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
+from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
+from xaiserve.service.proto import xaiserve_pb2 as xpb
+from xaiserve.service.server import Server
+
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def jpeg(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def repository(default_export, tmp_path_factory):
+    """The default model (with saliency) and the same model as a plain IR (black-box only)."""
+    from xaiserve.export.pipeline import ExportRequest, export_model
+    from xaiserve.export.saliency import SaliencySettings
+
+    repo = tmp_path_factory.mktemp("served")
+    shutil.copytree(default_export.path, repo / "efficientnet_lite0" / "1")
+    export_model(ExportRequest("default", repo, "plain", saliency=SaliencySettings(method="none")))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, poll_seconds=0.5,
+                              max_message_bytes=MAX_MESSAGE,
+                              defaults=ModelSettings(black_box_masks=500,
+                                                     max_black_box_masks=2000))
+    srv = Server(settings).start()
+    yield srv
+    srv.stop(grace=2)
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
+        ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def kserve(channel):
+    return kgrpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = XaiClient(f"127.0.0.1:{server.port}")
+    yield c
+    c.close()
+
+
+def assert_still_serving(kserve):
+    assert kserve.ServerLive(kpb.ServerLiveRequest()).live
+
+
+def expect_error(call, code: grpc.StatusCode, *words: str):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    for word in words:
+        assert word in info.value.details(), info.value.details()
+
+
+# --- health, reflection, KServe v2 ---------------------------------------------------------
+
+def test_health_and_reflection(channel):
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(stub.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "xaiserve.v1.ExplanationService",
+            "grpc.health.v1.Health"} <= names
+
+
+def test_kserve_metadata(kserve):
+    assert kserve.ServerReady(kpb.ServerReadyRequest()).ready
+    assert kserve.ModelReady(kpb.ModelReadyRequest(name="efficientnet_lite0")).ready
+    meta = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="efficientnet_lite0"))
+    assert meta.versions == ["1"]
+    assert meta.inputs[0].datatype == "UINT8" and list(meta.inputs[0].shape) == [-1, 224, 224, 3]
+    assert [o.name for o in meta.outputs] == ["logits", "saliency_map"]
+
+
+def test_kserve_infer_raw_contents_and_bytes(kserve, photos):
+    from xaiserve.service.images import resize_for_model
+    from xaiserve.service.model_info import ModelInfo
+
+    info = ModelInfo(labels=[], input_height=224, input_width=224)
+    batch = np.stack([resize_for_model(photos[n], info) for n in ("chelsea", "coffee")])
+    request = kpb.ModelInferRequest(model_name="efficientnet_lite0", id="r1")
+    request.inputs.add(name="image", datatype="UINT8", shape=list(batch.shape))
+    request.outputs.add(name="logits")
+    request.outputs.add(name="saliency_map")
+    request.raw_input_contents.append(batch.tobytes())
+    response = kserve.ModelInfer(request)
+    assert response.id == "r1" and response.model_version == "1"
+    logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 1000)
+    assert list(logits.argmax(1)) == [285, 967]
+    assert list(response.outputs[1].shape) == [2, 1000, 7, 7]
+
+    # the same through `contents` and through encoded JPEG bytes (BYTES)
+    request = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 224, 224, 3])
+    request.inputs[0].contents.uint_contents.extend(batch[0].ravel().tolist())
+    logits = np.frombuffer(kserve.ModelInfer(request).raw_output_contents[0], np.float32)
+    assert logits.argmax() == 285
+    encoded = jpeg(photos["coffee"])
+    request = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(encoded)) + encoded)
+    logits = np.frombuffer(kserve.ModelInfer(request).raw_output_contents[0], np.float32)
+    assert logits.argmax() == 967
+
+
+# --- the explanation service -----------------------------------------------------------------
+
+def test_explain_white_box(client, photos):
+    response = client.explain(jpeg(photos["chelsea"]), "efficientnet_lite0", top_k=2,
+                              map_format="float", label=285)
+    assert response.predictions[0].class_id == 285
+    assert response.predictions[0].label == "Egyptian_cat"
+    assert [m.class_id for m in response.maps] == [285, 282]
+    assert response.maps[0].method == "reciprocam" and list(response.maps[0].shape) == [7, 7]
+    metrics = {m.name: m for m in response.metrics}
+    assert metrics["prediction_case"].text == "true_positive_high_confidence"
+    assert 0 < metrics["top1_confidence"].value <= 1 and metrics["entropy"].value > 0
+    assert metrics["prediction_case"].parameters["high_confidence"] == "0.5"
+    assert {"decode", "preprocess", "inference", "explanation", "metrics", "total"} \
+        <= set(response.timings_ms)
+
+
+def test_explain_overlay_png(client, photos):
+    response = client.explain(jpeg(photos["coffee"]), "efficientnet_lite0")
+    picture = cv2.imdecode(np.frombuffer(response.maps[0].data, np.uint8), cv2.IMREAD_COLOR)
+    assert picture.shape[1] == photos["coffee"].shape[1]
+    assert picture.shape[0] > photos["coffee"].shape[0]  # the legend strip below
+
+
+def test_black_box_fallback_is_reproducible(client, photos):
+    info = client.model_info("plain")
+    assert info.saliency_method == "" and len(info.labels) == 1000
+    first = client.explain(jpeg(photos["chelsea"]), "plain", map_format="float", num_masks=300,
+                           seed=7)
+    again = client.explain(jpeg(photos["chelsea"]), "plain", map_format="float", num_masks=300,
+                           seed=7)
+    other = client.explain(jpeg(photos["chelsea"]), "plain", map_format="float", num_masks=300,
+                           seed=8)
+    assert first.maps[0].method == "rise" and list(first.maps[0].shape) == [224, 224]
+    assert list(first.maps[0].values) == list(again.maps[0].values)
+    assert list(first.maps[0].values) != list(other.maps[0].values)
+
+
+def test_model_info_over_grpc(client):
+    info = client.model_info("efficientnet_lite0")
+    assert info.ready and info.labels[967] == "espresso"
+    assert list(info.mean_values) == [127.0] * 3 and info.resize_type == "standard"
+    assert info.saliency_method == "reciprocam" and info.saliency_target_layer
+
+
+# --- bad input: the right status, a message naming the field, the server keeps serving ----------
+
+def test_bad_input(client, kserve, photos):
+    good = jpeg(photos["coffee"])
+    stub = client.stub
+    cases = [
+        (lambda: client.explain(b"\xff\xd8 not a jpeg", "efficientnet_lite0"),
+         grpc.StatusCode.INVALID_ARGUMENT, ["image.encoded"]),
+        (lambda: client.explain(good, "nonexistent"), grpc.StatusCode.NOT_FOUND,
+         ["model_name", "efficientnet_lite0"]),
+        (lambda: client.explain(good, "efficientnet_lite0", version="9"),
+         grpc.StatusCode.NOT_FOUND, ["model_version 9"]),
+        (lambda: client.explain(good, "efficientnet_lite0", targets=[1000]),
+         grpc.StatusCode.INVALID_ARGUMENT, ["target_classes[0]", "[0, 1000)"]),
+        (lambda: client.explain(good, "plain", method="black-box", num_masks=50_000),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, ["black_box.num_masks", "2000"]),
+        (lambda: client.explain(good, "plain", method="white-box"),
+         grpc.StatusCode.INVALID_ARGUMENT, ["saliency_map", "METHOD_BLACK_BOX"]),
+        (lambda: client.explain(b"x" * (MAX_MESSAGE + 1024), "efficientnet_lite0"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, []),
+    ]
+    wrong_mask = xpb.ExplainRequest(model_name="efficientnet_lite0", image=xpb.Image(encoded=good))
+    wrong_mask.ground_truth.mask_png = cv2.imencode(".png", np.zeros((10, 10), np.uint8))[1]\
+        .tobytes()
+    cases.append((lambda: stub.Explain(wrong_mask), grpc.StatusCode.INVALID_ARGUMENT,
+                  ["ground_truth.mask_png", "10x10"]))
+    tensor = xpb.ExplainRequest(model_name="efficientnet_lite0",
+                                image=xpb.Image(tensor=xpb.Tensor(shape=[4, 4], data=b"1234")))
+    cases.append((lambda: stub.Explain(tensor), grpc.StatusCode.INVALID_ARGUMENT,
+                  ["image.tensor.shape"]))
+    for call, code, words in cases:
+        expect_error(call, code, *words)
+        assert_still_serving(kserve)
+
+    shape = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    shape.inputs.add(name="image", datatype="UINT8", shape=[1, 100, 100, 3])
+    shape.raw_input_contents.append(bytes(100 * 100 * 3))
+    expect_error(lambda: kserve.ModelInfer(shape), grpc.StatusCode.INVALID_ARGUMENT,
+                 "inputs[0].shape", "224")
+    dtype = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    dtype.inputs.add(name="image", datatype="FP32", shape=[1, 224, 224, 3])
+    dtype.raw_input_contents.append(bytes(224 * 224 * 3 * 4))
+    expect_error(lambda: kserve.ModelInfer(dtype), grpc.StatusCode.INVALID_ARGUMENT,
+                 "inputs[0].datatype", "UINT8")
+    short = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    short.inputs.add(name="image", datatype="UINT8", shape=[1, 224, 224, 3])
+    short.raw_input_contents.append(bytes(10))
+    expect_error(lambda: kserve.ModelInfer(short), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]")
+    assert_still_serving(kserve)
+    assert client.explain(good, "efficientnet_lite0").predictions[0].class_id == 967
+
+
+# --- the repository follows the disk ------------------------------------------------------------
+
+def wait_for(condition, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if condition():
+                return True
+        except grpc.RpcError:  # not there yet
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def test_versions_come_and_go_and_broken_models_are_reported(repository, kserve, client, photos):
+    shutil.copytree(repository / "efficientnet_lite0" / "1", repository / "efficientnet_lite0" / "2")
+    assert wait_for(lambda: kserve.ModelMetadata(kpb.ModelMetadataRequest(
+        name="efficientnet_lite0")).versions == ["1", "2"])
+    assert wait_for(lambda: client.explain(jpeg(photos["coffee"]), "efficientnet_lite0")
+                    .model_version == "2")
+    assert client.explain(jpeg(photos["coffee"]), "efficientnet_lite0", version="1")\
+        .model_version == "1"
+
+    broken = repository / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.xml").write_text("<net>not really</net>")
+    assert wait_for(lambda: client.model_info("broken").reason not in ("", "loading"))
+    info = client.model_info("broken")
+    assert not info.ready and "cannot read the IR" in info.reason
+    assert not kserve.ModelReady(kpb.ModelReadyRequest(name="broken")).ready
+    expect_error(lambda: client.explain(jpeg(photos["coffee"]), "broken"),
+                 grpc.StatusCode.UNAVAILABLE, "not ready")
+    assert client.explain(jpeg(photos["coffee"]), "efficientnet_lite0").predictions[0]\
+        .class_id == 967
+
+    shutil.rmtree(repository / "efficientnet_lite0" / "2")
+    shutil.rmtree(repository / "broken")
+    assert wait_for(lambda: kserve.ModelMetadata(kpb.ModelMetadataRequest(
+        name="efficientnet_lite0")).versions == ["1"])
+    assert client.explain(jpeg(photos["coffee"]), "efficientnet_lite0").model_version == "1"
+
+
+def test_missing_device_names_the_devices_present(repository):
+    settings = ServerSettings(repository=repository, port=0,
+                              defaults=ModelSettings(device="NPU"))
+    with pytest.raises(ValueError, match=r"'NPU' is not present; devices here: .*CPU"):
+        Server(settings).start()
