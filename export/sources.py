@@ -8,6 +8,7 @@ Torch is imported only by the loaders that need it.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -112,7 +113,8 @@ def convert_torch(module, input_size: int) -> ov.Model:
 
     module.eval()
     example = torch.zeros(1, 3, input_size, input_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
         return ov.convert_model(
             module, example_input=example,
             input=[(ov.PartialShape([-1, 3, input_size, input_size]), ov.Type.f32)],

@@ -67,9 +67,13 @@ def run_export(args) -> int:
     stages = tqdm(total=4, desc="export", unit="step", file=sys.stderr,
                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {postfix}")
 
+    started = []
+
     def progress(stage: str) -> None:
+        if started:  # the previous stage is done
+            stages.update(1)
+        started.append(stage)
         stages.set_postfix_str(stage)
-        stages.update(1)
 
     try:
         result = export_model(request, progress)
