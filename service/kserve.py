@@ -135,7 +135,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         for i, name in enumerate(wanted):
             if name not in available:
                 raise invalid(f"outputs[{i}].name {name!r}: this model has {sorted(available)}")
-        results = model.predict(batch)
+        results = model.predict(batch, tuple(wanted))
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=str(state.version), id=request.id)
         for name in wanted:

@@ -96,14 +96,14 @@ class ClassifierModel:
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return resize_for_model(image, self.info)
 
-    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present}."""
+    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None
+                ) -> dict[str, np.ndarray]:
+        """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present};
+        `outputs` limits what is copied out of the infer request."""
+        wanted = outputs or (("logits", SALIENCY_OUTPUT) if self.has_saliency else ("logits",))
         with self.infer_request() as request:
             request.infer({0: batch})
-            out = {"logits": request.get_tensor("logits").data.copy()}
-            if self.has_saliency:
-                out[SALIENCY_OUTPUT] = request.get_tensor(SALIENCY_OUTPUT).data.copy()
-        return out
+            return {name: request.get_tensor(name).data.copy() for name in wanted}
 
     def explain(self, image: np.ndarray, top_k: int = 1) -> Explanation:
         t0 = time.perf_counter()
