@@ -113,16 +113,19 @@ def mask_key(height: int, width: int, settings: RiseSettings) -> MaskKey:
 
 
 class MaskCache:
-    """A small thread-safe LRU of read-only mask stacks.
+    """A small thread-safe LRU of read-only mask stacks, bounded in entries and bytes.
 
     Generation runs outside the cache lock, under a per-key lock, so that a miss for one size does
-    not stall hits for others and two concurrent misses for one key generate it only once.
+    not stall hits for others and two concurrent misses for one key generate it only once. The
+    byte bound matters: 10000 masks at 224 x 224 in float16 are 1 GB. The newest entry is always
+    kept, even alone over the bound, since the request that made it is using it.
     """
 
-    def __init__(self, max_entries: int = 4):
+    def __init__(self, max_entries: int = 4, max_bytes: int = 1 << 30):
         if max_entries < 1:
             raise ValueError(f"max_entries {max_entries} is below 1")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[MaskKey, np.ndarray] = OrderedDict()
@@ -160,9 +163,14 @@ class MaskCache:
         with self._lock:
             self._entries[key] = masks
             self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
+            while len(self._entries) > 1 and (len(self._entries) > self.max_entries
+                                              or self.nbytes > self.max_bytes):
                 old, _ = self._entries.popitem(last=False)
                 self._key_locks.pop(old, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(masks.nbytes for masks in self._entries.values())
 
     def __len__(self) -> int:
         with self._lock:
@@ -223,7 +231,7 @@ class RiseResult:
 
     maps: np.ndarray  # float32 [T, H, W]
     targets: list[int]
-    forward_passes: int  # masked images scored (padding in static batches not counted)
+    forward_passes: int  # masked images scored (zero padding of a static batch not counted)
     infer_requests: int
     batch_size: int
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -267,28 +275,11 @@ def _port_index(ports: list[ov.ConstOutput], name: str) -> int:
     return 0
 
 
-class _ScoreCollector:
-    """The AsyncInferQueue callback: writes each batch's target scores into its rows.
-
-    It must hold no reference to the compiled model (not even a port): OpenVINO may release the
-    callback on one of the model's own executor threads, and if that drops the model's last
-    reference the executor joins itself and the process aborts.
-    """
-
-    def __init__(self, n: int, targets: list[int], output_index: int):
-        self.scores = np.empty((n, len(targets)), dtype=np.float32)
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.output_index = output_index
-        self.errors: list[BaseException] = []
-
-    def __call__(self, request: ov.InferRequest, userdata: tuple[int, int]) -> None:
-        start, count = userdata
-        try:
-            logits = request.get_output_tensor(self.output_index).data[:count]
-            probs = softmax(logits.astype(np.float32))
-            self.scores[start:start + count] = probs[:, self.targets]
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
-            self.errors.append(exc.with_traceback(None))
+def _target_scores(request: ov.InferRequest, output_index: int, count: int,
+                   targets: np.ndarray) -> np.ndarray:
+    """Softmax scores [count, T] of the targets from a finished request (padding rows dropped)."""
+    logits = request.get_output_tensor(output_index).data[:count].astype(np.float32)
+    return softmax(logits)[:, targets]
 
 
 class RiseExplainer:
@@ -344,12 +335,28 @@ class RiseExplainer:
                       masks: np.ndarray, targets: list[int], batch: int,
                       deadline: float | None, cancel: threading.Event | None
                       ) -> tuple[np.ndarray, int]:
-        """Softmax scores [N, T] of the targets for every masked image, via an AsyncInferQueue."""
+        """Softmax scores [N, T] of the targets for every masked image, via an AsyncInferQueue.
+
+        Results are read on this thread when a request is reused and after `wait_all`, not in a
+        Python callback: OpenVINO finishes a Python callback on the model's executor thread,
+        which needs the GIL after `wait_all` has returned, so a caller that then drops the last
+        reference to the compiled model (joining that thread while holding the GIL) deadlocks or
+        aborts. Without a Python callback the executor threads never touch Python.
+        """
         n = len(masks)
-        collector = _ScoreCollector(n, targets, _logits_index(compiled_model))
+        static = _image_input(compiled_model).get_partial_shape()[0].is_static
+        wanted = np.asarray(targets, dtype=np.int64)
+        output_index = _logits_index(compiled_model)
         port = _image_index(compiled_model)
+        scores = np.empty((n, len(targets)), dtype=np.float32)
         queue = ov.AsyncInferQueue(compiled_model, optimal_requests(compiled_model))
-        queue.set_callback(collector)
+        pending: dict[int, tuple[int, int]] = {}  # request id -> (first mask, count)
+
+        def collect(request_id: int) -> None:
+            start, count = pending.pop(request_id)
+            scores[start:start + count] = _target_scores(queue[request_id], output_index,
+                                                         count, wanted)
+
         requests = 0
         aborted = ""
         for start in range(0, n, batch):
@@ -357,16 +364,21 @@ class RiseExplainer:
             if aborted:
                 break
             count = min(batch, n - start)
-            images = np.zeros((batch, *image.shape), dtype=np.uint8)  # zero padding if static
+            # A static batch dim needs the last request padded; a dynamic one takes it short.
+            images = np.zeros((batch if static else count, *image.shape), dtype=np.uint8)
             mask_images(image, masks[start:start + count], out=images[:count])
-            queue.start_async({port: images}, (start, count))
+            request_id = queue.get_idle_request_id()  # waits for one to finish
+            if request_id in pending:
+                collect(request_id)
+            queue.start_async({port: images})
+            pending[request_id] = (start, count)
             requests += 1
         queue.wait_all()
-        if collector.errors:
-            raise collector.errors[0]
+        for request_id in list(pending):
+            collect(request_id)
         if aborted:
             raise RiseAborted(f"RISE {aborted} after {min(requests * batch, n)} of {n} masks")
-        return collector.scores, requests
+        return scores, requests
 
     @staticmethod
     def _check_image(compiled_model: ov.CompiledModel, image: np.ndarray) -> tuple[int, int]:

@@ -9,8 +9,12 @@ quadrant only (no tug of war between the two classes).
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -142,6 +146,17 @@ def test_cache_evicts_least_recently_used():
     assert cache.misses == misses + 1
 
 
+def test_cache_keeps_within_its_byte_budget():
+    settings = [RiseSettings(num_masks=10, seed=s) for s in range(3)]
+    one = 10 * 16 * 16 * 2  # float16
+    cache = MaskCache(max_entries=10, max_bytes=2 * one)
+    for s in settings:
+        cache.get(16, 16, s)
+    assert len(cache) == 2 and cache.nbytes == 2 * one
+    tiny = MaskCache(max_bytes=1)  # the newest entry stays even over the budget
+    assert tiny.get(16, 16, settings[0]) is tiny.get(16, 16, settings[0])
+
+
 def test_concurrent_callers_share_one_mask_stack():
     cache = MaskCache()
     settings = RiseSettings(num_masks=300)
@@ -207,6 +222,30 @@ def test_static_batch_gives_the_same_map(dynamic_model, image, static_batch):
     assert result.forward_passes == 100
     assert result.infer_requests == math.ceil(100 / static_batch)
     np.testing.assert_allclose(result.maps, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_dropping_the_model_right_after_rise_neither_hangs_nor_aborts():
+    """A server unloads models; OpenVINO must not be left with Python work on the model's threads.
+
+    With a Python callback on the AsyncInferQueue, dropping the compiled model right after
+    `wait_all` deadlocks or aborts within a few dozen tries; run it in a child so a hang fails.
+    """
+    script = textwrap.dedent("""
+        import numpy as np
+        from tests.test_rise import quadrant_model
+        from xaiserve.service.rise import MaskCache, RiseExplainer, RiseSettings
+        image = np.full((32, 32, 3), 200, np.uint8)
+        explainer = RiseExplainer(MaskCache())
+        for i in range(80):
+            explainer.explain(quadrant_model(), image, [0, 1],
+                              RiseSettings(num_masks=32, batch_size=4))
+        print("done", explainer.total_forward_passes)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split() == ["done", str(80 * 32)]
 
 
 def test_deadline_and_cancel_abort(dynamic_model, image):
