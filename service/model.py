@@ -77,7 +77,15 @@ class ClassifierModel:
         for _ in range(max(1, size)):
             self._requests.put(self.compiled.create_infer_request())
         self.num_requests = max(1, size)
+        self._warm_up()
         return self
+
+    def _warm_up(self) -> None:
+        """One inference on one thread before any request: the first calls of several threads
+        at once can hang in OpenVINO 2026.4, and the first call is slow anyway."""
+        info = self.info
+        with self.infer_request() as request:
+            request.infer({0: np.zeros((1, info.input_height, info.input_width, 3), np.uint8)})
 
     @contextmanager
     def infer_request(self):
