@@ -126,6 +126,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         for c, saliency in zip(targets, maps):
             self._add_map(response, request, image, saliency, c, model.label(c), method,
                           float(probabilities[c]))
+        watch.lap("encode_maps")
         self._add_metrics(response, request, image, probabilities, maps)
         watch.lap("metrics")
         for name, value in watch.total().items():

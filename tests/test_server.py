@@ -149,7 +149,8 @@ def test_explain_white_box(client, photos):
     assert metrics["prediction_case"].text == "true_positive_high_confidence"
     assert 0 < metrics["top1_confidence"].value <= 1 and metrics["entropy"].value > 0
     assert metrics["prediction_case"].parameters["high_confidence"] == "0.5"
-    assert {"decode", "preprocess", "inference", "explanation", "metrics", "total"} \
+    assert {"decode", "preprocess", "inference", "explanation", "encode_maps", "metrics",
+            "total"} \
         <= set(response.timings_ms)
 
 
