@@ -87,8 +87,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                               "resize_type": info.resize_type, "embedded": True},
             "labels_file": "labels.txt",
             "num_classes": len(info.labels),
-            "outputs": [{"name": sorted(o.get_names())[0] if len(o.get_names()) == 1 else
-                         ("saliency_map" if "saliency_map" in o.get_names() else "logits"),
+            "outputs": [{"name": "saliency_map" if "saliency_map" in o.get_names() else "logits",
                          "shape": str(o.get_partial_shape())} for o in model.outputs],
             "saliency": None if insertion is None else {
                 "method": insertion.method,

@@ -281,8 +281,6 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         dims = [d.get_length() if d.is_static else None for d in shape]
         if dims[2] is None or dims[3] is None:
             raise SourceError(f"{path}: the input size is dynamic; give --input-size")
-        if dims[2] != dims[3]:
-            size = None
         model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, dims[2], dims[3]])})
         height, width = dims[2], dims[3]
     else:
