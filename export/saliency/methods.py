@@ -17,6 +17,7 @@ from openvino import opset13 as ops
 
 from .graph import (
     InsertionError,
+    LinearHead,
     Tail,
     const,
     find_by_name,
@@ -26,6 +27,7 @@ from .graph import (
     key,
     linear_head,
     node_name,
+    score_output,
     static_dims,
 )
 
@@ -147,8 +149,6 @@ class SaliencyMethod:
         raise NotImplementedError
 
     def insert(self, model: ov.Model) -> tuple[ov.Model, Insertion]:
-        from .graph import score_output
-
         # The branch is built on a copy: it shares the copy's nodes, and a fast path rewires the
         # scores' Result below, which must not change the caller's model (inserting twice into
         # one source would otherwise find the wrong target or none).
@@ -228,7 +228,7 @@ class ReciproCAM(SaliencyMethod):
         return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
                                self.settings), None
 
-    def _build_linear(self, flat: ov.Output, head, mix: np.ndarray, h: int, w: int
+    def _build_linear(self, flat: ov.Output, head: LinearHead, mix: np.ndarray, h: int, w: int
                       ) -> tuple[ov.Output, ov.Output]:
         """Head = average pooling + one linear layer: the class scores of every location come
         from one product W @ F ([K, C] x [N, C, hw]); the masked copies are a mix of those
@@ -283,7 +283,8 @@ class ViTReciproCAM(SaliencyMethod):
             )
         return stream
 
-    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
+              ) -> tuple[ov.Output, None]:
         _, tokens, dim = _feature_dims(target, 3, "give the [N, tokens, dim] --target-layer")
         side = math.isqrt(tokens)
         prefix = tokens - side * side
@@ -313,7 +314,8 @@ class ActivationMap(SaliencyMethod):
     def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
         return ReciproCAM(self.settings).find_target(model, scores)
 
-    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output) -> ov.Output:
+    def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
+              ) -> tuple[ov.Output, None]:
         _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
         mean = ops.reduce_mean(target, const([1]), keep_dims=True).output(0)
         if self.settings.normalize in NORMALIZERS:
@@ -329,8 +331,6 @@ METHODS: dict[str, type[SaliencyMethod]] = {
 def detect_method(model: ov.Model) -> str:
     """`auto`: a CNN (global pooling over a 4-D map) gets ReciproCAM, a transformer
     ViT-ReciproCAM."""
-    from .graph import score_output
-
     scores = score_output(model)
     if find_global_pool(scores) is not None:
         return ReciproCAM.name
