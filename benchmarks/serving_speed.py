@@ -456,7 +456,7 @@ class LatencyResult:
     stages_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
-STAGES = ("decode", "preprocess", "inference", "explanation", "metrics", "total")
+STAGES = ("decode", "preprocess", "inference", "explanation", "encode_maps", "metrics", "total")
 
 
 def stage_order(name: str) -> int:

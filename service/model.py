@@ -7,6 +7,7 @@ several callers can use one compiled model at once without a global lock.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,13 @@ from .images import resize_for_model
 from .model_info import ModelInfo
 
 SALIENCY_OUTPUT = "saliency_map"
+
+# pybind11's one-time numpy setup inside OpenVINO can deadlock when several threads reach it
+# at once (seen with concurrent first inferences); touching a tensor's data here, at import on
+# one thread, runs it before any request thread exists. Warm-ups are serialised for the same
+# reason, since models load in parallel threads.
+ov.Tensor(np.zeros((1,), np.uint8)).data
+_WARM_UP_LOCK = threading.Lock()
 
 
 class ModelLoadError(RuntimeError):
@@ -72,11 +80,13 @@ class ClassifierModel:
         self.info = info
         self.compiled = self.core.compile_model(model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
-        size = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        # Twice the optimal number, so each stream has a request queued while a handler thread
+        # copies the previous outputs: without it streams sit idle between requests.
+        optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.num_requests = 2 * max(1, optimal)
         self._requests: queue.Queue = queue.Queue()
-        for _ in range(max(1, size)):
+        for _ in range(self.num_requests):
             self._requests.put(self.compiled.create_infer_request())
-        self.num_requests = max(1, size)
         self._warm_up()
         return self
 
@@ -84,7 +94,7 @@ class ClassifierModel:
         """One inference on one thread before any request: the first calls of several threads
         at once can hang in OpenVINO 2026.4, and the first call is slow anyway."""
         info = self.info
-        with self.infer_request() as request:
+        with _WARM_UP_LOCK, self.infer_request() as request:
             request.infer({0: np.zeros((1, info.input_height, info.input_width, 3), np.uint8)})
 
     @contextmanager
