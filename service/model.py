@@ -84,9 +84,9 @@ class ClassifierModel:
         # copies the previous outputs: without it streams sit idle between requests.
         optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.num_requests = 2 * max(1, optimal)
-        self._requests: queue.Queue = queue.Queue()
+        self._infer_requests: queue.Queue = queue.Queue()
         for _ in range(self.num_requests):
-            self._requests.put(self.compiled.create_infer_request())
+            self._infer_requests.put(self.compiled.create_infer_request())
         self._warm_up()
         return self
 
@@ -101,11 +101,11 @@ class ClassifierModel:
     def infer_request(self):
         """Borrow one of the model's infer requests (a pool sized by OpenVINO's optimal number):
         callers on different requests run in parallel; no lock is held while inferring."""
-        request = self._requests.get()
+        request = self._infer_requests.get()
         try:
             yield request
         finally:
-            self._requests.put(request)
+            self._infer_requests.put(request)
 
     @property
     def has_saliency(self) -> bool:
