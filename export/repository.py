@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from xaiserve.service.repository import version_dirs
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -28,9 +30,8 @@ def check_name(name: str) -> str:
 
 
 def versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    """Every numeric version directory, complete or not, so a new version never collides."""
+    return sorted(version_dirs(model_dir))
 
 
 def next_version(model_dir: Path) -> int:

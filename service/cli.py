@@ -202,10 +202,12 @@ def resolve_version_dir(path: Path) -> Path:
     """models/<name> -> its highest numeric version directory; a version dir stays as is."""
     if (path / "model.xml").is_file() or path.suffix == ".xml":
         return path
-    numbered = sorted((int(p.name), p) for p in path.glob("*") if p.is_dir() and p.name.isdigit())
+    from .repository import version_dirs
+
+    numbered = version_dirs(path)
     if not numbered:
         raise FileNotFoundError(f"--model-path {path}: no model.xml and no version directories")
-    return numbered[-1][1]
+    return numbered[max(numbered)]
 
 
 def run_explain(args) -> int:

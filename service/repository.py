@@ -39,6 +39,13 @@ class VersionState:
         return self.model is not None
 
 
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """{version: directory} for one model's numeric sub-directories (the OVMS layout)."""
+    if not model_dir.is_dir():
+        return {}
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
 def scan(repository: Path) -> dict[str, dict[int, Path]]:
     """{name: {version: dir}} for every `<name>/<int>/model.xml` (hidden staging dirs skipped)."""
     found: dict[str, dict[int, Path]] = {}
@@ -47,9 +54,10 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
     for model_dir in sorted(repository.iterdir()):
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
-        for version_dir in model_dir.iterdir():
-            if version_dir.name.isdigit() and (version_dir / "model.xml").is_file():
-                found.setdefault(model_dir.name, {})[int(version_dir.name)] = version_dir
+        complete = {v: d for v, d in version_dirs(model_dir).items()
+                    if (d / "model.xml").is_file()}
+        if complete:
+            found[model_dir.name] = complete
     return found
 
 

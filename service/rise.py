@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 import openvino as ov
 
+from .model import softmax
+
 DEFAULT_MAX_MASKS = 10_000
 MAX_CELLS = 64
 MAX_BATCH_SIZE = 256
@@ -205,12 +207,6 @@ def accumulate_saliency(scores: np.ndarray, masks: np.ndarray, p_keep: float,
         total += weights[:, start:stop] @ flat[start:stop].astype(np.float32, copy=False)
     total /= n * float(p_keep)
     return total.reshape(-1, h, w)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def mask_images(image: np.ndarray, masks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
