@@ -7,6 +7,8 @@ import logging
 
 import grpc
 
+from .repository import NotServed
+
 log = logging.getLogger("xaiserve.server")
 
 
@@ -21,10 +23,6 @@ def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def not_found(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.NOT_FOUND, message)
-
-
 def exhausted(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
@@ -34,7 +32,8 @@ def unavailable(message: str) -> RequestError:
 
 
 def rpc(method):
-    """Turn RequestError into its status; anything else into INTERNAL, logged, never a crash."""
+    """Turn RequestError into its status, an unknown model or version into NOT_FOUND, anything
+    else into INTERNAL, logged, never a crash."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
@@ -42,6 +41,8 @@ def rpc(method):
             return method(self, request, context)
         except RequestError as exc:
             context.abort(exc.code, exc.message)
+        except NotServed as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])

@@ -11,14 +11,14 @@ import numpy as np
 
 from . import request_metrics as rm
 from .config import ServerSettings
-from .errors import exhausted, invalid, not_found, rpc
+from .errors import exhausted, invalid, rpc
 from .images import ImageError, as_rgb, decode_image, resize_for_model
 from .kserve import served_version
 from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
 from .model import SALIENCY_OUTPUT, softmax
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
-from .repository import ModelRepository, NotServed
+from .repository import ModelRepository
 from .rise import RiseExplainer, RiseSettings
 
 MAX_TOP_K = 20
@@ -79,10 +79,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
 
     @rpc
     def ModelInfo(self, request, context):
-        try:
-            state = self.repository.state(request.model_name, request.model_version)
-        except NotServed as exc:
-            raise not_found(str(exc)) from None
+        state = self.repository.state(request.model_name, request.model_version)
         response = pb.ModelInfoResponse(
             model_name=request.model_name, model_version=str(state.version),
             versions=[str(v) for v in self.repository.versions(request.model_name)],

@@ -7,21 +7,18 @@ import struct
 import numpy as np
 
 from . import __version__
-from .errors import invalid, not_found, rpc, unavailable
+from .errors import invalid, rpc, unavailable
 from .images import ImageError, decode_image, resize_for_model
 from .model import SALIENCY_OUTPUT
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from .repository import ModelRepository, NotServed, VersionState
+from .repository import ModelRepository, VersionState
 
 SCORES_OUTPUT = "logits"
 
 
 def served_version(repository: ModelRepository, name: str, version: str) -> VersionState:
-    try:
-        state = repository.state(name, version)
-    except NotServed as exc:
-        raise not_found(str(exc)) from None
+    state = repository.state(name, version)
     if not state.ready:
         reason = state.error or "still loading"
         raise unavailable(f"model {name!r} version {state.version} is not ready: {reason}")
@@ -96,11 +93,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     def ModelReady(self, request, context):
-        try:
-            return pb.ModelReadyResponse(ready=self.repository.state(request.name,
-                                                                     request.version).ready)
-        except NotServed as exc:
-            raise not_found(str(exc)) from None
+        return pb.ModelReadyResponse(ready=self.repository.state(request.name,
+                                                                 request.version).ready)
 
     @rpc
     def ServerMetadata(self, request, context):
