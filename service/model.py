@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from .batching import BatchingPool
 from .images import resize_for_model
 from .model_info import ModelInfo
 
@@ -65,10 +66,13 @@ class Routes:
     - `latency_when_idle`: a single image arriving while the model has nothing in flight runs on
       a batch-1 copy compiled with the LATENCY hint, which uses every core for that one image;
       under load the THROUGHPUT copy's streams keep the cores busy instead.
+    - `batch_when_busy`: on the THROUGHPUT copies, requests that wait for a busy model run
+      together, up to this many images per inference (service.batching; 0: never).
     Each copy costs a compile at load and its own weights in memory."""
 
     scores_only: bool = False
     latency_when_idle: bool = False
+    batch_when_busy: int = 0
 
 
 class InferPool:
@@ -143,12 +147,13 @@ class ClassifierModel:
         self.info = info
         self.compiled = self.core.compile_model(model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
-        self._full = InferPool.sized_for(self.compiled)
+        self._full = self._pool(self.compiled, "full")
         self.num_requests = self._full.size
         self._scores = self._full
         if self.routes.scores_only and self.has_saliency:
-            self._scores = InferPool.sized_for(
-                self.core.compile_model(without_saliency(model), self.device, self.config))
+            self._scores = self._pool(
+                self.core.compile_model(without_saliency(model), self.device, self.config),
+                "scores")
         self._latency = None
         if self.routes.latency_when_idle and self.config.get("PERFORMANCE_HINT") != "LATENCY":
             single = model.clone()
@@ -158,6 +163,20 @@ class ClassifierModel:
                 single, self.device, {**self.config, "PERFORMANCE_HINT": "LATENCY"}), 2)
         self._warm_up()
         return self
+
+    def _pool(self, compiled: ov.CompiledModel, name: str) -> "InferPool | BatchingPool":
+        pool = InferPool.sized_for(compiled)
+        batch_dim = compiled.inputs[0].get_partial_shape()[0]
+        if self.routes.batch_when_busy > 1 and batch_dim.is_dynamic:
+            return BatchingPool(compiled, pool.size, self.routes.batch_when_busy,
+                                f"{self.path.name}-{name}")
+        return pool
+
+    def close(self) -> None:
+        """Stop the batching threads (an unloaded version would otherwise keep them)."""
+        for pool in (self._full, self._scores):
+            if isinstance(pool, BatchingPool):
+                pool.close()
 
     @property
     def compiled_scores(self) -> ov.CompiledModel:
@@ -171,8 +190,7 @@ class ClassifierModel:
         image = np.zeros((1, info.input_height, info.input_width, 3), np.uint8)
         with _WARM_UP_LOCK:
             for pool in {id(p): p for p in (self._full, self._scores, self._latency) if p}.values():
-                with pool.request() as request:
-                    request.infer({0: image})
+                pool.run(image, ("logits",))
 
     def _route(self, batch: np.ndarray, outputs: tuple[str, ...], idle: bool) -> InferPool:
         if idle and self._latency is not None and len(batch) == 1:
