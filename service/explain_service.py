@@ -180,7 +180,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             raise exhausted("the server is running its maximum of black-box explanations; "
                             "retry later")
         try:
-            maps = self.rise.explain(model.compiled, tensor, targets, settings)
+            maps = self.rise.explain(model.compiled_scores, tensor, targets, settings)
         finally:
             self.black_box_slots.release()
         return list(maps), "rise"
