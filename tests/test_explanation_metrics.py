@@ -10,9 +10,9 @@ import torch
 from saliency_maps_metrics.multi_step_metrics import Deletion, Insertion
 from saliency_maps_metrics.single_step_metrics import ADD, IIC_AD
 
-from service import faithfulness as fm
-from service.model import softmax
-from service.shared_interest import (PATTERNS, Binarization, PatternCutoffs,
+from xaiserve.service import faithfulness as fm
+from xaiserve.service.model import softmax
+from xaiserve.service.shared_interest import (PATTERNS, Binarization, PatternCutoffs,
                                      SharedInterestScores, binarize, ground_truth_mask,
                                      pointing_game_hit, shared_interest,
                                      shared_interest_pattern)
