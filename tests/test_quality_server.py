@@ -157,6 +157,40 @@ def test_faithfulness_metrics_equal_the_library_on_the_same_map(client, chelsea,
     assert metrics["deletion_auc"].value < metrics["insertion_auc"].value
 
 
+def test_real_model_deletion_and_insertion_agree_with_saliency_maps_metrics(
+        client, chelsea, local_model, monkeypatch):
+    """The served model's map and the real model through the package's own loop (7 steps of 7
+    cells of the 7x7 map). The map's many zero cells are ties whose order torch.topk leaves
+    unspecified (ours: raster order), so a ramp far below the map's resolution breaks them."""
+    import torch
+    from saliency_maps_metrics.multi_step_metrics import Deletion, Insertion
+
+    monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)  # gone from numpy 2.4
+    score = model_scorer(local_model)
+
+    def model(data: torch.Tensor) -> torch.Tensor:
+        u8 = np.clip(np.rint(data.permute(0, 2, 3, 1).numpy()), 0, 255).astype(np.uint8)
+        return torch.from_numpy(score(u8))
+
+    response = client.explain(jpeg(chelsea), MODEL, map_format="float")
+    saliency = float_map(response).astype(np.float64)
+    saliency -= np.arange(saliency.size).reshape(saliency.shape) * 1e-6
+    tensor = local_model.preprocess(decoded(chelsea))
+    data = torch.from_numpy(tensor.astype(np.float32)).permute(2, 0, 1)[None]
+    explanation = torch.from_numpy(saliency)[None, None]
+    settings = fm.FaithfulnessSettings(steps=7)
+    for metric, kind, key, substrate in [(Deletion("black", max_step_nb=7), "deletion", "dauc",
+                                          "black"),
+                                         (Insertion("blur", max_step_nb=7), "insertion", "iauc",
+                                          "blur"),
+                                         (Deletion("blur", max_step_nb=7), "deletion", "dauc",
+                                          "blur")]:
+        ours = fm.deletion_insertion(tensor, saliency, CAT, score, kind,
+                                     settings.with_substrate(substrate))
+        theirs = metric(model, data, explanation, [CAT])
+        assert ours.auc == pytest.approx(float(theirs[key]), rel=1e-4, abs=1e-5), kind
+
+
 def test_bad_ground_truth_and_metric_names_are_invalid_argument(client, chelsea, server):
     good = jpeg(chelsea)
     wrong_size = cv2.imencode(".png", np.zeros((10, 10), np.uint8))[1].tobytes()
