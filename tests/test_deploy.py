@@ -334,7 +334,10 @@ def test_kserve_runtime_serves_v2_grpc_and_the_inference_service_uses_it(kserve)
     model = kserve["InferenceService"]["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] == "grpc-v2"
-    assert model["modelFormat"]["name"] == "openvino"
+    assert model["modelFormat"] in spec["supportedModelFormats"] or \
+        {**model["modelFormat"], "autoSelect": False} in spec["supportedModelFormats"]
+    predictor = kserve["InferenceService"]["spec"]["predictor"]
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("cpu", 70)
     assert re.match(r"^[a-z0-9]+://", model["storageUri"])
 
 

@@ -8,6 +8,7 @@ health check over TLS and mutual TLS against a real TLS gRPC server.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from xaiserve.service.cli import build_parser
@@ -98,6 +100,14 @@ def test_serves_answers_health_and_stops_cleanly_on_sigterm(repository, tmp_path
     assert "shutting down" in text
     after = run_script("health", **settings)
     assert after.returncode == 1 and "UNAVAILABLE" in after.stderr
+
+
+def test_kserve_model_format_version_is_the_exported_ir_version(repository):
+    runtime = yaml.safe_load((ROOT / "deploy/kubernetes/kserve/servingruntime.yaml").read_text())
+    (fmt,) = runtime["spec"]["supportedModelFormats"]
+    header = (repository / "efficientnet_lite0/1/model.xml").read_text()[:200]
+    assert fmt["name"] == "openvino"
+    assert re.search(r'<net name="[^"]*" version="(\d+)"', header)[1] == fmt["version"]
 
 
 BAD_SETTINGS = [
