@@ -22,6 +22,7 @@
 #   XAISERVE_HEALTH_TLS_CA           CA the health check trusts (default XAISERVE_TLS_CERT)
 #   XAISERVE_HEALTH_TLS_CERT/_KEY    client certificate of the health check under mTLS
 #   XAISERVE_HEALTH_TLS_SERVER_NAME  name in the server certificate (default localhost)
+#   XAISERVE_BIN           the xaiserve command            (default: xaiserve on PATH)
 set -eu
 
 XAISERVE_BIN=${XAISERVE_BIN:-xaiserve}
@@ -49,6 +50,11 @@ check_count() {  # NAME VALUE
 check_file() {  # NAME PATH
     [ -f "$2" ] && [ -r "$2" ] || fail "$1=$2: no readable file there; mount it or unset $1"
 }
+
+case ${1:-} in
+    '' | -* | health) ;;  # serve (with any extra flags) or the health check
+    *) exec "$@" ;;       # another command: run it as given, whatever the variables say
+esac
 
 port=${XAISERVE_PORT:-9000}
 check_port XAISERVE_PORT "$port"
@@ -83,11 +89,6 @@ if [ "${1:-}" = health ]; then
     fi
     exec "$XAISERVE_BIN" health "$@"
 fi
-
-case ${1:-} in
-    '' | -*) ;;          # serve, with any extra flags
-    *) exec "$@" ;;      # another command: run it as given
-esac
 
 repository=${XAISERVE_REPOSITORY:-/models}
 [ -d "$repository" ] && [ -r "$repository" ] && [ -x "$repository" ] ||

@@ -174,7 +174,7 @@ def test_every_variable_maps_to_its_flag_and_extra_flags_come_last(tmp_path):
     flags = {"--metrics-port", "--tls-cert", "--tls-key", "--tls-client-ca"}
     assert set(unknown[::2]) <= flags and len(unknown) in (0, 2 * len(flags)), unknown
 
-    other = run_script("echo", "export", "default", XAISERVE_REPOSITORY=str(tmp_path))
+    other = run_script("echo", "export", "default", XAISERVE_PORT="not checked here")
     assert other.returncode == 0 and other.stdout.strip() == "export default"
 
 
