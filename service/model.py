@@ -98,10 +98,14 @@ class ClassifierModel:
             request.infer({0: np.zeros((1, info.input_height, info.input_width, 3), np.uint8)})
 
     @contextmanager
-    def infer_request(self):
+    def infer_request(self, timings: dict[str, float] | None = None):
         """Borrow one of the model's infer requests (a pool sized by OpenVINO's optimal number):
-        callers on different requests run in parallel; no lock is held while inferring."""
+        callers on different requests run in parallel; no lock is held while inferring. The wait
+        for a free one goes into `timings["queue"]` (ms), so a caller can report it apart."""
+        t = time.perf_counter()
         request = self._infer_requests.get()
+        if timings is not None:
+            timings["queue"] = timings.get("queue", 0.0) + (time.perf_counter() - t) * 1e3
         try:
             yield request
         finally:
@@ -114,20 +118,27 @@ class ClassifierModel:
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return resize_for_model(image, self.info)
 
-    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None
-                ) -> dict[str, np.ndarray]:
+    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None,
+                timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present};
-        `outputs` limits what is copied out of the infer request."""
+        `outputs` limits what is copied out of the infer request. `timings` (ms) gets "queue"
+        (waiting for a free infer request) and "inference" (the rest) added to it."""
         wanted = outputs or (("logits", SALIENCY_OUTPUT) if self.has_saliency else ("logits",))
-        with self.infer_request() as request:
+        with self.infer_request(timings) as request:
+            t_run = time.perf_counter()
             request.infer({0: batch})
-            return {name: request.get_tensor(name).data.copy() for name in wanted}
+            result = {name: request.get_tensor(name).data.copy() for name in wanted}
+        if timings is not None:
+            timings["inference"] = timings.get("inference", 0.0) + \
+                (time.perf_counter() - t_run) * 1e3
+        return result
 
     def explain(self, image: np.ndarray, top_k: int = 1) -> Explanation:
         t0 = time.perf_counter()
         tensor = self.preprocess(image)[None]
         t1 = time.perf_counter()
-        out = self.predict(tensor)
+        stages: dict[str, float] = {}
+        out = self.predict(tensor, timings=stages)
         t2 = time.perf_counter()
         probs = softmax(out["logits"][0].astype(np.float64))
         order = np.argsort(-probs)[:max(top_k, 1)]
@@ -138,7 +149,8 @@ class ClassifierModel:
             for c in order[:top_k]:
                 maps[int(c)] = saliency[int(c) if saliency.shape[0] > 1 else 0]
         return Explanation(predictions, maps, probs, {
-            "preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
+            "preprocess": (t1 - t0) * 1e3, "queue": stages["queue"],
+            "inference": (t2 - t1) * 1e3 - stages["queue"],
         })
 
     def label(self, class_id: int) -> str:
