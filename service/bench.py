@@ -319,12 +319,17 @@ def point_from(measurement: Measurement, *, mode: str, model: str, device: str, 
                  window_log=[asdict(w) for w in measurement.windows])
 
 
-def attach_reference(point: Point, ref: ReferenceRun | None) -> None:
-    if ref is None:
+def attach_reference(point: Point, ref: ReferenceRun | None, masks: int) -> None:
+    """Ratios against benchmark_app. A black-box request is masks + 1 inferences, so its limit
+    is that many images at benchmark_app's rate, for throughput and for latency alike."""
+    if ref is None or not ref.fps:
         return
-    point.reference_fps, point.reference_p50_ms = ref.fps, ref.p50_ms
-    point.throughput_ratio = point.throughput / ref.fps if ref.fps else None
-    point.p50_ratio = point.p50_ms / ref.p50_ms if ref.p50_ms else None
+    per_request = works.WORKS[point.work].inferences(point.batch, masks)
+    point.reference_fps = ref.fps
+    point.reference_p50_ms = ref.p50_ms if per_request == point.batch else \
+        per_request / ref.fps * 1e3
+    point.throughput_ratio = point.throughput * per_request / point.batch / ref.fps
+    point.p50_ratio = point.p50_ms / point.reference_p50_ms if point.reference_p50_ms else None
 
 
 # --- what runs ---------------------------------------------------------------------------------
@@ -505,7 +510,7 @@ class Bench:
                     self.progress.advance()
                     continue
                 point = self._measure(calls, "in-process", config, work, batch, concurrency)
-                attach_reference(point, self.reference(config, batch, model))
+                attach_reference(point, self.reference(config, batch, model), self.settings.masks)
                 self.progress.advance()
         finally:
             del model
@@ -513,12 +518,12 @@ class Bench:
 
     def run_remote(self, jobs: list[tuple[str, int, int]]) -> None:
         s = self.settings
-        target = self.remote_target()
+        target, served = self.remote_target()
         ref_config = Config(s.model_paths[0], s.devices[0], "default", s.hints[0], "auto") \
             if s.model_paths else None
         if ref_config is None and s.reference:
             self.skip("skip benchmark_app for the server: give --model-path with the IR it serves")
-        label = f"{s.model}/{s.version or 'newest'}"
+        label = f"{s.model}/{served}"
         server_config = Config(Path(label), "server", "server", "server", "server")
         for work, batch, concurrency in jobs:
             self.progress.begin(f"server {work} b{batch} c{concurrency}")
@@ -527,10 +532,11 @@ class Bench:
             point = self._measure(calls, "server", server_config, work, batch, concurrency)
             point.model = label
             if ref_config is not None:
-                attach_reference(point, self.reference(ref_config, batch))
+                attach_reference(point, self.reference(ref_config, batch), s.masks)
             self.progress.advance()
 
-    def remote_target(self) -> works.RemoteTarget:
+    def remote_target(self) -> tuple[works.RemoteTarget, str]:
+        """The server's address and model, checked, and the version it serves."""
         s = self.settings
         client = works.XaiClient(s.server, timeout=10)
         try:
@@ -545,8 +551,8 @@ class Bench:
             client.close()
         if not info.ready:
             raise BenchError(f"--model {s.model}: not ready on the server ({info.reason})")
-        return works.RemoteTarget(s.server, s.model, s.version,
-                                  (int(info.input_height), int(info.input_width)))
+        return works.RemoteTarget(s.server, s.model, s.version, (
+            int(info.input_height), int(info.input_width))), info.model_version
 
     def _measure(self, calls, mode: str, config: Config, work: str, batch: int,
                  concurrency: int) -> Point:

@@ -64,7 +64,8 @@ def split_text(split: dict[str, float]) -> str:
     short = {"decode": "dec", "preprocess": "pre", "queue": "queue", "inference": "infer",
              "explanation": "expl", "encode_maps": "enc", "metrics": "metr", "other": "other",
              "transport": "net"}
-    return " ".join(f"{short.get(k, k)} {v:.1f}" for k, v in split.items() if v >= 0.05)
+    return " ".join(f"{short.get(k, k)} {v:.1f}" for k, v in split.items()
+                    if v >= 0.05 or k in ("queue", "transport"))
 
 
 def summary_text(result: BenchResult) -> str:
@@ -97,7 +98,9 @@ def summary_text(result: BenchResult) -> str:
                          f" b{r.batch}: {r.fps:.1f} img/s, p50 {r.p50_ms:.2f} ms, nireq "
                          f"{r.infer_requests}, streams {r.streams}, {r.seconds} s")
     lines.append("img/s counts images; latencies in ms per request (client side); fps/ba and "
-                 "p50/ba: ours / benchmark_app; split: mean ms per stage (net = transport).")
+                 "p50/ba: ours / benchmark_app (explain-black: a request is masks + 1 "
+                 "inferences at benchmark_app's rate); split: mean ms per stage (net = "
+                 "transport).")
     return "\n".join(lines)
 
 

@@ -209,6 +209,11 @@ class WorkKind:
     remote: Callable[[RemoteTarget, WorkInput, int], Call] | None
     local_batches: bool = True  # False: one image per request in-process
     remote_batches: bool = True  # False: one image per request over gRPC
+    black_box: bool = False  # one request runs masks + 1 inferences
+
+    def inferences(self, batch: int, masks: int) -> int:
+        """Model inferences (images through the network) in one request."""
+        return masks + 1 if self.black_box else batch
 
     def skip_reason(self, mode: str, batch: int) -> str | None:
         """None when (mode, batch) can run; else the reason, for the skip line."""
@@ -232,7 +237,7 @@ WORKS: dict[str, WorkKind] = {w.name: w for w in (
              local_explain_white, remote_explain_white, remote_batches=False),
     WorkKind("explain-black", "scores and a RISE map (--masks masks) of the top class",
              local_explain_black, remote_explain_black, local_batches=False,
-             remote_batches=False),
+             remote_batches=False, black_box=True),
     WorkKind("faithfulness", "white-box Explain with every extra metric (metrics: all)",
              None, remote_faithfulness, remote_batches=False),
 )}
