@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .bench import STAGES, BenchResult, Point
+from .bench_works import WORKS
 
 CSV_FIELDS = ("mode", "model", "device", "precision", "hint", "streams", "work", "batch",
               "concurrency", "requests", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms",
@@ -126,24 +127,37 @@ def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
     points = result.points
     files: dict[str, Path] = {}
 
-    # Throughput against concurrency, one line per series; benchmark_app as dashed levels.
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    series: dict[str, list[Point]] = {}
-    for p in points:
-        series.setdefault(_series_key(p), []).append(p)
-    for key, ps in series.items():
-        ps = sorted(ps, key=lambda p: p.concurrency)
-        ax.plot([p.concurrency for p in ps], [p.throughput for p in ps], marker="o", label=key)
-    for r in result.references:
-        ax.axhline(r.fps, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(f"benchmark_app {r.device} {r.precision} b{r.batch}", (0, r.fps),
-                    xycoords=("axes fraction", "data"), fontsize=7, color="grey",
-                    va="bottom")
-    ax.set_xlabel("concurrency (clients)")
-    ax.set_ylabel("throughput (images/s)")
-    ax.set_title("Throughput against concurrency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # Throughput against concurrency: one panel per work (their scales differ by 100x), one
+    # line per series, benchmark_app's limit for that work as dashed levels.
+    work_names = list(dict.fromkeys(p.work for p in points))
+    fig, axes = plt.subplots(1, len(work_names), figsize=(5.5 * len(work_names), 5.5),
+                             squeeze=False)
+    masks = int(result.settings.get("masks", 1))
+    for ax, work in zip(axes[0], work_names):
+        series: dict[str, list[Point]] = {}
+        for p in points:
+            if p.work == work:
+                series.setdefault(_series_key(p), []).append(p)
+        for key, ps in series.items():
+            ps = sorted(ps, key=lambda p: p.concurrency)
+            ax.plot([p.concurrency for p in ps], [p.throughput for p in ps], marker="o",
+                    label=key.replace(f" {work}", ""))
+        per_image = WORKS[work].inferences(1, masks)
+        for r in result.references:
+            if per_image > 1 and r.batch != 1:
+                continue
+            level = r.fps / per_image
+            ax.axhline(level, linestyle="--", linewidth=1, color="grey")
+            ax.annotate(f"benchmark_app {r.device} {r.precision} b{r.batch}", (0.01, level),
+                        xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                        va="bottom")
+        ax.set_xlabel("concurrency (clients)")
+        ax.set_ylabel("throughput (images/s)")
+        ax.set_title(work)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    fig.suptitle("Throughput against concurrency (dashed: benchmark_app on the same IR)")
     files["throughput"] = _save(fig, out / PLOTS[0])
 
     # Latency percentiles per point.
@@ -162,20 +176,24 @@ def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
     ax.legend()
     files["latency"] = _save(fig, out / PLOTS[1])
 
-    # The split of a request: mean ms per stage, stacked.
+    # The split of a request: each stage's share of the mean latency, with the mean in ms.
     stages = [s for s in STAGES if any(s in p.split_ms for p in points)]
-    fig, ax = plt.subplots(figsize=(9, max(4, 0.35 * len(points) + 1.5)))
+    fig, ax = plt.subplots(figsize=(10, max(4, 0.35 * len(points) + 1.5)))
     left = [0.0] * len(points)
+    totals = [sum(p.split_ms.values()) or 1.0 for p in points]
     for stage in stages:
-        values = [p.split_ms.get(stage, 0.0) for p in points]
+        values = [100 * p.split_ms.get(stage, 0.0) / t for p, t in zip(points, totals)]
         ax.barh(range(len(points)), values, left=left, label=stage)
         left = [a + b for a, b in zip(left, values)]
+    for i, total in enumerate(totals):
+        ax.annotate(f"{total:.1f} ms", (101, i), va="center", fontsize=7,
+                    annotation_clip=False)
     ax.set_yticks(range(len(points)), labels, fontsize=7)
+    ax.set_xlim(0, 100)
     ax.invert_yaxis()
-    ax.set_xlabel("mean ms per request")
+    ax.set_xlabel("share of the mean request time (%); mean ms on the right")
     ax.set_title("Where a request's time goes")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(stages))
     files["split"] = _save(fig, out / PLOTS[2])
     return files
 
