@@ -473,6 +473,8 @@ class Bench:
 
     def run(self) -> BenchResult:
         started = time.perf_counter()
+        # The server is checked first, so that a wrong address fails before any work.
+        remote = self.remote_target() if self.settings.server else None
         configs = self.local_configs() if self.settings.model_paths else []
         local_jobs = self.jobs("in-process") if configs else []
         remote_jobs = self.jobs("server") if self.settings.server else []
@@ -481,8 +483,8 @@ class Bench:
         try:
             for config in configs:
                 self.run_local(config, local_jobs)
-            if self.settings.server:
-                self.run_remote(remote_jobs)
+            if remote is not None:
+                self.run_remote(remote, remote_jobs)
         finally:
             self.progress.close()
         self.result.environment["load_average_after"] = os.getloadavg()[0]
@@ -516,9 +518,10 @@ class Bench:
             del model
             gc.collect()
 
-    def run_remote(self, jobs: list[tuple[str, int, int]]) -> None:
+    def run_remote(self, remote: tuple[works.RemoteTarget, str],
+                   jobs: list[tuple[str, int, int]]) -> None:
         s = self.settings
-        target, served = self.remote_target()
+        target, served = remote
         ref_config = Config(s.model_paths[0], s.devices[0], "default", s.hints[0], "auto") \
             if s.model_paths else None
         if ref_config is None and s.reference:
@@ -540,7 +543,7 @@ class Bench:
         s = self.settings
         client = works.XaiClient(s.server, timeout=10)
         try:
-            client.wait_ready(timeout=10)
+            client.wait_ready(timeout=5)
             info = client.model_info(s.model, s.version)
         except grpc.FutureTimeoutError:
             raise BenchError(f"--server {s.server}: not reachable; start `xaiserve serve` "
