@@ -26,6 +26,7 @@ import openvino as ov
 from . import bench_works as works
 from .bench_reference import ReferenceRun, run_benchmark_app
 from .config import HINTS
+from .images import ImageError, decode_image
 from .model import ClassifierModel, ModelLoadError
 
 MODES = ("in-process", "server")
@@ -427,6 +428,10 @@ class Bench:
         self.core = core or ov.Core()
         if settings.image is not None:
             self.jpeg, what = settings.image.read_bytes(), str(settings.image)
+            try:
+                decode_image(self.jpeg)
+            except ImageError as exc:
+                raise BenchError(f"--image {settings.image}: {exc}") from None
         else:
             self.jpeg, what = works.sample_jpeg()
         self.work_input = works.WorkInput(self.jpeg, settings.masks, settings.seed)

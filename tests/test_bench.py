@@ -146,6 +146,7 @@ def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
     (("--model-path", "MODEL", "--precision", "f8"), "--precision f8"),
     (("--model-path", "MODEL", "--stability", "0"), "--stability"),
     (("--model-path", "/nonexistent/model"), "/nonexistent/model"),
+    (("--model-path", "MODEL", "--image", __file__), "not a decodable image"),
     (("--server", "127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
 ])
 def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
