@@ -77,6 +77,15 @@ def summary_text(result: BenchResult) -> str:
         f"{','.join(env.get('devices', []))}, load {env.get('load_average_before', 0):.2f}"
         f"->{env.get('load_average_after', 0):.2f}; image: {result.image}",
     ]
+    load = max(env.get("load_average_before", 0), env.get("load_average_after", 0))
+    if env.get("cpus") and load > env["cpus"]:
+        lines.append(f"WARNING: load average {load:.1f} over {env['cpus']} cores: other processes "
+                     "competed for the CPU, figures and ratios are noisy")
+    unstable = sum(not p.stable for p in result.points)
+    if unstable:
+        lines.append(f"WARNING: {unstable} of {len(result.points)} points did not settle within "
+                     f"the stability band ({100 * result.settings.get('stability', 0):.0f}%): "
+                     "longer --window or more --max-windows")
     lines += result.skips
     head = (f"{'mode':<10} {'model':<20} {'config':<28} {'work':<13} {'b':>2} {'c':>3} "
             f"{'img/s':>8} {'p50':>7} {'p90':>7} {'p95':>7} {'p99':>7}  {'fps/ba':>6} "
