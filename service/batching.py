@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import openvino as ov
 
 
+def add_timings(timings: dict[str, float] | None, asked: float, started: float,
+                ended: float) -> None:
+    """Accumulate "queue" (asked -> started) and "inference" (started -> ended) in ms."""
+    if timings is not None:
+        timings["queue"] = timings.get("queue", 0.0) + (started - asked) * 1e3
+        timings["inference"] = timings.get("inference", 0.0) + (ended - started) * 1e3
+
+
 @dataclass
 class _Job:
     batch: np.ndarray
     outputs: tuple[str, ...]
+    asked: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    ended: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
@@ -48,7 +60,9 @@ class BatchingPool:
         for thread in self._threads:
             thread.start()
 
-    def run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...],
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """`timings` gets "queue" (until the job's batch starts) and "inference" (the batch)."""
         job = _Job(batch, outputs)
         with self._closing:
             queued = not self._closed
@@ -59,6 +73,7 @@ class BatchingPool:
         job.done.wait()
         if job.error is not None:
             raise job.error
+        add_timings(timings, job.asked, job.started, job.ended)
         return job.result
 
     def close(self) -> None:
@@ -101,6 +116,9 @@ class BatchingPool:
             self._run_group(request, group)
 
     def _run_group(self, request: ov.InferRequest, group: list[_Job]) -> None:
+        started = time.perf_counter()
+        for job in group:
+            job.started = started
         try:
             batch = group[0].batch if len(group) == 1 else np.concatenate([j.batch for j in group])
             request.infer({0: batch})
@@ -116,5 +134,7 @@ class BatchingPool:
             for job in group:
                 job.error = exc
         finally:
+            ended = time.perf_counter()
             for job in group:
+                job.ended = ended
                 job.done.set()

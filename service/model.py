@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from .batching import BatchingPool
+from .batching import BatchingPool, add_timings
 from .images import resize_for_model
 from .model_info import ModelInfo
 
@@ -101,10 +101,15 @@ class InferPool:
         finally:
             self._requests.put(request)
 
-    def run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...],
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        asked = time.perf_counter()
         with self.request() as request:
+            started = time.perf_counter()
             request.infer({0: batch})
-            return {name: request.get_tensor(name).data.copy() for name in outputs}
+            result = {name: request.get_tensor(name).data.copy() for name in outputs}
+        add_timings(timings, asked, started, time.perf_counter())
+        return result
 
 
 def without_saliency(model: ov.Model) -> ov.Model:
@@ -206,16 +211,17 @@ class ClassifierModel:
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return resize_for_model(image, self.info)
 
-    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None
-                ) -> dict[str, np.ndarray]:
+    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None,
+                timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present};
-        `outputs` limits what is computed and copied out."""
+        `outputs` limits what is computed and copied out. `timings` (ms) gets "queue" (waiting
+        for a free infer request, or for a batch to start) and "inference" added to it."""
         wanted = outputs or (("logits", SALIENCY_OUTPUT) if self.has_saliency else ("logits",))
         with self._in_flight_lock:
             idle = self._in_flight == 0
             self._in_flight += 1
         try:
-            return self._route(batch, wanted, idle).run(batch, wanted)
+            return self._route(batch, wanted, idle).run(batch, wanted, timings)
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
@@ -224,7 +230,8 @@ class ClassifierModel:
         t0 = time.perf_counter()
         tensor = self.preprocess(image)[None]
         t1 = time.perf_counter()
-        out = self.predict(tensor)
+        stages: dict[str, float] = {}
+        out = self.predict(tensor, timings=stages)
         t2 = time.perf_counter()
         probs = softmax(out["logits"][0].astype(np.float64))
         order = np.argsort(-probs)[:max(top_k, 1)]
@@ -235,7 +242,8 @@ class ClassifierModel:
             for c in order[:top_k]:
                 maps[int(c)] = saliency[int(c) if saliency.shape[0] > 1 else 0]
         return Explanation(predictions, maps, probs, {
-            "preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
+            "preprocess": (t1 - t0) * 1e3, "queue": stages["queue"],
+            "inference": (t2 - t1) * 1e3 - stages["queue"],
         })
 
     def label(self, class_id: int) -> str:
