@@ -8,6 +8,7 @@ import grpc
 
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
+from .security import channel_credentials, read_token
 
 MAP_FORMATS = {"float": pb.MAP_FORMAT_FLOAT, "u8": pb.MAP_FORMAT_U8_IMAGE,
                "heatmap": pb.MAP_FORMAT_PNG_HEATMAP, "overlay": pb.MAP_FORMAT_PNG_OVERLAY}
@@ -17,19 +18,32 @@ METHODS = {"auto": pb.METHOD_AUTO, "white-box": pb.METHOD_WHITE_BOX,
 
 class XaiClient:
     def __init__(self, address: str, timeout: float = 120.0,
-                 max_message_bytes: int = 64 * 1024 * 1024):
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials
+                        else grpc.insecure_channel(address, options=options))
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    @classmethod
+    def connect(cls, address: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                tls_key: Path | None = None, token_file: Path | None = None,
+                **options) -> "XaiClient":
+        """TLS when any of the TLS files is given (mutual with cert + key); the token from
+        `token_file` or $XAISERVE_TOKEN."""
+        credentials = (channel_credentials(tls_ca, tls_cert, tls_key)
+                       if any((tls_ca, tls_cert, tls_key)) else None)
+        return cls(address, credentials=credentials, token=read_token(token_file), **options)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def model_info(self, model: str, version: str = "") -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(model_name=model, model_version=version),
-                                   timeout=self.timeout)
+                                   timeout=self.timeout, metadata=self.metadata)
 
     def explain(self, image: bytes | Path, model: str, *, version: str = "",
                 targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
@@ -44,7 +58,7 @@ class XaiClient:
         if label is not None:
             request.ground_truth.label = label
             request.ground_truth.has_label = True
-        return self.stub.Explain(request, timeout=self.timeout)
+        return self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -19,6 +19,7 @@ from .model import SALIENCY_OUTPUT, softmax
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository
+from .request_context import note_forward_passes
 from .rise import RiseExplainer, RiseSettings
 
 MAX_TOP_K = 20
@@ -169,10 +170,13 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             raise exhausted("the server is running its maximum of black-box explanations; "
                             "retry later")
         try:
-            maps = self.rise.explain(model.compiled, tensor, targets, settings)
+            result = self.rise.run(model.compiled, tensor, targets, settings)
+        except ValueError as exc:  # settings that do not fit this model, e.g. cells
+            raise invalid(f"black_box: {exc}") from None
         finally:
             self.black_box_slots.release()
-        return list(maps), "rise"
+        note_forward_passes(result.forward_passes)
+        return list(result.maps), "rise"
 
     def _add_map(self, response, request, image, saliency, class_id, label, method, score):
         entry = response.maps.add(class_id=class_id, label=label, method=method,

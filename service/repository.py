@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,9 @@ class ModelRepository:
         self._lock = threading.Lock()  # guards the table's structure only, never inference
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
+        # served; a ready time is taken just before, an unload time just after, the change.
+        self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class ModelRepository:
                     if version not in on_disk.get(name, {}):
                         log.info("unloading %s version %d", name, version)
                         del self._table[name][version]
+                        self.history.append((time.monotonic(), name, version, "unloaded"))
                 if not self._table[name]:
                     del self._table[name]
             for name, versions in on_disk.items():
@@ -126,8 +132,10 @@ class ModelRepository:
     def _load(self, state: VersionState) -> None:
         settings = self.settings.for_model(state.name)
         try:
-            state.model = ClassifierModel(state.path, settings.device, settings.compile_config(),
-                                          self.core).load()
+            model = ClassifierModel(state.path, settings.device, settings.compile_config(),
+                                    self.core).load()
+            self.history.append((time.monotonic(), state.name, state.version, "ready"))
+            state.model = model
             log.info("loaded %s version %d on %s", state.name, state.version, settings.device)
         except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
             state.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
