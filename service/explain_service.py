@@ -60,7 +60,10 @@ def decode_request_image(image: pb.Image) -> np.ndarray:
 
 
 def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    try:
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error:  # some malformed headers raise instead of returning None
+        mask = None
     if mask is None:
         raise invalid("ground_truth.mask_png: not a decodable PNG")
     if mask.shape != (height, width):
