@@ -162,8 +162,10 @@ def run_serve(args) -> int:
         server = Server(settings).start()
     except (ConfigError, ValueError, OSError) as exc:
         return _fail("serve", str(exc))
-    metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
-    print(f"xaiserve: serving {settings.repository} on port {server.port}{metrics}", flush=True)
+    print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+    if server.metrics_port:
+        print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
+              flush=True)
     server.serve_forever()
     # In-flight requests have had their grace period and gRPC has cancelled the rest; a
     # handler thread still finishing cancelled work, or model teardown, must not hold the exit.

@@ -76,10 +76,10 @@ class Server:
         self.repository.start(wait=True)
         self.grpc.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on port %d (%s)%s",
-                 ", ".join(self.repository.names()) or "nothing", self.port,
-                 "TLS" if self.tls else "plaintext",
-                 f", metrics on port {self.metrics_port}" if self.metrics_port else "")
+        log.info("serving %s on port %d (%s)", ", ".join(self.repository.names()) or "nothing",
+                 self.port, "TLS" if self.tls else "plaintext")
+        if self.metrics_port:
+            log.info("metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
 
     def stop(self, grace: float | None = None) -> None:

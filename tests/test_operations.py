@@ -249,8 +249,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
     try:
         line = process.stdout.readline()
         assert "serving" in line, process.stderr.read()
-        port = int(line.split("on port ")[1].split(",")[0])
-        metrics_port = int(line.rsplit("metrics on port ", 1)[1])
+        port = int(line.rsplit("on port ", 1)[1])
+        metrics_port = int(process.stdout.readline().rsplit(":", 1)[1].split("/")[0])
         client = XaiClient(f"127.0.0.1:{port}")
         results: dict[int, object] = {}
         finished: dict[int, float] = {}
