@@ -1,9 +1,9 @@
 """Load test of `xaiserve serve` on loopback: a fixed number of clients for a fixed time.
 
-Each client has its own channel and sends, without pause, a random mix (fixed seed) of
-predictions (KServe ModelInfer, u8 224x224), white-box explanations (Explain, JPEG in, ReciproCAM
-map as floats) and black-box explanations (Explain on the plain IR, RISE with few masks). The
-server runs as a subprocess with metrics and JSON logs on, as in production, and is stopped
+Each client has its own channel and sends one kind of request without pause; the clients are
+split between the kinds in proportion to --mix: predictions (KServe ModelInfer, u8 224x224),
+white-box explanations (Explain, JPEG in, ReciproCAM map as floats) and black-box explanations
+(Explain on the plain IR, RISE with few masks), all at once on one server. The server runs as a subprocess with metrics and JSON logs on, as in production, and is stopped
 with SIGTERM at the end.
 
 Reported: requests and throughput per kind, latency percentiles, errors by status code (zero
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import sys
 import threading
@@ -79,10 +78,22 @@ class Recorder:
             self.failed.append((time.monotonic(), kind, code))
 
 
-def run_clients(address: str, image: bytes, args, mix: dict[str, float], until: float,
+def client_kinds(mix: dict[str, float], clients: int) -> list[str]:
+    """Clients per kind in proportion to the mix (largest remainder), at least one each: a
+    client waiting on a slow black-box call would otherwise stall its fast requests too."""
+    total = sum(mix.values())
+    wanted = {k: clients * w / total for k, w in mix.items() if w > 0}
+    counts = {k: max(1, int(v)) for k, v in wanted.items()}
+    for k in sorted(wanted, key=lambda k: wanted[k] - counts[k], reverse=True):
+        if sum(counts.values()) >= clients:
+            break
+        counts[k] += 1
+    return [k for k in KINDS for _ in range(counts.get(k, 0))]
+
+
+def run_clients(address: str, image: bytes, args, kinds: list[str], until: float,
                 recorder: Recorder) -> None:
-    def client(index: int) -> None:
-        rng = random.Random(args.seed * 1000 + index)
+    def client(kind: str) -> None:
         with channel(address) as ch:
             calls = {
                 "predict": predict_call(ch, SALIENCY_MODEL),
@@ -91,9 +102,7 @@ def run_clients(address: str, image: bytes, args, mix: dict[str, float], until: 
                 "black_box": explain_call(ch, image, xpb.MAP_FORMAT_FLOAT, xpb.METHOD_BLACK_BOX,
                                           PLAIN_MODEL, masks=args.masks, seed=args.seed),
             }
-            kinds, weights = list(mix), list(mix.values())
             while time.monotonic() < until:
-                kind = rng.choices(kinds, weights)[0]
                 start = time.monotonic()
                 try:
                     calls[kind]()
@@ -102,7 +111,7 @@ def run_clients(address: str, image: bytes, args, mix: dict[str, float], until: 
                     continue
                 recorder.ok(kind, time.monotonic() - start)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads = [threading.Thread(target=client, args=(kind,)) for kind in kinds]
     for t in threads:
         t.start()
     for t in threads:
@@ -148,16 +157,23 @@ def summarise(recorder: Recorder, start: float, end: float) -> dict:
             "errors_by_code": dict(Counter(f"{k} {c}" for _, k, c in failed))}
 
 
-def memory_summary(samples: list[tuple[float, float]], before: float, warm: float,
-                   start: float) -> dict:
-    measured = [(t, m) for t, m in samples if t >= start]
-    end = measured[-1][1] if measured else warm
-    slope = (float(np.polyfit([t for t, _ in measured], [m for _, m in measured], 1)[0]) * 60
-             if len(measured) > 5 else float("nan"))
+def memory_summary(samples: list[tuple[float, float]], before: float, start: float,
+                   until: float) -> dict:
+    """RSS before load, after the warm-up, half-way and at the end. Allocator pools and caches
+    fill during the first part of a run; a leak keeps growing in the second half too."""
+    def at(t: float) -> float:
+        return min(samples, key=lambda s: abs(s[0] - t))[1]
+
+    warm, half, end = at(start), at((start + until) / 2), at(until)
+    second = [(t, m) for t, m in samples if (start + until) / 2 <= t <= until]
+    slope = (float(np.polyfit([t for t, _ in second], [m for _, m in second], 1)[0]) * 60
+             if len(second) > 5 else float("nan"))
     return {"rss_before_load_mb": round(before, 1), "rss_after_warmup_mb": round(warm, 1),
-            "rss_end_mb": round(end, 1), "rss_max_mb": round(max(m for _, m in samples), 1),
+            "rss_half_way_mb": round(half, 1), "rss_end_mb": round(end, 1),
+            "rss_max_mb": round(max(m for _, m in samples), 1),
             "growth_after_warmup_mb": round(end - warm, 1),
-            "slope_mb_per_minute": round(slope, 2)}
+            "growth_second_half_mb": round(end - half, 1),
+            "second_half_slope_mb_per_minute": round(slope, 2)}
 
 
 def plot(path: Path, samples, recorder: Recorder, t0: float, start: float) -> None:
@@ -208,25 +224,25 @@ def main() -> None:
         stop = threading.Event()
         sampler = threading.Thread(target=sample_memory, args=(pid, stop, samples), daemon=True)
         sampler.start()
-        log(f"{args.clients} clients, warm-up {args.warmup:.0f} s, then {args.duration:.0f} s; "
-            f"mix {mix}, black-box {args.masks} masks")
+        kinds = client_kinds(mix, args.clients)
+        log(f"{len(kinds)} clients {dict(Counter(kinds))}, warm-up {args.warmup:.0f} s, then "
+            f"{args.duration:.0f} s; black-box {args.masks} masks")
         start = t0 + args.warmup
         until = start + args.duration
-        run_clients(server.address, image, args, mix, until, recorder)
+        run_clients(server.address, image, args, kinds, until, recorder)
         stop.set()
         sampler.join()
-        warm = min(samples, key=lambda s: abs(s[0] - start))[1]
         counts = server_counts(metrics_port)
     finally:
         exit_code = server.stop()
     report = {
-        "setup": {"clients": args.clients, "duration_s": args.duration,
+        "setup": {"clients": dict(Counter(kinds)), "duration_s": args.duration,
                   "warmup_s": args.warmup, "mix": mix, "black_box_masks": args.masks,
                   "models": {"predict": SALIENCY_MODEL, "white_box": SALIENCY_MODEL,
                              "black_box": PLAIN_MODEL}},
         "measured": summarise(recorder, start, until),
         "whole_run_errors": len(recorder.failed),
-        "memory": memory_summary(samples, before, warm, start),
+        "memory": memory_summary(samples, before, start, until),
         "server_requests_total": counts,
         "client_answers_total": len(recorder.done),
         # the server's OK count = the clients' answers + one warm-up ModelInfer per model

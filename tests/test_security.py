@@ -206,6 +206,44 @@ def test_bad_security_settings_name_the_flag(repo, pki, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("xaiserve serve: error: --tls-")
 
 
+def test_config_file_keys_and_token_sources(pki, tmp_path, monkeypatch):
+    from xaiserve.service.config import load_settings
+    from xaiserve.service.security import TOKEN_ENV, read_token
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"""
+server:
+  tls_cert: {pki / 'server.pem'}
+  tls_key: {pki / 'server.key'}
+  tls_client_ca: {pki / 'ca.pem'}
+  token_file: {pki / 'token'}
+  max_concurrent_requests: 3
+  max_message_bytes: 1000000
+  shutdown_grace: 2.5
+  metrics_port: 9191
+defaults:
+  max_black_box_masks: 500
+  black_box_masks: 100
+""")
+    settings = load_settings(config, max_concurrent_requests=5)  # a flag beats the file
+    assert settings.tls_client_ca == pki / "ca.pem" and settings.token_file == pki / "token"
+    assert (settings.max_concurrent_requests, settings.max_message_bytes) == (5, 1000000)
+    assert (settings.shutdown_grace, settings.metrics_port) == (2.5, 9191)
+    assert settings.defaults.max_black_box_masks == 500
+    config.write_text("server:\n  max_concurrent_requests: 0\n")
+    with pytest.raises(ConfigError, match="max_concurrent_requests 0"):
+        load_settings(config)
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert read_token(None) is None  # no token: no check
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert read_token(None) == "from-env"
+    assert read_token(pki / "token") == TOKEN  # the file wins, its newline stripped
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_token(tmp_path / "empty")
+
+
 # --- limits and paths ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
