@@ -316,34 +316,67 @@ def test_no_name_in_a_request_reaches_the_file_system(limited, repo):
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
-names = st.one_of(st.just("shapes"), st.sampled_from(PATH_NAMES), st.text(max_size=40))
-versions = st.one_of(st.just(""), st.just("1"), st.text(max_size=12),
-                     st.integers(-2**63, 2**63).map(str))
+# Mostly the served model, so that most requests reach the decoding behind the lookup.
+names = st.sampled_from(["shapes"] * 8 + ["bad"]).flatmap(
+    lambda n: st.just(n) if n == "shapes" else st.sampled_from(PATH_NAMES) | st.text(max_size=40))
+versions = st.sampled_from(["", "1"] * 4 + ["bad"]).flatmap(
+    lambda v: st.just(v) if v != "bad" else st.text(max_size=12)
+    | st.integers(-2**63, 2**63).map(str))
 dims = st.lists(st.integers(-2**63, 2**63 - 1) | st.sampled_from([0, 1, 3, 64]), max_size=5)
 png = st.just(__import__("cv2").imencode(".png", IMAGE)[1].tobytes())
+
+
+def mostly(usual, odd) -> st.SearchStrategy:
+    """`usual` four times in five, else `odd`: each field is sometimes wrong, so that many
+    requests get past the first check and reach the decoding and the model behind it."""
+    return st.sampled_from([True] * 4 + [False]).flatmap(lambda u: usual if u else odd)
+
+
+BIG = st.integers(0, 2**32 - 1)
+MASK_PNG = st.just(__import__("cv2").imencode(".png", np.zeros((64, 64), np.uint8) + 255)[1]
+                   .tobytes())
 
 
 @st.composite
 def explain_requests(draw) -> xpb.ExplainRequest:
     request = xpb.ExplainRequest(
         model_name=draw(names), model_version=draw(versions), id=draw(st.text(max_size=300)),
-        target_classes=draw(st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(-1, 4),
-                                     max_size=4)),
-        top_k=draw(st.integers(0, 2**32 - 1) | st.integers(0, 4)),
-        method=draw(st.integers(0, 5)), map_format=draw(st.integers(0, 6)),
-        black_box=xpb.BlackBoxOptions(num_masks=draw(st.integers(0, 2**32 - 1)
-                                                     | st.integers(0, 300)),
-                                      cells=draw(st.integers(0, 2**32 - 1) | st.integers(0, 80)),
+        target_classes=draw(mostly(st.lists(st.integers(0, 2), max_size=2), st.lists(
+            st.integers(-2**63, 2**63 - 1) | st.integers(-1, 4), max_size=4))),
+        top_k=draw(mostly(st.integers(0, 3), BIG)),
+        method=draw(mostly(st.integers(0, 2), st.integers(3, 2**31 - 1))),
+        map_format=draw(mostly(st.integers(0, 3), st.integers(4, 2**31 - 1))),
+        black_box=xpb.BlackBoxOptions(num_masks=draw(mostly(st.integers(0, 200), BIG)),
+                                      cells=draw(mostly(st.integers(0, 8), BIG)),
                                       seed=draw(st.integers(0, 2**64 - 1))),
-        metrics=draw(st.lists(st.text(max_size=10), max_size=3)),
-        thresholds=draw(st.dictionaries(st.text(max_size=20), st.floats(), max_size=3)))
-    kind = draw(st.sampled_from(["encoded", "png", "tensor", "good_tensor", "none"]))
+        metrics=draw(mostly(st.just([]) | st.lists(st.sampled_from(
+            ["all", "faithfulness", "shared_interest", "deletion_auc"]), max_size=2),
+            st.lists(st.text(max_size=10), max_size=3))),
+        thresholds=draw(mostly(st.just({}), st.dictionaries(st.text(max_size=20) | st.sampled_from(
+            ["high_confidence", "competing_margin"]), st.floats(), max_size=3))))
+    if draw(mostly(st.just(False), st.just(True))):
+        options = request.metric_options
+        options.binarization = draw(st.sampled_from(["", "std", "threshold", "percentile"])
+                                    | st.text(max_size=8))
+        if draw(st.booleans()):
+            options.binarization_value = draw(st.floats())
+        options.substrate = draw(st.sampled_from(["", "black", "blur", "mean"])
+                                 | st.text(max_size=8))
+        options.steps = draw(mostly(st.integers(0, 20), BIG))
+        options.blur_kernel = draw(mostly(st.integers(0, 99), BIG))
+        options.pointing_tolerance_px = draw(mostly(st.integers(0, 99), BIG))
+    for _ in range(draw(mostly(st.just(0), st.integers(1, 2)))):
+        request.ground_truth.boxes.add(**{k: draw(st.floats(-10, 80) | st.floats(width=32))
+                                          for k in ("x_min", "y_min", "x_max", "y_max")})
+    kind = draw(mostly(st.sampled_from(["good_tensor", "png"]),
+                       st.sampled_from(["encoded", "corrupt_png", "tensor", "none"])))
     if kind == "encoded":
         request.image.encoded = draw(st.binary(max_size=2000))
-    elif kind == "png":
+    elif kind in ("png", "corrupt_png"):
         data = bytearray(draw(png))
-        for i in draw(st.lists(st.integers(0, len(data) - 1), max_size=8)):
-            data[i] = draw(st.integers(0, 255))  # corrupt a few bytes (headers included)
+        if kind == "corrupt_png":
+            for i in draw(st.lists(st.integers(0, len(data) - 1), max_size=8)):
+                data[i] = draw(st.integers(0, 255))  # a few bytes, headers included
         request.image.encoded = bytes(data)
     elif kind == "tensor":
         request.image.tensor.shape.extend(draw(dims))
@@ -351,11 +384,12 @@ def explain_requests(draw) -> xpb.ExplainRequest:
     elif kind == "good_tensor":
         request.image.tensor.shape.extend([64, 64, 3])
         request.image.tensor.data = IMAGE.tobytes()
-    if draw(st.booleans()):
+    if draw(mostly(st.just(False), st.just(True))):
         request.ground_truth.has_label = True
-        request.ground_truth.label = draw(st.integers(-2**63, 2**63 - 1))
-    if draw(st.booleans()):
-        request.ground_truth.mask_png = draw(st.binary(max_size=200) | png)
+        request.ground_truth.label = draw(mostly(st.integers(0, 2),
+                                                 st.integers(-2**63, 2**63 - 1)))
+    if draw(mostly(st.just(False), st.just(True))):
+        request.ground_truth.mask_png = draw(mostly(MASK_PNG, st.binary(max_size=200) | png))
     return request
 
 
@@ -363,25 +397,28 @@ def explain_requests(draw) -> xpb.ExplainRequest:
 def infer_requests(draw) -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name=draw(names), model_version=draw(versions),
                                     id=draw(st.text(max_size=50)))
-    for _ in range(draw(st.integers(0, 2))):
-        tensor = request.inputs.add(
-            name=draw(st.text(max_size=10)),
-            datatype=draw(st.sampled_from(["UINT8", "BYTES", "FP32", "INT64", ""])
-                          | st.text(max_size=8)),
-            shape=draw(dims | st.just([1, 64, 64, 3])))
-        if draw(st.booleans()):
-            tensor.contents.uint_contents.extend(draw(st.lists(st.integers(0, 2**32 - 1),
-                                                               max_size=50)))
-        if draw(st.booleans()):
+    good = st.sampled_from([("UINT8", [1, 64, 64, 3]), ("BYTES", [1])])
+    for _ in range(draw(mostly(st.just(1), st.integers(0, 2)))):
+        datatype, shape = draw(mostly(good, st.tuples(
+            st.sampled_from(["UINT8", "BYTES", "FP32", "INT64", ""]) | st.text(max_size=8),
+            dims | st.just([1, 64, 64, 3]))))
+        tensor = request.inputs.add(name=draw(st.text(max_size=10)), datatype=datatype,
+                                    shape=shape)
+        if draw(mostly(st.just(False), st.just(True))):
+            tensor.contents.uint_contents.extend(draw(st.lists(BIG, max_size=50)))
+        if draw(mostly(st.just(False), st.just(True))):
             tensor.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=100)
                                                                 | png, max_size=3)))
-    for _ in range(draw(st.integers(0, 2))):
-        request.raw_input_contents.append(draw(
-            st.binary(max_size=3000) | st.just(IMAGE.tobytes())
-            | png.map(lambda b: len(b).to_bytes(4, "little") + b)))
-    for _ in range(draw(st.integers(0, 2))):
-        request.outputs.add(name=draw(st.sampled_from(["logits", "saliency_map", "../x"])
-                                      | st.text(max_size=10)))
+    raw = {"UINT8": st.just(IMAGE.tobytes()),
+           "BYTES": png.map(lambda b: len(b).to_bytes(4, "little") + b)}
+    datatype = request.inputs[0].datatype if request.inputs else ""
+    for _ in range(draw(mostly(st.just(1), st.integers(0, 2)))):
+        request.raw_input_contents.append(draw(mostly(
+            raw.get(datatype, st.binary(max_size=3000)),
+            st.binary(max_size=3000) | st.just(b"\xff\xff\xff\x7f") | st.just(b"\x05\x00"))))
+    for _ in range(draw(mostly(st.integers(0, 1), st.integers(1, 3)))):
+        request.outputs.add(name=draw(mostly(st.sampled_from(["logits", "saliency_map"]),
+                                             st.sampled_from(["../x", ""]) | st.text(max_size=10))))
     return request
 
 
