@@ -3,8 +3,9 @@
 Each client has its own channel and sends one kind of request without pause; the clients are
 split between the kinds in proportion to --mix: predictions (KServe ModelInfer, u8 224x224),
 white-box explanations (Explain, JPEG in, ReciproCAM map as floats) and black-box explanations
-(Explain on the plain IR, RISE with few masks), all at once on one server. The server runs as a subprocess with metrics and JSON logs on, as in production, and is stopped
-with SIGTERM at the end.
+(Explain on the plain IR, RISE with few masks), all at once on one server. The server runs
+as a subprocess with metrics and JSON logs on, as in production, and is stopped with SIGTERM
+at the end.
 
 Reported: requests and throughput per kind, latency percentiles, errors by status code (zero
 expected), and the server's resident memory (RSS) before load, after a warm-up, and at the end:

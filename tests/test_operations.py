@@ -130,6 +130,8 @@ def test_metrics_scraped_over_http(served):
 def test_json_logs_carry_the_request_id(served):
     server, _, channel = served
     stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     logs.configure("INFO", "json", stream=stream)
     try:
         kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(request_id="req-42"))
@@ -137,7 +139,8 @@ def test_json_logs_carry_the_request_id(served):
         with pytest.raises(grpc.RpcError):
             XaiClient(f"127.0.0.1:{server.port}").explain(b"not an image", "shapes")
     finally:
-        logging.getLogger().handlers[:] = []
+        root.handlers[:], level = saved
+        root.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     access = [e for e in lines if e["logger"] == "xaiserve.access"]
     assert {"time", "level", "message", "request_id", "model", "method", "code", "ms"} \
