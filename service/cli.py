@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,36 @@ def add_serve(sub) -> None:
     p.add_argument("--max-black-box-masks", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--log-level", default="INFO")
+    add_serve_operations(p)
     p.set_defaults(run=run_serve)
+
+
+def add_serve_operations(p) -> None:
+    """Operations and security options of `serve` (metrics, logs, shutdown, TLS, token, limits)."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one object per line with request_id, model, version, code, ms")
+    p.add_argument("--shutdown-grace", type=float, default=None,
+                   help="seconds in-flight requests get after SIGTERM (default: 10)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="require 'authorization: Bearer <token>' with the token in this file "
+                        "(or in $XAISERVE_TOKEN); health checks are exempt")
+    p.add_argument("--max-concurrent-requests", type=int, default=None,
+                   help="beyond it requests get RESOURCE_EXHAUSTED (default: 32)")
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="largest request or response (default: 32 MiB)")
+    p.add_argument("--poll-seconds", type=float, default=None,
+                   help="how often the repository is compared with the disk (default: 2)")
+
+
+SERVE_OPERATION_KEYS = ("metrics_port", "shutdown_grace", "tls_cert", "tls_key",
+                        "tls_client_ca", "token_file", "max_concurrent_requests",
+                        "max_message_bytes", "poll_seconds")
 
 
 def run_serve(args) -> int:
@@ -116,20 +146,32 @@ def run_serve(args) -> int:
     from .config import ConfigError, load_settings
     from .server import Server
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:
+        return _fail("serve", f"--log-level {args.log_level}: {exc}")
     try:
         settings = load_settings(args.config, repository=args.repository, port=args.port,
                                  host=args.host, workers=args.workers, device=args.device,
                                  performance_hint=args.performance_hint,
                                  num_requests=args.num_requests,
-                                 max_black_box_masks=args.max_black_box_masks)
+                                 max_black_box_masks=args.max_black_box_masks,
+                                 **{k: getattr(args, k) for k in SERVE_OPERATION_KEYS})
         server = Server(settings).start()
     except (ConfigError, ValueError, OSError) as exc:
         return _fail("serve", str(exc))
     print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+    if server.metrics_port:
+        print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
+              flush=True)
     server.serve_forever()
-    return 0
+    # In-flight requests have had their grace period and gRPC has cancelled the rest; a
+    # handler thread still finishing cancelled work, or model teardown, must not hold the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def add_explain(sub) -> None:
@@ -148,6 +190,7 @@ def add_explain(sub) -> None:
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("out"))
     add_quality_options(p)
+    add_client_security(p)
     p.set_defaults(run=run_explain)
 
 
@@ -242,20 +285,32 @@ def _json_number(value: float) -> float | None:
     return None if value != value else value
 
 
+def add_client_security(p) -> None:
+    """How a client reaches a TLS server and proves who it is."""
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="PEM CA that signed the server's certificate: connect over TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file with the server's bearer token (or set $XAISERVE_TOKEN)")
+
+
 def run_explain_remote(args) -> int:
     import grpc
 
     from .client import XaiClient
+    from .config import ConfigError
 
     if not args.model:
         return _fail("explain", "--model NAME is needed with --server")
     try:
         quality = quality_arguments(args)
-    except ValueError as exc:
+        client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                   tls_key=args.tls_key, token_file=args.token_file)
+    except (ValueError, ConfigError) as exc:
         return _fail("explain", str(exc))
     from tqdm import tqdm
 
-    client = XaiClient(args.server)
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in tqdm(args.images, desc="explain", unit="image",
