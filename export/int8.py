@@ -71,6 +71,7 @@ class Int8Settings:
 
 
 def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
+    """Fail on bad options and empty folders before the slow steps start."""
     if settings.preset not in PRESETS:
         raise Int8Error(f"--preset {settings.preset!r}: use one of {', '.join(PRESETS)}")
     for option, value in (("--calibration-size", settings.calibration_size),
@@ -87,6 +88,9 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
         if not has_saliency:
             raise Int8Error("--min-saliency-agreement needs a saliency_map output; "
                             "leave it out with --method none")
+    image_files(settings.calibration, "--calibration")
+    if settings.validation is not None:
+        image_files(settings.validation, "--validation")
 
 
 def image_files(folder: Path, option: str) -> list[Path]:

@@ -68,7 +68,7 @@ def add_int8_options(p) -> None:
 
 def int8_settings(args):
     """Int8Settings from the export options, None without --int8; ValueError on misuse."""
-    from xaiserve.export.int8 import Int8Settings
+    from xaiserve.export.int8 import Int8Settings, check_settings
 
     if not args.int8:
         if args.calibration or args.validation:
@@ -76,11 +76,13 @@ def int8_settings(args):
         return None
     if args.calibration is None:
         raise ValueError("--int8 needs --calibration DIR (a folder of images like the inputs)")
-    return Int8Settings(
+    settings = Int8Settings(
         calibration=args.calibration, calibration_size=args.calibration_size,
         preset=args.preset, fast_bias_correction=not args.no_fast_bias_correction,
         validation=args.validation, validation_size=args.validation_size,
         max_top1_drop=args.max_top1_drop, min_saliency_agreement=args.min_saliency_agreement)
+    check_settings(settings, has_saliency=args.method != "none")  # before the slow steps
+    return settings
 
 
 def run_export(args) -> int:
