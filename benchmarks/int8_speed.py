@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = timings["f32"]["int8"].p50_ms / timings["f32"]["f32"].p50_ms
     print(f"\nINT8 / f32 p50 latency: {ratio:.3f} (target <= {TARGET_RATIO})")
     print(f".bin: f32 {sizes['f32'] / 1e6:.1f} MB, int8 {sizes['int8'] / 1e6:.1f} MB")
-    keys = ("images", "top1_agreement", "confident_images", "top1_agreement_confident",
+    keys = ("images", "top1_agreement", "top1_in_top5", "confident_images", "top1_agreement_confident",
             "saliency_rank_correlation", "saliency_rank_correlation_p05", "saliency_top_iou")
     for name, f in figures.items():
         print(f"{name}: " + ", ".join(

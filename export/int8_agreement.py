@@ -72,6 +72,8 @@ def agreement(reference_logits: np.ndarray, reference_maps: np.ndarray | None,
         "images": int(len(top)),
         "top1_agreement": float(same.mean()),
         "top1_drop": float(1.0 - same.mean()),
+        # the reference's class still among the top 5: a flip to a near-equal class
+        "top1_in_top5": float((np.argsort(-logits, axis=1)[:, :5] == top[:, None]).any(1).mean()),
         "confident_threshold": confident,
         "confident_images": int(sure.sum()),
         "top1_agreement_confident": float(same[sure].mean()) if sure.any() else None,

@@ -89,7 +89,7 @@ def test_agreement_counts_flips_and_confident_images():
     maps = np.random.default_rng(1).random((3, 3, 4, 4))
     figures = agreement(reference, maps, other, maps)
     assert figures["top1_agreement"] == pytest.approx(2 / 3)
-    assert figures["top1_drop"] == pytest.approx(1 / 3)
+    assert figures["top1_drop"] == pytest.approx(1 / 3) and figures["top1_in_top5"] == 1.0
     assert figures["confident_images"] == 2 and figures["top1_agreement_confident"] == 1.0
     assert figures["saliency_rank_correlation"] == 1.0 and figures["saliency_top_iou"] == 1.0
 
