@@ -14,7 +14,8 @@ the IRs run in here. Where the CPU reports BF16, a bf16 pass of the f32 IR is ad
 saliency branch) and measures it the same way, for the choice explained in export/int8.py.
 
     python benchmarks/int8_speed.py                      # 300 + 300 images
-    python benchmarks/int8_speed.py --images 100 --compare-order --json out/int8_speed.json
+    python benchmarks/int8_speed.py --images 100 --compare-order --json out/int8_speed.json \
+        --picture out/int8_maps.png
 """
 
 from __future__ import annotations
@@ -41,6 +42,35 @@ from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
 
 TARGET_RATIO = 0.8
+
+
+def side_by_side(f32_model: ov.Model, int8_model: ov.Model, validation: Path, count: int
+                 ) -> np.ndarray:
+    """A picture: for `count` validation images, the f32 map (left) and the INT8 map (right) of
+    the f32 model's top-1 class, with labels, scores and the rank correlation."""
+    from xaiserve.export.int8_agreement import softmax, spearman
+    from xaiserve.service.model_info import ModelInfo
+    from xaiserve.service.overlay import overlay
+
+    info = ModelInfo.from_model(f32_model)
+    images = load_images(validation, info, count, "--validation")
+    core = ov.Core()
+    f32_out = compile_f32(f32_model, core)(images)
+    int8_out = compile_f32(int8_model, core)(images)
+    rows = []
+    for i, image in enumerate(images):
+        c = int(f32_out["logits"][i].argmax())
+        q = int(int8_out["logits"][i].argmax())
+        p32, p8 = softmax(f32_out["logits"][i:i + 1])[0], softmax(int8_out["logits"][i:i + 1])[0]
+        rho = spearman(f32_out["saliency_map"][i, c], int8_out["saliency_map"][i, c])
+        left = overlay(image, f32_out["saliency_map"][i, c],
+                       [f"f32: {info.labels[c]} {p32[c]:.2f}"])
+        right = overlay(image, int8_out["saliency_map"][i, c],
+                        [f"INT8: {info.labels[q]} {p8[q]:.2f}", f"rank corr {rho:.2f}"])
+        left = np.vstack([left, np.full((right.shape[0] - left.shape[0], *left.shape[1:]), 255,
+                                        np.uint8)])
+        rows.append(np.hstack([left, np.full((left.shape[0], 8, 3), 255, np.uint8), right]))
+    return np.vstack(rows)
 
 
 def plain_first_int8(calibration: Path, size: int, settings: Int8Settings) -> ov.Model:
@@ -87,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--compare-order", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--picture", type=Path, default=None,
+                        help="PNG: f32 and INT8 maps side by side on validation images")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="int8_speed_"))
@@ -138,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in figures.items():
         print(f"{name}: " + ", ".join(
             f"{k} {f[k]:.3f}" if isinstance(f[k], float) else f"{k} {f[k]}" for k in keys))
+    if args.picture:
+        from xaiserve.service.overlay import write_png
+
+        args.picture.parent.mkdir(parents=True, exist_ok=True)
+        write_png(args.picture, side_by_side(models["f32"], models["int8"], validation, 8))
+        print(f"picture: {args.picture}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
