@@ -137,15 +137,22 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
     from xaiserve.service.cli import main
 
     repo = tmp_path / "models"
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.txt").write_text("no pictures here")
+    corrupt = tmp_path / "corrupt"
+    write_pngs(corrupt, make_dataset(4, seed=1)[0])
+    (corrupt / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     cases = [
         (["--int8"], "--calibration DIR"),
         (["--calibration", shapes["calibration"]], "--int8"),
         (["--int8", "--calibration", str(tmp_path / "missing")], "--calibration"),
-        (["--int8", "--calibration", str(tmp_path)], "no images"),
+        (["--int8", "--calibration", str(empty)], "no images"),
         (["--int8", "--calibration", shapes["calibration"], "--max-top1-drop", "5"],
          "--max-top1-drop"),
         (["--int8", "--calibration", shapes["calibration"], "--method", "none",
           "--min-saliency-agreement", "0.9"], "--min-saliency-agreement"),
+        (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
     ]
     for options, words in cases:
         code = main(["export", *SMALL, "--repository", str(repo), "--name", "x", *options])
