@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = timings["f32"]["int8"].p50_ms / timings["f32"]["f32"].p50_ms
     print(f"\nINT8 / f32 p50 latency: {ratio:.3f} (target <= {TARGET_RATIO})")
     print(f".bin: f32 {sizes['f32'] / 1e6:.1f} MB, int8 {sizes['int8'] / 1e6:.1f} MB")
-    keys = ("images", "top1_agreement", "top1_in_top5", "confident_images", "top1_agreement_confident",
+    keys = ("images", "top1_agreement", "top1_in_top5", "confident_images",
+            "top1_agreement_confident",
             "saliency_rank_correlation", "saliency_rank_correlation_p05", "saliency_top_iou")
     for name, f in figures.items():
         print(f"{name}: " + ", ".join(
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_int8_f32_p50": ratio, "target_ratio": TARGET_RATIO, "bin_bytes": sizes,
             "timings": {p: {n: vars(t) for n, t in d.items()} for p, d in timings.items()},
             "agreement": figures}, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

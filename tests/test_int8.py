@@ -94,7 +94,7 @@ def test_agreement_counts_flips_and_confident_images():
     assert figures["saliency_rank_correlation"] == 1.0 and figures["saliency_top_iou"] == 1.0
 
 
-# --- the gate --------------------------------------------------------------------------------------
+# --- the gate ---------------------------------------------------------------------------------
 
 def test_gate_passes_with_a_good_calibration_set(shapes):
     repo = shapes["work"] / "good"
@@ -163,7 +163,7 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
         assert repository_is_empty(repo)
 
 
-# --- the default model on real photos, served -------------------------------------------------------
+# --- the default model on real photos, served --------------------------------------------------
 
 @pytest.fixture(scope="module")
 def default_int8(tmp_path_factory):
