@@ -43,19 +43,64 @@ def add_export(sub) -> None:
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, 0..255 units")
     p.add_argument("--scale", type=_floats, default=None, help="per-channel divisor")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    add_int8_options(p)
     p.set_defaults(run=run_export)
+
+
+def add_int8_options(p) -> None:
+    g = p.add_argument_group("INT8 (NNCF post-training quantisation, checked against the f32 IR)")
+    g.add_argument("--int8", action="store_true", help="quantise; needs --calibration DIR")
+    g.add_argument("--calibration", type=Path, default=None, help="folder of images, any size")
+    g.add_argument("--calibration-size", type=int, default=300, help="images used (subset)")
+    g.add_argument("--preset", default="performance", choices=["performance", "mixed"],
+                   help="mixed: asymmetric activation ranges")
+    g.add_argument("--no-fast-bias-correction", action="store_true",
+                   help="full bias correction: slower, sometimes closer to f32")
+    g.add_argument("--validation", type=Path, default=None,
+                   help="folder of images to compare INT8 with f32 on (default: the "
+                        "calibration folder, a weaker check)")
+    g.add_argument("--validation-size", type=int, default=300)
+    g.add_argument("--max-top1-drop", type=float, default=None,
+                   help="fail (exit 3, nothing written) when more than this fraction of "
+                        "validation images change their top-1 class")
+    g.add_argument("--min-saliency-agreement", type=float, default=None,
+                   help="fail (exit 3) when the mean rank correlation of the maps is below this")
+
+
+def int8_settings(args):
+    """Int8Settings from the export options, None without --int8; ValueError on misuse."""
+    from xaiserve.export.int8 import Int8Settings, check_settings
+
+    if not args.int8:
+        if args.calibration or args.validation:
+            raise ValueError("--calibration and --validation go with --int8")
+        return None
+    if args.calibration is None:
+        raise ValueError("--int8 needs --calibration DIR (a folder of images like the inputs)")
+    settings = Int8Settings(
+        calibration=args.calibration, calibration_size=args.calibration_size,
+        preset=args.preset, fast_bias_correction=not args.no_fast_bias_correction,
+        validation=args.validation, validation_size=args.validation_size,
+        max_top1_drop=args.max_top1_drop, min_saliency_agreement=args.min_saliency_agreement)
+    check_settings(settings, has_saliency=args.method != "none")  # before the slow steps
+    return settings
 
 
 def run_export(args) -> int:
     from tqdm import tqdm
 
     try:
+        from xaiserve.export.int8 import EXIT_GATE, GateFailed, Int8Error
         from xaiserve.export.pipeline import ExportRequest, export_model
         from xaiserve.export.repository import RepositoryError
         from xaiserve.export.saliency import InsertionError, SaliencySettings
         from xaiserve.export.sources import SourceError, SourceOptions
     except ImportError as exc:
         return _fail("export", f"{exc}; install the export extra: pip install 'xaiserve[export]'")
+    try:
+        int8 = int8_settings(args)
+    except ValueError as exc:
+        return _fail("export", str(exc))
     request = ExportRequest(
         source=args.source, repository=args.repository, name=args.name, version=args.version,
         saliency=SaliencySettings(method=args.method, target_layer=args.target_layer,
@@ -64,8 +109,9 @@ def run_export(args) -> int:
         source_options=SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
                                      labels_file=args.labels, input_size=args.input_size,
                                      mean_values=args.mean, scale_values=args.scale),
+        int8=int8,
     )
-    stages = tqdm(total=4, desc="export", unit="step", file=sys.stderr,
+    stages = tqdm(total=4 + 2 * bool(int8), desc="export", unit="step", file=sys.stderr,
                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {postfix}")
 
     started = []
@@ -78,9 +124,18 @@ def run_export(args) -> int:
 
     try:
         result = export_model(request, progress)
-    except (SourceError, InsertionError, RepositoryError) as exc:
+    except (SourceError, InsertionError, RepositoryError, Int8Error) as exc:
         stages.close()
         return _fail("export", str(exc))
+    except GateFailed as exc:
+        stages.close()
+        text = json.dumps({"status": "gate_failed", "failures": exc.failures,
+                           "int8": exc.figures}, indent=2)
+        if args.report:
+            args.report.write_text(text + "\n")
+        print(text)
+        print(f"xaiserve export: INT8 gate failed: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_GATE
     except Exception as exc:  # noqa: BLE001 - a pipeline step must get one line, not a trace
         stages.close()
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
