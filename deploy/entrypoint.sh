@@ -16,7 +16,10 @@
 #   XAISERVE_DEVICE        CPU, GPU, NPU, AUTO, HETERO:... (optional)
 #   XAISERVE_WORKERS       gRPC worker threads             (optional)
 #   XAISERVE_LOG_LEVEL     DEBUG, INFO, WARNING, ERROR     (default INFO)
+#   XAISERVE_LOG_FORMAT    text or json (one object a line) (default text)
 #   XAISERVE_METRICS_PORT  Prometheus metrics port         (optional)
+#   XAISERVE_TOKEN_FILE    file with the bearer token clients must send (optional; the server
+#                          also reads XAISERVE_TOKEN itself); health checks need none
 #   XAISERVE_TLS_CERT, XAISERVE_TLS_KEY  PEM server certificate and key (both or neither)
 #   XAISERVE_TLS_CLIENT_CA PEM CA that client certificates must chain to (needs TLS)
 #   XAISERVE_HEALTH_TLS_CA           CA the health check trusts (default XAISERVE_TLS_CERT)
@@ -115,6 +118,16 @@ case $level in
     *) fail "XAISERVE_LOG_LEVEL='$level' is not a level; use DEBUG, INFO, WARNING or ERROR" ;;
 esac
 set -- "$@" --log-level "$level"
+log_format=${XAISERVE_LOG_FORMAT:-text}
+case $log_format in
+    text | json) ;;
+    *) fail "XAISERVE_LOG_FORMAT='$log_format' is not a format; use text or json" ;;
+esac
+set -- "$@" --log-format "$log_format"
+if [ -n "${XAISERVE_TOKEN_FILE:-}" ]; then
+    check_file XAISERVE_TOKEN_FILE "$XAISERVE_TOKEN_FILE"
+    set -- "$@" --token-file "$XAISERVE_TOKEN_FILE"
+fi
 if [ -n "${XAISERVE_METRICS_PORT:-}" ]; then
     check_port XAISERVE_METRICS_PORT "$XAISERVE_METRICS_PORT"
     [ "$XAISERVE_METRICS_PORT" != "$port" ] ||

@@ -118,6 +118,8 @@ BAD_SETTINGS = [
     ({"XAISERVE_METRICS_PORT": "9000"}, "XAISERVE_METRICS_PORT=9000 is the gRPC port too"),
     ({"XAISERVE_METRICS_PORT": "-1"}, "XAISERVE_METRICS_PORT='-1' is not a port number"),
     ({"XAISERVE_LOG_LEVEL": "LOUD"}, "XAISERVE_LOG_LEVEL='LOUD' is not a level"),
+    ({"XAISERVE_LOG_FORMAT": "xml"}, "XAISERVE_LOG_FORMAT='xml' is not a format"),
+    ({"XAISERVE_TOKEN_FILE": "/nonexistent/token"}, "XAISERVE_TOKEN_FILE=/nonexistent/token"),
     ({"XAISERVE_WORKERS": "0"}, "XAISERVE_WORKERS='0' is not a positive whole number"),
     ({"XAISERVE_CONFIG": "/nonexistent/serve.yaml"}, "XAISERVE_CONFIG=/nonexistent/serve.yaml"),
     ({"XAISERVE_TLS_CERT": "{cert}"}, "XAISERVE_TLS_KEY is not; set both or neither"),
@@ -146,7 +148,7 @@ def test_bad_settings_end_in_one_line_and_exit_2(variables, message, tmp_path):
 
 def test_every_variable_maps_to_its_flag_and_extra_flags_come_last(tmp_path):
     """The flag names are the server's (`xaiserve serve --help`); argv is printed by `echo`."""
-    pem = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "ca")}
+    pem = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "ca", "token")}
     for path in pem.values():
         path.write_text("x")
     config = tmp_path / "serve.yaml"
@@ -157,22 +159,22 @@ def test_every_variable_maps_to_its_flag_and_extra_flags_come_last(tmp_path):
         XAISERVE_HOST="127.0.0.1", XAISERVE_CONFIG=str(config), XAISERVE_DEVICE="AUTO",
         XAISERVE_WORKERS="8", XAISERVE_LOG_LEVEL="debug", XAISERVE_METRICS_PORT="9091",
         XAISERVE_TLS_CERT=str(pem["cert"]), XAISERVE_TLS_KEY=str(pem["key"]),
-        XAISERVE_TLS_CLIENT_CA=str(pem["ca"]))
+        XAISERVE_TLS_CLIENT_CA=str(pem["ca"]), XAISERVE_LOG_FORMAT="json",
+        XAISERVE_TOKEN_FILE=str(pem["token"]))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "serve", "--repository", str(tmp_path), "--port", "9001", "--host", "127.0.0.1",
         "--config", str(config), "--device", "AUTO", "--workers", "8", "--log-level", "debug",
-        "--metrics-port", "9091", "--tls-cert", str(pem["cert"]), "--tls-key", str(pem["key"]),
+        "--log-format", "json", "--token-file", str(pem["token"]), "--metrics-port", "9091", "--tls-cert", str(pem["cert"]), "--tls-key", str(pem["key"]),
         "--tls-client-ca", str(pem["ca"]), "--max-black-box-masks", "100", "--port", "7000"]
 
-    # The server's own parser reads that argv; the last --port (the extra flag) wins. Flags
-    # that a server without metrics or TLS support does not know yet are exactly those.
-    args, unknown = build_parser().parse_known_args(result.stdout.split())
+    # The server's own parser reads that argv; the last --port (the extra flag) wins.
+    args = build_parser().parse_args(result.stdout.split())
     assert (args.repository, args.port, args.host, args.config, args.device, args.workers,
-            args.log_level, args.max_black_box_masks) == (
-        tmp_path, 7000, "127.0.0.1", config, "AUTO", 8, "debug", 100)
-    flags = {"--metrics-port", "--tls-cert", "--tls-key", "--tls-client-ca"}
-    assert set(unknown[::2]) <= flags and len(unknown) in (0, 2 * len(flags)), unknown
+            args.log_level, args.log_format, args.token_file, args.metrics_port, args.tls_cert,
+            args.tls_key, args.tls_client_ca, args.max_black_box_masks) == (
+        tmp_path, 7000, "127.0.0.1", config, "AUTO", 8, "debug", "json", pem["token"], 9091,
+        pem["cert"], pem["key"], pem["ca"], 100)
 
     other = run_script("echo", "export", "default", XAISERVE_PORT="not checked here")
     assert other.returncode == 0 and other.stdout.strip() == "export default"
