@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_GATE = 1  # an export check (e.g. --min-reference-agreement) failed
 
 
 def _fail(verb: str, message: str) -> int:
@@ -42,7 +43,35 @@ def add_export(sub) -> None:
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, 0..255 units")
     p.add_argument("--scale", type=_floats, default=None, help="per-channel divisor")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    add_reference_options(p)
     p.set_defaults(run=run_export)
+
+
+def add_reference_options(p) -> None:
+    g = p.add_argument_group("torch reference maps (recorded in the model card; optional gate)")
+    g.add_argument("--reference", choices=["gradcam", "gradient"], default=None)
+    g.add_argument("--min-reference-agreement", type=float, default=None,
+                   help="exit 1 and write nothing when the agreement is below this")
+    g.add_argument("--reference-metric", choices=["spearman", "topk_iou"], default="spearman")
+    g.add_argument("--reference-top-fraction", type=float, default=0.2)
+    g.add_argument("--reference-layer", default=None, help="torch module name for Grad-CAM")
+    g.add_argument("--reference-images", type=Path, default=None,
+                   help="folder of images to compare on (default: the parity images)")
+
+
+def reference_check(args):
+    """The ReferenceCheck the options ask for, or None."""
+    from xaiserve.export.reference_saliency import ReferenceCheck
+
+    if args.reference is None:
+        if args.min_reference_agreement is not None:
+            raise ValueError("--min-reference-agreement needs --reference gradcam|gradient")
+        return None
+    if not 0 < args.reference_top_fraction <= 1:
+        raise ValueError("--reference-top-fraction must be in (0, 1]")
+    return ReferenceCheck(method=args.reference, min_agreement=args.min_reference_agreement,
+                          metric=args.reference_metric, top_fraction=args.reference_top_fraction,
+                          layer=args.reference_layer, images=args.reference_images)
 
 
 def run_export(args) -> int:
@@ -50,11 +79,16 @@ def run_export(args) -> int:
 
     try:
         from xaiserve.export.pipeline import ExportRequest, export_model
+        from xaiserve.export.reference_saliency import ReferenceCheckError, ReferenceGateError
         from xaiserve.export.repository import RepositoryError
         from xaiserve.export.saliency import InsertionError, SaliencySettings
         from xaiserve.export.sources import SourceError, SourceOptions
     except ImportError as exc:
         return _fail("export", f"{exc}; install the export extra: pip install 'xaiserve[export]'")
+    try:
+        reference = reference_check(args)
+    except ValueError as exc:
+        return _fail("export", str(exc))
     request = ExportRequest(
         source=args.source, repository=args.repository, name=args.name, version=args.version,
         saliency=SaliencySettings(method=args.method, target_layer=args.target_layer,
@@ -63,8 +97,9 @@ def run_export(args) -> int:
         source_options=SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
                                      labels_file=args.labels, input_size=args.input_size,
                                      mean_values=args.mean, scale_values=args.scale),
+        reference=reference,
     )
-    stages = tqdm(total=4, desc="export", unit="step", file=sys.stderr,
+    stages = tqdm(total=4 + (reference is not None), desc="export", unit="step", file=sys.stderr,
                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {postfix}")
 
     started = []
@@ -77,7 +112,11 @@ def run_export(args) -> int:
 
     try:
         result = export_model(request, progress)
-    except (SourceError, InsertionError, RepositoryError) as exc:
+    except ReferenceGateError as exc:
+        stages.close()
+        print(f"xaiserve export: gate failed: {exc}", file=sys.stderr)
+        return EXIT_GATE
+    except (SourceError, InsertionError, RepositoryError, ReferenceCheckError) as exc:
         stages.close()
         return _fail("export", str(exc))
     except Exception as exc:  # noqa: BLE001 - a pipeline step must get one line, not a trace
@@ -251,12 +290,44 @@ def run_explain(args) -> int:
     return 1 if failures else 0
 
 
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="explanation quality on a labelled image folder: "
+                                        "HTML report + JSON/CSV")
+    p.add_argument("dataset", type=Path, help="DATASET/<class>/<image>, optional "
+                   "<image>.mask.png beside each image or DATASET/boxes.json")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    where.add_argument("--model-path", help="in-process: models/<name> or models/<name>/<v>")
+    p.add_argument("--model", help="model name on the server")
+    p.add_argument("--version", default="")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-faithfulness", action="store_true",
+                   help="skip deletion/insertion and the other perturbation metrics")
+    p.add_argument("--grid-mosaics", type=int, default=40,
+                   help="2x2 mosaics for the grid pointing game (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run on Ray: local | auto | ray://HOST:PORT (needs xaiserve[scale])")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray workers, one model each")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .evaluate_cli import evaluate_command
+
+    return evaluate_command(args, _fail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xaiserve", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     add_export(sub)
     add_serve(sub)
     add_explain(sub)
+    add_evaluate(sub)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""Per-image evaluation of a model's explanations on a labelled data set.
+
+`evaluate_items` is the one function that turns data set items into result rows: the local loop
+calls it on chunks, and each Ray worker calls it on its batches with its own compiled model, so
+both paths give the same numbers. The metrics themselves are pure functions in
+`shared_interest`, `faithfulness`, `request_metrics` and `grid_pointing_game`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from . import grid_pointing_game as gpg
+from .dataset import DatasetItem, load_ground_truth, load_image
+from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend
+from .faithfulness import FaithfulnessSettings, evaluate_faithfulness
+from .images import resize_for_model
+from .model import softmax
+from .model_info import ModelInfo
+from .request_metrics import CaseThresholds, entropy, margin, prediction_case, top1_confidence
+from .shared_interest import (Binarization, PatternCutoffs, pointing_game_hit, shared_interest,
+                              shared_interest_pattern)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Everything that changes the numbers; written into the report's summary."""
+
+    binarization: Binarization = field(default_factory=Binarization)
+    cutoffs: PatternCutoffs = field(default_factory=PatternCutoffs)
+    cases: CaseThresholds = field(default_factory=CaseThresholds)
+    faithfulness: FaithfulnessSettings = field(default_factory=FaithfulnessSettings)
+    with_faithfulness: bool = True
+    grid_mosaics: int = 40
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ImageResult:
+    """One image's numbers (a flat row for JSON/CSV), its curves and its map (for overlays)."""
+
+    row: dict
+    curves: dict[str, list[float]]
+    saliency: np.ndarray  # [h, w] map of the predicted class, as the model gave it
+
+    def to_json(self) -> dict:
+        return {"row": self.row, "curves": self.curves,
+                "saliency": self.saliency.astype(np.float32).tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ImageResult":
+        return cls(d["row"], d["curves"], np.asarray(d["saliency"], np.float32))
+
+
+def upsample(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h, w] map -> [height, width], bilinear, values kept (no rescaling)."""
+    return cv2.resize(saliency.astype(np.float32), (width, height),
+                      interpolation=cv2.INTER_LINEAR)
+
+
+def mask_for_model(mask: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """The ground truth through the same resize (stretch, crop or letterbox) as the image."""
+    picture = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+    return resize_for_model(picture, dataclasses.replace(info, pad_value=0))[..., 0] > 127
+
+
+def score_function(backend: Backend):
+    """A batched `score_fn(u8 [N, H, W, 3]) -> softmax [N, K]` for the faithfulness metrics."""
+    def score(images: np.ndarray) -> np.ndarray:
+        logits = backend.infer(np.ascontiguousarray(images), (LOGITS_OUTPUT,))[LOGITS_OUTPUT]
+        return softmax(logits.astype(np.float64))
+
+    return score
+
+
+def evaluate_image(image: np.ndarray, ground_truth: np.ndarray | None, label: int,
+                   logits: np.ndarray, saliency: np.ndarray, score_fn,
+                   settings: EvaluationSettings) -> tuple[dict, dict[str, list[float]]]:
+    """One image at the model's size (u8 [H, W, 3]), its ground truth at that size (or None),
+    its logits [K] and the predicted class's map [h, w] -> (numbers, curves)."""
+    probs = softmax(logits.astype(np.float64))
+    predicted = int(np.argmax(probs))
+    row = {
+        "predicted": predicted,
+        "correct": predicted == label,
+        "confidence": top1_confidence(probs),
+        "label_probability": float(probs[label]),
+        "margin": margin(probs),
+        "entropy": entropy(probs),
+        "case": prediction_case(probs, label, settings.cases),
+    }
+    height, width = image.shape[:2]
+    dense = upsample(saliency, height, width)
+    if ground_truth is not None and ground_truth.any():
+        scores = shared_interest(dense, ground_truth, settings.binarization)
+        row.update(iou=scores.iou, gtc=scores.gtc, sc=scores.sc, sc_mass=scores.sc_mass,
+                   pattern=shared_interest_pattern(scores, predicted == label, settings.cutoffs),
+                   pointing_hit=bool(pointing_game_hit(dense, ground_truth)))
+    else:
+        row.update(iou=None, gtc=None, sc=None, sc_mass=None, pattern=None, pointing_hit=None)
+    curves: dict[str, list[float]] = {}
+    if settings.with_faithfulness:
+        result = evaluate_faithfulness(image, dense, predicted, score_fn, settings.faithfulness)
+        row.update(result.numbers())
+        curves = {name: [float(v) for v in values] for name, values in result.curves().items()}
+    return row, curves
+
+
+def evaluate_items(backend: Backend, items: list[DatasetItem],
+                   settings: EvaluationSettings) -> list[ImageResult]:
+    """Read, infer (one batch) and evaluate `items`; the rows name each image and its class."""
+    info = backend.info
+    originals = [load_image(item) for item in items]
+    batch = np.stack([resize_for_model(image, info) for image in originals])
+    out = backend.infer(batch, (LOGITS_OUTPUT, SALIENCY_OUTPUT))
+    score_fn = score_function(backend)
+    results = []
+    for i, item in enumerate(items):
+        truth = load_ground_truth(item, *originals[i].shape[:2])
+        truth = None if truth is None else mask_for_model(truth, info)
+        logits = out[LOGITS_OUTPUT][i]
+        predicted = int(np.argmax(logits))
+        maps = out[SALIENCY_OUTPUT][i]
+        saliency = maps[predicted if maps.shape[0] > 1 else 0]
+        numbers, curves = evaluate_image(batch[i], truth, item.label, logits, saliency, score_fn,
+                                         settings)
+        row = {"image": item.relative, "class_name": item.class_name, "label": item.label,
+               "ground_truth": "mask" if item.mask_path else ("boxes" if item.boxes else "none"),
+               **numbers, "predicted_label": backend.info.labels[numbers["predicted"]]}
+        results.append(ImageResult(row, curves, np.asarray(saliency, np.float32)))
+    return results
+
+
+@dataclass
+class GridGame:
+    """Scores of the built-in grid pointing game and a few mosaics to show."""
+
+    scores: list[float]
+    mosaics: list[list[str]]  # image ids per mosaic, reading order
+    examples: list[dict] = field(default_factory=list)  # {"mosaic", "maps", "targets"}
+
+    def summary(self) -> dict:
+        return gpg.summarise(self.scores)
+
+
+def play_grid_game(backend: Backend, items: list[DatasetItem],
+                   settings: EvaluationSettings, keep: int = 3) -> GridGame:
+    """2x2 mosaics of images of distinct classes at the model's input size; each cell's class is
+    explained by the model's own saliency_map and scored by its positive mass in the cell."""
+    info = backend.info
+    size = min(info.input_height, info.input_width)
+    cell = size // 2
+    picks = gpg.distinct_class_mosaics([item.label for item in items], settings.grid_mosaics,
+                                       settings.seed)
+    game = GridGame([], [])
+    for number, pick in enumerate(picks):
+        cells = [cv2.resize(load_image(items[i]), (cell, cell), interpolation=cv2.INTER_AREA)
+                 for i in pick]
+        mosaic = resize_for_model(gpg.build_mosaic(cells), info)
+        maps = backend.infer(mosaic[None], (SALIENCY_OUTPUT,))[SALIENCY_OUTPUT][0]
+        targets = [items[i].label for i in pick]
+        chosen = [maps[t if maps.shape[0] > 1 else 0] for t in targets]
+        game.scores.extend(gpg.grid_score(m, k, size) for k, m in enumerate(chosen))
+        game.mosaics.append([items[i].relative for i in pick])
+        if number < keep:
+            game.examples.append({"mosaic": mosaic, "maps": chosen,
+                                  "targets": [info.labels[t] for t in targets]})
+    return game
