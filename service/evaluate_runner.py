@@ -62,7 +62,8 @@ def evaluate_ray(spec: BackendSpec, items: list[DatasetItem], settings: Evaluati
                                    for i, item in enumerate(items)])
     evaluated = dataset.map_batches(
         RayEvaluator, fn_constructor_kwargs={"spec": spec, "settings": settings},
-        batch_size=batch_size, concurrency=workers, batch_format="numpy", num_cpus=1)
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
+        batch_format="numpy", num_cpus=1)
     by_index: dict[int, ImageResult] = {}
     for row in evaluated.iter_rows():
         by_index[int(row["index"])] = ImageResult.from_json(json.loads(row["result"]))

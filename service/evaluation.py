@@ -17,7 +17,7 @@ import numpy as np
 from . import grid_pointing_game as gpg
 from .dataset import DatasetItem, load_ground_truth, load_image
 from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend
-from .faithfulness import FaithfulnessSettings, evaluate_faithfulness
+from .faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from .images import resize_for_model
 from .model import softmax
 from .model_info import ModelInfo
@@ -107,10 +107,34 @@ def evaluate_image(image: np.ndarray, ground_truth: np.ndarray | None, label: in
         row.update(iou=None, gtc=None, sc=None, sc_mass=None, pattern=None, pointing_hit=None)
     curves: dict[str, list[float]] = {}
     if settings.with_faithfulness:
-        result = evaluate_faithfulness(image, dense, predicted, score_fn, settings.faithfulness)
-        row.update(result.numbers())
-        curves = {name: [float(v) for v in values] for name, values in result.curves().items()}
+        row_curves = faithfulness(image, saliency, predicted, score_fn, settings.faithfulness)
+        row.update(row_curves[0])
+        curves = row_curves[1]
     return row, curves
+
+
+def _finite(value: float) -> float | None:
+    """NaN (a correlation over a constant curve) becomes None: JSON has no NaN."""
+    return None if np.isnan(value) else float(value)
+
+
+def faithfulness(image: np.ndarray, saliency: np.ndarray, class_id: int, score_fn,
+                 settings: FaithfulnessSettings) -> tuple[dict, dict[str, list[float]]]:
+    """Deletion and insertion (AUC, DC/IC, curve) and the single-step AD, IIC, ADD of one map
+    at its own resolution (cells are perturbed whole)."""
+    deletion = deletion_insertion(image, saliency, class_id, score_fn, "deletion", settings)
+    insertion = deletion_insertion(image, saliency, class_id, score_fn, "insertion", settings)
+    single = single_step(image, saliency, class_id, score_fn, settings)
+    numbers = {
+        "deletion_auc": deletion.auc, "insertion_auc": insertion.auc,
+        "deletion_correlation": _finite(deletion.correlation),
+        "insertion_correlation": _finite(insertion.correlation),
+        "average_drop": single.average_drop,
+        "increase_in_confidence": single.increase_in_confidence,
+        "average_drop_in_deletion": single.average_drop_in_deletion,
+    }
+    curves = {"deletion": deletion.scores.tolist(), "insertion": insertion.scores.tolist()}
+    return numbers, curves
 
 
 def evaluate_items(backend: Backend, items: list[DatasetItem],

@@ -9,6 +9,7 @@ Used by `xaiserve evaluate` and by benchmarks/grid_pointing_game.py.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import cv2
@@ -55,19 +56,17 @@ def choose_mosaics(names: Sequence[str], count: int, seed: int, n: int = 2
     rng = np.random.default_rng(seed)
     subsets = list(itertools.combinations(names, k))
     rng.shuffle(subsets)
+    wanted = min(count, len(subsets) * math.factorial(k))
     chosen: list[tuple[str, ...]] = []
     seen: set[tuple[str, ...]] = set()
-    while len(chosen) < count and subsets:
-        before = len(chosen)
+    while len(chosen) < wanted:
         for subset in subsets:
             order = tuple(subset[i] for i in rng.permutation(k))
             if order not in seen:
                 seen.add(order)
                 chosen.append(order)
-                if len(chosen) == count:
+                if len(chosen) == wanted:
                     break
-        if len(chosen) == before:  # every permutation of every subset is used
-            break
     return chosen
 
 
