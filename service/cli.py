@@ -306,6 +306,17 @@ def add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-faithfulness", action="store_true",
                    help="skip deletion/insertion and the other perturbation metrics")
+    p.add_argument("--steps", type=int, default=196,
+                   help="deletion/insertion steps (at most one per map cell)")
+    p.add_argument("--substrate", choices=["default", "black", "blur", "mean"],
+                   default="default", help="what removed pixels become (default: deletion and "
+                   "the single-step metrics black, insertion blur)")
+    p.add_argument("--binarization", default="std", choices=["std", "threshold", "percentile"],
+                   help="how a map becomes the saliency set S for Shared Interest")
+    p.add_argument("--binarization-value", type=float, default=None,
+                   help="k of mean + k std (1), the cut (0.5) or the percentile (90)")
+    p.add_argument("--pattern-cutoffs", type=_floats, default=None, metavar="IOU,GTC,SC",
+                   help="high/low cut-offs of the Shared Interest patterns (0.5,0.5,0.5)")
     p.add_argument("--grid-mosaics", type=int, default=40,
                    help="2x2 mosaics for the grid pointing game (0: skip)")
     p.add_argument("--seed", type=int, default=0)

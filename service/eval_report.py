@@ -221,7 +221,7 @@ def _img(src: str, alt: str) -> str:
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right}th{background:#eee}img{max-width:100%;border:1px solid #ddd}
+text-align:right}td:first-child{text-align:left}th{background:#eee}img{max-width:100%;border:1px solid #ddd}
 .note{color:#555;font-size:90%}"""
 
 
@@ -234,6 +234,9 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
              f"<p>{s['images']} images, {s['with_ground_truth']} with ground truth; accuracy "
              f"{_fmt(s['accuracy'])}; saliency: {html.escape(str(s['model'].get('saliency_method')))}"
              f"; maps of the predicted class.</p>",
+             *([f"<p><b>{len(s['failed'])} images could not be read</b> (listed in "
+                "summary.json): " + html.escape(", ".join(r["image"] for r in s["failed"][:10]))
+                + "</p>"] if s.get("failed") else []),
              "<h2>Summary</h2>",
              _table(["metric", "mean"], [[k, v] for k, v in means.items()]
                     + [["pointing game (map maximum inside the ground truth)", s["pointing_game"]]]),
@@ -280,11 +283,14 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
 
 def write_report(results: list[ImageResult], items: list[DatasetItem], game: GridGame | None,
                  info: ModelInfo, model: dict, settings: dict, out: Path) -> dict:
-    """All files of the report into `out`; returns the summary."""
+    """All files of the report into `out`; returns the summary. Rows with an `error` (images
+    that could not be read) are listed in the summary, not averaged."""
+    failed = [r.row for r in results if "error" in r.row]
+    results = [r for r in results if "error" not in r.row]
     out.mkdir(parents=True, exist_ok=True)
     figures_dir = out / "figures"
     figures_dir.mkdir(exist_ok=True)
-    summary = summarise(results, game, settings, model)
+    summary = {**summarise(results, game, settings, model), "failed": failed}
     by_id = {item.relative: item for item in items}
     figures: dict = {}
     if histograms(results, figures_dir / "histograms.png"):

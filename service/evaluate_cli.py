@@ -9,7 +9,10 @@ VERB = "evaluate"
 
 
 def settings_from_args(args):
+    """EvaluationSettings from the options; ValueError names the option to fix."""
     from .evaluation import EvaluationSettings
+    from .faithfulness import FaithfulnessSettings
+    from .shared_interest import Binarization, PatternCutoffs
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -17,11 +20,31 @@ def settings_from_args(args):
         raise ValueError("--grid-mosaics must be 0 (skip) or more")
     if args.limit < 0:
         raise ValueError("--limit must be 0 (all images) or more")
-    return EvaluationSettings(with_faithfulness=not args.no_faithfulness,
+    try:
+        binarization = Binarization(args.binarization, args.binarization_value)
+    except ValueError as exc:
+        raise ValueError(f"--binarization-value: {exc}") from None
+    cutoffs = args.pattern_cutoffs or [0.5, 0.5, 0.5]
+    if len(cutoffs) != 3:
+        raise ValueError("--pattern-cutoffs: give three numbers, IOU,GTC,SC")
+    try:
+        patterns = PatternCutoffs(*cutoffs)
+    except ValueError as exc:
+        raise ValueError(f"--pattern-cutoffs: {exc}") from None
+    try:
+        faithfulness = FaithfulnessSettings(steps=args.steps)
+    except ValueError as exc:
+        raise ValueError(f"--steps: {exc}") from None
+    if args.substrate != "default":
+        faithfulness = faithfulness.with_substrate(args.substrate)
+    return EvaluationSettings(binarization=binarization, cutoffs=patterns,
+                              faithfulness=faithfulness,
+                              with_faithfulness=not args.no_faithfulness,
                               grid_mosaics=args.grid_mosaics, seed=args.seed)
 
 
 def evaluate_command(args, fail) -> int:
+    import grpc
     from tqdm import tqdm
 
     try:
@@ -63,10 +86,19 @@ def evaluate_command(args, fail) -> int:
         else:
             results = evaluate_local(spec, items, settings, args.batch_size, bar.update, backend)
         bar.close()
-        game = play_grid_game(backend, items, settings) if settings.grid_mosaics else None
-    except DatasetError as exc:
+        failed = [i for i, r in enumerate(results) if "error" in r.row]
+        for i in failed:
+            print(f"xaiserve evaluate: error: {results[i].row['error']}", file=sys.stderr)
+        game = (play_grid_game(backend, items, settings, unreadable=tuple(failed))
+                if settings.grid_mosaics else None)
+    except (BackendError, DatasetError) as exc:
         bar.close()
         return fail(VERB, str(exc))
+    except grpc.RpcError as exc:
+        bar.close()
+        return fail(VERB, f"--server {args.server}: {exc.code().name}: {exc.details()}")
+    if len(failed) == len(items):
+        return fail(VERB, "no image could be read; see the errors above")
     model = {"name": args.model or str(args.model_path), "source": args.server or "in-process",
              "saliency_method": backend.info.saliency_method,
              "saliency_settings": backend.info.saliency_settings,
@@ -77,6 +109,7 @@ def evaluate_command(args, fail) -> int:
     shown = {k: means.get(k) for k in ("iou", "gtc", "sc", "deletion_auc", "insertion_auc")}
     print(f"{summary['images']} images, accuracy {summary['accuracy']:.3f}, "
           + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None)
-          + f"; report: {args.out / 'report.html'}")
-    return 0
+          + f"; report: {args.out / 'report.html'}"
+          + (f"; {len(failed)} images could not be read" if failed else ""))
+    return 1 if failed else 0
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from . import grid_pointing_game as gpg
-from .dataset import DatasetItem, load_ground_truth, load_image
+from .dataset import DatasetError, DatasetItem, load_ground_truth, load_image
 from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend
 from .faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from .images import resize_for_model
@@ -139,27 +139,44 @@ def faithfulness(image: np.ndarray, saliency: np.ndarray, class_id: int, score_f
 
 def evaluate_items(backend: Backend, items: list[DatasetItem],
                    settings: EvaluationSettings) -> list[ImageResult]:
-    """Read, infer (one batch) and evaluate `items`; the rows name each image and its class."""
+    """Read, infer (one batch) and evaluate `items`; the rows name each image and its class.
+
+    An image or mask that cannot be read gives a row with an `error` (and no numbers) instead
+    of stopping the run: one bad file in a large data set should not cost the rest."""
     info = backend.info
-    originals = [load_image(item) for item in items]
-    batch = np.stack([resize_for_model(image, info) for image in originals])
-    out = backend.infer(batch, (LOGITS_OUTPUT, SALIENCY_OUTPUT))
-    score_fn = score_function(backend)
-    results = []
+    loaded, failed = {}, {}
     for i, item in enumerate(items):
-        truth = load_ground_truth(item, *originals[i].shape[:2])
-        truth = None if truth is None else mask_for_model(truth, info)
-        logits = out[LOGITS_OUTPUT][i]
-        predicted = int(np.argmax(logits))
-        maps = out[SALIENCY_OUTPUT][i]
-        saliency = maps[predicted if maps.shape[0] > 1 else 0]
-        numbers, curves = evaluate_image(batch[i], truth, item.label, logits, saliency, score_fn,
-                                         settings)
-        row = {"image": item.relative, "class_name": item.class_name, "label": item.label,
-               "ground_truth": "mask" if item.mask_path else ("boxes" if item.boxes else "none"),
-               **numbers, "predicted_label": backend.info.labels[numbers["predicted"]]}
-        results.append(ImageResult(row, curves, np.asarray(saliency, np.float32)))
-    return results
+        try:
+            original = load_image(item)
+            truth = load_ground_truth(item, *original.shape[:2])
+            loaded[i] = (resize_for_model(original, info),
+                         None if truth is None else mask_for_model(truth, info))
+        except DatasetError as exc:
+            failed[i] = str(exc)
+    results: dict[int, ImageResult] = {
+        i: ImageResult({"image": items[i].relative, "class_name": items[i].class_name,
+                        "label": items[i].label, "error": message}, {},
+                       np.zeros((0, 0), np.float32))
+        for i, message in failed.items()}
+    if loaded:
+        order = sorted(loaded)
+        batch = np.stack([loaded[i][0] for i in order])
+        out = backend.infer(batch, (LOGITS_OUTPUT, SALIENCY_OUTPUT))
+        score_fn = score_function(backend)
+        for k, i in enumerate(order):
+            item = items[i]
+            logits = out[LOGITS_OUTPUT][k]
+            predicted = int(np.argmax(logits))
+            maps = out[SALIENCY_OUTPUT][k]
+            saliency = maps[predicted if maps.shape[0] > 1 else 0]
+            numbers, curves = evaluate_image(batch[k], loaded[i][1], item.label, logits,
+                                             saliency, score_fn, settings)
+            row = {"image": item.relative, "class_name": item.class_name, "label": item.label,
+                   "ground_truth": ("mask" if item.mask_path else
+                                    "boxes" if item.boxes else "none"),
+                   **numbers, "predicted_label": info.labels[numbers["predicted"]]}
+            results[i] = ImageResult(row, curves, np.asarray(saliency, np.float32))
+    return [results[i] for i in range(len(items))]
 
 
 @dataclass
@@ -174,8 +191,8 @@ class GridGame:
         return gpg.summarise(self.scores)
 
 
-def play_grid_game(backend: Backend, items: list[DatasetItem],
-                   settings: EvaluationSettings, keep: int = 3) -> GridGame:
+def play_grid_game(backend: Backend, items: list[DatasetItem], settings: EvaluationSettings,
+                   keep: int = 3, unreadable: tuple[int, ...] = ()) -> GridGame:
     """2x2 mosaics of images of distinct classes at the model's input size; each cell's class is
     explained by the model's own saliency_map and scored by its positive mass in the cell."""
     info = backend.info
@@ -183,6 +200,8 @@ def play_grid_game(backend: Backend, items: list[DatasetItem],
     cell = size // 2
     picks = gpg.distinct_class_mosaics([item.label for item in items], settings.grid_mosaics,
                                        settings.seed)
+    readable = set(range(len(items))) - set(unreadable)
+    picks = [p for p in picks if readable.issuperset(p)]
     game = GridGame([], [])
     for number, pick in enumerate(picks):
         cells = [cv2.resize(load_image(items[i]), (cell, cell), interpolation=cv2.INTER_AREA)
