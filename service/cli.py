@@ -319,6 +319,9 @@ def add_evaluate(sub) -> None:
                    help="high/low cut-offs of the Shared Interest patterns (0.5,0.5,0.5)")
     p.add_argument("--grid-mosaics", type=int, default=40,
                    help="2x2 mosaics for the grid pointing game (0: skip)")
+    p.add_argument("--grid-methods", default="saliency_map",
+                   help="comma-separated: saliency_map (the model's map), rise (black-box, "
+                        "in-process only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray: local | auto | ray://HOST:PORT (needs xaiserve[scale])")

@@ -64,8 +64,7 @@ def summarise(results: list[ImageResult], game: GridGame | None, settings: dict,
         "per_class": per_class,
         "mean_curves": curves,
         "grid_pointing_game": None if game is None else {
-            "method": f"saliency_map ({model.get('saliency_method')})", **game.summary(),
-            "mosaics": len(game.mosaics)},
+            "mosaics": len(game.mosaics), "methods": game.summary()},
         "settings": settings,
     }
 
@@ -256,11 +255,15 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
          for name, c in s["per_class"].items()])]
     game = s.get("grid_pointing_game")
     parts.append("<h2>Grid pointing game</h2>")
-    if game and game["n"]:
+    if game and game["mosaics"]:
+        saliency = f"saliency_map ({s['model'].get('saliency_method')})"
         parts += [_table(["method", "mosaics", "targets", "score", "± sem", "above chance",
                           "chance"],
-                         [[game["method"], game["mosaics"], game["n"], game["mean"], game["sem"],
-                           game["above_chance"], game["chance"]]])]
+                         [[saliency if name == "saliency_map" else name, game["mosaics"],
+                           g["n"], g["mean"], g["sem"], g["above_chance"], g["chance"]]
+                          for name, g in game["methods"].items()]),
+                  "<p class='note'>Score: the share of a map's positive mass inside the cell "
+                  "of the class it explains (Rao et al. 2022). Pictures: the first method.</p>"]
         if figures.get("grid_game"):
             parts.append(_img(figures["grid_game"], "grid pointing game examples"))
     else:

@@ -10,7 +10,7 @@ VERB = "evaluate"
 
 def settings_from_args(args):
     """EvaluationSettings from the options; ValueError names the option to fix."""
-    from .evaluation import EvaluationSettings
+    from .evaluation import GRID_METHODS, EvaluationSettings
     from .faithfulness import FaithfulnessSettings
     from .shared_interest import Binarization, PatternCutoffs
 
@@ -20,6 +20,13 @@ def settings_from_args(args):
         raise ValueError("--grid-mosaics must be 0 (skip) or more")
     if args.limit < 0:
         raise ValueError("--limit must be 0 (all images) or more")
+    methods = tuple(m.strip() for m in args.grid_methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in GRID_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--grid-methods {args.grid_methods!r}: choose from "
+                         f"{', '.join(GRID_METHODS)}")
+    if "rise" in methods and args.server:
+        raise ValueError("--grid-methods rise runs in-process only; use --model-path")
     try:
         binarization = Binarization(args.binarization, args.binarization_value)
     except ValueError as exc:
@@ -40,7 +47,8 @@ def settings_from_args(args):
     return EvaluationSettings(binarization=binarization, cutoffs=patterns,
                               faithfulness=faithfulness,
                               with_faithfulness=not args.no_faithfulness,
-                              grid_mosaics=args.grid_mosaics, seed=args.seed)
+                              grid_mosaics=args.grid_mosaics, grid_methods=methods,
+                              seed=args.seed)
 
 
 def evaluate_command(args, fail) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import grid_pointing_game as gpg
 from .dataset import DatasetError, DatasetItem, load_ground_truth, load_image
-from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend
+from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend, BackendError
 from .faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from .images import resize_for_model
 from .model import softmax
@@ -36,6 +36,7 @@ class EvaluationSettings:
     faithfulness: FaithfulnessSettings = field(default_factory=FaithfulnessSettings)
     with_faithfulness: bool = True
     grid_mosaics: int = 40
+    grid_methods: tuple[str, ...] = ("saliency_map",)
     seed: int = 0
 
     def as_dict(self) -> dict:
@@ -179,22 +180,44 @@ def evaluate_items(backend: Backend, items: list[DatasetItem],
     return [results[i] for i in range(len(items))]
 
 
+def saliency_map_maps(backend: Backend, mosaic: np.ndarray, targets: list[int]) -> np.ndarray:
+    """The model's own in-graph maps of the target classes: [len(targets), h, w]."""
+    maps = backend.infer(mosaic[None], (SALIENCY_OUTPUT,))[SALIENCY_OUTPUT][0]
+    return np.stack([maps[t if maps.shape[0] > 1 else 0] for t in targets])
+
+
+def rise_maps(backend: Backend, mosaic: np.ndarray, targets: list[int]) -> np.ndarray:
+    """Black-box RISE maps (service/rise.py, its default masks) of the same model, in-process."""
+    from .rise import RiseExplainer
+
+    compiled = getattr(getattr(backend, "model", None), "compiled", None)
+    if compiled is None:
+        raise BackendError("--grid-methods rise runs in-process only (--model-path)")
+    return RiseExplainer().explain(compiled, mosaic, targets)
+
+
+# Methods the grid pointing game can compare, by name: (backend, mosaic, targets) -> maps.
+GRID_METHODS = {"saliency_map": saliency_map_maps, "rise": rise_maps}
+
+
 @dataclass
 class GridGame:
-    """Scores of the built-in grid pointing game and a few mosaics to show."""
+    """Scores of the built-in grid pointing game per method, and a few mosaics to show (with
+    the first method's maps)."""
 
-    scores: list[float]
+    scores: dict[str, list[float]]
     mosaics: list[list[str]]  # image ids per mosaic, reading order
     examples: list[dict] = field(default_factory=list)  # {"mosaic", "maps", "targets"}
 
     def summary(self) -> dict:
-        return gpg.summarise(self.scores)
+        return {method: gpg.summarise(values) for method, values in self.scores.items()}
 
 
 def play_grid_game(backend: Backend, items: list[DatasetItem], settings: EvaluationSettings,
                    keep: int = 3, unreadable: tuple[int, ...] = ()) -> GridGame:
     """2x2 mosaics of images of distinct classes at the model's input size; each cell's class is
-    explained by the model's own saliency_map and scored by its positive mass in the cell."""
+    explained by every method in `settings.grid_methods` and scored by the positive mass of its
+    map in that cell."""
     info = backend.info
     size = min(info.input_height, info.input_width)
     cell = size // 2
@@ -202,17 +225,17 @@ def play_grid_game(backend: Backend, items: list[DatasetItem], settings: Evaluat
                                        settings.seed)
     readable = set(range(len(items))) - set(unreadable)
     picks = [p for p in picks if readable.issuperset(p)]
-    game = GridGame([], [])
+    game = GridGame({method: [] for method in settings.grid_methods}, [])
     for number, pick in enumerate(picks):
         cells = [cv2.resize(load_image(items[i]), (cell, cell), interpolation=cv2.INTER_AREA)
                  for i in pick]
         mosaic = resize_for_model(gpg.build_mosaic(cells), info)
-        maps = backend.infer(mosaic[None], (SALIENCY_OUTPUT,))[SALIENCY_OUTPUT][0]
         targets = [items[i].label for i in pick]
-        chosen = [maps[t if maps.shape[0] > 1 else 0] for t in targets]
-        game.scores.extend(gpg.grid_score(m, k, size) for k, m in enumerate(chosen))
+        for m, method in enumerate(settings.grid_methods):
+            maps = GRID_METHODS[method](backend, mosaic, targets)
+            game.scores[method].extend(gpg.grid_score(maps[k], k, size) for k in range(4))
+            if m == 0 and number < keep:
+                game.examples.append({"mosaic": mosaic, "maps": list(maps),
+                                      "targets": [info.labels[t] for t in targets]})
         game.mosaics.append([items[i].relative for i in pick])
-        if number < keep:
-            game.examples.append({"mosaic": mosaic, "maps": chosen,
-                                  "targets": [info.labels[t] for t in targets]})
     return game

@@ -57,7 +57,8 @@ def shapes(tmp_path_factory):
 def report(shapes):
     out = shapes["work"] / "report"
     result = run_cli("evaluate", str(shapes["data"]), "--model-path", str(shapes["model"]),
-                     "--out", str(out), "--grid-mosaics", "12", "--batch-size", "5",
+                     "--out", str(out), "--grid-mosaics", "12", "--grid-methods",
+                     "saliency_map,rise", "--batch-size", "5",
                      "--steps", str(STEPS))
     assert result.returncode == 0, result.stderr
     assert "evaluate: 100%" in result.stderr  # the progress bar
@@ -138,8 +139,10 @@ def test_report_numbers_match_direct_computation(shapes, report):
     assert summary["pointing_game"] >= 0.9
     assert summary["means"]["insertion_auc"] > summary["means"]["deletion_auc"]
     game = summary["grid_pointing_game"]
-    assert game["n"] == 4 * 12 and game["mosaics"] == 12
-    assert game["mean"] > 0.4, "the maps should point at the right cell well above chance (0.25)"
+    assert game["mosaics"] == 12 and set(game["methods"]) == {"saliency_map", "rise"}
+    assert all(g["n"] == 4 * 12 for g in game["methods"].values())
+    assert game["methods"]["saliency_map"]["mean"] > 0.4, \
+        "the in-graph maps should point at the right cell well above chance (0.25)"
 
     # The CSV carries the same rows.
     with (report / "results.csv").open() as handle:
