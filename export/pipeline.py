@@ -117,8 +117,8 @@ def _reference(request: ExportRequest, loaded, model: ov.Model, info, images,
     from .reference_saliency import ReferenceCheckError
 
     if loaded.torch_module is None:
-        raise ReferenceCheckError("--reference needs a torch source (default, timm:..., torch:...); "
-                             "an IR or ONNX file has no gradients")
+        raise ReferenceCheckError("--reference needs a torch source (default, timm:..., "
+                                  "torch:...); an IR or ONNX file has no gradients")
     t = time.perf_counter()
     progress("comparing with the torch reference")
     figures = check_reference(loaded.torch_module, compile_f32(model), images, info,

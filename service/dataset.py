@@ -2,7 +2,7 @@
 
     DATASET/<class>/<name>.png|.jpg|...      one sub-folder per class
     DATASET/<class>/<name>.mask.png          optional: the object's pixels (non-zero = object)
-    DATASET/boxes.json                       optional: {"<class>/<name>.jpg": [[x0, y0, x1, y1], ...]}
+    DATASET/boxes.json                       optional: {"<class>/<name>.jpg": [[x0, y0, x1, y1]]}
 
 Boxes are in the image's own pixels, corners inclusive-exclusive; a mask wins over boxes when
 an image has both. A class folder is matched to the model's labels by name (case and `_` versus

@@ -1,8 +1,9 @@
 """Where `evaluate` gets logits and saliency maps: an IR compiled in this process, or a server.
 
-Both answer the same call, `infer(u8 [N, H, W, 3] at the model's size) -> {"logits", "saliency_map"}`,
-so the per-image evaluation is one function whatever runs the model. A `BackendSpec` is a small
-picklable description, so a Ray worker can open its own backend (one compiled model per worker).
+Both answer the same call, `infer(u8 [N, H, W, 3] at the model's size) -> {"logits",
+"saliency_map"}`, so the per-image evaluation is one function whatever runs the model. A
+`BackendSpec` is a small picklable description, so a Ray worker can open its own backend (one
+compiled model per worker).
 """
 
 from __future__ import annotations

@@ -220,7 +220,8 @@ def _img(src: str, alt: str) -> str:
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right}td:first-child{text-align:left}th{background:#eee}img{max-width:100%;border:1px solid #ddd}
+text-align:right}td:first-child{text-align:left}th{background:#eee}
+img{max-width:100%;border:1px solid #ddd}
 .note{color:#555;font-size:90%}"""
 
 
@@ -231,14 +232,16 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
              f"{html.escape(s['model']['name'])}</title><style>{STYLE}</style></head><body>",
              f"<h1>Explanation quality: {html.escape(s['model']['name'])}</h1>",
              f"<p>{s['images']} images, {s['with_ground_truth']} with ground truth; accuracy "
-             f"{_fmt(s['accuracy'])}; saliency: {html.escape(str(s['model'].get('saliency_method')))}"
+             f"{_fmt(s['accuracy'])}; saliency: "
+             f"{html.escape(str(s['model'].get('saliency_method')))}"
              f"; maps of the predicted class.</p>",
              *([f"<p><b>{len(s['failed'])} images could not be read</b> (listed in "
                 "summary.json): " + html.escape(", ".join(r["image"] for r in s["failed"][:10]))
                 + "</p>"] if s.get("failed") else []),
              "<h2>Summary</h2>",
              _table(["metric", "mean"], [[k, v] for k, v in means.items()]
-                    + [["pointing game (map maximum inside the ground truth)", s["pointing_game"]]]),
+                    + [["pointing game (map maximum inside the ground truth)",
+                        s["pointing_game"]]]),
              "<p class='note'>Shared Interest (Boggust et al. 2022): IoU, GTC = |G∩S|/|G|, "
              "SC = |G∩S|/|S|, sc_mass = saliency mass inside G. Deletion AUC: lower is better; "
              "insertion AUC: higher is better. Settings (binarisation, pattern cut-offs, "
