@@ -4,7 +4,7 @@
     DATASET/<class>/<name>.mask.png          optional: the object's pixels (non-zero = object)
     DATASET/boxes.json                       optional: {"<class>/<name>.jpg": [[x0, y0, x1, y1]]}
 
-Boxes are in the image's own pixels, corners inclusive-exclusive; a mask wins over boxes when
+Boxes are in the image's own pixels, (x0, y0) inclusive, (x1, y1) exclusive, inside the image; a mask wins over boxes when
 an image has both. A class folder is matched to the model's labels by name (case and `_` versus
 space ignored), else a numeric folder name is the class id; anything else is an error that names
 the folder. No torch: the server side and Ray workers read data sets too.
@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from .images import ImageError, read_image
+from .shared_interest import ground_truth_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIX = ".mask.png"
@@ -148,9 +149,8 @@ def load_ground_truth(item: DatasetItem, height: int, width: int) -> np.ndarray 
                                f"the image {width}x{height}; masks must match their image")
         return mask > 0
     if item.boxes is not None:
-        mask = np.zeros((height, width), dtype=bool)
-        for x0, y0, x1, y1 in item.boxes:
-            mask[max(0, int(round(y0))):max(0, int(round(y1))),
-                 max(0, int(round(x0))):max(0, int(round(x1)))] = True
-        return mask
+        try:
+            return ground_truth_mask(height, width, boxes=item.boxes)
+        except ValueError as exc:
+            raise DatasetError(f"{BOXES_FILE}: {item.relative!r}: {exc}") from None
     return None
