@@ -186,7 +186,99 @@ def add_explain(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("out"))
+    add_quality_options(p)
     p.set_defaults(run=run_explain)
+
+
+def add_quality_options(p) -> None:
+    """Ground truth and explanation-quality metrics for `explain` (Shared Interest, pointing game,
+    faithfulness); every metric in the JSON carries its parameters."""
+    g = p.add_argument_group("explanation quality")
+    g.add_argument("--label", type=int, help="true class id: adds the Shared Interest pattern")
+    g.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
+                   help="ground-truth box in image pixels (repeatable; union with --mask)")
+    g.add_argument("--mask", type=Path, help="ground-truth mask PNG, the image's size")
+    g.add_argument("--metrics", default="",
+                   help="extra metrics: all, faithfulness, shared_interest or names, comma "
+                        "separated (deletion_auc, insertion_auc, average_drop, ...)")
+    g.add_argument("--substrate", choices=["black", "blur", "mean"],
+                   help="faithfulness substrate (default: deletion black, insertion blur)")
+    g.add_argument("--steps", type=int, default=0, help="deletion/insertion steps (0: 196)")
+    g.add_argument("--binarization", choices=["std", "threshold", "percentile"], default="std")
+    g.add_argument("--binarization-value", type=float,
+                   help="k of mean + k std (1), threshold 0..1 (0.5) or percentile (90)")
+
+
+def quality_arguments(args) -> dict:
+    """--box/--mask/--metrics/... -> XaiClient.explain keyword arguments; ValueError names the
+    option."""
+    from .explanation_quality import resolve_names
+
+    boxes = []
+    for text in args.box:
+        try:
+            box = _floats(text)
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"--box {text!r}: expected X0,Y0,X1,Y1 in pixels")
+        boxes.append(tuple(box))
+    names = [n for n in args.metrics.split(",") if n.strip()]
+    try:
+        resolve_names(names)
+    except ValueError as exc:
+        raise ValueError(f"--metrics: {str(exc).split(': ', 1)[1]}") from None
+    if args.mask is not None and not args.mask.is_file():
+        raise ValueError(f"--mask {args.mask}: no such file")
+    options = {"steps": args.steps, "binarization": args.binarization}
+    if args.substrate:
+        options["substrate"] = args.substrate
+    if args.binarization_value is not None:
+        options["binarization_value"] = args.binarization_value
+    return {"label": args.label, "boxes": boxes, "metrics": names, "metric_options": options,
+            "mask": args.mask}
+
+
+def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
+    """The same metrics as the server's, computed in-process for `explain --model-path`."""
+    import cv2
+
+    from . import faithfulness as fm
+    from .explanation_quality import (QualityRequest, model_scorer, quality_metrics,
+                                      resolve_names)
+    from .shared_interest import Binarization
+
+    options = quality["metric_options"]
+    mask = None
+    if quality["mask"] is not None:
+        mask = cv2.imread(str(quality["mask"]), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise ValueError(f"--mask {quality['mask']}: not a readable image")
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"--mask {quality['mask']}: {mask.shape[1]}x{mask.shape[0]} does "
+                             f"not match the image's {image.shape[1]}x{image.shape[0]}")
+    if not (quality["metrics"] or quality["boxes"] or mask is not None):
+        return []
+    settings = fm.FaithfulnessSettings(steps=options["steps"] or fm.FaithfulnessSettings.steps)
+    if "substrate" in options:
+        settings = settings.with_substrate(options["substrate"])
+    request = QualityRequest(
+        names=quality["metrics"], boxes=quality["boxes"], mask=mask, label=quality["label"],
+        binarization=Binarization(options["binarization"], options.get("binarization_value")),
+        faithfulness=settings)
+    top = result.predictions[0].class_id
+    if top not in result.maps:
+        raise ValueError("this model has no saliency map; explanation-quality metrics need one")
+    resolve_names(request.names)
+    values = quality_metrics(request, image, model.preprocess(image), result.maps[top], top,
+                             top, model_scorer(model), model.info)
+    return [{"name": v.name, "value": _json_number(v.value), "text": v.text,
+             "parameters": v.parameters} for v in values]
+
+
+def _json_number(value: float) -> float | None:
+    """NaN (an undefined correlation) is not JSON: null."""
+    return None if value != value else value
 
 
 def run_explain_remote(args) -> int:
@@ -196,13 +288,21 @@ def run_explain_remote(args) -> int:
 
     if not args.model:
         return _fail("explain", "--model NAME is needed with --server")
+    try:
+        quality = quality_arguments(args)
+    except ValueError as exc:
+        return _fail("explain", str(exc))
+    from tqdm import tqdm
+
     client = XaiClient(args.server)
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for path in args.images:
+    for path in tqdm(args.images, desc="explain", unit="image",
+                     disable=not quality["metrics"] or len(args.images) < 2):
         try:
             response = client.explain(path, args.model, version=args.version, top_k=1,
-                                      method=args.method, num_masks=args.masks, seed=args.seed)
+                                      method=args.method, num_masks=args.masks, seed=args.seed,
+                                      **quality)
         except OSError as exc:
             print(f"xaiserve explain: error: {path}: {exc.strerror}", file=sys.stderr)
             failures += 1
@@ -221,7 +321,7 @@ def run_explain_remote(args) -> int:
                             for p in response.predictions[:args.top_k]],
             "maps": [{"class_id": m.class_id, "label": m.label, "method": m.method,
                       "shape": list(m.shape)} for m in response.maps],
-            "metrics": [{"name": m.name, "value": m.value, "text": m.text,
+            "metrics": [{"name": m.name, "value": _json_number(m.value), "text": m.text,
                          "parameters": dict(m.parameters)} for m in response.metrics],
             "timings_ms": dict(response.timings_ms),
         }
@@ -257,8 +357,9 @@ def run_explain(args) -> int:
     from .overlay import overlay, write_png
 
     try:
+        quality = quality_arguments(args)
         model = ClassifierModel(resolve_version_dir(args.model_path), args.device).load()
-    except (FileNotFoundError, ModelLoadError) as exc:
+    except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         return _fail("explain", str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -270,6 +371,12 @@ def run_explain(args) -> int:
             failures += 1
             continue
         result = model.explain(image, top_k=args.top_k)
+        try:
+            metrics = local_quality_metrics(model, image, result, quality)
+        except ValueError as exc:
+            print(f"xaiserve explain: error: {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
         top = result.predictions[0]
         record = {
             "image": str(path),
@@ -278,6 +385,8 @@ def run_explain(args) -> int:
                          for c, m in result.maps.items()},
             "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         }
+        if metrics:
+            record["metrics"] = metrics
         if top.class_id in result.maps:
             legend = [f"map: {top.label} ({top.score:.2f})"] + [
                 f"{p.label}: {p.score:.2f}" for p in result.predictions[1:]]

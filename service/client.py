@@ -34,16 +34,29 @@ class XaiClient:
     def explain(self, image: bytes | Path, model: str, *, version: str = "",
                 targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
                 map_format: str = "overlay", num_masks: int = 0, seed: int = 0,
-                label: int | None = None) -> pb.ExplainResponse:
+                label: int | None = None, boxes: list[tuple[float, float, float, float]] = (),
+                mask: bytes | Path | None = None, metrics: list[str] = (),
+                metric_options: dict | None = None,
+                thresholds: dict[str, float] | None = None) -> pb.ExplainResponse:
+        """`boxes` (x_min, y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground
+        truth for Shared Interest; `metrics` names extra metrics ("all", "faithfulness", ...);
+        `metric_options` holds MetricOptions fields (substrate, steps, binarization, ...)."""
         data = Path(image).read_bytes() if isinstance(image, Path) else image
         request = pb.ExplainRequest(
             model_name=model, model_version=version, image=pb.Image(encoded=data),
             target_classes=targets or [], top_k=top_k, method=METHODS[method],
             black_box=pb.BlackBoxOptions(num_masks=num_masks, seed=seed),
-            map_format=MAP_FORMATS[map_format])
+            map_format=MAP_FORMATS[map_format], metrics=list(metrics),
+            metric_options=pb.MetricOptions(**(metric_options or {})),
+            thresholds=thresholds or {})
         if label is not None:
             request.ground_truth.label = label
             request.ground_truth.has_label = True
+        for x_min, y_min, x_max, y_max in boxes:
+            request.ground_truth.boxes.add(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)
+        if mask is not None:
+            request.ground_truth.mask_png = Path(mask).read_bytes() if isinstance(mask, Path) \
+                else mask
         return self.stub.Explain(request, timeout=self.timeout)
 
     def close(self) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .model import Routes
+
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
 
@@ -23,12 +25,20 @@ class ModelSettings:
     num_requests: int = 0  # 0: the compiled model's optimal number
     black_box_masks: int = 1000  # default RISE masks per request
     max_black_box_masks: int = 8000  # per-request cap
+    # Extra compiled copies (service.model.Routes): predictions without the saliency branch,
+    # and single images on an idle model through a LATENCY-compiled copy.
+    scores_only_copy: bool = True
+    latency_copy_when_idle: bool = True
 
     def compile_config(self) -> dict:
         config = {"PERFORMANCE_HINT": self.performance_hint}
         if self.num_requests:
             config["PERFORMANCE_HINT_NUM_REQUESTS"] = str(self.num_requests)
         return config
+
+    def routes(self) -> Routes:
+        return Routes(scores_only=self.scores_only_copy,
+                      latency_when_idle=self.latency_copy_when_idle)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ import uuid
 import cv2
 import numpy as np
 
+from . import faithfulness as fm
 from . import request_metrics as rm
 from .config import ServerSettings
 from .errors import exhausted, invalid, rpc
+from .explanation_quality import (QualityError, QualityRequest, model_scorer, quality_metrics,
+                                  resolve_names)
 from .images import ImageError, as_rgb, decode_image, resize_for_model
 from .kserve import served_version
 from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
@@ -20,9 +23,14 @@ from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository
 from .rise import RiseExplainer, RiseSettings
+from .shared_interest import Binarization, PatternCutoffs
 
 MAX_TOP_K = 20
 MAX_IMAGE_PIXELS = 40_000_000
+# Faithfulness costs about 2 * (steps + 1) + 3 inferences per request.
+MAX_FAITHFULNESS_STEPS = 256
+MAX_POINTING_TOLERANCE_PX = 512
+THRESHOLD_NAMES = ("high_confidence", "competing_margin", "iou_high", "gtc_high", "sc_high")
 
 
 class Stopwatch:
@@ -125,6 +133,9 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                           float(probabilities[c]))
         watch.lap("encode_maps")
         self._add_metrics(response, request, image, probabilities, maps)
+        if maps:
+            self._add_quality_metrics(response, request, image, tensor, model, maps[0],
+                                      targets[0], int(np.argmax(probabilities)))
         watch.lap("metrics")
         for name, value in watch.total().items():
             response.timings_ms[name] = value
@@ -169,7 +180,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             raise exhausted("the server is running its maximum of black-box explanations; "
                             "retry later")
         try:
-            maps = self.rise.explain(model.compiled, tensor, targets, settings)
+            maps = self.rise.explain(model.compiled_scores, tensor, targets, settings)
         finally:
             self.black_box_slots.release()
         return list(maps), "rise"
@@ -215,5 +226,70 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                                                            thresholds),
                 high_confidence=thresholds.high_confidence,
                 competing_margin=thresholds.competing_margin)
-        if truth.mask_png:
-            decode_mask(truth.mask_png, *image.shape[:2])
+
+    def _quality_request(self, request, image) -> QualityRequest:
+        """The request's ground truth and metric options as library settings; bad values become
+        INVALID_ARGUMENT naming the field."""
+        for key in request.thresholds:
+            if key not in THRESHOLD_NAMES:
+                raise invalid(f"thresholds[{key!r}]: unknown; expected one of "
+                              f"{', '.join(THRESHOLD_NAMES)}")
+        truth, options = request.ground_truth, request.metric_options
+        mask = decode_mask(truth.mask_png, *image.shape[:2]) if truth.mask_png else None
+        if options.steps > MAX_FAITHFULNESS_STEPS:
+            raise exhausted(f"metric_options.steps {options.steps} is over this server's cap of "
+                            f"{MAX_FAITHFULNESS_STEPS}; ask for fewer steps")
+        if options.pointing_tolerance_px > MAX_POINTING_TOLERANCE_PX:
+            raise invalid(f"metric_options.pointing_tolerance_px {options.pointing_tolerance_px}"
+                          f": expected 0..{MAX_POINTING_TOLERANCE_PX}")
+        try:
+            binarization = Binarization(
+                options.binarization or "std",
+                options.binarization_value if options.HasField("binarization_value") else None)
+        except ValueError as exc:
+            raise invalid(f"metric_options: {exc}") from None
+        try:
+            cutoffs = PatternCutoffs(**{k: request.thresholds[k] for k in
+                                        ("iou_high", "gtc_high", "sc_high")
+                                        if k in request.thresholds})
+        except ValueError as exc:
+            raise invalid(f"thresholds: {exc}") from None
+        try:
+            settings = fm.FaithfulnessSettings(steps=options.steps or fm.FaithfulnessSettings.steps,
+                                               blur_kernel=options.blur_kernel)
+            if options.substrate:
+                settings = settings.with_substrate(options.substrate)
+        except ValueError as exc:
+            raise invalid(f"metric_options: {exc}") from None
+        return QualityRequest(
+            names=list(request.metrics),
+            boxes=[(b.x_min, b.y_min, b.x_max, b.y_max) for b in truth.boxes], mask=mask,
+            label=int(truth.label) if truth.has_label else None, binarization=binarization,
+            cutoffs=cutoffs, faithfulness=settings,
+            pointing_tolerance_px=int(options.pointing_tolerance_px))
+
+    def _add_quality_metrics(self, response, request, image, tensor, model, saliency,
+                             class_id: int, predicted: int) -> None:
+        """Shared Interest and pointing game with ground truth; faithfulness when asked, its
+        extra inferences batched and counted against the black-box slots."""
+        quality = self._quality_request(request, image)
+        if not quality.names and not quality.has_ground_truth:
+            return
+        try:
+            heavy = bool(resolve_names(quality.names)[0])
+        except QualityError as exc:
+            raise invalid(str(exc)) from None
+        if heavy and not self.black_box_slots.acquire(timeout=30):
+            raise exhausted("the server is running its maximum of black-box explanations and "
+                            "faithfulness metrics; retry later")
+        try:
+            values = quality_metrics(quality, image, tensor, saliency, class_id, predicted,
+                                     model_scorer(model), model.info)
+        except QualityError as exc:
+            raise invalid(str(exc)) from None
+        finally:
+            if heavy:
+                self.black_box_slots.release()
+        for value in values:
+            metric = response.metrics.add(name=value.name, value=value.value, text=value.text)
+            metric.parameters.update(value.parameters)

@@ -337,9 +337,13 @@ METRIC_NAMES = tuple(METRICS)
 
 @dataclass(frozen=True)
 class MetricValue:
+    """One response entry: a number (or, for a categorical result, `text`) and the parameters
+    that reproduce it."""
+
     name: str
     value: float
     parameters: dict[str, str]
+    text: str = ""
 
 
 def compute(names: Iterable[str], image: np.ndarray, saliency: np.ndarray, class_id: int,

@@ -127,7 +127,7 @@ class ModelRepository:
         settings = self.settings.for_model(state.name)
         try:
             state.model = ClassifierModel(state.path, settings.device, settings.compile_config(),
-                                          self.core).load()
+                                          self.core, settings.routes()).load()
             log.info("loaded %s version %d on %s", state.name, state.version, settings.device)
         except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
             state.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

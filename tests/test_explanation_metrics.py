@@ -10,9 +10,9 @@ import torch
 from saliency_maps_metrics.multi_step_metrics import Deletion, Insertion
 from saliency_maps_metrics.single_step_metrics import ADD, IIC_AD
 
-from service import faithfulness as fm
-from service.model import softmax
-from service.shared_interest import (PATTERNS, Binarization, PatternCutoffs,
+from xaiserve.service import faithfulness as fm
+from xaiserve.service.model import softmax
+from xaiserve.service.shared_interest import (PATTERNS, Binarization, PatternCutoffs,
                                      SharedInterestScores, binarize, ground_truth_mask,
                                      pointing_game_hit, shared_interest,
                                      shared_interest_pattern)
@@ -123,7 +123,7 @@ def test_pointing_game_hit_and_miss():
     assert Binarization().as_parameters()["binarization"] == "std"
 
 
-# --- faithfulness: hand-computed -------------------------------------------------------------------
+# --- faithfulness: hand-computed ----------------------------------------------------------------
 
 def test_single_step_formulas_by_hand():
     assert fm.average_drop([0.8, 0.5], [0.4, 0.6]) == pytest.approx((0.5 + 0.0) / 2)
@@ -217,8 +217,8 @@ def as_torch_model(score_fn):
 def cross_check_inputs():
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[:48, :48]
-    image = np.clip(np.stack([xx * 5, yy * 5, (xx + yy) * 2], -1) + rng.integers(0, 40, (48, 48, 3)),
-                    0, 255).astype(np.uint8)
+    noise = rng.integers(0, 40, (48, 48, 3))
+    image = np.clip(np.stack([xx * 5, yy * 5, (xx + yy) * 2], -1) + noise, 0, 255).astype(np.uint8)
     saliency = rng.random((12, 12))  # 144 distinct values, no ties
     return image, saliency
 

@@ -78,7 +78,7 @@ class Box(_message.Message):
     def __init__(self, x_min: _Optional[float] = ..., y_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_max: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "id", "image", "target_classes", "top_k", "method", "black_box", "ground_truth", "metrics", "map_format", "thresholds")
+    __slots__ = ("model_name", "model_version", "id", "image", "target_classes", "top_k", "method", "black_box", "ground_truth", "metrics", "map_format", "thresholds", "metric_options")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class ExplainRequest(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MAP_FORMAT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     id: str
@@ -110,7 +111,24 @@ class ExplainRequest(_message.Message):
     metrics: _containers.RepeatedScalarFieldContainer[str]
     map_format: MapFormat
     thresholds: _containers.ScalarMap[str, float]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target_classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., black_box: _Optional[_Union[BlackBoxOptions, _Mapping]] = ..., ground_truth: _Optional[_Union[GroundTruth, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., map_format: _Optional[_Union[MapFormat, str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    metric_options: MetricOptions
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target_classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., black_box: _Optional[_Union[BlackBoxOptions, _Mapping]] = ..., ground_truth: _Optional[_Union[GroundTruth, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., map_format: _Optional[_Union[MapFormat, str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., metric_options: _Optional[_Union[MetricOptions, _Mapping]] = ...) -> None: ...
+
+class MetricOptions(_message.Message):
+    __slots__ = ("binarization", "binarization_value", "substrate", "steps", "blur_kernel", "pointing_tolerance_px")
+    BINARIZATION_FIELD_NUMBER: _ClassVar[int]
+    BINARIZATION_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SUBSTRATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BLUR_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    POINTING_TOLERANCE_PX_FIELD_NUMBER: _ClassVar[int]
+    binarization: str
+    binarization_value: float
+    substrate: str
+    steps: int
+    blur_kernel: int
+    pointing_tolerance_px: int
+    def __init__(self, binarization: _Optional[str] = ..., binarization_value: _Optional[float] = ..., substrate: _Optional[str] = ..., steps: _Optional[int] = ..., blur_kernel: _Optional[int] = ..., pointing_tolerance_px: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_id", "label", "score")

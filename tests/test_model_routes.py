@@ -1,0 +1,71 @@
+"""The server's extra compiled copies (scores-only, latency-when-idle) answer exactly what the
+full model answers: a route is a speed choice, never a different result."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from xaiserve.service.model import SALIENCY_OUTPUT, ClassifierModel, Routes, without_saliency
+
+THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT"}
+
+
+@pytest.fixture(scope="module")
+def models(default_export):
+    path = default_export.path
+    plain = ClassifierModel(path, config=THROUGHPUT).load()
+    routed = ClassifierModel(path, config=THROUGHPUT, routes=Routes(True, True)).load()
+    return plain, routed
+
+
+@pytest.fixture(scope="module")
+def batch(models, photos):
+    plain, _ = models
+    return np.stack([plain.preprocess(p) for p in photos.values()])
+
+
+def test_scores_only_copy_has_no_saliency_branch(default_export):
+    import openvino as ov
+
+    model = ov.Core().read_model(str(default_export.path / "model.xml"))
+    pruned = without_saliency(model)
+    assert [("logits" in o.get_names()) for o in pruned.outputs] == [True]
+    assert len(pruned.get_ops()) < len(model.get_ops())
+    assert pruned.get_rt_info(["model_info", "model_type"]).astype(str) == "Classification"
+
+
+def test_each_route_gives_the_full_models_answer(models, batch):
+    plain, routed = models
+    reference = plain.predict(batch)
+    # Idle, one image: the LATENCY copy.
+    for i in range(len(batch)):
+        single = routed.predict(batch[i:i + 1])
+        np.testing.assert_allclose(single["logits"], reference["logits"][i:i + 1], atol=1e-4)
+        np.testing.assert_allclose(single[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT][i:i + 1],
+                                   atol=1e-4)
+    # Scores only: the pruned copy.
+    scores = routed.predict(batch, ("logits",))
+    assert set(scores) == {"logits"}
+    np.testing.assert_allclose(scores["logits"], reference["logits"], atol=1e-4)
+
+
+def test_concurrent_callers_get_their_own_images_answers(models, batch):
+    """Under load requests spread over all copies; each caller must still get its image's
+    scores and map."""
+    plain, routed = models
+    reference = plain.predict(batch)
+    jobs = [(i % len(batch), ("logits",) if i % 3 == 0 else None) for i in range(48)]
+
+    def call(job):
+        i, outputs = job
+        return i, routed.predict(batch[i:i + 1], outputs)
+
+    with ThreadPoolExecutor(8) as pool:
+        for i, out in pool.map(call, jobs):
+            np.testing.assert_allclose(out["logits"], reference["logits"][i:i + 1], atol=1e-4)
+            if SALIENCY_OUTPUT in out:
+                np.testing.assert_allclose(out[SALIENCY_OUTPUT],
+                                           reference[SALIENCY_OUTPUT][i:i + 1], atol=1e-4)
