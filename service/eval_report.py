@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 from .dataset import DatasetItem, load_ground_truth, load_image
-from .evaluation import GridGame, ImageResult, mask_for_model
-from .images import resize_for_model
+from .evaluation import GridGame, ImageResult
+from .explanation_quality import saliency_on_image
 from .model_info import ModelInfo
 from .overlay import overlay, write_png
 
@@ -73,9 +73,12 @@ def summarise(results: list[ImageResult], game: GridGame | None, settings: dict,
 
 def _tile(image: np.ndarray, saliency: np.ndarray, truth: np.ndarray | None,
           legend: list[str]) -> np.ndarray:
-    scale = max(1, math.ceil(TILE / image.shape[1]))
-    big = cv2.resize(image, (image.shape[1] * scale, image.shape[0] * scale),
-                     interpolation=cv2.INTER_NEAREST)
+    """The image at TILE pixels wide (small images enlarged without blur), its map over it, the
+    ground truth outlined in white and the legend below."""
+    scale = TILE / image.shape[1]
+    size = (TILE, max(1, round(image.shape[0] * scale)))
+    big = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST if scale >= 1
+                     else cv2.INTER_AREA)
     picture = overlay(big, saliency, legend)
     if truth is not None:
         mask = cv2.resize(truth.astype(np.uint8), (big.shape[1], big.shape[0]),
@@ -110,13 +113,13 @@ def overlay_grids(results: list[ImageResult], items: dict[str, DatasetItem], inf
             item = items[r.row["image"]]
             original = load_image(item)
             truth = load_ground_truth(item, *original.shape[:2])
-            truth = None if truth is None else mask_for_model(truth, info)
+            on_image = saliency_on_image(r.saliency, *original.shape[:2], info)
             legend = [r.row["image"][-28:],
                       f"{r.row['predicted_label']} {r.row['confidence']:.2f}"
                       + ("" if r.row["correct"] else f" (is {r.row['class_name']})")]
             if r.row.get("iou") is not None:
                 legend.append(f"IoU {r.row['iou']:.2f} GTC {r.row['gtc']:.2f} SC {r.row['sc']:.2f}")
-            tiles.append(_tile(resize_for_model(original, info), r.saliency, truth, legend))
+            tiles.append(_tile(original, on_image, truth, legend))
         path = folder / f"{key}_{group}.png"
         write_png(path, _grid(tiles))
         written[group] = path.name

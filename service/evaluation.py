@@ -17,6 +17,7 @@ import numpy as np
 from . import grid_pointing_game as gpg
 from .dataset import DatasetError, DatasetItem, load_ground_truth, load_image
 from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend, BackendError
+from .explanation_quality import saliency_on_image
 from .faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from .images import resize_for_model
 from .model import softmax
@@ -60,18 +61,6 @@ class ImageResult:
         return cls(d["row"], d["curves"], np.asarray(d["saliency"], np.float32))
 
 
-def upsample(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[h, w] map -> [height, width], bilinear, values kept (no rescaling)."""
-    return cv2.resize(saliency.astype(np.float32), (width, height),
-                      interpolation=cv2.INTER_LINEAR)
-
-
-def mask_for_model(mask: np.ndarray, info: ModelInfo) -> np.ndarray:
-    """The ground truth through the same resize (stretch, crop or letterbox) as the image."""
-    picture = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
-    return resize_for_model(picture, dataclasses.replace(info, pad_value=0))[..., 0] > 127
-
-
 def score_function(backend: Backend):
     """A batched `score_fn(u8 [N, H, W, 3]) -> softmax [N, K]` for the faithfulness metrics."""
     def score(images: np.ndarray) -> np.ndarray:
@@ -81,11 +70,16 @@ def score_function(backend: Backend):
     return score
 
 
-def evaluate_image(image: np.ndarray, ground_truth: np.ndarray | None, label: int,
+def evaluate_image(model_input: np.ndarray, ground_truth: np.ndarray | None, label: int,
                    logits: np.ndarray, saliency: np.ndarray, score_fn,
-                   settings: EvaluationSettings) -> tuple[dict, dict[str, list[float]]]:
-    """One image at the model's size (u8 [H, W, 3]), its ground truth at that size (or None),
-    its logits [K] and the predicted class's map [h, w] -> (numbers, curves)."""
+                   settings: EvaluationSettings, info: ModelInfo
+                   ) -> tuple[dict, dict[str, list[float]]]:
+    """One image as the model saw it (u8 [H, W, 3]), its ground truth at the image's own size
+    (or None), its logits [K] and the predicted class's map [h, w] -> (numbers, curves).
+
+    Shared Interest and the pointing game compare the map brought back onto the image (the
+    model's resize undone, as `xaiserve explain --mask` does), so both give the same numbers;
+    the faithfulness metrics perturb the model's input cell by cell of the map."""
     probs = softmax(logits.astype(np.float64))
     predicted = int(np.argmax(probs))
     row = {
@@ -97,9 +91,8 @@ def evaluate_image(image: np.ndarray, ground_truth: np.ndarray | None, label: in
         "entropy": entropy(probs),
         "case": prediction_case(probs, label, settings.cases),
     }
-    height, width = image.shape[:2]
-    dense = upsample(saliency, height, width)
     if ground_truth is not None and ground_truth.any():
+        dense = saliency_on_image(saliency, *ground_truth.shape, info)
         scores = shared_interest(dense, ground_truth, settings.binarization)
         row.update(iou=scores.iou, gtc=scores.gtc, sc=scores.sc, sc_mass=scores.sc_mass,
                    pattern=shared_interest_pattern(scores, predicted == label, settings.cutoffs),
@@ -108,7 +101,8 @@ def evaluate_image(image: np.ndarray, ground_truth: np.ndarray | None, label: in
         row.update(iou=None, gtc=None, sc=None, sc_mass=None, pattern=None, pointing_hit=None)
     curves: dict[str, list[float]] = {}
     if settings.with_faithfulness:
-        row_curves = faithfulness(image, saliency, predicted, score_fn, settings.faithfulness)
+        row_curves = faithfulness(model_input, saliency, predicted, score_fn,
+                                  settings.faithfulness)
         row.update(row_curves[0])
         curves = row_curves[1]
     return row, curves
@@ -150,8 +144,7 @@ def evaluate_items(backend: Backend, items: list[DatasetItem],
         try:
             original = load_image(item)
             truth = load_ground_truth(item, *original.shape[:2])
-            loaded[i] = (resize_for_model(original, info),
-                         None if truth is None else mask_for_model(truth, info))
+            loaded[i] = (resize_for_model(original, info), truth)
         except DatasetError as exc:
             failed[i] = str(exc)
     results: dict[int, ImageResult] = {
@@ -171,7 +164,7 @@ def evaluate_items(backend: Backend, items: list[DatasetItem],
             maps = out[SALIENCY_OUTPUT][k]
             saliency = maps[predicted if maps.shape[0] > 1 else 0]
             numbers, curves = evaluate_image(batch[k], loaded[i][1], item.label, logits,
-                                             saliency, score_fn, settings)
+                                             saliency, score_fn, settings, info)
             row = {"image": item.relative, "class_name": item.class_name, "label": item.label,
                    "ground_truth": ("mask" if item.mask_path else
                                     "boxes" if item.boxes else "none"),
