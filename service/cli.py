@@ -411,7 +411,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--version", default="")
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("report"))
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate a sample of N images only (drawn with --seed, all classes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-faithfulness", action="store_true",
                    help="skip deletion/insertion and the other perturbation metrics")

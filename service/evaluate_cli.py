@@ -84,8 +84,11 @@ def evaluate_command(args, fail) -> int:
         items = scan_dataset(args.dataset, backend.info.labels)
     except (BackendError, DatasetError) as exc:
         return fail(VERB, str(exc))
-    if args.limit:
-        items = items[:args.limit]
+    if args.limit and args.limit < len(items):
+        import numpy as np
+
+        keep = np.random.default_rng(args.seed).choice(len(items), args.limit, replace=False)
+        items = [items[i] for i in sorted(keep)]
     bar = tqdm(total=len(items), desc="evaluate", unit="image", file=sys.stderr)
     try:
         if args.ray is not None:
