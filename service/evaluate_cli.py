@@ -18,6 +18,8 @@ def settings_from_args(args):
         raise ValueError("--batch-size must be at least 1")
     if args.grid_mosaics < 0:
         raise ValueError("--grid-mosaics must be 0 (skip) or more")
+    if args.ray_workers < 1:
+        raise ValueError("--ray-workers must be at least 1")
     if args.limit < 0:
         raise ValueError("--limit must be 0 (all images) or more")
     methods = tuple(m.strip() for m in args.grid_methods.split(",") if m.strip())
