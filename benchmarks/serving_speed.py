@@ -45,6 +45,9 @@ import cv2
 import grpc
 import numpy as np
 
+from xaiserve.service import bench_reference as reference
+from xaiserve.service import bench_works as works
+from xaiserve.service.client import open_channel
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
@@ -162,21 +165,10 @@ def ensure_models(repository: Path, reexport: bool) -> dict[str, Path]:
 
 
 def sample_jpeg(size: int) -> tuple[bytes, tuple[int, int]]:
-    """A real photo as JPEG (quality 90): scikit-image's cat, else a smooth synthetic picture.
-    `size` > 0 resizes it to size x size (224: the model's input, so preprocessing is no more
-    than what benchmark_app skips); 0 keeps the photo's own 451 x 300."""
-    try:
-        import skimage.data
-        rgb = skimage.data.chelsea()
-    except ImportError:
-        y, x = np.mgrid[0:300, 0:451]
-        rgb = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
-    if size > 0:
-        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return data.tobytes(), (rgb.shape[0], rgb.shape[1])
+    """The library's sample photo as JPEG; `size` > 0: size x size, 0: the photo's 451 x 300."""
+    data, _ = works.sample_jpeg(size)
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return data, (rgb.shape[0], rgb.shape[1])
 
 
 # --- benchmark_app ----------------------------------------------------------------------------
@@ -199,50 +191,19 @@ class BenchApp:
     cpu: CpuWindow | None = None
 
 
-def parse_benchmark_app(text: str) -> dict:
-    """Count, Duration, Latency Median/Average, Throughput, nireq and streams from its report."""
-    def number(pattern: str) -> float | None:
-        m = re.search(pattern, text, re.M)
-        return float(m.group(1)) if m else None
-
-    values = {
-        "iterations": number(r"Count:\s+(\d+) iterations"),
-        "duration_ms": number(r"Duration:\s+([\d.]+) ms"),
-        "p50_ms": number(r"Median:\s+([\d.]+) ms"),
-        "mean_ms": number(r"Average:\s+([\d.]+) ms"),
-        "fps": number(r"Throughput:\s+([\d.]+) FPS"),
-        "infer_requests": number(r"asynchronously, (\d+) inference requests"),
-        "streams": number(r"^\[ INFO \]\s+NUM_STREAMS: (\d+)"),
-    }
-    missing = [k for k in ("iterations", "duration_ms", "p50_ms", "fps") if values[k] is None]
-    if missing:
-        raise ValueError(f"benchmark_app output has no {missing}")
-    return values
-
-
 def run_benchmark_app(xml: Path, hint: str, batch: int, seconds: int) -> BenchApp:
-    """benchmark_app on CPU with a static [batch, 224, 224, 3] input; its FPS counts images."""
-    shape = ",".join(str(d) for d in (batch, *INPUT_SHAPE[1:]))
-    cmd = [str(VENV_BIN / "benchmark_app"), "-m", str(xml), "-d", "CPU", "-hint", hint,
-           "-t", str(seconds), "-shape", f"image[{shape}]"]
+    """benchmark_app on CPU with a static [batch, 224, 224, 3] input (the library's run), and
+    the CPU the machine used meanwhile."""
     meter = CpuMeter(children_cpu_seconds)
     meter.start()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 180)
+    ref = reference.run_benchmark_app(xml, hint=hint, batch=batch, seconds=seconds,
+                                      input_hw=INPUT_SHAPE[1:3])
     cpu = meter.stop()
-    if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {tail}")
-    v = parse_benchmark_app(proc.stdout)
-    # benchmark_app reports images/s when it finds the batch dimension; check it did.
-    per_iteration = v["iterations"] / v["duration_ms"] * 1e3
-    fps = v["fps"] if abs(v["fps"] - per_iteration * batch) < 0.05 * v["fps"] else \
-        per_iteration * batch
-    result = BenchApp(xml.parent.parent.name, hint, batch, seconds, fps, v["p50_ms"],
-                      v["mean_ms"] or v["p50_ms"], int(v["iterations"]), v["duration_ms"],
-                      None if v["infer_requests"] is None else int(v["infer_requests"]),
-                      None if v["streams"] is None else int(v["streams"]), cpu)
-    log(f"  benchmark_app {result.model:<18} {hint:<10} b{batch:<2}: {fps:7.1f} FPS, "
-        f"p50 {v['p50_ms']:6.2f} ms, nireq {result.infer_requests}, streams {result.streams}, "
+    result = BenchApp(xml.parent.parent.name, hint, batch, seconds, ref.fps, ref.p50_ms,
+                      ref.mean_ms, ref.iterations, ref.duration_ms, ref.infer_requests,
+                      ref.streams, cpu)
+    log(f"  benchmark_app {result.model:<18} {hint:<10} b{batch:<2}: {ref.fps:7.1f} FPS, "
+        f"p50 {ref.p50_ms:6.2f} ms, nireq {result.infer_requests}, streams {result.streams}, "
         f"others {cpu.other_cores:.2f} cores")
     return result
 
@@ -250,12 +211,8 @@ def run_benchmark_app(xml: Path, hint: str, batch: int, seconds: int) -> BenchAp
 # --- the server -------------------------------------------------------------------------------
 
 def channel(address: str) -> grpc.Channel:
-    """A channel with its own TCP connection: gRPC otherwise shares one connection between
-    channels with equal arguments, and 8 'clients' would be 8 streams on one socket."""
-    return grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.use_local_subchannel_pool", 1)])
+    """A channel with its own TCP connection (8 'clients' must not be 8 streams on one socket)."""
+    return open_channel(address, MAX_MESSAGE, own_connection=True)
 
 
 @dataclass

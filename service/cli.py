@@ -445,12 +445,155 @@ def run_evaluate(args) -> int:
     return evaluate_command(args, _fail)
 
 
+def add_health(sub) -> None:
+    p = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 if SERVING")
+    p.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT (default: %(default)s)")
+    p.add_argument("--service", default="", help="service name; default: the whole server")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default: %(default)s)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of a TLS server")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM client key (mTLS)")
+    p.add_argument("--tls-server-name", default=None, help="name in the server's certificate")
+    p.set_defaults(run=run_health)
+
+
+def run_health(args) -> int:
+    """Exit 0 when SERVING, 1 when not (or unreachable), 2 on bad options."""
+    from .health import HealthError, TlsFiles, check_health
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _fail("health", "--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        return _fail("health", "--tls-cert needs --tls-ca (the server's CA)")
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            return _fail("health", f"--{name.replace('_', '-')} {path}: no such file")
+    tls = (TlsFiles(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+           if args.tls_ca else None)
+    try:
+        status = check_health(args.server, args.service, args.timeout, tls)
+    except HealthError as exc:
+        print(f"xaiserve health: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.server} {args.service or '(server)'}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="throughput and latency in-process and through a server, "
+                                     "next to benchmark_app; JSON, CSV, PNG plots, a summary")
+    p.add_argument("--model-path", type=Path, action="append", default=[],
+                   help="models/<name> (newest version) or models/<name>/<v>; repeat to compare "
+                        "IRs (f32, INT8); with --server: the IR it serves, for benchmark_app")
+    p.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    p.add_argument("--model", help="model name on the server")
+    p.add_argument("--version", default="")
+    p.add_argument("--works", default="predict,explain-white",
+                   help="comma list of predict, explain-white, explain-black, faithfulness")
+    p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
+    p.add_argument("--concurrency", default="1", help="concurrent clients, e.g. 1,4,8")
+    p.add_argument("--device", default="CPU", help="in-process devices, e.g. CPU,GPU,NPU,AUTO")
+    p.add_argument("--precision", default="default",
+                   help="default,f32,bf16,f16 (INFERENCE_PRECISION_HINT; default: the device's)")
+    p.add_argument("--hint", default="THROUGHPUT", help="LATENCY,THROUGHPUT,...")
+    p.add_argument("--streams", default="auto", help="NUM_STREAMS values, e.g. auto,1,2")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--window", type=float, default=3.0, help="seconds per measurement window")
+    p.add_argument("--window-count", type=int, default=0,
+                   help="requests per window instead of --window seconds")
+    p.add_argument("--stability", type=float, default=10.0,
+                   help="percent: accept when the last --stable-windows windows' throughput "
+                        "and p50 lie within this of their mean")
+    p.add_argument("--stable-windows", type=int, default=3)
+    p.add_argument("--max-windows", type=int, default=10,
+                   help="give up after this many windows and report stable: false")
+    p.add_argument("--masks", type=int, default=500, help="black-box (RISE) masks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", type=Path, default=None, help="default: a sample photo")
+    p.add_argument("--reference-seconds", type=int, default=10, help="benchmark_app -t")
+    p.add_argument("--no-reference", action="store_true", help="do not run benchmark_app")
+    p.add_argument("--out", type=Path, default=Path("bench"))
+    p.set_defaults(run=run_bench)
+
+
+def _bench_list(option: str, text: str, kind=str) -> tuple:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: give a comma list, e.g. 1,4,8") from None
+
+
+class _BenchBar:
+    """tqdm over the points; skip lines and benchmark_app runs printed above it."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = None
+
+    def start(self, total: int) -> None:
+        self.bar = self._tqdm(total=total, desc="bench", unit="point", file=sys.stderr)
+
+    def begin(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+
+    def window(self, window, index: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"window {index}: {window.throughput:.1f} img/s, "
+                                     f"p50 {window.p50_ms:.1f} ms")
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def note(self, line: str) -> None:
+        self._tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_bench(args) -> int:
+    from .bench import BenchError, BenchSettings, Bench
+    from .bench_report import write_all
+
+    try:
+        paths = tuple(resolve_version_dir(p) for p in args.model_path)
+        settings = BenchSettings(
+            model_paths=paths, server=args.server, model=args.model, version=args.version,
+            works=_bench_list("--works", args.works),
+            batch_sizes=_bench_list("--batch", args.batch, int),
+            concurrency=_bench_list("--concurrency", args.concurrency, int),
+            devices=_bench_list("--device", args.device),
+            precisions=_bench_list("--precision", args.precision.lower()),
+            hints=_bench_list("--hint", args.hint.upper()),
+            streams=_bench_list("--streams", args.streams.lower()),
+            warmup_s=args.warmup, window_s=args.window, window_count=args.window_count,
+            stability=args.stability / 100, stable_windows=args.stable_windows,
+            max_windows=args.max_windows, masks=args.masks, seed=args.seed, image=args.image,
+            reference=not args.no_reference, reference_seconds=args.reference_seconds)
+        bench = Bench(settings, _BenchBar())
+        result = bench.run()
+    except (BenchError, ValueError, FileNotFoundError) as exc:
+        return _fail("bench", str(exc))
+    written = write_all(result, args.out)
+    print(written["summary"].read_text(), end="")
+    print(f"wrote {', '.join(str(v) for v in written.values())}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xaiserve", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     add_export(sub)
     add_serve(sub)
     add_explain(sub)
+    add_health(sub)
+    add_bench(sub)
     add_evaluate(sub)
     return parser
 

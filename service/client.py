@@ -15,12 +15,50 @@ METHODS = {"auto": pb.METHOD_AUTO, "white-box": pb.METHOD_WHITE_BOX,
            "black-box": pb.METHOD_BLACK_BOX}
 
 
+def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024,
+                 own_connection: bool = False) -> grpc.Channel:
+    """An insecure channel with large message limits. `own_connection`: its own TCP connection;
+    gRPC otherwise shares one connection between channels with equal arguments, so N load
+    clients would be N streams on one socket."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return grpc.insecure_channel(address, options=options)
+
+
+def explain_request(image: bytes, model: str, *, version: str = "",
+                    targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
+                    map_format: str = "overlay", num_masks: int = 0, seed: int = 0,
+                    label: int | None = None, boxes: list[tuple[float, float, float, float]] = (),
+                    mask: bytes | None = None, metrics: list[str] = (),
+                    metric_options: dict | None = None,
+                    thresholds: dict[str, float] | None = None) -> pb.ExplainRequest:
+    """An ExplainRequest from plain values (method and map format by their CLI names).
+    `boxes` (x_min, y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground truth for
+    Shared Interest; `metrics` names extra metrics ("all", "faithfulness", ...);
+    `metric_options` holds MetricOptions fields (substrate, steps, binarization, ...)."""
+    request = pb.ExplainRequest(
+        model_name=model, model_version=version, image=pb.Image(encoded=image),
+        target_classes=targets or [], top_k=top_k, method=METHODS[method],
+        black_box=pb.BlackBoxOptions(num_masks=num_masks, seed=seed),
+        map_format=MAP_FORMATS[map_format], metrics=list(metrics or []),
+        metric_options=pb.MetricOptions(**(metric_options or {})),
+        thresholds=thresholds or {})
+    if label is not None:
+        request.ground_truth.label = label
+        request.ground_truth.has_label = True
+    for x_min, y_min, x_max, y_max in boxes:
+        request.ground_truth.boxes.add(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)
+    if mask is not None:
+        request.ground_truth.mask_png = mask
+    return request
+
+
 class XaiClient:
     def __init__(self, address: str, timeout: float = 120.0,
-                 max_message_bytes: int = 64 * 1024 * 1024):
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+                 max_message_bytes: int = 64 * 1024 * 1024, own_connection: bool = False):
+        self.channel = open_channel(address, max_message_bytes, own_connection)
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
         self.timeout = timeout
 
@@ -38,25 +76,13 @@ class XaiClient:
                 mask: bytes | Path | None = None, metrics: list[str] = (),
                 metric_options: dict | None = None,
                 thresholds: dict[str, float] | None = None) -> pb.ExplainResponse:
-        """`boxes` (x_min, y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground
-        truth for Shared Interest; `metrics` names extra metrics ("all", "faithfulness", ...);
-        `metric_options` holds MetricOptions fields (substrate, steps, binarization, ...)."""
         data = Path(image).read_bytes() if isinstance(image, Path) else image
-        request = pb.ExplainRequest(
-            model_name=model, model_version=version, image=pb.Image(encoded=data),
-            target_classes=targets or [], top_k=top_k, method=METHODS[method],
-            black_box=pb.BlackBoxOptions(num_masks=num_masks, seed=seed),
-            map_format=MAP_FORMATS[map_format], metrics=list(metrics),
-            metric_options=pb.MetricOptions(**(metric_options or {})),
-            thresholds=thresholds or {})
-        if label is not None:
-            request.ground_truth.label = label
-            request.ground_truth.has_label = True
-        for x_min, y_min, x_max, y_max in boxes:
-            request.ground_truth.boxes.add(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)
-        if mask is not None:
-            request.ground_truth.mask_png = Path(mask).read_bytes() if isinstance(mask, Path) \
-                else mask
+        mask_png = Path(mask).read_bytes() if isinstance(mask, Path) else mask
+        request = explain_request(data, model, version=version, targets=targets, top_k=top_k,
+                                  method=method, map_format=map_format, num_masks=num_masks,
+                                  seed=seed, label=label, boxes=boxes, mask=mask_png,
+                                  metrics=metrics, metric_options=metric_options,
+                                  thresholds=thresholds)
         return self.stub.Explain(request, timeout=self.timeout)
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ class ModelSettings:
     # and single images on an idle model through a LATENCY-compiled copy.
     scores_only_copy: bool = True
     latency_copy_when_idle: bool = True
+    # Requests waiting for a busy model run as one batch of up to this many images (0: off).
+    batch_when_busy: int = 8
 
     def compile_config(self) -> dict:
         config = {"PERFORMANCE_HINT": self.performance_hint}
@@ -38,7 +40,8 @@ class ModelSettings:
 
     def routes(self) -> Routes:
         return Routes(scores_only=self.scores_only_copy,
-                      latency_when_idle=self.latency_copy_when_idle)
+                      latency_when_idle=self.latency_copy_when_idle,
+                      batch_when_busy=self.batch_when_busy)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 
@@ -121,19 +122,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     def ModelInfer(self, request, context):
+        started = time.perf_counter()
         state = served_version(self.repository, request.model_name, request.model_version)
         model = state.model
         batch = decode_input(request, state)
+        timings = {"decode": (time.perf_counter() - started) * 1e3}
         wanted = [o.name for o in request.outputs] or [SCORES_OUTPUT]
         available = {SCORES_OUTPUT} | ({SALIENCY_OUTPUT} if model.has_saliency else set())
         for i, name in enumerate(wanted):
             if name not in available:
                 raise invalid(f"outputs[{i}].name {name!r}: this model has {sorted(available)}")
-        results = model.predict(batch, tuple(wanted))
+        results = model.predict(batch, tuple(wanted), timings)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=str(state.version), id=request.id)
         for name in wanted:
             array = np.ascontiguousarray(results[name], dtype=np.float32)
             response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             response.raw_output_contents.append(array.tobytes())
+        timings["total"] = (time.perf_counter() - started) * 1e3
+        for stage, ms in timings.items():  # the server's split of this request, in ms
+            response.parameters[f"{stage}_ms"].double_param = ms
         return response

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from .batching import BatchingPool, add_timings
 from .images import resize_for_model
 from .model_info import ModelInfo
 
@@ -65,10 +66,13 @@ class Routes:
     - `latency_when_idle`: a single image arriving while the model has nothing in flight runs on
       a batch-1 copy compiled with the LATENCY hint, which uses every core for that one image;
       under load the THROUGHPUT copy's streams keep the cores busy instead.
+    - `batch_when_busy`: on the THROUGHPUT copies, requests that wait for a busy model run
+      together, up to this many images per inference (service.batching; 0: never).
     Each copy costs a compile at load and its own weights in memory."""
 
     scores_only: bool = False
     latency_when_idle: bool = False
+    batch_when_busy: int = 0
 
 
 class InferPool:
@@ -97,10 +101,15 @@ class InferPool:
         finally:
             self._requests.put(request)
 
-    def run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...],
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        asked = time.perf_counter()
         with self.request() as request:
+            started = time.perf_counter()
             request.infer({0: batch})
-            return {name: request.get_tensor(name).data.copy() for name in outputs}
+            result = {name: request.get_tensor(name).data.copy() for name in outputs}
+        add_timings(timings, asked, started, time.perf_counter())
+        return result
 
 
 def without_saliency(model: ov.Model) -> ov.Model:
@@ -143,12 +152,13 @@ class ClassifierModel:
         self.info = info
         self.compiled = self.core.compile_model(model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
-        self._full = InferPool.sized_for(self.compiled)
+        self._full = self._pool(self.compiled, "full")
         self.num_requests = self._full.size
         self._scores = self._full
         if self.routes.scores_only and self.has_saliency:
-            self._scores = InferPool.sized_for(
-                self.core.compile_model(without_saliency(model), self.device, self.config))
+            self._scores = self._pool(
+                self.core.compile_model(without_saliency(model), self.device, self.config),
+                "scores")
         self._latency = None
         if self.routes.latency_when_idle and self.config.get("PERFORMANCE_HINT") != "LATENCY":
             single = model.clone()
@@ -158,6 +168,20 @@ class ClassifierModel:
                 single, self.device, {**self.config, "PERFORMANCE_HINT": "LATENCY"}), 2)
         self._warm_up()
         return self
+
+    def _pool(self, compiled: ov.CompiledModel, name: str) -> "InferPool | BatchingPool":
+        pool = InferPool.sized_for(compiled)
+        batch_dim = compiled.inputs[0].get_partial_shape()[0]
+        if self.routes.batch_when_busy > 1 and batch_dim.is_dynamic:
+            return BatchingPool(compiled, pool.size, self.routes.batch_when_busy,
+                                f"{self.path.name}-{name}")
+        return pool
+
+    def close(self) -> None:
+        """Stop the batching threads (an unloaded version would otherwise keep them)."""
+        for pool in (self._full, self._scores):
+            if isinstance(pool, BatchingPool):
+                pool.close()
 
     @property
     def compiled_scores(self) -> ov.CompiledModel:
@@ -171,8 +195,7 @@ class ClassifierModel:
         image = np.zeros((1, info.input_height, info.input_width, 3), np.uint8)
         with _WARM_UP_LOCK:
             for pool in {id(p): p for p in (self._full, self._scores, self._latency) if p}.values():
-                with pool.request() as request:
-                    request.infer({0: image})
+                pool.run(image, ("logits",))
 
     def _route(self, batch: np.ndarray, outputs: tuple[str, ...], idle: bool) -> InferPool:
         if idle and self._latency is not None and len(batch) == 1:
@@ -188,16 +211,17 @@ class ClassifierModel:
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return resize_for_model(image, self.info)
 
-    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None
-                ) -> dict[str, np.ndarray]:
+    def predict(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None,
+                timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """u8 [N, H, W, 3] -> {"logits": [N, K], "saliency_map": [N, K, h, w] if present};
-        `outputs` limits what is computed and copied out."""
+        `outputs` limits what is computed and copied out. `timings` (ms) gets "queue" (waiting
+        for a free infer request, or for a batch to start) and "inference" added to it."""
         wanted = outputs or (("logits", SALIENCY_OUTPUT) if self.has_saliency else ("logits",))
         with self._in_flight_lock:
             idle = self._in_flight == 0
             self._in_flight += 1
         try:
-            return self._route(batch, wanted, idle).run(batch, wanted)
+            return self._route(batch, wanted, idle).run(batch, wanted, timings)
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
@@ -206,7 +230,8 @@ class ClassifierModel:
         t0 = time.perf_counter()
         tensor = self.preprocess(image)[None]
         t1 = time.perf_counter()
-        out = self.predict(tensor)
+        stages: dict[str, float] = {}
+        out = self.predict(tensor, timings=stages)
         t2 = time.perf_counter()
         probs = softmax(out["logits"][0].astype(np.float64))
         order = np.argsort(-probs)[:max(top_k, 1)]
@@ -217,7 +242,8 @@ class ClassifierModel:
             for c in order[:top_k]:
                 maps[int(c)] = saliency[int(c) if saliency.shape[0] > 1 else 0]
         return Explanation(predictions, maps, probs, {
-            "preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
+            "preprocess": (t1 - t0) * 1e3, "queue": stages["queue"],
+            "inference": (t2 - t1) * 1e3 - stages["queue"],
         })
 
     def label(self, class_id: int) -> str:

@@ -107,7 +107,9 @@ class ModelRepository:
                 for version in list(self._table[name]):
                     if version not in on_disk.get(name, {}):
                         log.info("unloading %s version %d", name, version)
-                        del self._table[name][version]
+                        unloaded = self._table[name].pop(version)
+                        if unloaded.model is not None:
+                            unloaded.model.close()
                 if not self._table[name]:
                     del self._table[name]
             for name, versions in on_disk.items():
@@ -126,8 +128,13 @@ class ModelRepository:
     def _load(self, state: VersionState) -> None:
         settings = self.settings.for_model(state.name)
         try:
-            state.model = ClassifierModel(state.path, settings.device, settings.compile_config(),
-                                          self.core, settings.routes()).load()
+            model = ClassifierModel(state.path, settings.device, settings.compile_config(),
+                                    self.core, settings.routes()).load()
+            state.model = model
+            with self._lock:
+                removed = self._table.get(state.name, {}).get(state.version) is not state
+            if removed:  # unloaded while it compiled
+                model.close()
             log.info("loaded %s version %d on %s", state.name, state.version, settings.device)
         except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
             state.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -69,3 +69,32 @@ def test_concurrent_callers_get_their_own_images_answers(models, batch):
             if SALIENCY_OUTPUT in out:
                 np.testing.assert_allclose(out[SALIENCY_OUTPUT],
                                            reference[SALIENCY_OUTPUT][i:i + 1], atol=1e-4)
+
+
+def test_requests_waiting_for_a_busy_model_are_batched_and_answered_correctly(default_export,
+                                                                              batch):
+    from xaiserve.service.batching import BatchingPool
+
+    plain = ClassifierModel(default_export.path, config=THROUGHPUT).load()
+    batching = ClassifierModel(default_export.path, config=THROUGHPUT,
+                               routes=Routes(scores_only=True, batch_when_busy=8)).load()
+    reference = plain.predict(batch)
+    pools = [batching._full, batching._scores]
+    assert all(isinstance(pool, BatchingPool) for pool in pools)
+
+    def call(i):
+        outputs = ("logits",) if i % 2 else None
+        return i % len(batch), batching.predict(batch[i % len(batch):][:1], outputs)
+
+    with ThreadPoolExecutor(12) as pool:
+        for i, out in pool.map(call, range(96)):
+            np.testing.assert_allclose(out["logits"], reference["logits"][i:i + 1], atol=1e-4)
+            if SALIENCY_OUTPUT in out:
+                np.testing.assert_allclose(out[SALIENCY_OUTPUT],
+                                           reference[SALIENCY_OUTPUT][i:i + 1], atol=1e-4)
+    assert sum(p.images for p in pools) > sum(p.inferences for p in pools)  # batches formed
+
+    # An unloaded version still answers a late request, inline.
+    batching.close()
+    late = batching.predict(batch[:1], ("logits",))
+    np.testing.assert_allclose(late["logits"], reference["logits"][:1], atol=1e-4)

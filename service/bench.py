@@ -1,0 +1,606 @@
+"""`xaiserve bench`: throughput and latency of a model the way benchmark_app and perf_analyzer
+measure them, in-process (the compiled model with our request handling) and through a running
+server (the same plus gRPC), so the serving overhead is the difference.
+
+A point is one (mode, model configuration, work, batch, concurrency). Its clients call back to
+back; after a warm-up, completed requests are counted in consecutive windows (a time or a request
+count), and the point is accepted once the last `stable_windows` windows agree on throughput and
+p50 within `stability` of their mean (perf_analyzer's rule), or reported `stable: false` after
+`max_windows`. Figures come from the accepted windows only.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+import openvino as ov
+
+from . import bench_works as works
+from .bench_reference import ReferenceRun, run_benchmark_app
+from .config import HINTS
+from .images import ImageError, decode_image
+from .model import ClassifierModel, ModelLoadError
+
+MODES = ("in-process", "server")
+PRECISIONS = ("default", "f32", "bf16", "f16")
+# OPTIMIZATION_CAPABILITIES a device must list for an inference precision.
+PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+META_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+HINT_SHORT = {"LATENCY": "lat", "THROUGHPUT": "tput", "CUMULATIVE_THROUGHPUT": "ctput"}
+# The request split, in the order a request goes through them.
+STAGES = ("decode", "preprocess", "queue", "inference", "explanation", "encode_maps", "metrics",
+          "other", "transport")
+
+
+class BenchError(ValueError):
+    """Bad settings or an unusable target; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything a bench run does. `model_paths` are version directories (or model.xml)."""
+
+    model_paths: tuple[Path, ...] = ()
+    server: str | None = None
+    model: str | None = None
+    version: str = ""
+    works: tuple[str, ...] = ("predict", "explain-white")
+    batch_sizes: tuple[int, ...] = (1,)
+    concurrency: tuple[int, ...] = (1,)
+    devices: tuple[str, ...] = ("CPU",)
+    precisions: tuple[str, ...] = ("default",)
+    hints: tuple[str, ...] = ("THROUGHPUT",)
+    streams: tuple[str, ...] = ("auto",)
+    warmup_s: float = 2.0
+    window_s: float = 3.0
+    window_count: int = 0  # > 0: windows of this many requests instead of window_s
+    stability: float = 0.10
+    stable_windows: int = 3
+    max_windows: int = 10
+    masks: int = 500
+    seed: int = 0
+    image: Path | None = None
+    reference: bool = True
+    reference_seconds: int = 10
+
+    def validate(self) -> "BenchSettings":
+        if not self.model_paths and not self.server:
+            raise BenchError("give --model-path (in-process) or --server HOST:PORT --model NAME")
+        if self.server and not self.model:
+            raise BenchError("--model NAME is needed with --server")
+        for path in self.model_paths:
+            xml = path if path.suffix == ".xml" else path / "model.xml"
+            if not xml.is_file():
+                raise BenchError(f"--model-path {path}: no model.xml there")
+        unknown = [w for w in self.works if w not in works.WORKS]
+        if unknown or not self.works:
+            raise BenchError(f"--works {','.join(unknown) or '(none)'}: choose from "
+                             f"{','.join(works.WORKS)}")
+        for option, values in (("--batch", self.batch_sizes), ("--concurrency", self.concurrency)):
+            if not values or any(v < 1 for v in values):
+                raise BenchError(f"{option} {list(values)}: give positive integers, e.g. 1,4,8")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise BenchError(f"--precision {','.join(bad)}: choose from {','.join(PRECISIONS)}")
+        bad = [h for h in self.hints if h not in HINTS]
+        if bad:
+            raise BenchError(f"--hint {','.join(bad)}: choose from {','.join(HINTS)}")
+        bad = [s for s in self.streams if s != "auto" and not (s.isdigit() and int(s) > 0)]
+        if bad:
+            raise BenchError(f"--streams {','.join(bad)}: 'auto' or positive integers")
+        checks = (("--warmup", self.warmup_s >= 0), ("--window", self.window_s > 0),
+                  ("--window-count", self.window_count >= 0),
+                  ("--stability", 0 < self.stability < 1),
+                  ("--stable-windows", self.stable_windows >= 2),
+                  ("--max-windows", self.max_windows >= self.stable_windows),
+                  ("--masks", self.masks >= 1), ("--reference-seconds",
+                                                 self.reference_seconds >= 1))
+        for option, ok in checks:
+            if not ok:
+                raise BenchError(f"{option}: out of range (see xaiserve bench --help)")
+        if self.image is not None and not self.image.is_file():
+            raise BenchError(f"--image {self.image}: no such file")
+        return self
+
+
+# --- measuring one point -----------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    end: float
+    latency_ms: float
+    stages: dict[str, float]
+
+
+@dataclass
+class Window:
+    seconds: float
+    requests: int
+    throughput: float  # images/s
+    p50_ms: float
+
+
+def is_stable(windows: list[Window], tolerance: float, count: int) -> bool:
+    """perf_analyzer's rule: the last `count` windows' throughput and p50 each lie within
+    +-tolerance of their mean."""
+    if len(windows) < count:
+        return False
+    last = windows[-count:]
+    for values in ([w.throughput for w in last], [w.p50_ms for w in last]):
+        mean = float(np.mean(values))
+        if not np.isfinite(mean) or mean <= 0:
+            return False
+        if max(values) > mean * (1 + tolerance) or min(values) < mean * (1 - tolerance):
+            return False
+    return True
+
+
+@dataclass
+class Measurement:
+    windows: list[Window]
+    samples: list[Sample]  # those of the accepted windows
+    seconds: float  # their length
+    stable: bool
+    errors: int
+    first_error: str
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def measure(calls: list[works.Call], batch: int, settings: BenchSettings,
+            on_window: Callable[[Window, int], None] | None = None) -> Measurement:
+    """One client thread per call, back to back, until the windows are stable or capped."""
+    samples: list[Sample] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client(call: works.Call) -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                stages = call()
+            except Exception as exc:  # noqa: BLE001 - counted and reported, the load goes on
+                errors.append(describe_error(exc))
+                time.sleep(0.05)
+                continue
+            end = time.perf_counter()
+            samples.append(Sample(end, (end - t) * 1e3, stages))
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in calls]
+    for th in threads:
+        th.start()
+
+    def wait(until: Callable[[], bool]) -> None:
+        while not until():
+            if errors and not samples and len(errors) >= len(calls):
+                stop.set()
+                raise BenchError(f"every request failed: {errors[0]}")
+            time.sleep(0.005)
+
+    try:
+        t_warm = time.perf_counter()
+        # The warm-up lasts warmup_s and until every client has finished one request.
+        wait(lambda: time.perf_counter() - t_warm >= settings.warmup_s
+             and len(samples) >= len(calls))
+        windows: list[Window] = []
+        bounds: list[tuple[int, int, float]] = []
+        while len(windows) < settings.max_windows:
+            start, first = time.perf_counter(), len(samples)
+            if settings.window_count:
+                wait(lambda: len(samples) - first >= settings.window_count)
+            else:  # a time window, stretched until each client can have finished one request
+                wait(lambda: time.perf_counter() - start >= settings.window_s
+                     and len(samples) - first >= len(calls))
+            last, seconds = len(samples), time.perf_counter() - start
+            latencies = [s.latency_ms for s in samples[first:last]]
+            windows.append(Window(seconds, last - first, (last - first) * batch / seconds,
+                                  float(np.percentile(latencies, 50))))
+            bounds.append((first, last, seconds))
+            stable = is_stable(windows, settings.stability, settings.stable_windows)
+            if on_window:
+                on_window(windows[-1], len(windows))
+            if stable:
+                break
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=600)
+    kept = bounds[-settings.stable_windows:]
+    return Measurement(windows, samples[kept[0][0]:kept[-1][1]], sum(b[2] for b in kept),
+                       stable, len(errors), errors[0] if errors else "")
+
+
+def request_split(samples: list[Sample], remote: bool) -> dict[str, float]:
+    """Mean ms per stage, so the parts add up to the mean latency. Remote: the server's total
+    against the client's latency gives `transport`; in-process the unaccounted rest is `other`."""
+    split: dict[str, float] = {}
+    for sample in samples:
+        stages = dict(sample.stages)
+        total = stages.pop("total", None)
+        inside = sum(stages.values())
+        if remote and total is not None:
+            stages["other"] = max(0.0, total - inside)
+            stages["transport"] = sample.latency_ms - total
+        else:
+            stages["other"] = max(0.0, sample.latency_ms - inside)
+        for name, ms in stages.items():
+            split[name] = split.get(name, 0.0) + ms
+    order = {name: i for i, name in enumerate(STAGES)}
+    return {k: split[k] / len(samples) for k in sorted(split, key=lambda k: order.get(k, 99))}
+
+
+# --- results -----------------------------------------------------------------------------------
+
+@dataclass
+class Point:
+    """One measured point, with its ratio to benchmark_app on the same IR and settings."""
+
+    mode: str
+    model: str
+    device: str
+    precision: str
+    hint: str
+    streams: str
+    work: str
+    batch: int
+    concurrency: int
+    requests: int
+    seconds: float
+    throughput: float  # images/s
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    stable: bool
+    windows: int
+    errors: int
+    split_ms: dict[str, float]
+    first_error: str = ""
+    reference_fps: float | None = None
+    reference_p50_ms: float | None = None
+    throughput_ratio: float | None = None  # ours / benchmark_app (higher is better, 1 = limit)
+    p50_ratio: float | None = None  # ours / benchmark_app (lower is better, 1 = limit)
+    window_log: list[dict] = field(default_factory=list)
+
+    @property
+    def config(self) -> str:
+        hint = HINT_SHORT.get(self.hint, self.hint.lower())
+        return f"{self.device} {self.precision} {hint} st={self.streams}"
+
+
+@dataclass
+class BenchResult:
+    settings: dict
+    environment: dict
+    image: str
+    points: list[Point] = field(default_factory=list)
+    references: list[ReferenceRun] = field(default_factory=list)
+    skips: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def point_from(measurement: Measurement, *, mode: str, model: str, device: str, precision: str,
+               hint: str, streams: str, work: str, batch: int, concurrency: int) -> Point:
+    latencies = [s.latency_ms for s in measurement.samples]
+    p50, p90, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 90, 95, 99]))
+    return Point(mode, model, device, precision, hint, streams, work, batch, concurrency,
+                 len(latencies), measurement.seconds,
+                 len(latencies) * batch / measurement.seconds, p50, p90, p95, p99,
+                 float(np.mean(latencies)), measurement.stable, len(measurement.windows),
+                 measurement.errors, request_split(measurement.samples, mode == "server"),
+                 measurement.first_error,
+                 window_log=[asdict(w) for w in measurement.windows])
+
+
+def attach_reference(point: Point, ref: ReferenceRun | None, masks: int) -> None:
+    """Ratios against benchmark_app. A black-box request is masks + 1 inferences, so its limit
+    is that many images at benchmark_app's rate, for throughput and for latency alike."""
+    if ref is None or not ref.fps:
+        return
+    per_request = works.WORKS[point.work].inferences(point.batch, masks)
+    point.reference_fps = ref.fps
+    point.reference_p50_ms = ref.p50_ms if per_request == point.batch else \
+        per_request / ref.fps * 1e3
+    point.throughput_ratio = point.throughput * per_request / point.batch / ref.fps
+    point.p50_ratio = point.p50_ms / point.reference_p50_ms if point.reference_p50_ms else None
+
+
+# --- what runs ---------------------------------------------------------------------------------
+
+class Progress:
+    """Hooks for a progress display; the CLI draws a bar, the library stays quiet."""
+
+    def start(self, total: int) -> None: ...
+    def begin(self, label: str) -> None: ...
+    def window(self, window: Window, index: int) -> None: ...
+    def advance(self) -> None: ...
+    def note(self, line: str) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way to compile the model in-process (and to run benchmark_app beside it)."""
+
+    path: Path
+    device: str
+    precision: str
+    hint: str
+    streams: str
+
+    @property
+    def xml(self) -> Path:
+        return self.path if self.path.suffix == ".xml" else self.path / "model.xml"
+
+    @property
+    def label(self) -> str:
+        return model_label(self.path)
+
+    def compile_config(self) -> dict[str, str]:
+        config = {"PERFORMANCE_HINT": self.hint}
+        if self.precision in PRECISION_CAPABILITY:
+            config["INFERENCE_PRECISION_HINT"] = self.precision
+        if self.streams != "auto":
+            config["NUM_STREAMS"] = self.streams
+        return config
+
+
+def model_label(path: Path) -> str:
+    """models/NAME/3 -> NAME/3; models/NAME/3/model.xml -> NAME/3."""
+    directory = path.parent if path.suffix == ".xml" else path
+    return f"{directory.parent.name}/{directory.name}"
+
+
+def device_skip(core: ov.Core, device: str) -> str | None:
+    available = core.available_devices
+    base = device.split(":")[0]
+    if base in META_DEVICES:
+        return None if available else f"skip {device}: no device present"
+    if device in available or (device.isalpha() and any(
+            d.split(".")[0] == device for d in available)):
+        return None
+    return f"skip {device}: not present (available: {', '.join(available) or 'none'})"
+
+
+def precision_skip(core: ov.Core, device: str, precision: str) -> str | None:
+    """bf16 on a CPU without AMX/AVX512_BF16 (or f16 where it is absent) is skipped, saying so."""
+    needed = PRECISION_CAPABILITY.get(precision)
+    if needed is None or device.split(":")[0] in META_DEVICES:
+        return None
+    try:
+        capabilities = [str(c) for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES")]
+    except Exception:  # noqa: BLE001 - a plugin that cannot say is tried as asked
+        return None
+    if needed in capabilities:
+        return None
+    return (f"skip {device} {precision}: the device has no {needed} "
+            f"(OPTIMIZATION_CAPABILITIES: {' '.join(capabilities)})")
+
+
+def environment(core: ov.Core) -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"openvino": ov.get_version(), "devices": list(core.available_devices),
+            "cpu": cpu, "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
+
+
+class Bench:
+    """Runs every planned point and reference; the result is plain data for bench_report."""
+
+    def __init__(self, settings: BenchSettings, progress: Progress | None = None,
+                 core: ov.Core | None = None):
+        self.settings = settings.validate()
+        self.progress = progress or Progress()
+        self.core = core or ov.Core()
+        if settings.image is not None:
+            self.jpeg, what = settings.image.read_bytes(), str(settings.image)
+            try:
+                decode_image(self.jpeg)
+            except ImageError as exc:
+                raise BenchError(f"--image {settings.image}: {exc}") from None
+        else:
+            self.jpeg, what = works.sample_jpeg()
+        self.work_input = works.WorkInput(self.jpeg, settings.masks, settings.seed)
+        self.result = BenchResult(_plain(asdict(settings)), environment(self.core), what)
+        self._references: dict[tuple, ReferenceRun | None] = {}
+
+    # planning ----------------------------------------------------------------------------
+
+    def local_configs(self) -> list[Config]:
+        s, configs = self.settings, []
+        for device in s.devices:
+            skip = device_skip(self.core, device)
+            if skip:
+                self.skip(skip)
+                continue
+            for precision in s.precisions:
+                skip = precision_skip(self.core, device, precision)
+                if skip:
+                    self.skip(skip)
+                    continue
+                configs.extend(Config(path, device, precision, hint, streams)
+                               for path in s.model_paths for hint in s.hints
+                               for streams in s.streams)
+        return configs
+
+    def jobs(self, mode: str) -> list[tuple[str, int, int]]:
+        """(work, batch, concurrency) runnable in this mode; skip lines for the rest."""
+        out = []
+        for name in self.settings.works:
+            for batch in self.settings.batch_sizes:
+                reason = works.WORKS[name].skip_reason(mode, batch)
+                if reason:
+                    self.skip(f"skip {reason}")
+                    continue
+                out.extend((name, batch, c) for c in self.settings.concurrency)
+        return out
+
+    def skip(self, line: str) -> None:
+        if line not in self.result.skips:
+            self.result.skips.append(line)
+            self.progress.note(line)
+
+    # running -----------------------------------------------------------------------------
+
+    def run(self) -> BenchResult:
+        started = time.perf_counter()
+        # The server is checked first, so that a wrong address fails before any work.
+        remote = self.remote_target() if self.settings.server else None
+        configs = self.local_configs() if self.settings.model_paths else []
+        local_jobs = self.jobs("in-process") if configs else []
+        remote_jobs = self.jobs("server") if self.settings.server else []
+        total = len(configs) * len(local_jobs) + len(remote_jobs)
+        self.progress.start(total)
+        try:
+            for config in configs:
+                self.run_local(config, local_jobs)
+            if remote is not None:
+                self.run_remote(remote, remote_jobs)
+        finally:
+            self.progress.close()
+        self.result.environment["load_average_after"] = os.getloadavg()[0]
+        self.result.elapsed_s = time.perf_counter() - started
+        return self.result
+
+    def run_local(self, config: Config, jobs: list[tuple[str, int, int]]) -> None:
+        try:
+            model = ClassifierModel(config.path, config.device, config.compile_config(),
+                                    self.core).load()
+        except (ModelLoadError, RuntimeError) as exc:
+            self.skip(f"skip {config.label} {config.device} {config.precision}: cannot compile "
+                      f"({str(exc).splitlines()[0][:160]})")
+            for _ in jobs:
+                self.progress.advance()
+            return
+        try:
+            for work, batch, concurrency in jobs:
+                self.progress.begin(f"in-process {work} b{batch} c{concurrency}")
+                try:
+                    calls = [works.WORKS[work].local(model, self.work_input, batch)
+                             for _ in range(concurrency)]
+                except works.Unsupported as exc:
+                    self.skip(f"skip {work} in-process on {config.label}: {exc}")
+                    self.progress.advance()
+                    continue
+                point = self._measure(calls, "in-process", config, work, batch, concurrency)
+                attach_reference(point, self.reference(config, batch, model), self.settings.masks)
+                self.progress.advance()
+        finally:
+            del model
+            gc.collect()
+
+    def run_remote(self, remote: tuple[works.RemoteTarget, str],
+                   jobs: list[tuple[str, int, int]]) -> None:
+        s = self.settings
+        target, served = remote
+        ref_config = Config(s.model_paths[0], s.devices[0], "default", s.hints[0], "auto") \
+            if s.model_paths else None
+        if ref_config is None and s.reference:
+            self.skip("skip benchmark_app for the server: give --model-path with the IR it serves")
+        label = f"{s.model}/{served}"
+        server_config = Config(Path(label), "server", "server", "server", "server")
+        for work, batch, concurrency in jobs:
+            self.progress.begin(f"server {work} b{batch} c{concurrency}")
+            calls = [works.WORKS[work].remote(target, self.work_input, batch)
+                     for _ in range(concurrency)]
+            point = self._measure(calls, "server", server_config, work, batch, concurrency)
+            point.model = label
+            if ref_config is not None:
+                attach_reference(point, self.reference(ref_config, batch), s.masks)
+            self.progress.advance()
+
+    def remote_target(self) -> tuple[works.RemoteTarget, str]:
+        """The server's address and model, checked, and the version it serves."""
+        s = self.settings
+        client = works.XaiClient(s.server, timeout=10)
+        try:
+            client.wait_ready(timeout=5)
+            info = client.model_info(s.model, s.version)
+        except grpc.FutureTimeoutError:
+            raise BenchError(f"--server {s.server}: not reachable; start `xaiserve serve` "
+                             "or fix the address") from None
+        except grpc.RpcError as exc:
+            raise BenchError(f"--model {s.model}: {describe_error(exc)}") from None
+        finally:
+            client.close()
+        if not info.ready:
+            raise BenchError(f"--model {s.model}: not ready on the server ({info.reason})")
+        return works.RemoteTarget(s.server, s.model, s.version, (
+            int(info.input_height), int(info.input_width))), info.model_version
+
+    def _measure(self, calls, mode: str, config: Config, work: str, batch: int,
+                 concurrency: int) -> Point:
+        measurement = measure(calls, batch, self.settings, self.progress.window)
+        point = point_from(measurement, mode=mode, model=config.label, device=config.device,
+                           precision=config.precision, hint=config.hint, streams=config.streams,
+                           work=work, batch=batch, concurrency=concurrency)
+        self.result.points.append(point)
+        return point
+
+    def reference(self, config: Config, batch: int,
+                  model: ClassifierModel | None = None) -> ReferenceRun | None:
+        """benchmark_app on the same IR, device, precision, hint, streams and batch; run once
+        per combination and shared by its points."""
+        if not self.settings.reference:
+            return None
+        key = (config.xml, config.device, config.precision, config.hint, config.streams, batch)
+        if key not in self._references:
+            self.progress.begin(f"benchmark_app b{batch} {config.hint.lower()} "
+                                f"({self.settings.reference_seconds} s)")
+            hw = (model.info.input_height, model.info.input_width) if model else \
+                self._input_hw(config.xml)
+            try:
+                ref = run_benchmark_app(config.xml, hint=config.hint, batch=batch,
+                                        seconds=self.settings.reference_seconds,
+                                        device=config.device, input_hw=hw,
+                                        precision=config.precision, streams=config.streams)
+                self.result.references.append(ref)
+            except (RuntimeError, ValueError, OSError) as exc:
+                self.skip(f"skip benchmark_app {config.label} {config.device} b{batch}: {exc}")
+                ref = None
+            self._references[key] = ref
+        return self._references[key]
+
+    def _input_hw(self, xml: Path) -> tuple[int, int]:
+        from .model_info import ModelInfo
+
+        info = ModelInfo.from_model(self.core.read_model(str(xml)))
+        return (info.input_height, info.input_width) if info else (224, 224)
+
+
+def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchResult:
+    return Bench(settings, progress).run()

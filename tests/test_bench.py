@@ -1,0 +1,181 @@
+"""`xaiserve bench` on the real default model: in-process with benchmark_app beside it, through a
+real server on a free port, skip lines, bad options. Short windows; timings are never asserted,
+only that the figures are there, consistent and honestly labelled."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from tests.conftest import run_cli
+from xaiserve.service.bench import Window, is_stable, request_split, Sample
+from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.server import Server
+
+SHORT = ("--warmup", "0.3", "--window", "0.5", "--max-windows", "4")
+PERCENTILES = ("p50_ms", "p90_ms", "p95_ms", "p99_ms")
+
+
+def _load(out):
+    data = json.loads((out / "bench.json").read_text())
+    with (out / "bench.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return data, rows
+
+
+def _error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("xaiserve bench: error: ")
+    return lines[0]
+
+
+def test_in_process_writes_json_csv_plots_and_summary(default_export, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--model-path", str(default_export.path.parent), "--works",
+                   "predict,explain-white", "--batch", "1,2", "--concurrency", "1,2",
+                   "--reference-seconds", "1", *SHORT, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data, rows = _load(out)
+    points = data["points"]
+    assert {(p["work"], p["batch"], p["concurrency"]) for p in points} == {
+        (w, b, c) for w in ("predict", "explain-white") for b in (1, 2) for c in (1, 2)}
+    for p in points:
+        assert p["mode"] == "in-process" and p["model"] == "efficientnet_lite0/1"
+        assert p["device"] == "CPU" and p["hint"] == "THROUGHPUT"
+        assert p["requests"] >= 1 and p["throughput"] > 0 and p["errors"] == 0
+        values = [p[k] for k in PERCENTILES]
+        assert values == sorted(values) and values[0] > 0
+        assert isinstance(p["stable"], bool) and 1 <= p["windows"] <= 4
+        # The split covers the request: its stages add up to the mean latency.
+        assert {"queue", "inference", "other"} <= set(p["split_ms"])
+        assert sum(p["split_ms"].values()) == pytest.approx(p["mean_ms"], rel=1e-6)
+        # Each point carries benchmark_app on the same IR and batch, and the ratios.
+        assert p["reference_fps"] > 0
+        assert p["throughput_ratio"] == pytest.approx(p["throughput"] / p["reference_fps"])
+        assert p["p50_ratio"] == pytest.approx(p["p50_ms"] / p["reference_p50_ms"])
+    white = [p for p in points if p["work"] == "explain-white"]
+    assert all({"decode", "preprocess", "explanation"} <= set(p["split_ms"]) for p in white)
+    refs = data["references"]
+    assert sorted(r["batch"] for r in refs) == [1, 2]
+    assert all(r["hint"] == "THROUGHPUT" and r["fps"] > 0 and r["p50_ms"] > 0 for r in refs)
+    assert len(rows) == len(points)
+    assert float(rows[0]["p50_ms"]) == pytest.approx(points[0]["p50_ms"], abs=1e-3)
+    assert "split_inference_ms" in rows[0] and "split_queue_ms" in rows[0]
+    for name in ("throughput.png", "latency.png", "split.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = proc.stdout
+    assert summary == (out / "summary.txt").read_text()
+    assert "benchmark_app" in summary and "fps/ba" in summary
+    assert len(summary.splitlines()) <= 2 * len(points) + 12  # one screen
+
+
+@pytest.fixture(scope="module")
+def server(default_export):
+    settings = ServerSettings(repository=default_export.path.parent.parent, host="127.0.0.1",
+                              port=0, poll_seconds=0.5,
+                              defaults=ModelSettings(black_box_masks=50, max_black_box_masks=200))
+    srv = Server(settings).start()
+    yield srv
+    srv.stop(grace=2)
+
+
+def test_server_mode_gives_the_split_with_queue_and_transport(server, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--server", f"127.0.0.1:{server.port}", "--model",
+                   "efficientnet_lite0", "--works",
+                   "predict,explain-white,explain-black,faithfulness", "--masks", "40",
+                   "--batch", "1,2", "--concurrency", "1,2", "--no-reference", *SHORT,
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data, _ = _load(out)
+    points = data["points"]
+    done = {(p["work"], p["batch"]) for p in points}
+    assert done == {("predict", 1), ("predict", 2), ("explain-white", 1), ("explain-black", 1),
+                    ("faithfulness", 1)}
+    for p in points:
+        assert p["mode"] == "server" and p["model"] == "efficientnet_lite0/1"
+        assert p["errors"] == 0, p["first_error"]
+        split = p["split_ms"]
+        assert {"queue", "inference", "transport"} <= set(split), split
+        assert split["transport"] > 0 and split["inference"] > 0 and split["queue"] >= 0
+        assert sum(split.values()) == pytest.approx(p["mean_ms"], rel=1e-6)
+        values = [p[k] for k in PERCENTILES]
+        assert values == sorted(values)
+        assert p["reference_fps"] is None  # --no-reference
+    by_work = {p["work"]: p for p in points if p["batch"] == 1}
+    assert {"decode", "preprocess", "explanation", "encode_maps", "metrics"} <= set(
+        by_work["explain-white"]["split_ms"])
+    skips = data["skips"]
+    assert "skip explain-white server batch 2: an Explain request takes one image " \
+           "(use --batch 1)" in skips
+    assert all(line in proc.stdout for line in skips)
+
+
+def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
+    core = ov.Core()
+    absent = next(d for d in ("NPU", "GPU", "GPU.7") if d not in core.available_devices)
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--model-path", str(default_export.path), "--works", "predict",
+                   "--device", f"{absent},CPU", "--precision", "f32,bf16", "--no-reference",
+                   *SHORT, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data, _ = _load(out)
+    assert f"skip {absent}: not present (available: {', '.join(core.available_devices)})" \
+        in proc.stdout
+    assert any(p["device"] == "CPU" and p["precision"] == "f32" for p in data["points"])
+    assert not any(p["device"] == absent for p in data["points"])
+    if "BF16" not in capabilities:
+        assert any(line.startswith("skip CPU bf16: the device has no BF16")
+                   for line in data["skips"])
+        assert {p["precision"] for p in data["points"]} == {"f32"}
+
+
+@pytest.mark.parametrize("args, words", [
+    ((), "--model-path"),
+    (("--server", "127.0.0.1:1"), "--model NAME"),
+    (("--model-path", "MODEL", "--concurrency", "0"), "--concurrency"),
+    (("--model-path", "MODEL", "--batch", "one"), "--batch"),
+    (("--model-path", "MODEL", "--works", "predict,nope"), "--works nope"),
+    (("--model-path", "MODEL", "--precision", "f8"), "--precision f8"),
+    (("--model-path", "MODEL", "--stability", "0"), "--stability"),
+    (("--model-path", "/nonexistent/model"), "/nonexistent/model"),
+    (("--model-path", "MODEL", "--image", __file__), "not a decodable image"),
+    (("--server", "127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
+])
+def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
+    args = tuple(str(default_export.path) if a == "MODEL" else a for a in args)
+    assert words in _error_line(run_cli("bench", *args))
+
+
+def test_unknown_model_on_server_is_one_line(server):
+    line = _error_line(run_cli("bench", "--server", f"127.0.0.1:{server.port}", "--model",
+                               "nope"))
+    assert "--model nope: NOT_FOUND" in line
+
+
+def test_stability_rule_and_split():
+    def windows(*pairs):
+        return [Window(1.0, 10, fps, p50) for fps, p50 in pairs]
+
+    assert is_stable(windows((100, 10), (105, 10.5), (96, 9.7)), 0.10, 3)
+    assert not is_stable(windows((100, 10), (105, 10.5)), 0.10, 3)  # too few
+    assert not is_stable(windows((100, 10), (130, 10), (100, 10)), 0.10, 3)  # throughput
+    assert not is_stable(windows((100, 10), (100, 13), (100, 10)), 0.10, 3)  # p50
+    assert is_stable(windows((50, 99), (100, 10), (100, 10.2), (99, 10)), 0.10, 3)  # last 3
+
+    remote = request_split([Sample(0, 10.0, {"queue": 1.0, "inference": 5.0, "total": 7.0}),
+                            Sample(0, 12.0, {"queue": 0.0, "inference": 6.0, "total": 8.0})],
+                           remote=True)
+    assert remote == pytest.approx({"queue": 0.5, "inference": 5.5, "other": 1.5,
+                                    "transport": 3.5})
+    assert list(remote) == ["queue", "inference", "other", "transport"]
+    local = request_split([Sample(0, 10.0, {"queue": 1.0, "inference": 5.0})], remote=False)
+    assert local == pytest.approx({"queue": 1.0, "inference": 5.0, "other": 4.0})
+    assert np.isclose(sum(local.values()), 10.0)
