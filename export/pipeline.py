@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import openvino as ov
 
+from .int8 import Int8Settings, quantize_export
 from .parity import compile_f32, parity
 from .preprocessing import embed_preprocessing
 from .reference_saliency import ReferenceCheck, check_reference
@@ -31,6 +32,7 @@ class ExportRequest:
     source_options: SourceOptions = field(default_factory=SourceOptions)
     parity_images: np.ndarray | None = None  # u8 [n, H, W, 3] at the model's size
     reference: ReferenceCheck | None = None  # torch reference maps vs the IR's, optional gate
+    int8: Int8Settings | None = None  # quantise after the f32 checks (export/int8.py)
 
 
 @dataclass
@@ -74,6 +76,13 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
     reference_figures = _reference(request, loaded, model, info, images if parity_figures
                                    else None, progress, timings)
 
+    int8_figures = None
+    if request.int8 is not None:  # raises GateFailed before anything is written
+        t = time.perf_counter()
+        model, int8_figures = quantize_export(
+            model, insertion.target_layer if insertion else None, info, request.int8, progress)
+        timings["int8_s"] = time.perf_counter() - t
+
     with staged_version(request.repository, request.name, request.version) as (staging, version):
         t = time.perf_counter()
         progress("writing the IR")
@@ -102,6 +111,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             },
             "parity": parity_figures,
             "reference": reference_figures,
+            "precision": "int8" if int8_figures else "f32",
+            "int8": int8_figures,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
-EXIT_GATE = 1  # an export check (e.g. --min-reference-agreement) failed
 
 
 def _fail(verb: str, message: str) -> int:
@@ -44,6 +44,7 @@ def add_export(sub) -> None:
     p.add_argument("--scale", type=_floats, default=None, help="per-channel divisor")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
     add_reference_options(p)
+    add_int8_options(p)
     p.set_defaults(run=run_export)
 
 
@@ -51,7 +52,7 @@ def add_reference_options(p) -> None:
     g = p.add_argument_group("torch reference maps (recorded in the model card; optional gate)")
     g.add_argument("--reference", choices=["gradcam", "gradient"], default=None)
     g.add_argument("--min-reference-agreement", type=float, default=None,
-                   help="exit 1 and write nothing when the agreement is below this")
+                   help="fail (exit 3, nothing written) when the agreement is below this")
     g.add_argument("--reference-metric", choices=["spearman", "topk_iou"], default="spearman")
     g.add_argument("--reference-top-fraction", type=float, default=0.2)
     g.add_argument("--reference-layer", default=None, help="torch module name for Grad-CAM")
@@ -74,10 +75,50 @@ def reference_check(args):
                           layer=args.reference_layer, images=args.reference_images)
 
 
+def add_int8_options(p) -> None:
+    g = p.add_argument_group("INT8 (NNCF post-training quantisation, checked against the f32 IR)")
+    g.add_argument("--int8", action="store_true", help="quantise; needs --calibration DIR")
+    g.add_argument("--calibration", type=Path, default=None, help="folder of images, any size")
+    g.add_argument("--calibration-size", type=int, default=300, help="images used (subset)")
+    g.add_argument("--preset", default="performance", choices=["performance", "mixed"],
+                   help="mixed: asymmetric activation ranges")
+    g.add_argument("--no-fast-bias-correction", action="store_true",
+                   help="full bias correction: slower, sometimes closer to f32")
+    g.add_argument("--validation", type=Path, default=None,
+                   help="folder of images to compare INT8 with f32 on (default: the "
+                        "calibration folder, a weaker check)")
+    g.add_argument("--validation-size", type=int, default=300)
+    g.add_argument("--max-top1-drop", type=float, default=None,
+                   help="fail (exit 3, nothing written) when more than this fraction of "
+                        "validation images change their top-1 class")
+    g.add_argument("--min-saliency-agreement", type=float, default=None,
+                   help="fail (exit 3) when the mean rank correlation of the maps is below this")
+
+
+def int8_settings(args):
+    """Int8Settings from the export options, None without --int8; ValueError on misuse."""
+    from xaiserve.export.int8 import Int8Settings, check_settings
+
+    if not args.int8:
+        if args.calibration or args.validation:
+            raise ValueError("--calibration and --validation go with --int8")
+        return None
+    if args.calibration is None:
+        raise ValueError("--int8 needs --calibration DIR (a folder of images like the inputs)")
+    settings = Int8Settings(
+        calibration=args.calibration, calibration_size=args.calibration_size,
+        preset=args.preset, fast_bias_correction=not args.no_fast_bias_correction,
+        validation=args.validation, validation_size=args.validation_size,
+        max_top1_drop=args.max_top1_drop, min_saliency_agreement=args.min_saliency_agreement)
+    check_settings(settings, has_saliency=args.method != "none")  # before the slow steps
+    return settings
+
+
 def run_export(args) -> int:
     from tqdm import tqdm
 
     try:
+        from xaiserve.export.int8 import EXIT_GATE, GateFailed, Int8Error
         from xaiserve.export.pipeline import ExportRequest, export_model
         from xaiserve.export.reference_saliency import ReferenceCheckError, ReferenceGateError
         from xaiserve.export.repository import RepositoryError
@@ -87,6 +128,7 @@ def run_export(args) -> int:
         return _fail("export", f"{exc}; install the export extra: pip install 'xaiserve[export]'")
     try:
         reference = reference_check(args)
+        int8 = int8_settings(args)
     except ValueError as exc:
         return _fail("export", str(exc))
     request = ExportRequest(
@@ -98,8 +140,10 @@ def run_export(args) -> int:
                                      labels_file=args.labels, input_size=args.input_size,
                                      mean_values=args.mean, scale_values=args.scale),
         reference=reference,
+        int8=int8,
     )
-    stages = tqdm(total=4 + (reference is not None), desc="export", unit="step", file=sys.stderr,
+    stages = tqdm(total=4 + (reference is not None) + 2 * bool(int8), desc="export",
+                  unit="step", file=sys.stderr,
                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {postfix}")
 
     started = []
@@ -114,11 +158,25 @@ def run_export(args) -> int:
         result = export_model(request, progress)
     except ReferenceGateError as exc:
         stages.close()
+        text = json.dumps({"status": "gate_failed", "failures": [str(exc)],
+                           "reference": exc.figures}, indent=2)
+        if args.report:
+            args.report.write_text(text + "\n")
+        print(text)
         print(f"xaiserve export: gate failed: {exc}", file=sys.stderr)
         return EXIT_GATE
-    except (SourceError, InsertionError, RepositoryError, ReferenceCheckError) as exc:
+    except (SourceError, InsertionError, RepositoryError, Int8Error, ReferenceCheckError) as exc:
         stages.close()
         return _fail("export", str(exc))
+    except GateFailed as exc:
+        stages.close()
+        text = json.dumps({"status": "gate_failed", "failures": exc.failures,
+                           "int8": exc.figures}, indent=2)
+        if args.report:
+            args.report.write_text(text + "\n")
+        print(text)
+        print(f"xaiserve export: INT8 gate failed: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_GATE
     except Exception as exc:  # noqa: BLE001 - a pipeline step must get one line, not a trace
         stages.close()
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
@@ -146,7 +204,36 @@ def add_serve(sub) -> None:
     p.add_argument("--max-black-box-masks", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--log-level", default="INFO")
+    add_serve_operations(p)
     p.set_defaults(run=run_serve)
+
+
+def add_serve_operations(p) -> None:
+    """Operations and security options of `serve` (metrics, logs, shutdown, TLS, token, limits)."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one object per line with request_id, model, version, code, ms")
+    p.add_argument("--shutdown-grace", type=float, default=None,
+                   help="seconds in-flight requests get after SIGTERM (default: 10)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="require 'authorization: Bearer <token>' with the token in this file "
+                        "(or in $XAISERVE_TOKEN); health checks are exempt")
+    p.add_argument("--max-concurrent-requests", type=int, default=None,
+                   help="beyond it requests get RESOURCE_EXHAUSTED (default: 32)")
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="largest request or response (default: 32 MiB)")
+    p.add_argument("--poll-seconds", type=float, default=None,
+                   help="how often the repository is compared with the disk (default: 2)")
+
+
+SERVE_OPERATION_KEYS = ("metrics_port", "shutdown_grace", "tls_cert", "tls_key",
+                        "tls_client_ca", "token_file", "max_concurrent_requests",
+                        "max_message_bytes", "poll_seconds")
 
 
 def run_serve(args) -> int:
@@ -155,20 +242,32 @@ def run_serve(args) -> int:
     from .config import ConfigError, load_settings
     from .server import Server
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:
+        return _fail("serve", f"--log-level {args.log_level}: {exc}")
     try:
         settings = load_settings(args.config, repository=args.repository, port=args.port,
                                  host=args.host, workers=args.workers, device=args.device,
                                  performance_hint=args.performance_hint,
                                  num_requests=args.num_requests,
-                                 max_black_box_masks=args.max_black_box_masks)
+                                 max_black_box_masks=args.max_black_box_masks,
+                                 **{k: getattr(args, k) for k in SERVE_OPERATION_KEYS})
         server = Server(settings).start()
     except (ConfigError, ValueError, OSError) as exc:
         return _fail("serve", str(exc))
     print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+    if server.metrics_port:
+        print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
+              flush=True)
     server.serve_forever()
-    return 0
+    # In-flight requests have had their grace period and gRPC has cancelled the rest; a
+    # handler thread still finishing cancelled work, or model teardown, must not hold the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def add_explain(sub) -> None:
@@ -187,6 +286,7 @@ def add_explain(sub) -> None:
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("out"))
     add_quality_options(p)
+    add_client_security(p)
     p.set_defaults(run=run_explain)
 
 
@@ -281,20 +381,32 @@ def _json_number(value: float) -> float | None:
     return None if value != value else value
 
 
+def add_client_security(p) -> None:
+    """How a client reaches a TLS server and proves who it is."""
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="PEM CA that signed the server's certificate: connect over TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file with the server's bearer token (or set $XAISERVE_TOKEN)")
+
+
 def run_explain_remote(args) -> int:
     import grpc
 
     from .client import XaiClient
+    from .config import ConfigError
 
     if not args.model:
         return _fail("explain", "--model NAME is needed with --server")
     try:
         quality = quality_arguments(args)
-    except ValueError as exc:
+        client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                   tls_key=args.tls_key, token_file=args.token_file)
+    except (ValueError, ConfigError) as exc:
         return _fail("explain", str(exc))
     from tqdm import tqdm
 
-    client = XaiClient(args.server)
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in tqdm(args.images, desc="explain", unit="image",

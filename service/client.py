@@ -8,6 +8,7 @@ import grpc
 
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
+from .security import channel_credentials, read_token
 
 MAP_FORMATS = {"float": pb.MAP_FORMAT_FLOAT, "u8": pb.MAP_FORMAT_U8_IMAGE,
                "heatmap": pb.MAP_FORMAT_PNG_HEATMAP, "overlay": pb.MAP_FORMAT_PNG_OVERLAY}
@@ -16,14 +17,17 @@ METHODS = {"auto": pb.METHOD_AUTO, "white-box": pb.METHOD_WHITE_BOX,
 
 
 def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024,
-                 own_connection: bool = False) -> grpc.Channel:
-    """An insecure channel with large message limits. `own_connection`: its own TCP connection;
-    gRPC otherwise shares one connection between channels with equal arguments, so N load
-    clients would be N streams on one socket."""
+                 own_connection: bool = False,
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel with large message limits, TLS when `credentials` are given. `own_connection`:
+    its own TCP connection; gRPC otherwise shares one connection between channels with equal
+    arguments, so N load clients would be N streams on one socket."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=options)
     return grpc.insecure_channel(address, options=options)
 
 
@@ -57,17 +61,29 @@ def explain_request(image: bytes, model: str, *, version: str = "",
 
 class XaiClient:
     def __init__(self, address: str, timeout: float = 120.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, own_connection: bool = False):
-        self.channel = open_channel(address, max_message_bytes, own_connection)
+                 max_message_bytes: int = 64 * 1024 * 1024, own_connection: bool = False,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        self.channel = open_channel(address, max_message_bytes, own_connection, credentials)
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    @classmethod
+    def connect(cls, address: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                tls_key: Path | None = None, token_file: Path | None = None,
+                **options) -> "XaiClient":
+        """TLS when any of the TLS files is given (mutual with cert + key); the token from
+        `token_file` or $XAISERVE_TOKEN."""
+        credentials = (channel_credentials(tls_ca, tls_cert, tls_key)
+                       if any((tls_ca, tls_cert, tls_key)) else None)
+        return cls(address, credentials=credentials, token=read_token(token_file), **options)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def model_info(self, model: str, version: str = "") -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(model_name=model, model_version=version),
-                                   timeout=self.timeout)
+                                   timeout=self.timeout, metadata=self.metadata)
 
     def explain(self, image: bytes | Path, model: str, *, version: str = "",
                 targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
@@ -83,7 +99,7 @@ class XaiClient:
                                   seed=seed, label=label, boxes=boxes, mask=mask_png,
                                   metrics=metrics, metric_options=metric_options,
                                   thresholds=thresholds)
-        return self.stub.Explain(request, timeout=self.timeout)
+        return self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -53,6 +53,13 @@ class ServerSettings:
     max_message_bytes: int = 32 * 1024 * 1024
     poll_seconds: float = 2.0
     max_black_box_in_flight: int = 2  # server-wide cap on concurrent black-box explanations
+    max_concurrent_requests: int = 32  # beyond it a request gets RESOURCE_EXHAUSTED at once
+    shutdown_grace: float = 10.0  # seconds in-flight requests get after SIGTERM
+    metrics_port: int | None = None  # Prometheus text over HTTP; None: off, 0: any free port
+    tls_cert: Path | None = None  # PEM server certificate (chain); with tls_key: TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle; set: clients must present a certificate
+    token_file: Path | None = None  # a file holding the bearer token (or env XAISERVE_TOKEN)
     defaults: ModelSettings = field(default_factory=ModelSettings)
     models: dict[str, ModelSettings] = field(default_factory=dict)
 
@@ -90,6 +97,26 @@ def load_settings(config_file: Path | None, **flags) -> ServerSettings:
     server_keys = {f.name for f in fields(ServerSettings)} - {"defaults", "models"}
     server = {k: v for k, v in raw.get("server", {}).items() if k in server_keys}
     server.update({k: v for k, v in flags.items() if k in server_keys and v is not None})
-    if "repository" in server:
-        server["repository"] = Path(server["repository"])
-    return ServerSettings(defaults=defaults, models=models, **server)
+    for key in PATH_KEYS:
+        if server.get(key) is not None:
+            server[key] = Path(server[key])
+    settings = ServerSettings(defaults=defaults, models=models, **server)
+    check_server(settings)
+    return settings
+
+
+PATH_KEYS = ("repository", "tls_cert", "tls_key", "tls_client_ca", "token_file")
+
+
+def check_server(settings: ServerSettings) -> None:
+    """Settings that cannot work together fail at start, naming the flag to give."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+    for key in ("max_concurrent_requests", "workers", "max_message_bytes",
+                "max_black_box_in_flight"):
+        if int(getattr(settings, key)) < 1:
+            raise ConfigError(f"{key} {getattr(settings, key)}: must be at least 1")
+    if settings.shutdown_grace < 0:
+        raise ConfigError(f"shutdown_grace {settings.shutdown_grace}: must be >= 0 seconds")

@@ -22,6 +22,7 @@ from .model import SALIENCY_OUTPUT, softmax
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository
+from .request_context import note_forward_passes
 from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
 
@@ -72,7 +73,10 @@ def decode_request_image(image: pb.Image) -> np.ndarray:
 
 
 def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    try:
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error:  # some malformed headers raise instead of returning None
+        mask = None
     if mask is None:
         raise invalid("ground_truth.mask_png: not a decodable PNG")
     if mask.shape != (height, width):
@@ -190,10 +194,13 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                             "retry later")
         watch.move("explanation", "queue", (time.perf_counter() - started) * 1e3)
         try:
-            maps = self.rise.explain(model.compiled_scores, tensor, targets, settings)
+            result = self.rise.run(model.compiled_scores, tensor, targets, settings)
+        except ValueError as exc:  # settings that do not fit this model, e.g. cells
+            raise invalid(f"black_box: {exc}") from None
         finally:
             self.black_box_slots.release()
-        return list(maps), "rise"
+        note_forward_passes(result.forward_passes)
+        return list(result.maps), "rise"
 
     def _add_map(self, response, request, image, saliency, class_id, label, method, score):
         entry = response.maps.add(class_id=class_id, label=label, method=method,

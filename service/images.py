@@ -16,7 +16,12 @@ class ImageError(ValueError):
 
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded JPEG/PNG/... bytes -> RGB u8 [H, W, 3]."""
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if not data:
+        raise ImageError("no bytes: send an encoded JPEG, PNG, BMP, TIFF or WebP image")
+    try:
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # OpenCV rejects some malformed headers by raising, not returning None
+        array = None
     if array is None:
         raise ImageError("not a decodable image (JPEG, PNG, BMP, TIFF or WebP expected)")
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)

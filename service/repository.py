@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,9 @@ class ModelRepository:
         self._lock = threading.Lock()  # guards the table's structure only, never inference
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
+        # served; a ready time is taken just before, an unload time just after, the change.
+        self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class ModelRepository:
                     if version not in on_disk.get(name, {}):
                         log.info("unloading %s version %d", name, version)
                         unloaded = self._table[name].pop(version)
+                        self.history.append((time.monotonic(), name, version, "unloaded"))
                         if unloaded.model is not None:
                             unloaded.model.close()
                 if not self._table[name]:
@@ -130,6 +136,7 @@ class ModelRepository:
         try:
             model = ClassifierModel(state.path, settings.device, settings.compile_config(),
                                     self.core, settings.routes()).load()
+            self.history.append((time.monotonic(), state.name, state.version, "ready"))
             state.model = model
             with self._lock:
                 removed = self._table.get(state.name, {}).get(state.version) is not state

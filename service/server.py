@@ -1,4 +1,5 @@
-"""The gRPC server: KServe v2, the explanation service, health and reflection on one port."""
+"""The gRPC server: KServe v2, the explanation service, health and reflection on one port;
+Prometheus metrics on another."""
 
 from __future__ import annotations
 
@@ -11,27 +12,41 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import ServerSettings
+from .config import ServerSettings, check_server
 from .explain_service import ExplanationServicer
+from .interceptor import RequestInterceptor
 from .kserve import KServeServicer
 from .proto import grpc_predict_v2_pb2 as kserve_pb
 from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as xai_pb
 from .proto import xaiserve_pb2_grpc as xai_grpc
 from .repository import ModelRepository
+from .security import read_token, server_credentials
+from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.server")
+
+# Threads beyond the request limit: health probes, reflection and refusals never queue.
+SPARE_THREADS = 4
 
 
 class Server:
     def __init__(self, settings: ServerSettings):
+        check_server(settings)
         self.settings = settings
         self.repository = ModelRepository(settings)
         self.health = health.HealthServicer()
+        self.telemetry = Telemetry()
+        credentials = server_credentials(settings)
+        token = read_token(settings.token_file)
+        repository = self.repository
+        interceptor = RequestInterceptor(self.telemetry, settings.max_concurrent_requests, token,
+                                         served=lambda name: name in repository.names())
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                                options=options)
+        threads = max(settings.workers, settings.max_concurrent_requests + SPARE_THREADS)
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
+                                interceptors=[interceptor], options=options)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.repository), self.grpc)
         xai_grpc.add_ExplanationServiceServicer_to_server(
@@ -41,29 +56,48 @@ class Server:
                     xai_pb.DESCRIPTOR.services_by_name["ExplanationService"].full_name,
                     health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        self.tls = credentials is not None
+        self.port = (self.grpc.add_secure_port(address, credentials) if self.tls
+                     else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"--port {settings.port}: cannot bind {settings.host}:{settings.port}")
+        self.metrics_port: int | None = None
 
     def start(self) -> "Server":
         self.repository.check_devices()
+        if self.settings.metrics_port is not None:
+            try:
+                self.metrics_port = self.telemetry.serve_http(self.settings.host,
+                                                              self.settings.metrics_port)
+            except OSError as exc:
+                raise OSError(f"--metrics-port {self.settings.metrics_port}: cannot bind "
+                              f"({exc.strerror})") from None
         self.repository.start(wait=True)
         self.grpc.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on port %d", ", ".join(self.repository.names()) or "nothing",
-                 self.port)
+        log.info("serving %s on port %d (%s)", ", ".join(self.repository.names()) or "nothing",
+                 self.port, "TLS" if self.tls else "plaintext")
+        if self.metrics_port:
+            log.info("metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stop taking requests, let in-flight ones finish within `grace` seconds."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests (health NOT_SERVING, new RPCs refused), let in-flight ones
+        finish within `grace` seconds (default: the settings' shutdown_grace)."""
+        grace = self.settings.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.repository.stop()
         self.grpc.stop(grace).wait()
+        self.telemetry.stop_http()
 
-    def serve_forever(self, grace: float = 10.0) -> None:
+    def serve_forever(self, grace: float | None = None) -> None:
+        """Block until SIGTERM or SIGINT, then stop gracefully."""
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
         done.wait()
-        log.info("shutting down (grace %.0f s)", grace)
+        grace = self.settings.shutdown_grace if grace is None else grace
+        log.info("shutting down: no new requests, %.1f s for the ones in flight", grace)
         self.stop(grace)
+        log.info("stopped")

@@ -35,3 +35,17 @@ def default_export(tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("repo")
     return export_model(ExportRequest("default", repo, "efficientnet_lite0"))
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory):
+    """The small synthetic CNN (64x64, 3 classes, ReciproCAM) exported once: a fast model for
+    server tests that need many requests. Untrained: these tests check serving, not maps."""
+    from xaiserve.export.pipeline import ExportRequest, export_model
+    from xaiserve.export.sources import SourceOptions
+
+    repo = tmp_path_factory.mktemp("small")
+    return export_model(ExportRequest(
+        "torch:tests.synthetic:small_cnn", repo, "shapes",
+        source_options=SourceOptions(input_size=64, mean_values=[0, 0, 0],
+                                     scale_values=[255, 255, 255])))

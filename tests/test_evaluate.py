@@ -303,7 +303,8 @@ def test_export_records_the_reference_and_gates_on_it(shapes):
     """Grad-CAM on the torch source against the IR's map; the gate writes nothing below it."""
     models = shapes["work"] / "gated"
     failed = _export(shapes, "--reference", "gradcam", "--min-reference-agreement", "0.99")
-    assert failed.returncode == 1, failed.stderr
+    assert failed.returncode == 3, failed.stderr
+    assert json.loads(failed.stdout)["status"] == "gate_failed"
     line = failed.stderr.strip().splitlines()[-1]
     assert line.startswith("xaiserve export: gate failed: --min-reference-agreement 0.99")
     assert not (models / "shapes").exists() or not any((models / "shapes").iterdir()), \

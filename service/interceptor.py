@@ -1,0 +1,155 @@
+"""What every RPC goes through, in one place: the token check, the limit on concurrent
+requests, the request id, the metrics and the access log. Handlers stay free of all of it.
+
+Health checks are exempt from the token and the limit, so that probes work and are never
+refused under load. No lock is held while a request runs: the limit is a non-blocking
+semaphore and the metrics take only their own short per-value locks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Callable
+
+import grpc
+
+from . import request_context
+from .request_context import RequestRecord
+from .security import bearer_matches
+from .telemetry import Telemetry
+
+log = logging.getLogger("xaiserve.access")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+QUIET_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes: logged at DEBUG
+MAX_ID_CHARS = 128
+
+_HANDLER_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                  ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                  ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                  ("stream_stream", grpc.stream_stream_rpc_method_handler))
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind that answers `code` without reading the request."""
+    def abort(request, context):
+        context.abort(code, message)
+
+    for kind, make in _HANDLER_KINDS:
+        if getattr(handler, kind) is not None:
+            return make(abort, request_deserializer=None,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
+def _model_name(request) -> str:
+    for field in ("model_name", "name"):
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+class RequestInterceptor(grpc.ServerInterceptor):
+    def __init__(self, telemetry: Telemetry, max_concurrent: int, token: str | None = None,
+                 served: Callable[[str], bool] = lambda name: False):
+        self.telemetry = telemetry
+        self.token = token
+        self.max_concurrent = max_concurrent
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.served = served  # is a model name served? (untrusted names stay out of labels)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").partition("/")
+        if service == HEALTH_SERVICE:
+            return handler
+        if self.token and not bearer_matches(details.invocation_metadata, self.token):
+            self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong token: send metadata 'authorization: Bearer "
+                            "<token>' (xaiserve explain --token-file FILE)")
+        if handler.unary_unary is None:  # reflection's stream: no model, nothing to measure
+            return handler
+        inner = handler.unary_unary
+
+        def call(request, context):
+            return self._handle(method, inner, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _handle(self, method: str, inner, request, context):
+        record = RequestRecord(method, self._request_id(request), _model_name(request))
+        if not self.slots.acquire(blocking=False):
+            self._finish(record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the server is handling its maximum of {self.max_concurrent} "
+                          "concurrent requests (max_concurrent_requests); retry later")
+        token = request_context.enter(record)
+        self.telemetry.in_flight.inc()
+        start = time.perf_counter()
+        response, code = None, grpc.StatusCode.UNKNOWN
+        try:
+            response = inner(request, context)
+            code = context.code() or grpc.StatusCode.OK
+            return response
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            self.telemetry.in_flight.dec()
+            self.slots.release()
+            request_context.leave(token)
+            self._finish(record, code, seconds, response)
+
+    @staticmethod
+    def _request_id(request) -> str:
+        """The client's id (Explain / KServe `id`), else a generated one the response echoes."""
+        if not hasattr(request, "id") or not isinstance(request.id, str):
+            return uuid.uuid4().hex
+        if not request.id:
+            request.id = uuid.uuid4().hex
+        return request.id[:MAX_ID_CHARS]
+
+    def _finish(self, record: RequestRecord, code: grpc.StatusCode, seconds: float,
+                response) -> None:
+        ok = code == grpc.StatusCode.OK
+        if not (ok or (record.model and self.served(record.model))):
+            record.model = ""
+        if ok:
+            record.version = str(getattr(response, "model_version", "") or "")
+            self._observe_success(record, seconds, response)
+        self._count(record, record.model, code, seconds)
+        level = logging.DEBUG if ok and record.method in QUIET_METHODS else logging.INFO
+        log.log(level, "%s %s", record.method, code.name, extra={
+            "request_id": record.request_id, "model": record.model,
+            "version": record.version, "method": record.method, "code": code.name,
+            "ms": round(seconds * 1e3, 3)})
+
+    def _count(self, record: RequestRecord, model: str, code: grpc.StatusCode,
+               seconds: float) -> None:
+        t = self.telemetry
+        t.requests.labels(model, record.version, record.method, code.name).inc()
+        t.request_seconds.labels(record.method).observe(seconds)
+
+    def _observe_success(self, record: RequestRecord, seconds: float, response) -> None:
+        t = self.telemetry
+        model, version = record.model, record.version
+        if record.method == "ModelInfer":
+            t.inference_seconds.labels(model, version).observe(seconds)
+        elif record.method == "Explain":
+            timings = response.timings_ms
+            if "inference" in timings:
+                t.inference_seconds.labels(model, version).observe(timings["inference"] / 1e3)
+            if "explanation" in timings and response.maps:
+                t.explanation_seconds.labels(model, version, response.maps[0].method).observe(
+                    timings["explanation"] / 1e3)
+        if record.forward_passes is not None:
+            t.forward_passes.labels(model, version).observe(record.forward_passes)

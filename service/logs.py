@@ -1,0 +1,69 @@
+"""Log set-up for `xaiserve serve`: readable text, or one JSON object per line for collectors.
+
+Lines logged while a request is handled carry its request id, model and method even when the
+code that logs them knows nothing of the request (the request context fills them in)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+from . import request_context
+
+FORMATS = ("text", "json")
+REQUEST_FIELDS = ("request_id", "model", "version", "method", "code", "ms")
+
+
+class RequestFields(logging.Filter):
+    """Copy the current request's id, model and method onto records that lack them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = request_context.current()
+        if current is not None:
+            for name in ("request_id", "model", "version", "method"):
+                if not hasattr(record, name):
+                    setattr(record, name, getattr(current, name))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in REQUEST_FIELDS:
+            value = getattr(record, name, None)
+            if value not in (None, ""):
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = " ".join(f"{n}={getattr(record, n)}" for n in REQUEST_FIELDS
+                         if getattr(record, n, None) not in (None, "") and n != "method")
+        return f"{text} [{extra}]" if extra else text
+
+
+def configure(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+    """Root logging to stderr in `fmt` ("text" or "json")."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--log-format {fmt!r}: one of {', '.join(FORMATS)}")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestFields())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,49 @@
+"""Prometheus metrics of one server, in their own registry, exposed over HTTP.
+
+Names in the spirit of OpenVINO Model Server's (ovms_requests_success, ovms_request_time_us,
+ovms_current_requests), but ours and in base units (seconds)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+PASSES_BUCKETS = (10, 50, 100, 250, 500, 1000, 2000, 4000, 8000, 16000)
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "xaiserve_requests", "RPCs answered, by model, version, method and status code",
+            ["model", "version", "method", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "xaiserve_request_seconds", "Time to answer an RPC (all methods, all outcomes)",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(
+            "xaiserve_inference_seconds",
+            "Model inference time of a successful request (ModelInfer, or Explain's prediction)",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.explanation_seconds = Histogram(
+            "xaiserve_explanation_seconds",
+            "Saliency time of a successful Explain (white-box map read-out or black-box RISE)",
+            ["model", "version", "explainer"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("xaiserve_requests_in_flight",
+                               "RPCs being handled now (health checks not counted)", registry=r)
+        self.forward_passes = Histogram(
+            "xaiserve_black_box_forward_passes", "Forward passes (masked images) per black-box "
+            "explanation", ["model", "version"], buckets=PASSES_BUCKETS, registry=r)
+        self._http = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint on its own thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

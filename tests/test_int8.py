@@ -1,0 +1,217 @@
+"""`xaiserve export --int8`: NNCF quantisation checked against the f32 IR, the gate that fails a
+pipeline when INT8 drifts (exit 3, nothing written), and the INT8 IR served like any other."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import openvino as ov
+import pytest
+from scipy.stats import spearmanr
+
+from tests.conftest import run_cli
+from tests.synthetic import make_dataset, train_small_cnn
+from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
+from xaiserve.service.client import XaiClient
+from xaiserve.service.config import ServerSettings
+from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
+from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
+from xaiserve.service.server import Server
+
+SMALL = ("torch:tests.synthetic:small_cnn", "--input-size", "64", "--mean", "0,0,0",
+         "--scale", "255,255,255")
+
+
+def write_pngs(folder, images) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, rgb in enumerate(images):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return str(folder)
+
+
+def repository_is_empty(repo) -> bool:
+    return not repo.exists() or not any(repo.rglob("*"))
+
+
+def is_quantized(model: ov.Model) -> bool:
+    return any(n.get_type_name() == "FakeQuantize" for n in model.get_ordered_ops())
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """The small CNN trained on synthetic shapes, and folders of its kind of images."""
+    import torch
+
+    work = tmp_path_factory.mktemp("int8_shapes")
+    torch.save(train_small_cnn().state_dict(), work / "small_cnn.pth")
+    return {
+        "work": work,
+        "checkpoint": str(work / "small_cnn.pth"),
+        "calibration": write_pngs(work / "calibration", make_dataset(64, seed=5)[0]),
+        "validation": write_pngs(work / "validation", make_dataset(120, seed=6)[0]),
+        # what a broken data pipeline delivers: every calibration image black
+        "black": write_pngs(work / "black", np.zeros((16, 64, 64, 3), np.uint8)),
+    }
+
+
+def export_small(shapes, repo, calibration, *extra):
+    return run_cli("export", *SMALL, "--checkpoint", shapes["checkpoint"], "--repository",
+                   str(repo), "--name", "shapes_int8", "--int8", "--calibration", calibration,
+                   "--validation", shapes["validation"], *extra)
+
+
+# --- the agreement metrics (pure functions) -----------------------------------------------------
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 7))
+    b = a + rng.normal(scale=0.5, size=(7, 7))
+    a[a < 0] = 0  # clipped maps have many tied zeros
+    assert spearman(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel())[0], abs=1e-12)
+    assert spearman(a, a * 3 + 1) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(np.zeros(9), np.zeros(9)) == 1.0 and spearman(np.zeros(9), a[0]) == 0.0
+
+
+def test_top_fraction_iou():
+    a = np.arange(10.0)
+    assert top_fraction_iou(a, a, 0.2) == 1.0
+    assert top_fraction_iou(a, a[::-1], 0.2) == 0.0
+    assert top_fraction_iou(a, np.r_[a[:8], a[9], a[8]], 0.3) == 1.0  # order inside the top
+    assert top_fraction_iou(a, np.r_[a[:7], 100.0, a[8:]], 0.2) == pytest.approx(1 / 3)
+
+
+def test_agreement_counts_flips_and_confident_images():
+    reference = np.array([[5.0, 0, 0], [0, 0.1, 0], [0, 0, 9.0]])
+    other = np.array([[4.0, 0, 0], [0.2, 0, 0], [0, 0, 8.0]])  # the unsure image flips
+    maps = np.random.default_rng(1).random((3, 3, 4, 4))
+    figures = agreement(reference, maps, other, maps)
+    assert figures["top1_agreement"] == pytest.approx(2 / 3)
+    assert figures["top1_drop"] == pytest.approx(1 / 3) and figures["top1_in_top5"] == 1.0
+    assert figures["confident_images"] == 2 and figures["top1_agreement_confident"] == 1.0
+    assert figures["saliency_rank_correlation"] == 1.0 and figures["saliency_top_iou"] == 1.0
+
+
+# --- the gate ---------------------------------------------------------------------------------
+
+def test_gate_passes_with_a_good_calibration_set(shapes):
+    repo = shapes["work"] / "good"
+    result = export_small(shapes, repo, shapes["calibration"], "--max-top1-drop", "0.05",
+                          "--min-saliency-agreement", "0.8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)  # NNCF's bars and logs stay off stdout
+    figures = report["int8"]
+    assert report["precision"] == "int8" and figures["gate"]["passed"]
+    assert figures["images"] == 120 and figures["calibration_images"] == 64
+    assert figures["top1_drop"] <= 0.05 and figures["saliency_rank_correlation"] >= 0.8
+    assert not figures["validation_is_calibration"]
+    card = json.loads((repo / "shapes_int8" / "1" / "model_card.json").read_text())
+    assert card["int8"] == figures
+
+    model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
+    assert is_quantized(model)
+    images, labels, _ = make_dataset(32, seed=9)
+    out = ov.Core().compile_model(model, "CPU")(images)
+    assert out["saliency_map"].shape == (32, 3, 16, 16)
+    assert (out["logits"].argmax(1) == labels).mean() > 0.9  # the INT8 model still works
+
+
+def test_gate_fails_on_a_black_calibration_set(shapes):
+    repo = shapes["work"] / "bad"
+    report_file = shapes["work"] / "gate.json"
+    result = export_small(shapes, repo, shapes["black"], "--max-top1-drop", "0.05",
+                          "--min-saliency-agreement", "0.8", "--report", str(report_file))
+    assert result.returncode == 3, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["status"] == "gate_failed" and report == json.loads(report_file.read_text())
+    assert any("--max-top1-drop" in f for f in report["failures"])
+    assert report["int8"]["top1_drop"] > 0.05
+    assert "INT8 gate failed" in result.stderr and "nothing was written" in result.stderr
+    assert repository_is_empty(repo)
+
+
+def test_bad_int8_options(shapes, tmp_path, capsys):
+    """Checked before the source loads: one line naming the option, exit 2, nothing written."""
+    from xaiserve.service.cli import main
+
+    repo = tmp_path / "models"
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.txt").write_text("no pictures here")
+    corrupt = tmp_path / "corrupt"
+    write_pngs(corrupt, make_dataset(4, seed=1)[0])
+    (corrupt / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    cases = [
+        (["--int8"], "--calibration DIR"),
+        (["--calibration", shapes["calibration"]], "--int8"),
+        (["--int8", "--calibration", str(tmp_path / "missing")], "--calibration"),
+        (["--int8", "--calibration", str(empty)], "no images"),
+        (["--int8", "--calibration", shapes["calibration"], "--max-top1-drop", "5"],
+         "--max-top1-drop"),
+        (["--int8", "--calibration", shapes["calibration"], "--method", "none",
+          "--min-saliency-agreement", "0.9"], "--min-saliency-agreement"),
+        (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
+    ]
+    for options, words in cases:
+        code = main(["export", *SMALL, "--repository", str(repo), "--name", "x", *options])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("xaiserve export:")]
+        assert code == 2 and len(lines) == 1, (options, err[-2000:])
+        assert words in lines[0], lines[0]
+        assert repository_is_empty(repo)
+
+
+# --- the default model on real photos, served --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_int8(tmp_path_factory):
+    from calibration_photos import write_folder
+
+    work = tmp_path_factory.mktemp("int8_default")
+    write_folder(work / "calibration", count=40, seed=0)
+    write_folder(work / "validation", count=40, seed=1)
+    repo = work / "models"
+    result = run_cli("export", "default", "--int8", "--calibration", str(work / "calibration"),
+                     "--validation", str(work / "validation"), "--min-saliency-agreement",
+                     "0.9", "--repository", str(repo), "--name", "lite0_int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return repo, json.loads(result.stdout)
+
+
+def test_default_model_int8_agrees_with_f32(default_int8):
+    repo, report = default_int8
+    figures = report["int8"]
+    assert figures["saliency_rank_correlation"] >= 0.9
+    assert figures["saliency_top_iou"] >= 0.7
+    # Flips happen on images the f32 model itself is unsure of; sure ones keep their class.
+    assert figures["confident_images"] >= 5 and figures["top1_agreement_confident"] >= 0.95
+    assert figures["top1_agreement"] >= 0.7
+    assert is_quantized(ov.Core().read_model(repo / "lite0_int8" / "1" / "model.xml"))
+
+
+def test_int8_ir_is_served_and_explains(default_int8, photos):
+    repo, _ = default_int8
+    server = Server(ServerSettings(repository=repo, host="127.0.0.1", port=0,
+                                   poll_seconds=0.5)).start()
+    client = XaiClient(f"127.0.0.1:{server.port}")
+    try:
+        encoded = cv2.imencode(".jpg", cv2.cvtColor(photos["chelsea"], cv2.COLOR_RGB2BGR))[1]
+        response = client.explain(encoded.tobytes(), "lite0_int8", top_k=1, map_format="float")
+        assert response.predictions[0].class_id == 285  # Egyptian cat, as in f32
+        assert response.maps[0].method == "reciprocam" and list(response.maps[0].shape) == [7, 7]
+        values = np.array(response.maps[0].values)
+        assert values.max() == pytest.approx(1.0) and values.min() >= 0
+
+        request = kpb.ModelInferRequest(model_name="lite0_int8")
+        request.inputs.add(name="image", datatype="UINT8", shape=[2, 224, 224, 3])
+        request.outputs.add(name="saliency_map")
+        request.raw_input_contents.append(np.zeros((2, 224, 224, 3), np.uint8).tobytes())
+        stub = kgrpc.GRPCInferenceServiceStub(client.channel)
+        answer = stub.ModelInfer(request)
+        assert list(answer.outputs[0].shape) == [2, 1000, 7, 7]
+    finally:
+        client.close()
+        server.stop(grace=1)
+

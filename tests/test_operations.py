@@ -1,0 +1,295 @@
+"""Operations against a real server on real ports: Prometheus metrics scraped over HTTP and
+parsed with Prometheus' own text parser, JSON logs carrying the request id, graceful shutdown
+of the `xaiserve serve` process on SIGTERM with requests in flight, and versions added and
+removed while clients send requests without pause."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from xaiserve.service import logs
+from xaiserve.service.client import XaiClient
+from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
+from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
+from xaiserve.service.proto import xaiserve_pb2 as xpb
+from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
+from xaiserve.service.server import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def infer_request(version: str = "", request_id: str = "") -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name="shapes", model_version=version, id=request_id)
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 64, 64, 3])
+    request.raw_input_contents.append(IMAGE.tobytes())
+    return request
+
+
+def explain_request(method=xpb.METHOD_AUTO, masks: int = 0, seed: int = 0,
+                    request_id: str = "") -> xpb.ExplainRequest:
+    return xpb.ExplainRequest(
+        model_name="shapes", id=request_id, method=method, map_format=xpb.MAP_FORMAT_FLOAT,
+        image=xpb.Image(tensor=xpb.Tensor(shape=[64, 64, 3], data=IMAGE.tobytes())),
+        black_box=xpb.BlackBoxOptions(num_masks=masks, seed=seed))
+
+
+def scrape(port: int) -> dict[str, dict]:
+    """{family name: {(sample name, sorted labels): value}} from the /metrics endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    families = {}
+    for family in text_string_to_metric_families(text):
+        families[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                                 for s in family.samples}
+    return families
+
+
+def sample(families, family: str, name: str, **labels) -> float:
+    return families[family][(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture(scope="module")
+def served(small_export, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("ops")
+    shutil.copytree(small_export.path, repo / "shapes" / "1")
+    settings = ServerSettings(repository=repo, host="127.0.0.1", port=0, metrics_port=0,
+                              poll_seconds=0.2, max_concurrent_requests=16,
+                              defaults=ModelSettings(black_box_masks=100,
+                                                     max_black_box_masks=20_000))
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield server, repo, channel
+    channel.close()
+    server.stop(grace=2)
+
+
+def test_metrics_scraped_over_http(served):
+    server, _, channel = served
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    explain = xgrpc.ExplanationServiceStub(channel)
+    for _ in range(3):
+        kserve.ModelInfer(infer_request())
+    explain.Explain(explain_request(xpb.METHOD_WHITE_BOX))
+    explain.Explain(explain_request(xpb.METHOD_BLACK_BOX, masks=300))
+    explain.Explain(explain_request(xpb.METHOD_BLACK_BOX, masks=200, seed=1))
+    with pytest.raises(grpc.RpcError):
+        kserve.ModelInfer(kpb.ModelInferRequest(model_name="../../etc/passwd"))
+    bad = infer_request()
+    bad.inputs[0].datatype = "FP32"
+    with pytest.raises(grpc.RpcError):
+        kserve.ModelInfer(bad)
+
+    m = scrape(server.metrics_port)
+    requests = "xaiserve_requests"
+    assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="1",
+                  method="ModelInfer", code="OK") == 3
+    assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="1",
+                  method="Explain", code="OK") == 3
+    # an unserved name never becomes a label value: only served names do
+    assert sample(m, requests, "xaiserve_requests_total", model="", version="",
+                  method="ModelInfer", code="NOT_FOUND") == 1
+    assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="",
+                  method="ModelInfer", code="INVALID_ARGUMENT") == 1
+    assert not any("passwd" in str(key) for key in m[requests])
+    # inference: 3 ModelInfer + 3 Explain predictions; explanation: by explainer
+    assert sample(m, "xaiserve_inference_seconds", "xaiserve_inference_seconds_count",
+                  model="shapes", version="1") == 6
+    assert sample(m, "xaiserve_explanation_seconds", "xaiserve_explanation_seconds_count",
+                  model="shapes", version="1", explainer="reciprocam") == 1
+    assert sample(m, "xaiserve_explanation_seconds", "xaiserve_explanation_seconds_count",
+                  model="shapes", version="1", explainer="rise") == 2
+    assert sample(m, "xaiserve_explanation_seconds", "xaiserve_explanation_seconds_bucket",
+                  model="shapes", version="1", explainer="rise", le="+Inf") == 2
+    passes = "xaiserve_black_box_forward_passes"
+    assert sample(m, passes, passes + "_count", model="shapes", version="1") == 2
+    assert sample(m, passes, passes + "_sum", model="shapes", version="1") == 500
+    assert sample(m, passes, passes + "_bucket", model="shapes", version="1", le="250.0") == 1
+    assert sample(m, "xaiserve_request_seconds", "xaiserve_request_seconds_count",
+                  method="ModelInfer") == 5
+    assert sample(m, "xaiserve_requests_in_flight", "xaiserve_requests_in_flight") == 0
+
+
+def test_json_logs_carry_the_request_id(served):
+    server, _, channel = served
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("INFO", "json", stream=stream)
+    try:
+        kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(request_id="req-42"))
+        answer = xgrpc.ExplanationServiceStub(channel).Explain(explain_request())
+        with pytest.raises(grpc.RpcError):
+            XaiClient(f"127.0.0.1:{server.port}").explain(b"not an image", "shapes")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    access = [e for e in lines if e["logger"] == "xaiserve.access"]
+    assert {"time", "level", "message", "request_id", "model", "method", "code", "ms"} \
+        <= set(access[0])
+    first = next(e for e in access if e["request_id"] == "req-42")
+    assert (first["model"], first["version"], first["method"], first["code"]) == \
+        ("shapes", "1", "ModelInfer", "OK")
+    assert first["ms"] > 0
+    # no id sent: the server makes one, answers with it and logs it
+    assert len(answer.id) == 32
+    assert any(e["request_id"] == answer.id and e["method"] == "Explain" for e in access)
+    failed = [e for e in access if e["code"] == "INVALID_ARGUMENT"]
+    assert failed and failed[0]["model"] == "shapes" and failed[0]["request_id"]
+
+
+# --- hot reload under load --------------------------------------------------------------------
+
+def add_version(repo: Path, source: Path, version: int) -> None:
+    """As the exporter does: write into a hidden directory, then rename into place."""
+    staging = repo / "shapes" / f".staging-{version}"
+    shutil.copytree(source, staging)
+    os.rename(staging, repo / "shapes" / str(version))
+
+
+def remove_version(repo: Path, version: int) -> None:
+    hidden = repo / "shapes" / f".removed-{version}"
+    os.rename(repo / "shapes" / str(version), hidden)
+    shutil.rmtree(hidden)
+
+
+def served_at(history, version: int, sent: float, answered: float) -> bool:
+    """Was `version` loaded at some instant between sending and answering?"""
+    ready = [t for t, _, v, what in history if v == version and what == "ready"]
+    gone = [t for t, _, v, what in history if v == version and what == "unloaded"]
+    return bool(ready) and min(ready) <= answered and (not gone or max(gone) >= sent)
+
+
+def test_versions_added_and_removed_under_load(served, small_export):
+    server, repo, channel = served
+    add_version(repo, small_export.path, 2)
+    assert wait_until(lambda: any(v == 2 for _, _, v, w in server.repository.history
+                                  if w == "ready"))
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    explain = xgrpc.ExplanationServiceStub(channel)
+    calls = [lambda: kserve.ModelInfer(infer_request(), timeout=30),
+             lambda: explain.Explain(explain_request(), timeout=30)]
+    answers: list[tuple[float, float, int]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(call):
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                response = call()
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            answers.append((sent, time.monotonic(), int(response.model_version)))
+
+    threads = [threading.Thread(target=client, args=(calls[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        add_version(repo, small_export.path, 3)  # the newest: unversioned requests move to it
+        remove_version(repo, 1)
+        assert wait_until(lambda: any(v == 3 for _, _, v in answers[-20:]))
+        time.sleep(0.5)
+        remove_version(repo, 2)  # the version that was answering until now
+        assert wait_until(lambda: any(v == 2 for _, _, v, w in server.repository.history
+                                      if w == "unloaded"))
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    history = list(server.repository.history)
+    wrong = [a for a in answers if not served_at(history, a[2], a[0], a[1])]
+    assert wrong == []
+    versions = [v for _, _, v in answers]
+    assert {2, 3} <= set(versions) and versions[-1] == 3
+    assert len(answers) > 50
+    assert server.repository.versions("shapes") == [3]
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- graceful shutdown of the `xaiserve serve` process ------------------------------------------
+
+def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
+    repo = tmp_path / "models"
+    shutil.copytree(small_export.path, repo / "shapes" / "1")
+    grace = 60
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository", str(repo),
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--log-format", "json",
+         "--shutdown-grace", str(grace), "--max-black-box-masks", "20000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        line = process.stdout.readline()
+        assert "serving" in line, process.stderr.read()
+        port = int(line.rsplit("on port ", 1)[1])
+        metrics_port = int(process.stdout.readline().rsplit(":", 1)[1].split("/")[0])
+        client = XaiClient(f"127.0.0.1:{port}")
+        results: dict[int, object] = {}
+        finished: dict[int, float] = {}
+
+        def slow(seed: int) -> None:
+            try:
+                results[seed] = client.stub.Explain(
+                    explain_request(xpb.METHOD_BLACK_BOX, masks=8000, seed=seed), timeout=120)
+            except grpc.RpcError as exc:
+                results[seed] = exc
+            finished[seed] = time.monotonic()
+
+        threads = [threading.Thread(target=slow, args=(seed,)) for seed in (1, 2)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: scrape(metrics_port)["xaiserve_requests_in_flight"][
+            ("xaiserve_requests_in_flight", ())] == 2)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as refused:  # no new requests once stopping
+            client.stub.Explain(explain_request(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join()
+        for seed in (1, 2):
+            assert isinstance(results[seed], xpb.ExplainResponse), results[seed]
+            assert results[seed].maps[0].method == "rise"
+            assert finished[seed] > signalled  # they were in flight when the signal came
+        assert process.wait(timeout=grace) == 0
+        client.close()
+        events = [json.loads(line) for line in process.stderr.read().splitlines()
+                  if line.startswith("{")]
+        assert any("shutting down" in e["message"] for e in events)
+        assert sum(e.get("method") == "Explain" and e.get("code") == "OK" for e in events) == 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
