@@ -11,7 +11,8 @@ Methods (a registry by name):
   d logit_c / d A_k; A is the last 4-D spatial output of a leaf module (the last conv block),
   or the module named by `layer`.
 Maps are compared at the IR map's resolution (the reference is area-averaged down to it):
-Spearman rank correlation and IoU of the top `top_fraction` locations.
+Spearman rank correlation and IoU of the top `top_fraction` locations (the same measures as
+the INT8 check, export/int8_agreement.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import numpy as np
 
 from xaiserve.service.dataset import IMAGE_SUFFIXES, MASK_SUFFIX
 from xaiserve.service.images import ImageError, read_image, resize_for_model
-from xaiserve.service.map_agreement import rank_correlation, top_fraction_iou
 from xaiserve.service.model_info import ModelInfo
+
+from .int8_agreement import spearman, top_fraction_iou
 
 METRICS = ("spearman", "topk_iou")
 
@@ -160,7 +162,7 @@ def compare(module, compiled, images: np.ndarray, info: ModelInfo,
     for i, c in enumerate(classes):
         ours = saliency[i, c if saliency.shape[1] > 1 else 0]
         theirs = _to_shape(reference[i], *ours.shape)
-        rows.append({"class_id": c, "spearman": rank_correlation(ours, theirs),
+        rows.append({"class_id": c, "spearman": spearman(ours, theirs),
                      "topk_iou": top_fraction_iou(ours, theirs, check.top_fraction)})
     figures = {"method": check.method, "layer": check.layer or "auto", "images": len(images),
                "top_fraction": check.top_fraction,
