@@ -94,8 +94,14 @@ def evaluate_command(args, fail) -> int:
     bar = tqdm(total=len(items), desc="evaluate", unit="image", file=sys.stderr)
     try:
         if args.ray is not None:
-            results = evaluate_ray(spec, items, settings, args.ray, workers=args.ray_workers,
-                                   batch_size=args.batch_size, progress=bar.update)
+            try:
+                results = evaluate_ray(spec, items, settings, args.ray,
+                                       workers=args.ray_workers, batch_size=args.batch_size,
+                                       progress=bar.update)
+            except Exception as exc:  # noqa: BLE001 - a worker's failure: one line, not a trace
+                bar.close()
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                return fail(VERB, f"--ray {args.ray}: {type(exc).__name__}: {first}")
         else:
             results = evaluate_local(spec, items, settings, args.batch_size, bar.update, backend)
         bar.close()
