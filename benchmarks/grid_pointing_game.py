@@ -24,7 +24,6 @@ Run:  python benchmarks/grid_pointing_game.py [--mosaics 60] [--out bench-out/x.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import tempfile
 import textwrap
@@ -37,10 +36,12 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from xaiserve.service import grid_pointing_game as gpg
+
 CELL = 112
 SIZE = 2 * CELL
 # Cells in reading order: (top, left) of each 112x112 photo in the 224x224 mosaic.
-CELL_ORIGINS = [(0, 0), (0, CELL), (CELL, 0), (CELL, CELL)]
+CELL_ORIGINS = gpg.cell_origins(CELL, 2)
 
 MapFn = Callable[[np.ndarray, list[int]], np.ndarray]  # (mosaic u8 [224,224,3], classes) -> maps
 
@@ -100,35 +101,13 @@ def distinct_photos(photos: dict[str, np.ndarray], top1: dict[str, int]) -> list
 
 
 def choose_mosaics(names: list[str], count: int, seed: int) -> list[tuple[str, ...]]:
-    """`count` distinct ordered 4-tuples of distinct photos, deterministic for a seed.
-
-    Every 4-subset is used once before any is repeated in another order, so each photo appears
-    about equally often and in every cell position."""
-    rng = np.random.default_rng(seed)
-    subsets = list(itertools.combinations(names, 4))
-    rng.shuffle(subsets)
-    chosen: list[tuple[str, ...]] = []
-    seen: set[tuple[str, ...]] = set()
-    while len(chosen) < count:
-        before = len(chosen)
-        for subset in subsets:
-            order = tuple(subset[i] for i in rng.permutation(4))
-            if order not in seen:
-                seen.add(order)
-                chosen.append(order)
-                if len(chosen) == count:
-                    break
-        if len(chosen) == before:  # every permutation of every subset is used
-            break
-    return chosen
+    """`count` distinct ordered 4-tuples of distinct photos (the library's, 2x2)."""
+    return gpg.choose_mosaics(names, count, seed, n=2)
 
 
 def build_mosaic(cells: list[np.ndarray]) -> np.ndarray:
     """Four 112x112 RGB cells -> one 224x224 mosaic in reading order."""
-    mosaic = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
-    for (top, left), cell in zip(CELL_ORIGINS, cells):
-        mosaic[top:top + CELL, left:left + CELL] = cell
-    return mosaic
+    return gpg.build_mosaic(cells, n=2)
 
 
 # --- the score --------------------------------------------------------------------------------
@@ -139,17 +118,9 @@ def upsample(saliency: np.ndarray) -> np.ndarray:
 
 
 def grid_score(saliency: np.ndarray, cell: int) -> float:
-    """Positive mass inside `cell` / total positive mass, after upsampling to the image.
-
-    Only the sign matters for what counts as evidence, so the zero point of a method's map decides
-    a lot: a min-max map sets its least salient location to 0 and everything else counts. An empty
-    map points nowhere and scores chance (0.25)."""
-    positive = np.maximum(upsample(saliency), 0.0)
-    total = float(positive.sum())
-    if total <= 0.0:
-        return 0.25
-    top, left = CELL_ORIGINS[cell]
-    return float(positive[top:top + CELL, left:left + CELL].sum()) / total
+    """Positive mass inside `cell` / total positive mass (the library's, see
+    xaiserve.service.grid_pointing_game.grid_score)."""
+    return gpg.grid_score(saliency, cell, SIZE, n=2)
 
 
 # --- torch methods ----------------------------------------------------------------------------

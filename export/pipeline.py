@@ -14,6 +14,7 @@ import openvino as ov
 from .int8 import Int8Settings, quantize_export
 from .parity import compile_f32, parity
 from .preprocessing import embed_preprocessing
+from .reference_saliency import ReferenceCheck, check_reference
 from .repository import staged_version
 from .saliency import SaliencySettings, insert_saliency
 from .sources import SourceOptions, create_source, synthetic_images
@@ -30,6 +31,7 @@ class ExportRequest:
     saliency: SaliencySettings = field(default_factory=SaliencySettings)
     source_options: SourceOptions = field(default_factory=SourceOptions)
     parity_images: np.ndarray | None = None  # u8 [n, H, W, 3] at the model's size
+    reference: ReferenceCheck | None = None  # torch reference maps vs the IR's, optional gate
     int8: Int8Settings | None = None  # quantise after the f32 checks (export/int8.py)
 
 
@@ -71,6 +73,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             images = synthetic_images(4, info.input_height)
         parity_figures = parity(loaded.torch_module, compile_f32(model), images, info)
         timings["parity_s"] = time.perf_counter() - t
+    reference_figures = _reference(request, loaded, model, info, images if parity_figures
+                                   else None, progress, timings)
 
     int8_figures = None
     if request.int8 is not None:  # raises GateFailed before anything is written
@@ -106,9 +110,29 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                 "settings": request.saliency.as_dict(),
             },
             "parity": parity_figures,
+            "reference": reference_figures,
             "precision": "int8" if int8_figures else "f32",
             "int8": int8_figures,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return ExportResult(Path(request.repository) / request.name / str(version), version, card)
+
+
+def _reference(request: ExportRequest, loaded, model: ov.Model, info, images,
+               progress: Progress, timings: dict) -> dict | None:
+    """Torch reference maps against the IR's (before anything is written, so a failed gate
+    leaves the repository as it was)."""
+    if request.reference is None:
+        return None
+    from .reference_saliency import ReferenceCheckError
+
+    if loaded.torch_module is None:
+        raise ReferenceCheckError("--reference needs a torch source (default, timm:..., "
+                                  "torch:...); an IR or ONNX file has no gradients")
+    t = time.perf_counter()
+    progress("comparing with the torch reference")
+    figures = check_reference(loaded.torch_module, compile_f32(model), images, info,
+                              request.reference)
+    timings["reference_s"] = time.perf_counter() - t
+    return figures

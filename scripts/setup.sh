@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs xaiserve with the export and test extras.
+# Creates .venv (once) and installs xaiserve with the export, evaluate, scale and test extras;
+# installs Chromium (the report test renders the HTML in it) when it is missing and apt works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -7,7 +8,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # torch comes from the registry (its default build loads torchvision, which timm needs).
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[export,test]" 2>&1 \
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[export,evaluate,scale,test]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c "import xaiserve.service.cli, openvino, torch, timm" \
   || { echo "setup: the environment is incomplete" >&2; exit 1; }
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y chromium >/dev/null 2>&1 \
+     || { apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; }) \
+    || echo "setup: could not install chromium; tests/test_evaluate.py will fail on it" >&2
+fi

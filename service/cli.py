@@ -43,8 +43,36 @@ def add_export(sub) -> None:
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, 0..255 units")
     p.add_argument("--scale", type=_floats, default=None, help="per-channel divisor")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    add_reference_options(p)
     add_int8_options(p)
     p.set_defaults(run=run_export)
+
+
+def add_reference_options(p) -> None:
+    g = p.add_argument_group("torch reference maps (recorded in the model card; optional gate)")
+    g.add_argument("--reference", choices=["gradcam", "gradient"], default=None)
+    g.add_argument("--min-reference-agreement", type=float, default=None,
+                   help="fail (exit 3, nothing written) when the agreement is below this")
+    g.add_argument("--reference-metric", choices=["spearman", "topk_iou"], default="spearman")
+    g.add_argument("--reference-top-fraction", type=float, default=0.2)
+    g.add_argument("--reference-layer", default=None, help="torch module name for Grad-CAM")
+    g.add_argument("--reference-images", type=Path, default=None,
+                   help="folder of images to compare on (default: the parity images)")
+
+
+def reference_check(args):
+    """The ReferenceCheck the options ask for, or None."""
+    from xaiserve.export.reference_saliency import ReferenceCheck
+
+    if args.reference is None:
+        if args.min_reference_agreement is not None:
+            raise ValueError("--min-reference-agreement needs --reference gradcam|gradient")
+        return None
+    if not 0 < args.reference_top_fraction <= 1:
+        raise ValueError("--reference-top-fraction must be in (0, 1]")
+    return ReferenceCheck(method=args.reference, min_agreement=args.min_reference_agreement,
+                          metric=args.reference_metric, top_fraction=args.reference_top_fraction,
+                          layer=args.reference_layer, images=args.reference_images)
 
 
 def add_int8_options(p) -> None:
@@ -92,12 +120,14 @@ def run_export(args) -> int:
     try:
         from xaiserve.export.int8 import EXIT_GATE, GateFailed, Int8Error
         from xaiserve.export.pipeline import ExportRequest, export_model
+        from xaiserve.export.reference_saliency import ReferenceCheckError, ReferenceGateError
         from xaiserve.export.repository import RepositoryError
         from xaiserve.export.saliency import InsertionError, SaliencySettings
         from xaiserve.export.sources import SourceError, SourceOptions
     except ImportError as exc:
         return _fail("export", f"{exc}; install the export extra: pip install 'xaiserve[export]'")
     try:
+        reference = reference_check(args)
         int8 = int8_settings(args)
     except ValueError as exc:
         return _fail("export", str(exc))
@@ -109,9 +139,11 @@ def run_export(args) -> int:
         source_options=SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
                                      labels_file=args.labels, input_size=args.input_size,
                                      mean_values=args.mean, scale_values=args.scale),
+        reference=reference,
         int8=int8,
     )
-    stages = tqdm(total=4 + 2 * bool(int8), desc="export", unit="step", file=sys.stderr,
+    stages = tqdm(total=4 + (reference is not None) + 2 * bool(int8), desc="export",
+                  unit="step", file=sys.stderr,
                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {postfix}")
 
     started = []
@@ -124,7 +156,16 @@ def run_export(args) -> int:
 
     try:
         result = export_model(request, progress)
-    except (SourceError, InsertionError, RepositoryError, Int8Error) as exc:
+    except ReferenceGateError as exc:
+        stages.close()
+        text = json.dumps({"status": "gate_failed", "failures": [str(exc)],
+                           "reference": exc.figures}, indent=2)
+        if args.report:
+            args.report.write_text(text + "\n")
+        print(text)
+        print(f"xaiserve export: gate failed: {exc}", file=sys.stderr)
+        return EXIT_GATE
+    except (SourceError, InsertionError, RepositoryError, Int8Error, ReferenceCheckError) as exc:
         stages.close()
         return _fail("export", str(exc))
     except GateFailed as exc:
@@ -470,6 +511,52 @@ def run_explain(args) -> int:
     return 1 if failures else 0
 
 
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="explanation quality on a labelled image folder: "
+                                        "HTML report + JSON/CSV")
+    p.add_argument("dataset", type=Path, help="DATASET/<class>/<image>, optional "
+                   "<image>.mask.png beside each image or DATASET/boxes.json")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    where.add_argument("--model-path", help="in-process: models/<name> or models/<name>/<v>")
+    p.add_argument("--model", help="model name on the server")
+    p.add_argument("--version", default="")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate a sample of N images only (drawn with --seed, all classes)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-faithfulness", action="store_true",
+                   help="skip deletion/insertion and the other perturbation metrics")
+    p.add_argument("--steps", type=int, default=196,
+                   help="deletion/insertion steps (at most one per map cell)")
+    p.add_argument("--substrate", choices=["default", "black", "blur", "mean"],
+                   default="default", help="what removed pixels become (default: deletion and "
+                   "the single-step metrics black, insertion blur)")
+    p.add_argument("--binarization", default="std", choices=["std", "threshold", "percentile"],
+                   help="how a map becomes the saliency set S for Shared Interest")
+    p.add_argument("--binarization-value", type=float, default=None,
+                   help="k of mean + k std (1), the cut (0.5) or the percentile (90)")
+    p.add_argument("--pattern-cutoffs", type=_floats, default=None, metavar="IOU,GTC,SC",
+                   help="high/low cut-offs of the Shared Interest patterns (0.5,0.5,0.5)")
+    p.add_argument("--grid-mosaics", type=int, default=40,
+                   help="2x2 mosaics for the grid pointing game (0: skip)")
+    p.add_argument("--grid-methods", default="saliency_map",
+                   help="comma-separated: saliency_map (the model's map), rise (black-box, "
+                        "in-process only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run on Ray: local | auto | ray://HOST:PORT (needs xaiserve[scale])")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray workers, one model each")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .evaluate_cli import evaluate_command
+
+    return evaluate_command(args, _fail)
+
+
 def add_health(sub) -> None:
     p = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 if SERVING")
     p.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT (default: %(default)s)")
@@ -619,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain(sub)
     add_health(sub)
     add_bench(sub)
+    add_evaluate(sub)
     return parser
 
 

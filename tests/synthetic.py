@@ -8,17 +8,21 @@ import numpy as np
 
 SIZE = 64
 CLASSES = ("red", "green", "blue")
+CLASSES4 = CLASSES + ("yellow",)  # four classes: enough for 2x2 grid pointing game mosaics
+COLOURS = {"red": (230, 40, 40), "green": (40, 230, 40), "blue": (40, 40, 230),
+           "yellow": (230, 230, 40)}
 SHAPES = ("square", "disk", "cross")
 
 
-def make_dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_dataset(count: int, seed: int, classes: tuple[str, ...] = CLASSES
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """u8 images [n, 64, 64, 3], labels [n], object masks [n, 64, 64] (bool).
 
     One object per image, of a random shape at a random place on a grey noisy background; its
     colour is the class."""
     rng = np.random.default_rng(seed)
     images = rng.integers(60, 140, size=(count, SIZE, SIZE, 3)).astype(np.uint8)
-    labels = rng.integers(0, len(CLASSES), size=count)
+    labels = rng.integers(0, len(classes), size=count)
     masks = np.zeros((count, SIZE, SIZE), dtype=bool)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     for i, label in enumerate(labels):
@@ -33,21 +37,38 @@ def make_dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         else:
             mask = ((dy <= 2) & (dx <= r)) | ((dx <= 2) & (dy <= r))
         masks[i] = mask
-        colour = np.full(3, 40)
-        colour[label] = 230
-        images[i][mask] = colour
+        images[i][mask] = COLOURS[classes[label]]
     return images, labels, masks
 
 
-def small_cnn():
+def write_image_folder(root, images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None,
+                       classes: tuple[str, ...] = CLASSES) -> None:
+    """The `xaiserve evaluate` layout: root/<class>/img_NNN.png (+ img_NNN.mask.png)."""
+    import cv2
+    from pathlib import Path
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = Path(root) / classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"img_{i:03d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if masks is not None:
+            cv2.imwrite(str(folder / f"img_{i:03d}.mask.png"), masks[i].astype(np.uint8) * 255)
+
+
+def small_cnn(num_classes: int = len(CLASSES)):
     import torch.nn as nn
 
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
     )
+
+
+def small_cnn4():
+    """The same CNN for the four classes of CLASSES4."""
+    return small_cnn(len(CLASSES4))
 
 
 def mlp():
@@ -58,15 +79,15 @@ def mlp():
                          nn.Linear(32, len(CLASSES)))
 
 
-def train_small_cnn(steps: int = 150, seed: int = 0):
+def train_small_cnn(steps: int = 150, seed: int = 0, classes: tuple[str, ...] = CLASSES):
     """Train on x / 255 (the export gets --mean 0 --scale 255) for a few seconds."""
     import torch
 
     torch.manual_seed(seed)
-    images, labels, _ = make_dataset(1024, seed)
+    images, labels, _ = make_dataset(1024, seed, classes)
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     y = torch.from_numpy(labels)
-    model = small_cnn()
+    model = small_cnn(len(classes))
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):

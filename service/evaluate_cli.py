@@ -1,0 +1,134 @@
+"""`xaiserve evaluate`: the command's steps over the library (settings, backend, run, report)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+VERB = "evaluate"
+
+
+def settings_from_args(args):
+    """EvaluationSettings from the options; ValueError names the option to fix."""
+    from .evaluation import GRID_METHODS, EvaluationSettings
+    from .faithfulness import FaithfulnessSettings
+    from .shared_interest import Binarization, PatternCutoffs
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.grid_mosaics < 0:
+        raise ValueError("--grid-mosaics must be 0 (skip) or more")
+    if args.ray_workers < 1:
+        raise ValueError("--ray-workers must be at least 1")
+    if args.limit < 0:
+        raise ValueError("--limit must be 0 (all images) or more")
+    methods = tuple(m.strip() for m in args.grid_methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in GRID_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--grid-methods {args.grid_methods!r}: choose from "
+                         f"{', '.join(GRID_METHODS)}")
+    if "rise" in methods and args.server:
+        raise ValueError("--grid-methods rise runs in-process only; use --model-path")
+    try:
+        binarization = Binarization(args.binarization, args.binarization_value)
+    except ValueError as exc:
+        raise ValueError(f"--binarization-value: {exc}") from None
+    cutoffs = args.pattern_cutoffs or [0.5, 0.5, 0.5]
+    if len(cutoffs) != 3:
+        raise ValueError("--pattern-cutoffs: give three numbers, IOU,GTC,SC")
+    try:
+        patterns = PatternCutoffs(*cutoffs)
+    except ValueError as exc:
+        raise ValueError(f"--pattern-cutoffs: {exc}") from None
+    try:
+        faithfulness = FaithfulnessSettings(steps=args.steps)
+    except ValueError as exc:
+        raise ValueError(f"--steps: {exc}") from None
+    if args.substrate != "default":
+        faithfulness = faithfulness.with_substrate(args.substrate)
+    return EvaluationSettings(binarization=binarization, cutoffs=patterns,
+                              faithfulness=faithfulness,
+                              with_faithfulness=not args.no_faithfulness,
+                              grid_mosaics=args.grid_mosaics, grid_methods=methods,
+                              seed=args.seed)
+
+
+def evaluate_command(args, fail) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return fail(VERB, "the report needs matplotlib: pip install 'xaiserve[evaluate]'")
+    from .dataset import DatasetError, scan_dataset
+    from .eval_backend import BackendError, BackendSpec
+    from .eval_report import write_report
+    from .evaluate_runner import evaluate_local, evaluate_ray
+    from .evaluation import play_grid_game
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        return fail(VERB, str(exc))
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return fail(VERB, "--ray needs Ray: pip install 'xaiserve[scale]'")
+    spec = BackendSpec(model_path=args.model_path, server=args.server, model=args.model,
+                       version=args.version, device=args.device)
+    try:
+        backend = spec.open()
+        if not backend.has_saliency:
+            return fail(VERB, "the model has no saliency_map output; export it with "
+                              "`xaiserve export --method auto` (black-box maps are not evaluated)")
+        items = scan_dataset(args.dataset, backend.info.labels)
+    except (BackendError, DatasetError) as exc:
+        return fail(VERB, str(exc))
+    if args.limit and args.limit < len(items):
+        import numpy as np
+
+        keep = np.random.default_rng(args.seed).choice(len(items), args.limit, replace=False)
+        items = [items[i] for i in sorted(keep)]
+    bar = tqdm(total=len(items), desc="evaluate", unit="image", file=sys.stderr)
+    try:
+        if args.ray is not None:
+            try:
+                results = evaluate_ray(spec, items, settings, args.ray,
+                                       workers=args.ray_workers, batch_size=args.batch_size,
+                                       progress=bar.update)
+            except Exception as exc:  # noqa: BLE001 - a worker's failure: one line, not a trace
+                bar.close()
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                return fail(VERB, f"--ray {args.ray}: {type(exc).__name__}: {first}")
+        else:
+            results = evaluate_local(spec, items, settings, args.batch_size, bar.update, backend)
+        bar.close()
+        failed = [i for i, r in enumerate(results) if "error" in r.row]
+        for i in failed:
+            print(f"xaiserve evaluate: error: {results[i].row['error']}", file=sys.stderr)
+        game = (play_grid_game(backend, items, settings, unreadable=tuple(failed))
+                if settings.grid_mosaics else None)
+    except (BackendError, DatasetError) as exc:
+        bar.close()
+        return fail(VERB, str(exc))
+    except grpc.RpcError as exc:
+        bar.close()
+        return fail(VERB, f"--server {args.server}: {exc.code().name}: {exc.details()}")
+    if len(failed) == len(items):
+        return fail(VERB, "no image could be read; see the errors above")
+    model = {"name": args.model or str(args.model_path), "source": args.server or "in-process",
+             "saliency_method": backend.info.saliency_method,
+             "saliency_settings": backend.info.saliency_settings,
+             "execution": f"ray ({args.ray})" if args.ray is not None else "local"}
+    summary = write_report(results, items, game, backend.info, model,
+                           json.loads(json.dumps(settings.as_dict(), default=str)), args.out)
+    means = summary["means"]
+    shown = {k: means.get(k) for k in ("iou", "gtc", "sc", "deletion_auc", "insertion_auc")}
+    print(f"{summary['images']} images, accuracy {summary['accuracy']:.3f}, "
+          + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None)
+          + f"; report: {args.out / 'report.html'}"
+          + (f"; {len(failed)} images could not be read" if failed else ""))
+    return 1 if failed else 0
+
