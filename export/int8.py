@@ -188,6 +188,13 @@ def infer_all(compiled: ov.CompiledModel, images: np.ndarray, desc: str
     return np.concatenate(logits), np.concatenate(maps) if has_maps else None
 
 
+def one_level_noise(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """u8 images with every value moved by -1, 0 or +1 (clipped): an invisible change, so
+    how often it flips the f32 top-1 is the validation set's own noise floor."""
+    step = np.random.default_rng(seed).integers(-1, 2, images.shape)
+    return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
+
+
 def gate_failures(figures: dict, settings: Int8Settings) -> list[str]:
     failures = []
     if settings.max_top1_drop is not None and figures["top1_drop"] > settings.max_top1_drop:
@@ -218,14 +225,22 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
 
     progress("validating INT8 against f32")
     core = ov.Core()
-    reference = infer_all(compile_f32(model, core), validation, "f32 IR")
+    f32 = compile_f32(model, core)
+    reference = infer_all(f32, validation, "f32 IR")
     ours = infer_all(compile_f32(quantized, core), validation, "INT8 IR")
+    jittered = infer_all(f32, one_level_noise(validation), "f32 IR, +-1 noise")[0]
     figures = {
         "settings": settings.as_dict(),
         "calibration_images": int(len(calibration)),
         "validation_is_calibration": settings.validation is None,
         "f32_head_and_saliency": bool(target_layer),
         **agreement(*reference, *ours, fraction=settings.saliency_top_fraction),
+        "f32_noise_floor": {
+            "what": "top-1 agreement of the f32 IR with itself when every pixel moves by at "
+                    "most one grey level (uniform -1, 0, +1; seed 0): the best agreement any "
+                    "change of the arithmetic can be expected to keep on these images",
+            "top1_agreement": float((jittered.argmax(1) == reference[0].argmax(1)).mean()),
+        },
     }
     if settings.validation is None:
         figures["note"] = ("validated on the calibration folder: a weaker check than a "

@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
 from tests.synthetic import make_dataset, train_small_cnn
+from xaiserve.export.int8 import one_level_noise
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
@@ -95,6 +96,15 @@ def test_agreement_counts_flips_and_confident_images():
 
 
 # --- the gate ---------------------------------------------------------------------------------
+
+def test_one_level_noise_is_at_most_one_grey_level():
+    images = np.array([[[[0, 128, 255]]]] * 50, np.uint8)
+    noisy = one_level_noise(images)
+    step = noisy.astype(int) - images.astype(int)
+    assert noisy.dtype == np.uint8 and np.abs(step).max() == 1
+    assert (noisy[..., 0] <= 1).all() and (noisy[..., 2] >= 254).all()  # clipped, no wrap-around
+    assert np.array_equal(noisy, one_level_noise(images))  # seeded
+
 
 def test_gate_passes_with_a_good_calibration_set(shapes):
     repo = shapes["work"] / "good"
@@ -188,6 +198,7 @@ def test_default_model_int8_agrees_with_f32(default_int8):
     # Flips happen on images the f32 model itself is unsure of; sure ones keep their class.
     assert figures["confident_images"] >= 5 and figures["top1_agreement_confident"] >= 0.95
     assert figures["top1_agreement"] >= 0.7
+    assert 0.0 <= figures["f32_noise_floor"]["top1_agreement"] <= 1.0
     assert is_quantized(ov.Core().read_model(repo / "lite0_int8" / "1" / "model.xml"))
 
 
