@@ -121,7 +121,7 @@ class BatchingPool:
             job.started = started
         try:
             batch = group[0].batch if len(group) == 1 else np.concatenate([j.batch for j in group])
-            request.infer({0: batch})
+            request.infer({0: np.ascontiguousarray(batch)}, share_inputs=True, share_outputs=True)
             self.inferences += 1
             self.images += len(batch)
             start = 0

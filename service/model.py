@@ -106,7 +106,8 @@ class InferPool:
         asked = time.perf_counter()
         with self.request() as request:
             started = time.perf_counter()
-            request.infer({0: batch})
+            # Shared: the caller's array is read in place and the outputs are copied below once.
+            request.infer({0: np.ascontiguousarray(batch)}, share_inputs=True, share_outputs=True)
             result = {name: request.get_tensor(name).data.copy() for name in outputs}
         add_timings(timings, asked, started, time.perf_counter())
         return result
