@@ -323,9 +323,9 @@ def point_from(measurement: Measurement, *, mode: str, model: str, device: str, 
 def attach_reference(point: Point, ref: ReferenceRun | None, masks: int) -> None:
     """Ratios against benchmark_app. A black-box request is masks + 1 inferences, so its limit
     is that many images at benchmark_app's rate, for throughput and for latency alike."""
-    if ref is None or not ref.fps:
-        return
     per_request = works.WORKS[point.work].inferences(point.batch, masks)
+    if ref is None or not ref.fps or per_request is None:
+        return
     point.reference_fps = ref.fps
     point.reference_p50_ms = ref.p50_ms if per_request == point.batch else \
         per_request / ref.fps * 1e3

@@ -109,7 +109,8 @@ def summary_text(result: BenchResult) -> str:
                          f"{r.infer_requests}, streams {r.streams}, {r.seconds} s")
     lines.append("img/s counts images; latencies in ms per request (client side); fps/ba and "
                  "p50/ba: ours / benchmark_app (explain-black: a request is masks + 1 "
-                 "inferences at benchmark_app's rate); split: mean ms per stage (net = "
+                 "inferences at benchmark_app's rate; faithfulness: none, the server decides "
+                 "how many inferences its curves take); split: mean ms per stage (net = "
                  "transport).")
     return "\n".join(lines)
 
@@ -152,7 +153,7 @@ def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
             ax.plot([p.concurrency for p in ps], [p.throughput for p in ps], marker="o",
                     label=key.replace(f" {work}", ""))
         per_image = WORKS[work].inferences(1, masks)
-        for r in result.references:
+        for r in result.references if per_image is not None else ():
             if per_image > 1 and r.batch != 1:
                 continue
             level = r.fps / per_image

@@ -210,9 +210,14 @@ class WorkKind:
     local_batches: bool = True  # False: one image per request in-process
     remote_batches: bool = True  # False: one image per request over gRPC
     black_box: bool = False  # one request runs masks + 1 inferences
+    # False: the server decides how many inferences a request runs (the faithfulness curves),
+    # so no benchmark_app ratio is given rather than a misleading one.
+    known_inferences: bool = True
 
-    def inferences(self, batch: int, masks: int) -> int:
-        """Model inferences (images through the network) in one request."""
+    def inferences(self, batch: int, masks: int) -> int | None:
+        """Model inferences (images through the network) in one request; None: not known here."""
+        if not self.known_inferences:
+            return None
         return masks + 1 if self.black_box else batch
 
     def skip_reason(self, mode: str, batch: int) -> str | None:
@@ -239,5 +244,5 @@ WORKS: dict[str, WorkKind] = {w.name: w for w in (
              local_explain_black, remote_explain_black, local_batches=False,
              remote_batches=False, black_box=True),
     WorkKind("faithfulness", "white-box Explain with every extra metric (metrics: all)",
-             None, remote_faithfulness, remote_batches=False),
+             None, remote_faithfulness, remote_batches=False, known_inferences=False),
 )}

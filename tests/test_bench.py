@@ -12,7 +12,9 @@ import openvino as ov
 import pytest
 
 from tests.conftest import run_cli
-from xaiserve.service.bench import Window, is_stable, request_split, Sample
+from xaiserve.service.bench import (Point, Sample, Window, attach_reference, is_stable,
+                                    request_split)
+from xaiserve.service.bench_reference import ReferenceRun
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.server import Server
 
@@ -111,6 +113,10 @@ def test_server_mode_gives_the_split_with_queue_and_transport(server, tmp_path):
     by_work = {p["work"]: p for p in points if p["batch"] == 1}
     assert {"decode", "preprocess", "explanation", "encode_maps", "metrics"} <= set(
         by_work["explain-white"]["split_ms"])
+    # The faithfulness work makes the server run its deletion/insertion curves (hundreds of
+    # inferences), so its metrics stage dwarfs the plain explain's.
+    assert by_work["faithfulness"]["split_ms"]["metrics"] > \
+        20 * by_work["explain-white"]["split_ms"]["metrics"]
     skips = data["skips"]
     assert "skip explain-white server batch 2: an Explain request takes one image " \
            "(use --batch 1)" in skips
@@ -179,3 +185,25 @@ def test_stability_rule_and_split():
     local = request_split([Sample(0, 10.0, {"queue": 1.0, "inference": 5.0})], remote=False)
     assert local == pytest.approx({"queue": 1.0, "inference": 5.0, "other": 4.0})
     assert np.isclose(sum(local.values()), 10.0)
+
+
+def test_ratios_to_benchmark_app_count_the_inferences_of_a_request():
+    ref = ReferenceRun("m.xml", "CPU", "throughput", 1, 10, fps=100.0, p50_ms=10.0,
+                       mean_ms=10.0, iterations=1000, duration_ms=10000.0, infer_requests=2,
+                       streams=2)
+
+    def point(work: str, throughput: float, p50: float) -> Point:
+        return Point("server", "m/1", "CPU", "default", "tput", "auto", work, 1, 1, 10, 1.0,
+                     throughput, p50, p50, p50, p50, p50, True, 3, 0, {})
+
+    predict, black, faithful = (point("predict", 80.0, 12.5), point("explain-black", 0.5, 500.0),
+                                point("faithfulness", 0.4, 2000.0))
+    for p in (predict, black, faithful):
+        attach_reference(p, ref, masks=99)
+    assert predict.throughput_ratio == pytest.approx(0.8)
+    assert predict.p50_ratio == pytest.approx(1.25)
+    # A RISE request with 99 masks is 100 inferences: its limit is 1 request/s, 1000 ms.
+    assert black.throughput_ratio == pytest.approx(0.5)
+    assert black.p50_ratio == pytest.approx(0.5)
+    # The server decides how many inferences the faithfulness curves take: no ratio at all.
+    assert faithful.throughput_ratio is None and faithful.p50_ratio is None
