@@ -60,7 +60,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         info.saliency_method = insertion.method
         info.saliency_target_layer = insertion.target_layer
         info.saliency_settings = json.dumps(request.saliency.as_dict(), sort_keys=True)
-    model = embed_preprocessing(model, info)
+    if not loaded.preprocessing_embedded:
+        model = embed_preprocessing(model, info)
     info.write(model)
     timings["insert_s"] = time.perf_counter() - t
 

@@ -38,13 +38,16 @@ class SourceOptions:
 
 @dataclass
 class LoadedSource:
-    """A float NCHW model with dynamic batch and static H, W, and how to feed it."""
+    """A float NCHW model with dynamic batch and static H, W, and how to feed it; or, with
+    `preprocessing_embedded`, an IR that already takes u8 NHWC images (one of ours, re-exported
+    with other saliency settings)."""
 
     model: ov.Model
     info: ModelInfo
     description: str
     torch_module: Any = None  # kept for parity checks against the source framework
     extra: dict = field(default_factory=dict)
+    preprocessing_embedded: bool = False
 
 
 Loader = Callable[[str, SourceOptions], LoadedSource]
@@ -274,6 +277,8 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: has {len(model.inputs)} inputs; only single-image classifiers")
     known = ModelInfo.from_model(model)
     shape = model.inputs[0].get_partial_shape()
+    if known is not None and known.embedded_processing and _takes_u8_nhwc(model):
+        return _with_embedded_preprocessing(model, known, path, options)
     if shape.rank.get_length() != 4:
         raise SourceError(f"{path}: input has shape {shape}, expected an image [N, 3, H, W]")
     size = options.input_size
@@ -299,6 +304,38 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         resize_type=known.resize_type if known else "standard",
     )
     return LoadedSource(model, info, f"file:{path}")
+
+
+def _takes_u8_nhwc(model: ov.Model) -> bool:
+    shape = model.inputs[0].get_partial_shape()
+    return (model.inputs[0].get_element_type() == ov.Type.u8 and shape.rank.get_length() == 4
+            and shape[3].is_static and shape[3].get_length() == 3)
+
+
+def _with_embedded_preprocessing(model: ov.Model, known: ModelInfo, path: Path,
+                                 options: SourceOptions) -> LoadedSource:
+    """An IR that already takes u8 NHWC images and says so in model_info (an earlier
+    `xaiserve export --method none`): keep its preprocessing and insert the branch.
+
+    One that already has a saliency branch is refused: the fast ReciproCAM path replaces the
+    classifier layer by the branch's product, so the head it would be inserted at is gone."""
+    if any("saliency_map" in out.get_names() for out in model.outputs):
+        method = known.saliency_method or "unknown"
+        raise SourceError(f"{path}: already has a saliency_map output (method {method}); "
+                          "export its original source again to change the saliency settings")
+    if options.input_size or options.mean_values or options.scale_values:
+        raise SourceError(f"{path}: its preprocessing is embedded (model_info); leave out "
+                          "--input-size, --mean and --scale")
+    shape = model.inputs[0].get_partial_shape()
+    if not (shape[1].is_static and shape[2].is_static):
+        raise SourceError(f"{path}: the embedded input size is dynamic; export the source again")
+    height, width = shape[1].get_length(), shape[2].get_length()
+    model.reshape({model.inputs[0]: ov.PartialShape([-1, height, width, 3])})
+    info = ModelInfo(labels=list(known.labels), input_height=height, input_width=width,
+                     mean_values=list(known.mean_values), scale_values=list(known.scale_values),
+                     resize_type=known.resize_type, embedded_processing=True)
+    return LoadedSource(model, info, f"file:{path} (preprocessing embedded)",
+                        preprocessing_embedded=True)
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:

@@ -126,3 +126,16 @@ def test_deployed_ir_gets_saliency_without_torch(tmp_path):
     out = compiled(np.zeros((2, 64, 64, 3), np.uint8))
     assert out["saliency_map"].shape == (2, 3, 16, 16)
     assert model.get_rt_info(["model_info", "labels"]).astype(str) == "red green blue"
+
+
+
+def test_our_ir_with_a_saliency_branch_is_refused_as_a_source(default_export, tmp_path):
+    """Its classifier layer became part of the branch: say to export the original again
+    (tests/test_openvino_xai_reference.py re-exports a plain IR of ours successfully)."""
+    source = default_export.path / "model.xml"
+    result = run_cli("export", str(source), "--method", "activationmap", "--repository",
+                     str(tmp_path), "--name", "again")
+    line = _error_line(result)
+    assert "already has a saliency_map output (method reciprocam)" in line
+    assert "export its original source again" in line
+    assert _repository_is_empty(tmp_path / "again")
