@@ -39,8 +39,8 @@ class SourceOptions:
 @dataclass
 class LoadedSource:
     """A float NCHW model with dynamic batch and static H, W, and how to feed it; or, with
-    `preprocessing_embedded`, an IR that already takes u8 NHWC images (one of ours, re-exported
-    with other saliency settings)."""
+    `preprocessing_embedded`, an IR that already takes u8 NHWC images (one of ours exported
+    with `--method none`): the pipeline then inserts the branch and adds no preprocessing."""
 
     model: ov.Model
     info: ModelInfo
