@@ -11,6 +11,21 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
+def _gate_failed(report: Path | None, failures: list[str], section: str, figures: dict,
+                 line: str) -> int:
+    """An export check failed its threshold: the JSON report on stdout (and --report), one
+    line on stderr, exit code 3 for pipelines."""
+    from xaiserve.export.int8 import EXIT_GATE
+
+    text = json.dumps({"status": "gate_failed", "failures": failures, section: figures},
+                      indent=2)
+    if report:
+        report.write_text(text + "\n")
+    print(text)
+    print(f"xaiserve export: {line}", file=sys.stderr)
+    return EXIT_GATE
+
+
 def _fail(verb: str, message: str) -> int:
     print(f"xaiserve {verb}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -118,7 +133,7 @@ def run_export(args) -> int:
     from tqdm import tqdm
 
     try:
-        from xaiserve.export.int8 import EXIT_GATE, GateFailed, Int8Error
+        from xaiserve.export.int8 import GateFailed, Int8Error
         from xaiserve.export.pipeline import ExportRequest, export_model
         from xaiserve.export.reference_saliency import ReferenceCheckError, ReferenceGateError
         from xaiserve.export.repository import RepositoryError
@@ -158,25 +173,15 @@ def run_export(args) -> int:
         result = export_model(request, progress)
     except ReferenceGateError as exc:
         stages.close()
-        text = json.dumps({"status": "gate_failed", "failures": [str(exc)],
-                           "reference": exc.figures}, indent=2)
-        if args.report:
-            args.report.write_text(text + "\n")
-        print(text)
-        print(f"xaiserve export: gate failed: {exc}", file=sys.stderr)
-        return EXIT_GATE
+        return _gate_failed(args.report, [str(exc)], "reference", exc.figures,
+                            f"gate failed: {exc}")
     except (SourceError, InsertionError, RepositoryError, Int8Error, ReferenceCheckError) as exc:
         stages.close()
         return _fail("export", str(exc))
     except GateFailed as exc:
         stages.close()
-        text = json.dumps({"status": "gate_failed", "failures": exc.failures,
-                           "int8": exc.figures}, indent=2)
-        if args.report:
-            args.report.write_text(text + "\n")
-        print(text)
-        print(f"xaiserve export: INT8 gate failed: {exc}; nothing was written", file=sys.stderr)
-        return EXIT_GATE
+        return _gate_failed(args.report, exc.failures, "int8", exc.figures,
+                            f"INT8 gate failed: {exc}; nothing was written")
     except Exception as exc:  # noqa: BLE001 - a pipeline step must get one line, not a trace
         stages.close()
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
