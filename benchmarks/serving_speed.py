@@ -174,20 +174,10 @@ def sample_jpeg(size: int) -> tuple[bytes, tuple[int, int]]:
 # --- benchmark_app ----------------------------------------------------------------------------
 
 @dataclass
-class BenchApp:
-    """One benchmark_app run: what it reported and what the machine did meanwhile."""
+class BenchApp(reference.ReferenceRun):
+    """One benchmark_app run (the library's record) and what the machine did meanwhile."""
 
-    model: str
-    hint: str
-    batch: int
-    seconds: int
-    fps: float
-    p50_ms: float
-    mean_ms: float
-    iterations: int
-    duration_ms: float
-    infer_requests: int | None
-    streams: int | None
+    model: str = ""
     cpu: CpuWindow | None = None
 
 
@@ -199,9 +189,7 @@ def run_benchmark_app(xml: Path, hint: str, batch: int, seconds: int) -> BenchAp
     ref = reference.run_benchmark_app(xml, hint=hint, batch=batch, seconds=seconds,
                                       input_hw=INPUT_SHAPE[1:3])
     cpu = meter.stop()
-    result = BenchApp(xml.parent.parent.name, hint, batch, seconds, ref.fps, ref.p50_ms,
-                      ref.mean_ms, ref.iterations, ref.duration_ms, ref.infer_requests,
-                      ref.streams, cpu)
+    result = BenchApp(**vars(ref), model=xml.parent.parent.name, cpu=cpu)
     log(f"  benchmark_app {result.model:<18} {hint:<10} b{batch:<2}: {ref.fps:7.1f} FPS, "
         f"p50 {ref.p50_ms:6.2f} ms, nireq {result.infer_requests}, streams {result.streams}, "
         f"others {cpu.other_cores:.2f} cores")
