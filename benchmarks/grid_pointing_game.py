@@ -392,7 +392,8 @@ def ir_variants():
     from xaiserve.export.saliency import SaliencySettings as S
 
     return {
-        "ir default (logit, local, gaussian, centred)": S(),
+        "ir default (logit, local, gaussian, centred; int8 product)": S(),
+        "ir default with the f32 product": S(map_precision="f32"),
         "ir paper ReciproCAM (logit, paper, gaussian, minmax)": S(score="logit", mosaic="paper",
                                                                    normalize="minmax"),
         "ir softmax, local, gaussian, minmax": S(score="softmax", normalize="minmax"),
@@ -426,7 +427,7 @@ def parse_args() -> argparse.Namespace:
 
 REFERENCE = "gradcam (torch, bn1 pre-activation)"
 REFERENCE_CENTRED = REFERENCE + " - mean"
-DEFAULT = "ir default (logit, local, gaussian, centred)"
+DEFAULT = "ir default (logit, local, gaussian, centred; int8 product)"
 PAPER = "ir paper ReciproCAM (logit, paper, gaussian, minmax)"
 
 

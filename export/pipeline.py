@@ -108,6 +108,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                 "target_layer": insertion.target_layer,
                 "feature_shape": insertion.feature_shape,
                 "map_shape": insertion.map_shape,
+                "map_precision": insertion.map_precision,
                 "settings": request.saliency.as_dict(),
             },
             "parity": parity_figures,

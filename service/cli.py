@@ -51,6 +51,9 @@ def add_export(sub) -> None:
     p.add_argument("--spread", default="gaussian", choices=["gaussian", "none"])
     p.add_argument("--normalize", default="centred", choices=["centred", "minmax", "none"],
                    help="zero point and scale of each class map")
+    p.add_argument("--map-precision", default="auto", choices=["auto", "f32", "int8"],
+                   help="arithmetic of the all-class map product; auto: int8 where the graph "
+                        "bounds the features (ReLU6), else f32")
     p.add_argument("--checkpoint", type=Path, default=None, help=".pth, .pt or .safetensors")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--labels", type=Path, default=None, help="text file, one label per line")
@@ -150,7 +153,8 @@ def run_export(args) -> int:
         source=args.source, repository=args.repository, name=args.name, version=args.version,
         saliency=SaliencySettings(method=args.method, target_layer=args.target_layer,
                                   score=args.score, mosaic=args.mosaic, spread=args.spread,
-                                  normalize=args.normalize),
+                                  normalize=args.normalize,
+                                  map_precision=args.map_precision),
         source_options=SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
                                      labels_file=args.labels, input_size=args.input_size,
                                      mean_values=args.mean, scale_values=args.scale),

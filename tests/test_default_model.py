@@ -69,6 +69,7 @@ def test_model_card(default_export):
     assert card["parity"]["max_abs_logit_diff"] < 1e-3
     assert card["saliency"]["method"] == "reciprocam"
     assert card["saliency"]["map_shape"] == [-1, 1000, 7, 7]
+    assert card["saliency"]["map_precision"] == "int8"  # ReLU6 features: auto picks int8
     assert card["input"]["shape"] == [-1, 224, 224, 3]
     assert set(card["timings"]) >= {"load_and_convert_s", "insert_s", "save_s"}
     assert (default_export.path / "labels.txt").read_text().splitlines()[285] == "Egyptian cat"

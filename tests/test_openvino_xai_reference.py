@@ -21,7 +21,7 @@ from xaiserve.export.saliency import SaliencySettings
 
 REFERENCE = Path(__file__).parent / "data" / "openvino_xai_reciprocam.npz"
 PLAIN_RECIPROCAM = SaliencySettings(method="reciprocam", score="logit", mosaic="paper",
-                                    spread="none", normalize="minmax")
+                                    spread="none", normalize="minmax", map_precision="f32")
 
 
 @pytest.fixture(scope="module")

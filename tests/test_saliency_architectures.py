@@ -45,7 +45,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit",
                                         "ignore::torch.jit.TracerWarning")
 
 from xaiserve.export.parity import compile_f32  # noqa: E402
-from xaiserve.export.saliency import SaliencySettings, insert_saliency  # noqa: E402
+from xaiserve.export.saliency import (  # noqa: E402
+    InsertionError,
+    SaliencySettings,
+    insert_saliency,
+)
 from xaiserve.export.sources import (  # noqa: E402
     SourceOptions,
     convert_torch,
@@ -59,11 +63,16 @@ VITS = ["deit_tiny_patch16_224", "vit_small_patch16_224"]
 SOURCES = [f"timm:{a}" for a in CNNS + VITS] + ["default"]
 NUM_CLASSES = 10  # a small head keeps the h*w re-runs cheap (default keeps its 1000 classes)
 
-DEFAULT = SaliencySettings()  # what the exporter ships
-PAPER = SaliencySettings(score="logit", mosaic="paper", normalize="minmax")  # ReciproCAM paper
+# What the exporter ships, with the map product in f32: the formula is checked exactly here, the
+# int8 product (the default where features are bounded, as in Lite0) against f32 in
+# test_int8_map_product.
+DEFAULT = SaliencySettings(map_precision="f32")
+PAPER = SaliencySettings(score="logit", mosaic="paper", normalize="minmax",
+                         map_precision="f32")  # ReciproCAM paper
 # Softmax scores with min-max maps (the exporter's first default): near-flat maps on random
 # weights, the case the span-scaled tolerance is for.
-SOFTMAX = SaliencySettings(score="softmax", mosaic="local", normalize="minmax")
+SOFTMAX = SaliencySettings(score="softmax", mosaic="local", normalize="minmax",
+                           map_precision="f32")
 SETTINGS = {"default": DEFAULT, "paper": PAPER, "softmax": SOFTMAX}
 
 RAW_REL = 2e-5  # raw maps: max |exported - torch| <= RAW_REL * max |torch|
@@ -396,3 +405,26 @@ def test_randomised_classifier_changes_maps(case: Case):
     correlation = rank_correlation(original, randomised).mean()  # over the K class maps
     assert mean_abs > max(0.05, 10 * noise), (mean_abs, noise)
     assert correlation < 0.9, correlation
+
+
+def test_int8_map_product_where_features_are_bounded(case: Case):
+    """map_precision "auto" (the exporter's default) computes W @ F in int8 only where the graph
+    bounds the features (Lite0's ReLU6, a Clamp); there the class scores are the f32 head's and
+    every image's top-5 maps keep the f32 product's ranking and stay within 0.02 of it."""
+    auto = replace(DEFAULT, map_precision="auto")
+    _, insertion = case.compiled(auto)
+    bounded = case.spec == "default"
+    assert insertion.map_precision == ("int8" if bounded else "f32")
+    if not bounded:
+        with pytest.raises(InsertionError, match="--map-precision f32"):
+            insert_saliency(case.source.model, replace(DEFAULT, map_precision="int8"))
+        return
+    batch = tuple(range(BATCH))
+    exact, fast = case.run(DEFAULT, batch), case.run(auto, batch)
+    np.testing.assert_allclose(fast["logits"], exact["logits"], rtol=1e-4,
+                               atol=1e-4 * np.abs(exact["logits"]).max())
+    top = np.argsort(-exact["logits"], axis=1)[:, :5]
+    exact_maps = np.stack([exact["saliency_map"][i, c] for i, c in enumerate(top)])
+    fast_maps = np.stack([fast["saliency_map"][i, c] for i, c in enumerate(top)])
+    assert np.abs(fast_maps - exact_maps).max() <= 0.02
+    assert rank_correlation(fast_maps, exact_maps).min() >= 0.99

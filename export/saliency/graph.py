@@ -212,6 +212,28 @@ def _is_constant(output: ov.Output) -> bool:
     return node.get_type_name() == "Constant"
 
 
+def constant_value(output: ov.Output) -> np.ndarray | None:
+    """The values of a Constant, possibly through Converts (weights stored in f16); None for
+    anything else."""
+    node = output.get_node()
+    if node.get_type_name() == "Convert":
+        inner = constant_value(node.input_value(0))
+        return None if inner is None else inner.astype(np.float32)
+    if node.get_type_name() == "Constant":
+        return np.asarray(node.get_data()).astype(np.float32)
+    return None
+
+
+def activation_range(output: ov.Output) -> tuple[float, float] | None:
+    """The range the graph guarantees for a tensor: a Clamp's bounds (ReLU6, hard-tanh); None
+    when the values are unbounded (ReLU, SiLU, ...)."""
+    node = output.get_node()
+    if node.get_type_name() != "Clamp":
+        return None
+    attrs = node.get_attributes()
+    return float(attrs["min"]), float(attrs["max"])
+
+
 def linear_head(pool: ov.Node, scores: ov.Output) -> LinearHead | None:
     """Match pool -> (Reshape | Squeeze)* -> MatMul(x, const W) -> [Add(const b)] == scores."""
     current = pool.output(0)
