@@ -104,7 +104,8 @@ def seed_torch(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def export_pair(source: str, repository: Path, log) -> dict[str, Exported]:
+def export_pair(source: str, repository: Path, log, map_precision: str = "auto"
+                ) -> dict[str, Exported]:
     """Export `source` twice: without and with the saliency branch."""
     methods = {"plain": "none", "saliency": "auto"}
     pair: dict[str, Exported] = {}
@@ -113,7 +114,7 @@ def export_pair(source: str, repository: Path, log) -> dict[str, Exported]:
         t = time.perf_counter()
         result = export_model(ExportRequest(
             source=source, repository=repository, name=variant,
-            saliency=SaliencySettings(method=methods[variant]),
+            saliency=SaliencySettings(method=methods[variant], map_precision=map_precision),
         ))
         xml = result.path / "model.xml"
         shape = list(result.card["input"]["shape"])
@@ -319,7 +320,7 @@ def bench_source(source: str, args: argparse.Namespace, log) -> dict:
     log(f"{source}:")
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="saliency-overhead-") as tmp:
-        pair = export_pair(source, Path(tmp), log)
+        pair = export_pair(source, Path(tmp), log, args.map_precision)
         precisions = ["default"] + (["f32"] if args.f32 else [])
         results, profiles = {}, {}
         for precision in precisions:
@@ -391,6 +392,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--with-deit", action="store_true", help=f"also {DEIT_SOURCE}")
     parser.add_argument("--f32", action="store_true",
                         help="also measure with INFERENCE_PRECISION_HINT=f32")
+    parser.add_argument("--map-precision", default="auto", choices=["auto", "f32", "int8"],
+                        help="the saliency IR's map product (export --map-precision)")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="measurement time per model, split over the rounds")
     parser.add_argument("--rounds", type=int, default=40, help="alternating rounds")
