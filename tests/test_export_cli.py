@@ -77,6 +77,21 @@ def test_architecture_where_insertion_fails(tmp_path):
     assert json.loads(ok.stdout)["saliency"] is None
 
 
+def test_int8_map_product_on_unbounded_features(tmp_path):
+    """ReLU features have no range the graph guarantees: asking for the int8 product says to
+    use f32 (which `auto` picks by itself)."""
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                               "--map-precision", "int8", "--repository", str(repo),
+                               "--name", "cnn"))
+    assert "--map-precision f32" in line and "Clamp" in line
+    assert _repository_is_empty(repo)
+    ok = run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                 "--repository", str(repo), "--name", "cnn")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["saliency"]["map_precision"] == "f32"
+
+
 def test_bad_name_and_taken_version(tmp_path):
     repo = tmp_path / "models"
     line = _error_line(run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
