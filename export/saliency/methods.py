@@ -59,10 +59,11 @@ class SaliencySettings:
     # "minmax": the weakest location is zero, the strongest 1 (openvino-xai).
     normalize: Literal["centred", "minmax", "none"] = "centred"
     # Arithmetic of the class-by-location product W @ F, the branch's whole cost on a small CNN
-    # (1000 x 1280 x 49 multiply-adds on EfficientNet-Lite0, 15% of the network). "int8": u8
+    # (1000 x 1280 x 49 multiply-adds on EfficientNet-Lite0, 16% of the network). "int8": u8
     # features over the range the graph guarantees (a Clamp such as ReLU6) times per-class int8
-    # weights, a quarter of the f32 time on VNNI CPUs; the maps move by about 1% of their
-    # range, the class scores stay f32. "auto": int8 where the features are bounded, else f32.
+    # weights, a quarter of the f32 time on VNNI CPUs; the top classes' maps move by under 0.02
+    # (README, "Cost"), the class scores stay f32. "auto": int8 where the features are bounded,
+    # else f32.
     map_precision: Literal["auto", "f32", "int8"] = "auto"
 
     def as_dict(self) -> dict:
