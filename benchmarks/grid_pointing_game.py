@@ -392,7 +392,7 @@ def ir_variants():
     from xaiserve.export.saliency import SaliencySettings as S
 
     return {
-        "ir default (logit, local, gaussian, centred; int8 product)": S(),
+        DEFAULT: S(),
         "ir default with the f32 product": S(map_precision="f32"),
         "ir paper ReciproCAM (logit, paper, gaussian, minmax)": S(score="logit", mosaic="paper",
                                                                    normalize="minmax"),

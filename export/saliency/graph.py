@@ -203,25 +203,22 @@ class LinearHead:
     bias: ov.Output | None
 
 
-def _is_constant(output: ov.Output) -> bool:
-    """A Constant, possibly through a Convert (weights decompressed from f16 or int8)."""
-    node = output.get_node()
-    while node.get_type_name() in {"Convert", "Multiply", "Subtract"} and all(
-            _is_constant(v) for v in node.input_values()):
-        return True
-    return node.get_type_name() == "Constant"
+_DECOMPRESSION = {"Convert": lambda a: a, "Multiply": np.multiply, "Subtract": np.subtract}
 
 
 def constant_value(output: ov.Output) -> np.ndarray | None:
-    """The values of a Constant, possibly through Converts (weights stored in f16); None for
-    anything else."""
+    """The f32 values of a Constant, possibly through the Convert / Subtract / Multiply that
+    decompress weights stored in f16 or int8; None for anything computed from the input."""
     node = output.get_node()
-    if node.get_type_name() == "Convert":
-        inner = constant_value(node.input_value(0))
-        return None if inner is None else inner.astype(np.float32)
-    if node.get_type_name() == "Constant":
+    kind = node.get_type_name()
+    if kind == "Constant":
         return np.asarray(node.get_data()).astype(np.float32)
-    return None
+    if kind not in _DECOMPRESSION:
+        return None
+    inputs = [constant_value(v) for v in node.input_values()]
+    if any(v is None for v in inputs):
+        return None
+    return _DECOMPRESSION[kind](*inputs).astype(np.float32)
 
 
 def activation_range(output: ov.Output) -> tuple[float, float] | None:
@@ -246,7 +243,7 @@ def linear_head(pool: ov.Node, scores: ov.Output) -> LinearHead | None:
             current = node.output(0)
             continue
         break
-    if node.get_type_name() != "MatMul" or not _is_constant(node.input_value(1)):
+    if node.get_type_name() != "MatMul" or constant_value(node.input_value(1)) is None:
         return None
     attrs = node.get_attributes()
     if attrs.get("transpose_a"):
@@ -261,7 +258,7 @@ def linear_head(pool: ov.Node, scores: ov.Output) -> LinearHead | None:
                 or key(users[0]) != key(scores.get_node()):
             return None
         other = [v for v in users[0].input_values() if key(v.get_node()) != key(node)]
-        if len(other) != 1 or not _is_constant(other[0]):
+        if len(other) != 1 or constant_value(other[0]) is None:
             return None
         bias = other[0]
     return LinearHead(node.input_value(1), bool(attrs.get("transpose_b")), bias)
