@@ -33,6 +33,9 @@ class ModelSettings:
     # Off by default: on this 2-core CPU batch 8 infers fewer images per second than batch 1
     # (benchmark_app 107 against 114 FPS) and measured 0.87-0.92 of unbatched in-process.
     batch_when_busy: int = 0
+    # Images one ModelInfer request may carry (ModelConfig's max_batch_size): bounds the memory
+    # a request takes (its outputs grow with it: 196 KB of saliency maps per image on Lite0).
+    max_batch_size: int = 32
 
     def compile_config(self) -> dict:
         config = {"PERFORMANCE_HINT": self.performance_hint}
@@ -77,6 +80,8 @@ def _model_settings(raw: dict, base: ModelSettings, where: str) -> ModelSettings
     settings = replace(base, **raw)
     if settings.performance_hint not in HINTS:
         raise ConfigError(f"{where}.performance_hint: {settings.performance_hint!r}; one of {HINTS}")
+    if settings.max_batch_size < 1:
+        raise ConfigError(f"{where}.max_batch_size: {settings.max_batch_size}; must be at least 1")
     if settings.max_black_box_masks < settings.black_box_masks:
         raise ConfigError(f"{where}: black_box_masks is over max_black_box_masks")
     return settings

@@ -21,7 +21,7 @@ from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
 from .model import SALIENCY_OUTPUT, softmax
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
-from .repository import ModelRepository
+from .repository import ModelRepository, VersionState
 from .request_context import note_forward_passes
 from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
@@ -117,6 +117,12 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def Explain(self, request, context):
         watch = Stopwatch()
         state = served_version(self.repository, request.model_name, request.model_version)
+        with state.statistics.measure() as split:
+            response = self._explain(request, state, watch)
+            split.timings_ms = dict(response.timings_ms)
+        return response
+
+    def _explain(self, request, state: VersionState, watch: Stopwatch) -> pb.ExplainResponse:
         model = state.model
         image = as_rgb(decode_request_image(request.image))
         watch.lap("decode")

@@ -4,18 +4,45 @@ from __future__ import annotations
 
 import struct
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import __version__
 from .errors import invalid, rpc, unavailable
 from .images import ImageError, decode_image, resize_for_model
-from .model import SALIENCY_OUTPUT
+from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
 
 SCORES_OUTPUT = "logits"
+INPUT_NAME = "image"
+PLATFORM = "openvino_ir"
+# Triton's names for the protocol extensions this server answers (ModelConfig, ModelStatistics);
+# clients such as perf_analyzer look for them before they call those RPCs.
+EXTENSIONS = ("model_configuration", "statistics")
+TRITON_TYPES = {"UINT8": pb.TYPE_UINT8, "FP32": pb.TYPE_FP32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # KServe's name: UINT8, FP32
+    shape: list[int]  # with the batch dimension first, -1 where it varies
+
+
+def served_tensors(model: ClassifierModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """What ModelInfer takes and gives for this model, for ModelMetadata and ModelConfig.
+    (BYTES with encoded images is accepted too: KServe metadata has one datatype per input.)"""
+    info = model.info
+    inputs = [TensorSpec(INPUT_NAME, "UINT8", [-1, info.input_height, info.input_width, 3])]
+    outputs = [TensorSpec(SCORES_OUTPUT, "FP32", [-1, len(info.labels)])]
+    if model.has_saliency:
+        shape = model.compiled.output(SALIENCY_OUTPUT).get_partial_shape()
+        outputs.append(TensorSpec(SALIENCY_OUTPUT, "FP32",
+                                  [d.get_length() if d.is_static else -1 for d in shape]))
+    return inputs, outputs
 
 
 def served_version(repository: ModelRepository, name: str, version: str) -> VersionState:
@@ -41,8 +68,9 @@ def split_bytes_tensor(raw: bytes) -> list[bytes]:
     return items
 
 
-def decode_input(request: pb.ModelInferRequest, state: VersionState) -> np.ndarray:
-    """The request's single input -> u8 [N, H, W, 3] at the model's size."""
+def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: int
+                 ) -> np.ndarray:
+    """The request's single input -> u8 [N, H, W, 3] at the model's size, N <= max_batch."""
     info = state.model.info
     if len(request.inputs) != 1:
         raise invalid(f"inputs: {len(request.inputs)} given; send exactly one image input")
@@ -64,11 +92,13 @@ def decode_input(request: pb.ModelInferRequest, state: VersionState) -> np.ndarr
             data = data.astype(np.uint8)
         if data.size != count:
             raise invalid(f"inputs[0]: {data.size} values for shape {shape} ({count} expected)")
+        check_batch(shape[0], max_batch)
         return data.reshape(shape)
     if tensor.datatype == "BYTES":
         items = split_bytes_tensor(raw) if raw is not None else list(tensor.contents.bytes_contents)
         if not items or (shape and int(np.prod(shape)) != len(items)):
             raise invalid(f"inputs[0]: {len(items)} encoded images for shape {shape}")
+        check_batch(len(items), max_batch)
         images = []
         for i, item in enumerate(items):
             try:
@@ -78,6 +108,13 @@ def decode_input(request: pb.ModelInferRequest, state: VersionState) -> np.ndarr
         return np.stack(images)
     raise invalid(f"inputs[0].datatype {tensor.datatype!r}: send UINT8 [N, H, W, 3] or BYTES "
                   "(encoded JPEG/PNG images)")
+
+
+def check_batch(images: int, max_batch: int) -> None:
+    if images > max_batch:
+        raise invalid(f"inputs[0]: {images} images in one request, over this model's "
+                      f"max_batch_size {max_batch}; split the request, or raise max_batch_size "
+                      "in the server's config")
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -99,34 +136,88 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="xaiserve", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name="xaiserve", version=__version__,
+                                         extensions=list(EXTENSIONS))
 
     @rpc
     def ModelMetadata(self, request, context):
         state = served_version(self.repository, request.name, request.version)
-        model = state.model
-        tensors = [pb.ModelMetadataResponse.TensorMetadata(
-            name=SCORES_OUTPUT, datatype="FP32", shape=[-1, len(model.info.labels)])]
-        if model.has_saliency:
-            shape = model.compiled.output(SALIENCY_OUTPUT).get_partial_shape()
-            tensors.append(pb.ModelMetadataResponse.TensorMetadata(
-                name=SALIENCY_OUTPUT, datatype="FP32",
-                shape=[d.get_length() if d.is_static else -1 for d in shape]))
+        inputs, outputs = served_tensors(state.model)
         return pb.ModelMetadataResponse(
             name=request.name, versions=[str(v) for v in self.repository.versions(request.name)],
-            platform="openvino_ir",
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(
-                name="image", datatype="UINT8",
-                shape=[-1, model.info.input_height, model.info.input_width, 3])],
-            outputs=tensors)
+            platform=PLATFORM,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                            shape=t.shape) for t in inputs],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                             shape=t.shape) for t in outputs])
+
+    @rpc
+    def ModelConfig(self, request, context):
+        """Triton's configuration view, which Triton's clients and perf_analyzer read: the
+        dims leave out the batch dimension, bounded by max_batch_size."""
+        state = served_version(self.repository, request.name, request.version)
+        settings = self.repository.settings.for_model(state.name)
+        inputs, outputs = served_tensors(state.model)
+        config = pb.ModelConfig(
+            name=state.name, platform=PLATFORM, backend="openvino",
+            max_batch_size=self.max_batch_size(state),
+            input=[pb.ModelInput(name=t.name, data_type=TRITON_TYPES[t.datatype],
+                                 format=pb.ModelInput.FORMAT_NHWC, dims=t.shape[1:])
+                   for t in inputs],
+            output=[pb.ModelOutput(name=t.name, data_type=TRITON_TYPES[t.datatype],
+                                   dims=t.shape[1:]) for t in outputs],
+            instance_group=[pb.ModelInstanceGroup(
+                count=state.model.num_requests,
+                kind=pb.ModelInstanceGroup.KIND_CPU if settings.device == "CPU"
+                else pb.ModelInstanceGroup.KIND_MODEL)])
+        for key, value in (("device", settings.device),
+                           ("performance_hint", settings.performance_hint),
+                           ("version", str(state.version))):
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
+
+    @rpc
+    def ModelStatistics(self, request, context):
+        """Cumulative counters per loaded version (service.statistics), as Triton reports
+        them; an empty name means every model, an empty version every loaded one."""
+        states = ([served_version(self.repository, request.name, request.version)]
+                  if request.name and request.version else self.repository.states(request.name))
+        response = pb.ModelStatisticsResponse()
+        for state in states:
+            if not state.ready:
+                continue
+            snap = state.statistics.snapshot()
+            stats = response.model_stats.add(
+                name=state.name, version=str(state.version),
+                last_inference=snap.last_inference_ms, inference_count=snap.inference_count,
+                execution_count=snap.execution_count)
+            for bucket in ("success", "fail", "queue", "compute_input", "compute_infer",
+                           "compute_output"):
+                duration = getattr(snap, bucket)
+                getattr(stats.inference_stats, bucket).CopyFrom(
+                    pb.StatisticDuration(count=duration.count, ns=duration.ns))
+        return response
+
+    def max_batch_size(self, state: VersionState) -> int:
+        """The configured bound, or the IR's own batch size where it is static."""
+        bound = self.repository.settings.for_model(state.name).max_batch_size
+        batch = state.model.compiled.inputs[0].get_partial_shape()[0]
+        return min(bound, batch.get_length()) if batch.is_static else bound
 
     @rpc
     def ModelInfer(self, request, context):
         started = time.perf_counter()
         state = served_version(self.repository, request.model_name, request.model_version)
+        with state.statistics.measure() as split:
+            response = self._infer(request, state, started, split.timings_ms)
+            split.images = response.outputs[0].shape[0]
+        return response
+
+    def _infer(self, request, state: VersionState, started: float, timings: dict[str, float]
+               ) -> pb.ModelInferResponse:
         model = state.model
-        batch = decode_input(request, state)
-        timings = {"decode": (time.perf_counter() - started) * 1e3}
+        batch = decode_input(request, state, self.max_batch_size(state))
+        timings["decode"] = (time.perf_counter() - started) * 1e3
         wanted = [o.name for o in request.outputs] or [SCORES_OUTPUT]
         available = {SCORES_OUTPUT} | ({SALIENCY_OUTPUT} if model.has_saliency else set())
         for i, name in enumerate(wanted):

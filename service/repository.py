@@ -13,13 +13,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import openvino as ov
 
 from .config import ServerSettings
 from .model import ClassifierModel
+from .statistics import VersionStatistics
 
 log = logging.getLogger("xaiserve.repository")
 
@@ -35,6 +36,7 @@ class VersionState:
     path: Path
     model: ClassifierModel | None = None
     error: str | None = None
+    statistics: VersionStatistics = field(default_factory=VersionStatistics)
 
     @property
     def ready(self) -> bool:
@@ -175,6 +177,14 @@ class ModelRepository:
             return versions[number]
         ready = [v for v in sorted(versions) if versions[v].ready]
         return versions[ready[-1] if ready else max(versions)]
+
+    def states(self, name: str = "") -> list[VersionState]:
+        """Every listed version of `name` (of every model when empty), by name and version."""
+        if name:
+            self.state(name)  # NotServed, listing what is, for an unknown name
+        with self._lock:
+            return [self._table[n][v] for n in sorted(self._table) if not name or n == name
+                    for v in sorted(self._table[n])]
 
     def all_ready(self) -> bool:
         with self._lock:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+
+from xaiserve.service.client import XaiClient
+from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
+from xaiserve.service.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -49,3 +56,53 @@ def small_export(tmp_path_factory):
         "torch:tests.synthetic:small_cnn", repo, "shapes",
         source_options=SourceOptions(input_size=64, mean_values=[0, 0, 0],
                                      scale_values=[255, 255, 255])))
+
+
+# --- a running server on the default model and its plain IR (black-box only) ------------------
+# Module-scoped: each test module that uses them gets its own server; modules that define
+# fixtures of the same names use theirs.
+
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def repository(default_export, tmp_path_factory):
+    """The default model (with saliency) and the same model as a plain IR (black-box only)."""
+    from xaiserve.export.pipeline import ExportRequest, export_model
+    from xaiserve.export.saliency import SaliencySettings
+
+    repo = tmp_path_factory.mktemp("served")
+    shutil.copytree(default_export.path, repo / "efficientnet_lite0" / "1")
+    export_model(ExportRequest("default", repo, "plain", saliency=SaliencySettings(method="none")))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, poll_seconds=0.5,
+                              max_message_bytes=MAX_MESSAGE,
+                              defaults=ModelSettings(black_box_masks=500,
+                                                     max_black_box_masks=2000))
+    srv = Server(settings).start()
+    yield srv
+    srv.stop(grace=2)
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
+        ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def kserve(channel):
+    return kgrpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = XaiClient(f"127.0.0.1:{server.port}")
+    yield c
+    c.close()

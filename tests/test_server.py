@@ -14,61 +14,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
-from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.server import Server
 
-MAX_MESSAGE = 4 * 1024 * 1024
+from .conftest import MAX_MESSAGE
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
-
-
-@pytest.fixture(scope="module")
-def repository(default_export, tmp_path_factory):
-    """The default model (with saliency) and the same model as a plain IR (black-box only)."""
-    from xaiserve.export.pipeline import ExportRequest, export_model
-    from xaiserve.export.saliency import SaliencySettings
-
-    repo = tmp_path_factory.mktemp("served")
-    shutil.copytree(default_export.path, repo / "efficientnet_lite0" / "1")
-    export_model(ExportRequest("default", repo, "plain", saliency=SaliencySettings(method="none")))
-    return repo
-
-
-@pytest.fixture(scope="module")
-def server(repository):
-    settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, poll_seconds=0.5,
-                              max_message_bytes=MAX_MESSAGE,
-                              defaults=ModelSettings(black_box_masks=500,
-                                                     max_black_box_masks=2000))
-    srv = Server(settings).start()
-    yield srv
-    srv.stop(grace=2)
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
-        ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    yield ch
-    ch.close()
-
-
-@pytest.fixture(scope="module")
-def kserve(channel):
-    return kgrpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = XaiClient(f"127.0.0.1:{server.port}")
-    yield c
-    c.close()
 
 
 def assert_still_serving(kserve):
@@ -137,6 +92,62 @@ def test_kserve_infer_raw_contents_and_bytes(kserve, photos):
 
 
 # --- the explanation service -----------------------------------------------------------------
+
+def test_triton_model_config(kserve):
+    """The configuration view Triton's clients and perf_analyzer read before they send."""
+    meta = kserve.ServerMetadata(kpb.ServerMetadataRequest())
+    assert {"model_configuration", "statistics"} <= set(meta.extensions)
+    config = kserve.ModelConfig(kpb.ModelConfigRequest(name="efficientnet_lite0")).config
+    assert config.name == "efficientnet_lite0" and config.max_batch_size == 32
+    (image,) = config.input
+    assert (image.name, image.data_type, image.format, list(image.dims)) == (
+        "image", kpb.TYPE_UINT8, kpb.ModelInput.FORMAT_NHWC, [224, 224, 3])
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("logits", kpb.TYPE_FP32, [1000]), ("saliency_map", kpb.TYPE_FP32, [1000, 7, 7])]
+    assert config.instance_group[0].count >= 1
+    assert config.parameters["device"].string_value == "CPU"
+    plain = kserve.ModelConfig(kpb.ModelConfigRequest(name="plain", version="1")).config
+    assert [o.name for o in plain.output] == ["logits"]
+    expect_error(lambda: kserve.ModelConfig(kpb.ModelConfigRequest(name="nonexistent")),
+                 grpc.StatusCode.NOT_FOUND, "model_name")
+
+
+def statistics(kserve, name: str):
+    (stats,) = kserve.ModelStatistics(kpb.ModelStatisticsRequest(name=name)).model_stats
+    return stats
+
+
+def test_triton_model_statistics_count_and_split_requests(kserve, client, photos):
+    before = statistics(kserve, "efficientnet_lite0")
+    request = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    request.inputs.add(name="image", datatype="BYTES", shape=[2])
+    request.inputs[0].contents.bytes_contents.extend([jpeg(photos["chelsea"]),
+                                                      jpeg(photos["coffee"])])
+    kserve.ModelInfer(request)
+    client.explain(jpeg(photos["coffee"]), "efficientnet_lite0")
+    bad = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    bad.inputs.add(name="image", datatype="UINT8", shape=[1, 224, 224, 3])
+    bad.raw_input_contents.append(bytes(10))
+    expect_error(lambda: kserve.ModelInfer(bad), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]")
+    after = statistics(kserve, "efficientnet_lite0")
+
+    assert after.version == "1" and after.last_inference >= before.last_inference
+    assert after.inference_count - before.inference_count == 3  # images
+    assert after.execution_count - before.execution_count == 2  # requests
+    now, then = after.inference_stats, before.inference_stats
+    assert now.success.count - then.success.count == 2
+    assert now.fail.count - then.fail.count == 1
+    success_ns = now.success.ns - then.success.ns
+    parts = {bucket: getattr(now, bucket).ns - getattr(then, bucket).ns
+             for bucket in ("queue", "compute_input", "compute_infer", "compute_output")}
+    assert parts["compute_infer"] > 0 and parts["compute_input"] > 0  # two JPEGs decoded
+    assert all(ns >= 0 for ns in parts.values())
+    assert abs(sum(parts.values()) - success_ns) <= 0.01 * success_ns  # the split adds up
+    every = kserve.ModelStatistics(kpb.ModelStatisticsRequest()).model_stats
+    assert {(s.name, s.version) for s in every} == {("efficientnet_lite0", "1"), ("plain", "1")}
+    expect_error(lambda: kserve.ModelStatistics(kpb.ModelStatisticsRequest(name="nonexistent")),
+                 grpc.StatusCode.NOT_FOUND, "model_name")
+
 
 def test_explain_white_box(client, photos):
     response = client.explain(jpeg(photos["chelsea"]), "efficientnet_lite0", top_k=2,
@@ -230,6 +241,11 @@ def test_bad_input(client, kserve, photos):
     short.inputs.add(name="image", datatype="UINT8", shape=[1, 224, 224, 3])
     short.raw_input_contents.append(bytes(10))
     expect_error(lambda: kserve.ModelInfer(short), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]")
+    too_many = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    too_many.inputs.add(name="image", datatype="BYTES", shape=[33])
+    too_many.inputs[0].contents.bytes_contents.extend([jpeg(photos["coffee"][:16, :16])] * 33)
+    expect_error(lambda: kserve.ModelInfer(too_many), grpc.StatusCode.INVALID_ARGUMENT,
+                 "33 images", "max_batch_size 32")
     assert_still_serving(kserve)
     assert client.explain(good, "efficientnet_lite0").predictions[0].class_id == 967
 
