@@ -1,0 +1,78 @@
+"""Triton's own clients against a running xaiserve, unchanged: tritonclient.grpc (as a user's
+program would call it) and perf_analyzer (Triton's C++ benchmark tool). Both live in
+environments of their own (scripts/setup_clients.sh): tritonclient pins protobuf below 7."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import cv2
+import pytest
+
+from .conftest import ROOT
+
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+PERF_ANALYZER = ROOT / ".venv-perf" / "bin" / "perf_analyzer"
+SETUP_HINT = "run scripts/setup_clients.sh (scripts/setup.sh runs it)"
+
+
+@pytest.fixture(scope="module")
+def address(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def photo_files(photos, tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("chelsea", "coffee"):
+        path = folder / f"{name}.jpg"
+        cv2.imwrite(str(path), cv2.cvtColor(photos[name], cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
+
+
+def test_tritonclient_grpc_works_unchanged(address, photo_files):
+    assert TRITON_PYTHON.exists(), f"{TRITON_PYTHON} is missing: {SETUP_HINT}"
+    run = subprocess.run([str(TRITON_PYTHON), str(ROOT / "tests/clients/tritonclient_session.py"),
+                          address, "efficientnet_lite0", *map(str, photo_files)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout)
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert seen["server"]["name"] == "xaiserve"
+    assert [i["datatype"] for i in seen["metadata"]["inputs"]] == ["UINT8"]
+    config = seen["config"]
+    assert config["max_batch_size"] == 32
+    assert [int(d) for d in config["input"][0]["dims"]] == [224, 224, 3]
+    assert [o["name"] for o in config["output"]] == ["logits", "saliency_map"]
+    # the photos' classes (tabby cat, espresso), whichever way the image travels
+    assert seen["bytes"]["top1"] == [285, 967] and seen["uint8"]["top1"] == [285, 967]
+    assert seen["bytes"]["id"] == "bytes-1"
+    assert seen["bytes"]["saliency_shape"] == [2, 1000, 7, 7]
+    assert seen["uint8"]["outputs"] == ["logits"]
+    (stats,) = seen["statistics"]["model_stats"]
+    assert int(stats["inference_count"]) >= 4 and int(stats["execution_count"]) >= 2
+    assert seen["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
+    assert "efficientnet_lite0" in seen["unknown_model"]["message"]
+
+
+def test_perf_analyzer_measures_the_server(address, tmp_path):
+    """perf_analyzer reads ModelMetadata and ModelConfig, sends random u8 batches of 2 from 2
+    concurrent clients, and splits the server's time with ModelStatistics."""
+    assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
+    report = tmp_path / "perf.csv"
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
+         "-i", "grpc", "-u", address, "-b", "2", "--concurrency-range", "2",
+         "--measurement-mode", "count_windows", "--measurement-request-count", "20",
+         "--max-trials", "4", "--stability-percentage", "100", "-f", str(report)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "Server:" in run.stdout and "compute infer" in run.stdout, run.stdout[-2000:]
+    (row,) = list(csv.DictReader(report.open()))
+    assert int(row["Concurrency"]) == 2 and float(row["Inferences/Second"]) > 0
+    assert float(row["Server Compute Infer"]) > 0  # from ModelStatistics, in microseconds
