@@ -5,8 +5,10 @@ gRPC, protobuf, Python, image decoding, maps and metrics; these figures say how 
 ceiling a client still sees, one run, default model (EfficientNet-Lite0 with ReciproCAM):
 
 1. predictions: KServe ModelInfer, u8 [1, 224, 224, 3] as raw_input_contents, 8 concurrent
-   clients (each its own channel and connection) -> FPS / benchmark_app `-hint throughput` FPS
-   (target >= 0.85);
+   clients -> FPS / benchmark_app `-hint throughput` FPS (target >= 0.85), with two load
+   generators: Python threads here (each its own channel and connection), and Triton's
+   perf_analyzer (C++, `--concurrency-range 8`; scripts/setup_clients.sh installs it), which
+   takes less of the two cores the server shares with its clients;
 2. white-box Explain, JPEG in, top-1 map out (float, and the PNG overlay), 1 client -> p50 /
    benchmark_app `-hint latency` p50 (target <= 1.4), on the default server (THROUGHPUT hint) and
    on one started with `--performance-hint LATENCY`;
@@ -26,6 +28,7 @@ machine used: on a small shared machine other processes are the largest source o
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -383,6 +386,46 @@ def measure_predict(server: ServerProcess, model: str, clients: int, warmup_s: f
                       first_error[0] if first_error else "")
 
 
+PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer.sh"
+
+
+def perf_analyzer_ready() -> bool:
+    return (ROOT / ".venv-perf" / "bin" / "perf_analyzer").exists()
+
+
+def measure_predict_perf_analyzer(server: ServerProcess, model: str, clients: int,
+                                  seconds: float, out_dir: Path) -> LoadResult:
+    """Triton's perf_analyzer at concurrency `clients` (synchronous requests, each client its
+    own connection, random u8 images, scores only): its last three windows of `seconds` / 3 each, averaged; the CPU
+    columns cover its whole run, warm-up included."""
+    report = out_dir / "serving_speed_perf_analyzer.csv"
+    window_ms = max(1000, int(seconds * 1000 / 3))
+    meter = CpuMeter.of_process(server.proc.pid)
+    client_before = children_cpu_seconds()
+    meter.start()
+    run = subprocess.run(
+        ["bash", str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", server.address,
+         "--concurrency-range", str(clients), "-p", str(window_ms), "--max-trials", "3",
+         "--stability-percentage", "100", "-f", str(report)],
+        capture_output=True, text=True, timeout=300,
+        # each client its own connection, as the Python clients (perf_analyzer's default
+        # shares one connection among up to 6 clients)
+        env={**os.environ, "TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "1"})
+    cpu = meter.stop()
+    if run.returncode != 0:
+        raise RuntimeError(f"perf_analyzer exited {run.returncode}: {run.stderr[-500:]}")
+    row = next(csv.DictReader(report.open()))
+    fps = float(row["Inferences/Second"])
+    count = fps * cpu.wall_s  # requests over the whole run, for the per-request CPU
+    client_cores = (children_cpu_seconds() - client_before) / cpu.wall_s
+    cpu.client_cores, cpu.other_cores = client_cores, max(
+        0.0, cpu.machine_cores - cpu.server_cores - client_cores)
+    return LoadResult(clients, fps, int(round(fps * 3 * window_ms / 1e3)), 3 * window_ms / 1e3,
+                      float(row["p50 latency"]) / 1e3, float(row["p90 latency"]) / 1e3, 0,
+                      cpu.server_cores * cpu.wall_s * 1e3 / max(count, 1),
+                      client_cores * cpu.wall_s * 1e3 / max(count, 1), cpu)
+
+
 @dataclass
 class LatencyResult:
     """One client, sequential calls: client-side latency and the server's own stage timings."""
@@ -552,6 +595,8 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
     figures = {
         "predict": Figure(f"[{label}] predict FPS, {args.clients} clients", "FPS", True,
                           TARGET_PREDICT_FPS),
+        "predict_pa": Figure(f"[{label}] predict FPS, perf_analyzer c{args.clients}", "FPS",
+                             True, TARGET_PREDICT_FPS),
         "explain_float": Figure(f"[{label}] explain p50, float", "ms", False, TARGET_EXPLAIN_P50),
         "explain_overlay": Figure(f"[{label}] explain p50, PNG overlay", "ms", False,
                                   TARGET_EXPLAIN_P50),
@@ -560,8 +605,10 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
         figures["rise"] = Figure(f"[{label}] RISE {args.masks} masks, wall", "ms", False,
                                  TARGET_RISE_WALL)
     refs: list[BenchApp] = []
-    results: dict[str, list] = {k: [] for k in ("predict", "live", "predict_1", "explain_float",
-                                                "explain_overlay", "rise")}
+    results: dict[str, list] = {k: [] for k in ("predict", "predict_pa", "live", "predict_1",
+                                                "explain_float", "explain_overlay", "rise")}
+    if not args.perf_analyzer:
+        del figures["predict_pa"]
 
     def ba(xml: Path, hint: str, batch: int = 1) -> BenchApp:
         refs.append(run_benchmark_app(xml, hint, batch, args.ba_seconds))
@@ -589,6 +636,14 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
                 f"others {load.cpu.other_cores:.2f} cores)")
             figures["predict"].add(load.fps, ref.fps)
             results["predict"].append(load)
+            if args.perf_analyzer:
+                pa = measure_predict_perf_analyzer(server, SALIENCY_MODEL, args.clients,
+                                                   args.predict_seconds, args.out.parent)
+                log(f"    perf_analyzer c{args.clients}            {pa.fps:8.1f} FPS (p50 "
+                    f"{pa.p50_ms:.1f} ms, server {pa.server_cpu_ms_per_request:.1f} CPU-ms/req, "
+                    f"client {pa.cpu.client_cores:.2f} cores)")
+                figures["predict_pa"].add(pa.fps, ref.fps)
+                results["predict_pa"].append(pa)
 
             def ours_latency() -> tuple[LatencyResult, LatencyResult]:
                 return (measure_sequential(server, "Explain white-box float", float_call,
@@ -640,8 +695,16 @@ def table(servers: dict[str, dict], args: argparse.Namespace) -> str:
         floor = merge_latencies(res["live"]).p50_ms
         lines.append(
             f"[{label}] ModelInfer x{args.clients}: p50 {p50:.1f} ms, server {cores:.2f} cores = "
-            f"{server_ms:.1f} CPU-ms/req, clients {client_ms:.1f}; x1 p50 {one:.2f} ms; "
+            f"{server_ms:.1f} CPU-ms/req, clients {client_ms:.1f} CPU-ms/req; x1 p50 {one:.2f} ms; "
             f"ServerLive p50 {floor:.2f} ms")
+        pas = res["predict_pa"]
+        if pas:
+            lines.append(
+                f"[{label}] perf_analyzer c{args.clients}: p50 "
+                f"{statistics.median(x.p50_ms for x in pas):.1f} ms, server "
+                f"{statistics.median(x.server_cpu_ms_per_request for x in pas):.1f} CPU-ms/req, "
+                f"client {statistics.median(x.client_cpu_ms_per_request for x in pas):.1f} "
+                "CPU-ms/req")
         errors = [x for x in loads if x.errors]
         if errors:
             lines.append(f"  ERRORS in ModelInfer load: {sum(x.errors for x in errors)}, first: "
@@ -717,6 +780,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the second server started with --performance-hint LATENCY")
     parser.add_argument("--rise-on-latency-server", action="store_true")
     parser.add_argument("--server-args", default="", help="extra flags for both servers")
+    parser.add_argument("--no-perf-analyzer", dest="perf_analyzer", action="store_false",
+                        help="skip the perf_analyzer load (on by default when installed)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, shorter windows")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out/serving_speed.json")
     args = parser.parse_args(argv)
@@ -729,6 +794,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.perf_analyzer and not perf_analyzer_ready():
+        log("perf_analyzer is not installed (scripts/setup_clients.sh): its figure is skipped")
+        args.perf_analyzer = False
     started = time.perf_counter()
     load_before = load_average()
     models = ensure_models(args.repository, args.reexport)
