@@ -26,5 +26,6 @@ if ! ldconfig -p | grep -q libb64.so.0d && command -v apt-get >/dev/null 2>&1 \
      || { apt-get update >/dev/null 2>&1 && apt-get install -y libb64-0d >/dev/null 2>&1; }) \
     || echo "setup: could not install libb64-0d; perf_analyzer will not start" >&2
 fi
+# A warning only: the demo needs neither client; tests/test_standard_clients.py fails on it.
 bash scripts/perf_analyzer.sh --version >/dev/null 2>&1 \
-  || { echo "setup: perf_analyzer does not start (see scripts/perf_analyzer.sh)" >&2; exit 1; }
+  || echo "setup: perf_analyzer does not start (see scripts/perf_analyzer.sh)" >&2
