@@ -201,8 +201,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def max_batch_size(self, state: VersionState) -> int:
         """The configured bound, or the IR's own batch size where it is static."""
         bound = self.repository.settings.for_model(state.name).max_batch_size
-        batch = state.model.compiled.inputs[0].get_partial_shape()[0]
-        return min(bound, batch.get_length()) if batch.is_static else bound
+        return min(bound, state.model.static_batch or bound)
 
     @rpc
     def ModelInfer(self, request, context):

@@ -153,6 +153,9 @@ class ClassifierModel:
         self.info = info
         self.compiled = self.core.compile_model(model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
+        batch_dim = self.compiled.inputs[0].get_partial_shape()[0]
+        # the IR's own batch size where it is fixed (a request may not carry more images)
+        self.static_batch = batch_dim.get_length() if batch_dim.is_static else None
         self._full = self._pool(self.compiled, "full")
         self.num_requests = self._full.size
         self._scores = self._full
