@@ -191,9 +191,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=state.name, version=str(state.version),
                 last_inference=snap.last_inference_ms, inference_count=snap.inference_count,
                 execution_count=snap.execution_count)
-            for bucket in ("success", "fail", "queue", "compute_input", "compute_infer",
-                           "compute_output"):
-                duration = getattr(snap, bucket)
+            for bucket, duration in snap.durations.items():
                 getattr(stats.inference_stats, bucket).CopyFrom(
                     pb.StatisticDuration(count=duration.count, ns=duration.ns))
         return response

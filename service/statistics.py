@@ -19,6 +19,8 @@ from typing import Iterator
 INPUT_STAGES = ("decode", "preprocess")
 QUEUE_STAGE = "queue"
 INFER_STAGE = "inference"
+# Triton's InferStatistics fields, in its order.
+BUCKETS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -44,12 +46,7 @@ class StatisticsSnapshot:
     inference_count: int  # images
     execution_count: int  # requests that ran
     last_inference_ms: int  # since the epoch; 0: never
-    success: Duration
-    fail: Duration
-    queue: Duration
-    compute_input: Duration
-    compute_infer: Duration
-    compute_output: Duration
+    durations: dict[str, Duration]  # by BUCKETS name
 
 
 class VersionStatistics:
@@ -58,9 +55,7 @@ class VersionStatistics:
         self._inference_count = 0
         self._execution_count = 0
         self._last_inference_ms = 0
-        self._success, self._fail = Duration(), Duration()
-        self._queue, self._input, self._infer, self._output = (Duration(), Duration(),
-                                                               Duration(), Duration())
+        self._durations = {name: Duration() for name in BUCKETS}
 
     @contextmanager
     def measure(self) -> Iterator[RequestSplit]:
@@ -72,29 +67,26 @@ class VersionStatistics:
             yield split
         except BaseException:
             with self._lock:
-                self._fail.add(time.perf_counter_ns() - start)
+                self._durations["fail"].add(time.perf_counter_ns() - start)
             raise
         self._record(split, time.perf_counter_ns() - start)
 
     def _record(self, split: RequestSplit, total_ns: int) -> None:
         ms = split.timings_ms
-        to_ns = 1e6
-        input_ns = int(sum(ms.get(k, 0.0) for k in INPUT_STAGES) * to_ns)
-        queue_ns = int(ms.get(QUEUE_STAGE, 0.0) * to_ns)
-        infer_ns = int(ms.get(INFER_STAGE, 0.0) * to_ns)
+        parts = {"compute_input": sum(ms.get(k, 0.0) for k in INPUT_STAGES),
+                 "queue": ms.get(QUEUE_STAGE, 0.0), "compute_infer": ms.get(INFER_STAGE, 0.0)}
+        parts_ns = {name: int(value * 1e6) for name, value in parts.items()}
+        parts_ns["compute_output"] = total_ns - sum(parts_ns.values())
+        parts_ns["success"] = total_ns
         with self._lock:
             self._inference_count += split.images
             self._execution_count += 1
             self._last_inference_ms = int(time.time() * 1e3)
-            self._success.add(total_ns)
-            self._input.add(input_ns)
-            self._queue.add(queue_ns)
-            self._infer.add(infer_ns)
-            self._output.add(total_ns - input_ns - queue_ns - infer_ns)
+            for name, ns in parts_ns.items():
+                self._durations[name].add(ns)
 
     def snapshot(self) -> StatisticsSnapshot:
         with self._lock:
-            copy = [Duration(d.count, d.ns) for d in (self._success, self._fail, self._queue,
-                                                      self._input, self._infer, self._output)]
-            return StatisticsSnapshot(self._inference_count, self._execution_count,
-                                      self._last_inference_ms, *copy)
+            return StatisticsSnapshot(
+                self._inference_count, self._execution_count, self._last_inference_ms,
+                {name: Duration(d.count, d.ns) for name, d in self._durations.items()})
