@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import openvino as ov
 
-from .model import softmax
+from .model import queued_requests, softmax
 
 DEFAULT_MAX_MASKS = 10_000
 MAX_CELLS = 64
@@ -239,14 +239,6 @@ def model_batch_size(compiled_model: ov.CompiledModel, wanted: int) -> int:
     return wanted if dim.is_dynamic else int(dim.get_length())
 
 
-def optimal_requests(compiled_model: ov.CompiledModel) -> int:
-    """As many requests as the device wants in flight (THROUGHPUT hint: one per stream or more)."""
-    try:
-        return max(1, int(compiled_model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    except Exception:  # noqa: BLE001 - some plugins do not report it
-        return 1
-
-
 def _image_input(compiled_model: ov.CompiledModel) -> ov.ConstOutput:
     return compiled_model.inputs[_image_index(compiled_model)]
 
@@ -345,7 +337,7 @@ class RiseExplainer:
         output_index = _logits_index(compiled_model)
         port = _image_index(compiled_model)
         scores = np.empty((n, len(targets)), dtype=np.float32)
-        queue = ov.AsyncInferQueue(compiled_model, optimal_requests(compiled_model))
+        queue = ov.AsyncInferQueue(compiled_model, queued_requests(compiled_model))
         pending: dict[int, tuple[int, int]] = {}  # request id -> (first mask, count)
 
         def collect(request_id: int) -> None:

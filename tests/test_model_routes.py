@@ -1,5 +1,5 @@
-"""The server's extra compiled copies (scores-only, latency-when-idle) answer exactly what the
-full model answers: a route is a speed choice, never a different result."""
+"""The server's extra compiled copies (scores-only, latency-when-idle, single-image) answer
+exactly what the full model answers: a route is a speed choice, never a different result."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT"}
 def models(default_export):
     path = default_export.path
     plain = ClassifierModel(path, config=THROUGHPUT).load()
-    routed = ClassifierModel(path, config=THROUGHPUT, routes=Routes(True, True)).load()
+    routed = ClassifierModel(path, config=THROUGHPUT, routes=Routes(
+        scores_only=True, latency_when_idle=True, single_image_copies=True)).load()
     return plain, routed
 
 
@@ -50,6 +51,31 @@ def test_each_route_gives_the_full_models_answer(models, batch):
     scores = routed.predict(batch, ("logits",))
     assert set(scores) == {"logits"}
     np.testing.assert_allclose(scores["logits"], reference["logits"], atol=1e-4)
+
+
+def test_single_images_run_on_copies_with_the_batch_fixed_at_1(default_export, models, batch):
+    """Without the idle LATENCY copy, one image goes to the batch-1 copies (full or scores
+    only), several to the dynamic ones; RISE gets the batch-1 scores copy."""
+    plain, _ = models
+    single = ClassifierModel(default_export.path, config=THROUGHPUT, routes=Routes(
+        scores_only=True, single_image_copies=True)).load()
+    assert plain.compiled.inputs[0].get_partial_shape()[0].is_dynamic
+    for pool in (single._full_single, single._scores_single):
+        assert pool.compiled.inputs[0].get_partial_shape()[0].get_length() == 1
+    assert single.compiled_scores is single._scores_single.compiled
+    assert single._route(batch[:1], ("logits",), idle=False) is single._scores_single
+    assert single._route(batch[:1], ("logits", SALIENCY_OUTPUT), False) is single._full_single
+    assert single._route(batch, ("logits",), idle=False) is single._scores
+    reference = plain.predict(batch)
+    for i in range(len(batch)):
+        out = single.predict(batch[i:i + 1])
+        np.testing.assert_allclose(out["logits"], reference["logits"][i:i + 1], atol=1e-4)
+        np.testing.assert_allclose(out[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT][i:i + 1],
+                                   atol=1e-4)
+        scores = single.predict(batch[i:i + 1], ("logits",))
+        np.testing.assert_allclose(scores["logits"], reference["logits"][i:i + 1], atol=1e-4)
+    several = single.predict(batch)
+    np.testing.assert_allclose(several[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT], atol=1e-4)
 
 
 def test_concurrent_callers_get_their_own_images_answers(models, batch):
