@@ -38,15 +38,18 @@ def test_scores_only_copy_has_no_saliency_branch(default_export):
     assert pruned.get_rt_info(["model_info", "model_type"]).astype(str) == "Classification"
 
 
+def assert_answers_row(out, reference, i, names=("logits", SALIENCY_OUTPUT)):
+    """`out`, the answer for image i alone, equals row i of the full model's answer."""
+    for name in names:
+        np.testing.assert_allclose(out[name], reference[name][i:i + 1], atol=1e-4)
+
+
 def test_each_route_gives_the_full_models_answer(models, batch):
     plain, routed = models
     reference = plain.predict(batch)
     # Idle, one image: the LATENCY copy.
     for i in range(len(batch)):
-        single = routed.predict(batch[i:i + 1])
-        np.testing.assert_allclose(single["logits"], reference["logits"][i:i + 1], atol=1e-4)
-        np.testing.assert_allclose(single[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT][i:i + 1],
-                                   atol=1e-4)
+        assert_answers_row(routed.predict(batch[i:i + 1]), reference, i)
     # Scores only: the pruned copy.
     scores = routed.predict(batch, ("logits",))
     assert set(scores) == {"logits"}
@@ -68,12 +71,8 @@ def test_single_images_run_on_copies_with_the_batch_fixed_at_1(default_export, m
     assert single._route(batch, ("logits",), idle=False) is single._scores
     reference = plain.predict(batch)
     for i in range(len(batch)):
-        out = single.predict(batch[i:i + 1])
-        np.testing.assert_allclose(out["logits"], reference["logits"][i:i + 1], atol=1e-4)
-        np.testing.assert_allclose(out[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT][i:i + 1],
-                                   atol=1e-4)
-        scores = single.predict(batch[i:i + 1], ("logits",))
-        np.testing.assert_allclose(scores["logits"], reference["logits"][i:i + 1], atol=1e-4)
+        assert_answers_row(single.predict(batch[i:i + 1]), reference, i)
+        assert_answers_row(single.predict(batch[i:i + 1], ("logits",)), reference, i, ("logits",))
     several = single.predict(batch)
     np.testing.assert_allclose(several[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT], atol=1e-4)
 
