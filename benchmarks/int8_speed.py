@@ -10,12 +10,16 @@ figures from the INT8 model card.
 This CPU has no AMX, so bf16 is not available: the comparison is against f32, the precision
 the IRs run in here. Where the CPU reports BF16, a bf16 pass of the f32 IR is added.
 
+`--keep-f32-first F [F ...]` adds INT8 variants whose first fraction F of the backbone's layers
+stays f32 (the export option of that name), for the trade between agreement and speed.
+
 `--compare-order` also builds the alternative design (quantise the plain model, then insert the
 saliency branch) and measures it the same way, for the choice explained in export/int8.py.
 
     python benchmarks/int8_speed.py                      # 300 + 300 images
     python benchmarks/int8_speed.py --images 100 --compare-order --json out/int8_speed.json \
         --picture out/int8_maps.png
+    python benchmarks/int8_speed.py --keep-f32-first 0.25 0.5
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +42,8 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 from calibration_photos import write_folder  # noqa: E402
 from saliency_overhead import compile_config, measure_interleaved  # noqa: E402
 
-from xaiserve.export.int8 import Int8Settings, infer_all, load_images  # noqa: E402
+from xaiserve.export.int8 import (Int8Settings, infer_all, load_images,  # noqa: E402
+                                  quantize_export)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
 from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement per model")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--compare-order", action="store_true")
+    parser.add_argument("--keep-f32-first", type=float, nargs="*", default=[], metavar="F",
+                        help="also INT8 with the first fraction F of the backbone in f32")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--picture", type=Path, default=None,
                         help="PNG: f32 and INT8 maps side by side on validation images")
@@ -144,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         reference = infer_all(compile_f32(models["f32"], core), images, "f32 IR")
         figures["int8 plain-first"] = agreement(
             *reference, *infer_all(compile_f32(models["int8 plain-first"], core), images, "A"))
+
+    info = _info(models["f32"])
+    for fraction in args.keep_f32_first:
+        name = f"int8, first {fraction:g} in f32"
+        models[name], figures[name] = quantize_export(
+            models["f32"], info.saliency_target_layer, info,
+            replace(settings, keep_f32_first=fraction))
 
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     precisions = ["f32"] + (["bf16"] if "BF16" in capabilities else [])

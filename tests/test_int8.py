@@ -122,10 +122,36 @@ def test_gate_passes_with_a_good_calibration_set(shapes):
 
     model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
     assert is_quantized(model)
+    assert int8_convolutions(model)[:3] == [True, True, True]
     images, labels, _ = make_dataset(32, seed=9)
     out = ov.Core().compile_model(model, "CPU")(images)
     assert out["saliency_map"].shape == (32, 3, 16, 16)
     assert (out["logits"].argmax(1) == labels).mean() > 0.9  # the INT8 model still works
+
+
+def int8_convolutions(model: ov.Model) -> list[bool]:
+    """Per convolution, in graph order: whether its weights are stored as INT8 (an i8 constant
+    that Convert and Multiply decompress) rather than as a float constant."""
+    def weights_type(conv: ov.Node) -> ov.Type:
+        node = conv.input_value(1).get_node()
+        while node.get_type_name() != "Constant":
+            node = node.input_value(0).get_node()
+        return node.get_element_type()
+
+    return [weights_type(n) == ov.Type.i8
+            for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"]
+
+
+def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
+    repo = shapes["work"] / "keep_f32"
+    result = export_small(shapes, repo, shapes["calibration"], "--keep-f32-first", "0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)["int8"]
+    assert figures["settings"]["keep_f32_first"] == 0.5
+    model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
+    # the backbone's three convolutions: the first stays f32, the later two are INT8
+    assert int8_convolutions(model)[:3] == [False, True, True]
+    assert figures["top1_agreement"] >= 0.9
 
 
 def test_gate_fails_on_a_black_calibration_set(shapes):
@@ -162,6 +188,8 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
          "--max-top1-drop"),
         (["--int8", "--calibration", shapes["calibration"], "--method", "none",
           "--min-saliency-agreement", "0.9"], "--min-saliency-agreement"),
+        (["--int8", "--calibration", shapes["calibration"], "--keep-f32-first", "1"],
+         "--keep-f32-first"),
         (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
     ]
     for options, words in cases:
