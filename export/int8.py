@@ -221,11 +221,23 @@ def one_level_noise(images: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
 
 
+def top1_hint(figures: dict, settings: Int8Settings) -> str:
+    """What to try when too many top-1 classes changed, or why nothing will help."""
+    hints = []
+    noise_drop = 1 - figures["f32_noise_floor"]["top1_agreement"]
+    if noise_drop > settings.max_top1_drop:
+        hints.append(f"f32 itself changes {noise_drop:.4f} of these top-1 classes under one "
+                     "grey level of noise")
+    if settings.keep_f32_first == 0:
+        hints.append("--keep-f32-first 0.25 keeps more top-1 classes, at some speed")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def gate_failures(figures: dict, settings: Int8Settings) -> list[str]:
     failures = []
     if settings.max_top1_drop is not None and figures["top1_drop"] > settings.max_top1_drop:
         failures.append(f"top-1 drop {figures['top1_drop']:.4f} > --max-top1-drop "
-                        f"{settings.max_top1_drop}")
+                        f"{settings.max_top1_drop}" + top1_hint(figures, settings))
     if settings.min_saliency_agreement is not None \
             and figures["saliency_rank_correlation"] < settings.min_saliency_agreement:
         failures.append(f"saliency rank correlation {figures['saliency_rank_correlation']:.4f} "

@@ -162,7 +162,8 @@ def test_gate_fails_on_a_black_calibration_set(shapes):
     assert result.returncode == 3, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["status"] == "gate_failed" and report == json.loads(report_file.read_text())
-    assert any("--max-top1-drop" in f for f in report["failures"])
+    top1 = [f for f in report["failures"] if "--max-top1-drop" in f]
+    assert top1 and "--keep-f32-first" in top1[0]  # the failure says what to try
     assert report["int8"]["top1_drop"] > 0.05
     assert "INT8 gate failed" in result.stderr and "nothing was written" in result.stderr
     assert repository_is_empty(repo)
