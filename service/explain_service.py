@@ -31,7 +31,8 @@ MAX_IMAGE_PIXELS = 40_000_000
 # Faithfulness costs about 2 * (steps + 1) + 3 inferences per request.
 MAX_FAITHFULNESS_STEPS = 256
 MAX_POINTING_TOLERANCE_PX = 512
-THRESHOLD_NAMES = ("high_confidence", "competing_margin", "iou_high", "gtc_high", "sc_high")
+PATTERN_CUTOFF_NAMES = ("iou_high", "gtc_high", "sc_high")
+THRESHOLD_NAMES = ("high_confidence", "competing_margin") + PATTERN_CUTOFF_NAMES
 
 
 class Stopwatch:
@@ -134,15 +135,15 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         watch.move("inference", "queue", waited["queue"])
         num_classes = len(model.info.labels) or out["logits"].shape[1]
         probabilities = softmax(out["logits"][0].astype(np.float64))
-        targets = self._targets(request, probabilities, num_classes)
+        order = np.argsort(-probabilities)  # once: targets, predictions
+        targets = self._targets(request, order, num_classes)
         maps, method = self._maps(request, state, tensor, out, targets, watch)
         watch.lap("explanation")
 
         response = pb.ExplainResponse(id=request.id or uuid.uuid4().hex,
                                       model_name=request.model_name,
                                       model_version=str(state.version))
-        order = np.argsort(-probabilities)[:max(5, len(targets))]
-        for c in order:
+        for c in order[:max(5, len(targets))]:
             response.predictions.add(class_id=int(c), label=model.label(int(c)),
                                      score=float(probabilities[c]))
         for c, saliency in zip(targets, maps):
@@ -152,15 +153,15 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         self._add_metrics(response, request, image, probabilities, maps)
         if maps:
             self._add_quality_metrics(response, request, image, tensor, model, maps[0],
-                                      targets[0], int(np.argmax(probabilities)))
+                                      targets[0], int(order[0]))
         watch.lap("metrics")
-        for name, value in watch.total().items():
-            response.timings_ms[name] = value
+        response.timings_ms.update(watch.total())
         return response
 
     # --- pieces ---------------------------------------------------------------------------
 
-    def _targets(self, request, probabilities: np.ndarray, num_classes: int) -> list[int]:
+    def _targets(self, request, order: np.ndarray, num_classes: int) -> list[int]:
+        """The explicit target classes, or the first top_k of `order` (class ids by score)."""
         if request.target_classes:
             for i, c in enumerate(request.target_classes):
                 if not 0 <= c < num_classes:
@@ -169,7 +170,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         k = request.top_k or 1
         if k > MAX_TOP_K:
             raise invalid(f"top_k {k} is over {MAX_TOP_K}")
-        return [int(c) for c in np.argsort(-probabilities)[:k]]
+        return [int(c) for c in order[:k]]
 
     def _maps(self, request, state, tensor, out, targets, watch: Stopwatch
               ) -> tuple[list[np.ndarray], str]:
@@ -227,9 +228,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
 
     def _add_metrics(self, response, request, image, probabilities, maps) -> None:
         def add(name, value=0.0, text="", **parameters):
-            metric = response.metrics.add(name=name, value=float(value), text=text)
-            for k, v in parameters.items():
-                metric.parameters[k] = str(v)
+            response.metrics.add(name=name, value=float(value), text=text).parameters.update(
+                {k: str(v) for k, v in parameters.items()})
 
         add("top1_confidence", rm.top1_confidence(probabilities), score="softmax")
         add("margin", rm.margin(probabilities), score="softmax")
@@ -250,13 +250,23 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                 high_confidence=thresholds.high_confidence,
                 competing_margin=thresholds.competing_margin)
 
-    def _quality_request(self, request, image) -> QualityRequest:
-        """The request's ground truth and metric options as library settings; bad values become
-        INVALID_ARGUMENT naming the field."""
+    @staticmethod
+    def _asks_quality(request) -> bool:
+        """Whether the request asks for anything `_add_quality_metrics` computes; a plain
+        Explain skips building its settings (tens of microseconds on a cache that the
+        inference has just emptied). Unknown threshold names are still refused."""
         for key in request.thresholds:
             if key not in THRESHOLD_NAMES:
                 raise invalid(f"thresholds[{key!r}]: unknown; expected one of "
                               f"{', '.join(THRESHOLD_NAMES)}")
+        truth = request.ground_truth
+        return bool(request.metrics or truth.boxes or truth.mask_png
+                    or request.HasField("metric_options")
+                    or any(key in request.thresholds for key in PATTERN_CUTOFF_NAMES))
+
+    def _quality_request(self, request, image) -> QualityRequest:
+        """The request's ground truth and metric options as library settings; bad values become
+        INVALID_ARGUMENT naming the field."""
         truth, options = request.ground_truth, request.metric_options
         mask = decode_mask(truth.mask_png, *image.shape[:2]) if truth.mask_png else None
         if options.steps > MAX_FAITHFULNESS_STEPS:
@@ -272,8 +282,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         except ValueError as exc:
             raise invalid(f"metric_options: {exc}") from None
         try:
-            cutoffs = PatternCutoffs(**{k: request.thresholds[k] for k in
-                                        ("iou_high", "gtc_high", "sc_high")
+            cutoffs = PatternCutoffs(**{k: request.thresholds[k] for k in PATTERN_CUTOFF_NAMES
                                         if k in request.thresholds})
         except ValueError as exc:
             raise invalid(f"thresholds: {exc}") from None
@@ -295,9 +304,9 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                              class_id: int, predicted: int) -> None:
         """Shared Interest and pointing game with ground truth; faithfulness when asked, its
         extra inferences batched and counted against the black-box slots."""
-        quality = self._quality_request(request, image)
-        if not quality.names and not quality.has_ground_truth:
+        if not self._asks_quality(request):
             return
+        quality = self._quality_request(request, image)
         try:
             heavy = bool(resolve_names(quality.names)[0])
         except QualityError as exc:
