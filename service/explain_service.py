@@ -251,14 +251,17 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                 competing_margin=thresholds.competing_margin)
 
     @staticmethod
-    def _asks_quality(request) -> bool:
-        """Whether the request asks for anything `_add_quality_metrics` computes; a plain
-        Explain skips building its settings (tens of microseconds on a cache that the
-        inference has just emptied). Unknown threshold names are still refused."""
+    def _check_threshold_names(request) -> None:
         for key in request.thresholds:
             if key not in THRESHOLD_NAMES:
                 raise invalid(f"thresholds[{key!r}]: unknown; expected one of "
                               f"{', '.join(THRESHOLD_NAMES)}")
+
+    @staticmethod
+    def _asks_quality(request) -> bool:
+        """Whether the request asks for anything `_add_quality_metrics` computes; a plain
+        Explain skips building its settings (tens of microseconds on a cache that the
+        inference has just emptied)."""
         truth = request.ground_truth
         return bool(request.metrics or truth.boxes or truth.mask_png
                     or request.HasField("metric_options")
@@ -304,6 +307,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                              class_id: int, predicted: int) -> None:
         """Shared Interest and pointing game with ground truth; faithfulness when asked, its
         extra inferences batched and counted against the black-box slots."""
+        self._check_threshold_names(request)
         if not self._asks_quality(request):
             return
         quality = self._quality_request(request, image)

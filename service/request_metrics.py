@@ -16,9 +16,10 @@ def top1_confidence(probabilities: np.ndarray) -> float:
 
 def margin(probabilities: np.ndarray) -> float:
     """Top-1 minus top-2 probability: small when two classes compete."""
-    top2 = np.partition(probabilities, len(probabilities) - 2)[-2:] \
-        if len(probabilities) > 1 else probabilities
-    return float(top2[-1] - top2[0]) if len(top2) == 2 else float(top2[-1])
+    if len(probabilities) < 2:
+        return float(probabilities[-1])
+    second, first = np.partition(probabilities, -2)[-2:]
+    return float(first - second)
 
 
 def entropy(probabilities: np.ndarray) -> float:
