@@ -66,6 +66,21 @@ def sample(families, family: str, name: str, **labels) -> float:
     return families[family][(name, tuple(sorted(labels.items())))]
 
 
+def calls_counted(port: int) -> float:
+    """All calls in xaiserve_requests_total, whatever their labels."""
+    return sum(value for (name, _), value in scrape(port).get("xaiserve_requests", {}).items()
+               if name == "xaiserve_requests_total")
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="module")
 def served(small_export, tmp_path_factory):
     repo = tmp_path_factory.mktemp("ops")
@@ -97,8 +112,10 @@ def test_metrics_scraped_over_http(served):
     with pytest.raises(grpc.RpcError):
         kserve.ModelInfer(bad)
 
-    m = scrape(server.metrics_port)
     requests = "xaiserve_requests"
+    # calls are counted just after their responses leave: wait for all 8 of them
+    assert wait_until(lambda: calls_counted(server.metrics_port) == 8, 10)
+    m = scrape(server.metrics_port)
     assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="1",
                   method="ModelInfer", code="OK") == 3
     assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="1",
@@ -138,6 +155,8 @@ def test_json_logs_carry_the_request_id(served):
         answer = xgrpc.ExplanationServiceStub(channel).Explain(explain_request())
         with pytest.raises(grpc.RpcError):
             XaiClient(f"127.0.0.1:{server.port}").explain(b"not an image", "shapes")
+        # the access log is written just after each response leaves
+        assert wait_until(lambda: stream.getvalue().count('"xaiserve.access"') >= 3, 10)
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
@@ -226,15 +245,6 @@ def test_versions_added_and_removed_under_load(served, small_export):
     assert {2, 3} <= set(versions) and versions[-1] == 3
     assert len(answers) > 50
     assert server.repository.versions("shapes") == [3]
-
-
-def wait_until(condition, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # --- graceful shutdown of the `xaiserve serve` process ------------------------------------------
