@@ -25,6 +25,7 @@ machine used: on a small shared machine other processes are the largest source o
 
     .venv/bin/python benchmarks/serving_speed.py              # about 4.5 minutes
     .venv/bin/python benchmarks/serving_speed.py --quick      # about 2.5 minutes, noisier
+    .venv/bin/python benchmarks/serving_speed.py --only explain --rounds 15 --no-latency-server
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ TARGET_RISE_WALL = 1.2  # ours / (masks / best FPS), at most
 MAX_MESSAGE = 64 * 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NOISY_CORES = 0.25  # CPU used by others during a window above which it is flagged
+FIGURE_GROUPS = ("predict", "explain", "rise")  # --only's choices, in the order of a round
 
 
 def log(message: str) -> None:
@@ -626,8 +628,12 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
     results: dict[str, list] = {k: [] for k in ("predict", "predict_pa", "live", "live_idle",
                                                 "predict_1",
                                                 "explain_float", "explain_overlay", "rise")}
-    if not args.perf_analyzer:
+    if not args.perf_analyzer or "predict" not in args.only:
         del figures["predict_pa"]
+    if "predict" not in args.only:
+        del figures["predict"]
+    if "explain" not in args.only:
+        del figures["explain_float"], figures["explain_overlay"]
 
     def ba(xml: Path, hint: str, batch: int = 1) -> BenchApp:
         refs.append(run_benchmark_app(xml, hint, batch, args.ba_seconds))
@@ -645,13 +651,7 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
         def live_call() -> kpb.ServerLiveResponse:
             return live.ServerLive(kpb.ServerLiveRequest(), timeout=10)
 
-        batch = best_plain_batch(models, args, refs) if rise else 1
-        if rise:
-            log("    RISE warm-up (generates and caches the masks)")
-            rise_call()
-        for r in range(args.rounds):
-            flip = r % 2 == 1
-            log(f"  [{label}] round {r + 1}/{args.rounds}")
+        def predict_round(flip: bool) -> None:
             ref, load = in_order(flip, lambda: ba(sal, "throughput"), lambda: measure_predict(
                 server, SALIENCY_MODEL, args.clients, args.predict_warmup, args.predict_seconds))
             log(f"    ModelInfer x{args.clients} clients       {load.fps:8.1f} FPS (p50 "
@@ -659,7 +659,7 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
                 f"others {load.cpu.other_cores:.2f} cores)")
             figures["predict"].add(load.fps, ref.fps)
             results["predict"].append(load)
-            if args.perf_analyzer:
+            if "predict_pa" in figures:
                 pa = measure_predict_perf_analyzer(server, SALIENCY_MODEL, args.clients,
                                                    args.predict_seconds, args.out.parent)
                 log(f"    perf_analyzer c{args.clients}            {pa.fps:8.1f} FPS (p50 "
@@ -668,6 +668,7 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
                 figures["predict_pa"].add(pa.fps, ref.fps)
                 results["predict_pa"].append(pa)
 
+        def explain_round(flip: bool) -> None:
             def ours_latency() -> tuple[LatencyResult, LatencyResult]:
                 return (measure_sequential(server, "Explain white-box float", float_call,
                                            args.explain_warmup, args.explain_seconds),
@@ -687,13 +688,28 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
                 pause_s=ref.p50_ms / 1e3))
             results["predict_1"].append(measure_sequential(
                 server, "ModelInfer x1", predict_call(ch, SALIENCY_MODEL), 10, 2))
+
+        def rise_round(flip: bool) -> None:
+            ref, wall = in_order(flip, lambda: ba(plain, "throughput", batch),
+                                 lambda: measure_sequential(
+                                     server, f"Explain RISE {args.masks} masks", rise_call,
+                                     0, 0, min_count=args.rise_repeats))
+            figures["rise"].add(wall.p50_ms, args.masks / ref.fps * 1e3)
+            results["rise"].append(wall)
+
+        batch = best_plain_batch(models, args, refs) if rise else 1
+        if rise:
+            log("    RISE warm-up (generates and caches the masks)")
+            rise_call()
+        for r in range(args.rounds):
+            flip = r % 2 == 1
+            log(f"  [{label}] round {r + 1}/{args.rounds}")
+            if "predict" in figures:
+                predict_round(flip)
+            if "explain_float" in figures:
+                explain_round(flip)
             if rise:
-                ref, wall = in_order(flip, lambda: ba(plain, "throughput", batch),
-                                     lambda: measure_sequential(
-                                         server, f"Explain RISE {args.masks} masks", rise_call,
-                                         0, 0, min_count=args.rise_repeats))
-                figures["rise"].add(wall.p50_ms, args.masks / ref.fps * 1e3)
-                results["rise"].append(wall)
+                rise_round(flip)
     return {"figures": figures, "benchmark_app": refs, "results": results,
             "startup_s": server.startup_s, "rise_batch": batch if rise else None}
 
@@ -718,18 +734,22 @@ def table(servers: dict[str, dict], args: argparse.Namespace) -> str:
     for label, s in servers.items():
         res = s["results"]
         loads = res["predict"]
-        p50 = statistics.median(x.p50_ms for x in loads)
-        cores = statistics.median(x.cpu.server_cores for x in loads)
-        server_ms = statistics.median(x.server_cpu_ms_per_request for x in loads)
-        client_ms = statistics.median(x.client_cpu_ms_per_request for x in loads)
-        one = merge_latencies(res["predict_1"]).p50_ms
-        floor = merge_latencies(res["live"]).p50_ms
-        idle_floor = merge_latencies(res["live_idle"]).p50_ms
-        lines.append(
-            f"[{label}] ModelInfer x{args.clients}: p50 {p50:.1f} ms, server {cores:.2f} cores = "
-            f"{server_ms:.1f} CPU-ms/req, clients {client_ms:.1f} CPU-ms/req; x1 p50 {one:.2f} ms; "
-            f"ServerLive p50 {floor:.2f} ms back to back, {idle_floor:.2f} ms after an idle "
-            "pause as long as benchmark_app's latency p50")
+        if loads:
+            p50 = statistics.median(x.p50_ms for x in loads)
+            cores = statistics.median(x.cpu.server_cores for x in loads)
+            server_ms = statistics.median(x.server_cpu_ms_per_request for x in loads)
+            client_ms = statistics.median(x.client_cpu_ms_per_request for x in loads)
+            lines.append(
+                f"[{label}] ModelInfer x{args.clients}: p50 {p50:.1f} ms, server {cores:.2f} "
+                f"cores = {server_ms:.1f} CPU-ms/req, clients {client_ms:.1f} CPU-ms/req")
+        if res["live"]:
+            one = merge_latencies(res["predict_1"]).p50_ms
+            floor = merge_latencies(res["live"]).p50_ms
+            idle_floor = merge_latencies(res["live_idle"]).p50_ms
+            lines.append(
+                f"[{label}] ModelInfer x1 p50 {one:.2f} ms; ServerLive p50 {floor:.2f} ms back "
+                f"to back, {idle_floor:.2f} ms after an idle pause as long as benchmark_app's "
+                "latency p50")
         pas = res["predict_pa"]
         if pas:
             lines.append(
@@ -823,6 +843,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-perf-analyzer", dest="perf_analyzer", action="store_false",
                         help="skip the perf_analyzer load (on by default when installed)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, shorter windows")
+    parser.add_argument("--only", nargs="+", choices=FIGURE_GROUPS, default=list(FIGURE_GROUPS),
+                        help="measure only these figures: more rounds of one in the same time")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out/serving_speed.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -853,7 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, dict] = {}
     for label, flags, rise in plans:
         with running_server(args.repository, label, flags, args.out.parent) as server:
-            servers[label] = run_server_rounds(server, models, image, args, rise)
+            servers[label] = run_server_rounds(server, models, image, args,
+                                               rise and "rise" in args.only)
     text = table(servers, args)
     print(text)
     elapsed = time.perf_counter() - started
