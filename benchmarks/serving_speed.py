@@ -20,8 +20,9 @@ ceiling a client still sees, one run, default model (EfficientNet-Lite0 with Rec
 The server runs as a subprocess (`xaiserve serve` on a free loopback port) and is stopped with
 SIGTERM. This machine's speed drifts while a run lasts, so every figure is measured in paired
 rounds, each next to its own benchmark_app run (the explain latency between two of them, their
-mean its reference), and its ratio is the median of the per-round ratios. Each window also records the CPU that the server, the clients and everything else on the
-machine used: on a small shared machine other processes are the largest source of error.
+mean its reference), and its ratio is the median of the per-round ratios. Each window also
+records the CPU that the server, the clients and everything else on the machine used: on a
+small shared machine other processes are the largest source of error.
 
     .venv/bin/python benchmarks/serving_speed.py              # about 4.5 minutes
     .venv/bin/python benchmarks/serving_speed.py --quick      # about 2.5 minutes, noisier
