@@ -401,8 +401,8 @@ def perf_analyzer_ready() -> bool:
 def measure_predict_perf_analyzer(server: ServerProcess, model: str, clients: int,
                                   seconds: float, out_dir: Path) -> LoadResult:
     """Triton's perf_analyzer at concurrency `clients` (synchronous requests, each client its
-    own connection, random u8 images, every output: scores and maps): its last three windows of `seconds` / 3 each, averaged; the CPU
-    columns cover its whole run, warm-up included."""
+    own connection, random u8 images, every output: scores and maps): its last three windows
+    of `seconds` / 3 each, averaged; the CPU columns cover its whole run, warm-up included."""
     report = out_dir / "serving_speed_perf_analyzer.csv"
     window_ms = max(1000, int(seconds * 1000 / 3))
     meter = CpuMeter.of_process(server.proc.pid)
