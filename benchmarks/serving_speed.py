@@ -613,15 +613,19 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
     """Every figure against one running server, in paired rounds with benchmark_app."""
     label = server.label
     sal, plain = models[SALIENCY_MODEL], models[PLAIN_MODEL]
-    figures = {
-        "predict": Figure(f"[{label}] predict FPS, {args.clients} clients", "FPS", True,
-                          TARGET_PREDICT_FPS),
-        "predict_pa": Figure(f"[{label}] predict+maps FPS, perf_analyzer c{args.clients}",
-                             "FPS", True, TARGET_PREDICT_FPS),
-        "explain_float": Figure(f"[{label}] explain p50, float", "ms", False, TARGET_EXPLAIN_P50),
-        "explain_overlay": Figure(f"[{label}] explain p50, PNG overlay", "ms", False,
-                                  TARGET_EXPLAIN_P50),
-    }
+    figures: dict[str, Figure] = {}
+    if "predict" in args.only:
+        figures["predict"] = Figure(f"[{label}] predict FPS, {args.clients} clients", "FPS",
+                                    True, TARGET_PREDICT_FPS)
+        if args.perf_analyzer:
+            figures["predict_pa"] = Figure(
+                f"[{label}] predict+maps FPS, perf_analyzer c{args.clients}", "FPS", True,
+                TARGET_PREDICT_FPS)
+    if "explain" in args.only:
+        figures["explain_float"] = Figure(f"[{label}] explain p50, float", "ms", False,
+                                          TARGET_EXPLAIN_P50)
+        figures["explain_overlay"] = Figure(f"[{label}] explain p50, PNG overlay", "ms", False,
+                                            TARGET_EXPLAIN_P50)
     if rise:
         figures["rise"] = Figure(f"[{label}] RISE {args.masks} masks, wall", "ms", False,
                                  TARGET_RISE_WALL)
@@ -629,12 +633,6 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
     results: dict[str, list] = {k: [] for k in ("predict", "predict_pa", "live", "live_idle",
                                                 "predict_1",
                                                 "explain_float", "explain_overlay", "rise")}
-    if not args.perf_analyzer or "predict" not in args.only:
-        del figures["predict_pa"]
-    if "predict" not in args.only:
-        del figures["predict"]
-    if "explain" not in args.only:
-        del figures["explain_float"], figures["explain_overlay"]
 
     def ba(xml: Path, hint: str, batch: int = 1) -> BenchApp:
         refs.append(run_benchmark_app(xml, hint, batch, args.ba_seconds))
@@ -660,7 +658,7 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
                 f"others {load.cpu.other_cores:.2f} cores)")
             figures["predict"].add(load.fps, ref.fps)
             results["predict"].append(load)
-            if "predict_pa" in figures:
+            if args.perf_analyzer:
                 pa = measure_predict_perf_analyzer(server, SALIENCY_MODEL, args.clients,
                                                    args.predict_seconds, args.out.parent)
                 log(f"    perf_analyzer c{args.clients}            {pa.fps:8.1f} FPS (p50 "
@@ -711,9 +709,9 @@ def run_server_rounds(server: ServerProcess, models: dict[str, Path], image: byt
         for r in range(args.rounds):
             flip = r % 2 == 1
             log(f"  [{label}] round {r + 1}/{args.rounds}")
-            if "predict" in figures:
+            if "predict" in args.only:
                 predict_round(flip)
-            if "explain_float" in figures:
+            if "explain" in args.only:
                 explain_round()
             if rise:
                 rise_round(flip)

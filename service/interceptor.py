@@ -9,6 +9,7 @@ semaphore and the metrics take only their own short per-value locks."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -89,7 +90,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def _handle(self, method: str, inner, request, context):
         record = RequestRecord(method, self._request_id(request), _model_name(request))
         if not self.slots.acquire(blocking=False):
-            self._finish(record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
+            self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server is handling its maximum of {self.max_concurrent} "
                           "concurrent requests (max_concurrent_requests); retry later")
@@ -118,9 +119,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
         (a 12 ms Explain took about 4% longer, median of 12 interleaved rounds). gRPC runs the
         callback on its serving thread when the call ends, cancelled or not; a call that has
         already ended is counted at once."""
-        def finish() -> None:
-            self._finish(record, code, seconds, response)
-
+        finish = functools.partial(self._finish, record, code, seconds, response)
         if not context.add_callback(finish):
             finish()
 
