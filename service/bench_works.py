@@ -17,9 +17,10 @@ import numpy as np
 
 from .client import XaiClient, explain_request
 from .images import decode_image, resize_for_model
-from .model import SALIENCY_OUTPUT, ClassifierModel, softmax
+from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as kpb
 from .proto import grpc_predict_v2_pb2_grpc as kgrpc
+from .request_metrics import softmax
 from .rise import RiseExplainer, RiseSettings
 
 Stages = dict[str, float]

@@ -20,9 +20,9 @@ from .eval_backend import LOGITS_OUTPUT, SALIENCY_OUTPUT, Backend, BackendError
 from .explanation_quality import saliency_on_image
 from .faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from .images import resize_for_model
-from .model import softmax
 from .model_info import ModelInfo
-from .request_metrics import CaseThresholds, entropy, margin, prediction_case, top1_confidence
+from .request_metrics import (CaseThresholds, entropy, margin, prediction_case, softmax,
+                              top1_confidence)
 from .shared_interest import (Binarization, PatternCutoffs, pointing_game_hit, shared_interest,
                               shared_interest_pattern)
 

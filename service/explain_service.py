@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import cv2
 import numpy as np
@@ -18,15 +17,16 @@ from .explanation_quality import (QualityError, QualityRequest, model_scorer, qu
 from .images import ImageError, as_rgb, decode_image, resize_for_model
 from .kserve import served_version
 from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
-from .model import SALIENCY_OUTPUT, softmax
+from .model import SALIENCY_OUTPUT
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
-from .request_context import note_forward_passes
+from .request_context import new_request_id, note_forward_passes
 from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
+from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
 
-MAX_TOP_K = 20
+MAX_TOP_K = TOP_K  # the classes the summary head ranks
 MAX_IMAGE_PIXELS = 40_000_000
 # Faithfulness costs about 2 * (steps + 1) + 3 inferences per request.
 MAX_FAITHFULNESS_STEPS = 256
@@ -129,39 +129,40 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         watch.lap("decode")
         tensor = resize_for_model(image, model.info)
         watch.lap("preprocess")
+        white_box = self._white_box(request, model)
         waited: dict[str, float] = {}
-        out = model.predict(tensor[None], timings=waited)
+        # The scores' summary and the map statistics come from the graph (service.summary_head).
+        out = model.predict(tensor[None], model.explain_outputs(white_box), timings=waited)
         watch.lap("inference")
         watch.move("inference", "queue", waited["queue"])
-        num_classes = len(model.info.labels) or out["logits"].shape[1]
-        probabilities = softmax(out["logits"][0].astype(np.float64))
-        order = np.argsort(-probabilities)  # once: targets, predictions
-        targets = self._targets(request, order, num_classes)
-        maps, method = self._maps(request, state, tensor, out, targets, watch)
+        summary = Summary.read(out)
+        probabilities = summary.probabilities
+        targets = self._targets(request, summary, len(model.info.labels) or len(probabilities))
+        maps, method = self._maps(request, state, tensor, out, targets, white_box, watch)
         watch.lap("explanation")
 
-        response = pb.ExplainResponse(id=request.id or uuid.uuid4().hex,
+        response = pb.ExplainResponse(id=request.id or new_request_id(),
                                       model_name=request.model_name,
                                       model_version=str(state.version))
-        for c in order[:max(5, len(targets))]:
-            response.predictions.add(class_id=int(c), label=model.label(int(c)),
+        for c in summary.order(max(5, len(targets))):
+            response.predictions.add(class_id=c, label=model.label(c),
                                      score=float(probabilities[c]))
         for c, saliency in zip(targets, maps):
             self._add_map(response, request, image, saliency, c, model.label(c), method,
                           float(probabilities[c]))
         watch.lap("encode_maps")
-        self._add_metrics(response, request, image, probabilities, maps)
+        self._add_metrics(response, request, summary, maps, targets)
         if maps:
             self._add_quality_metrics(response, request, image, tensor, model, maps[0],
-                                      targets[0], int(order[0]))
+                                      targets[0], summary.top_classes[0])
         watch.lap("metrics")
         response.timings_ms.update(watch.total())
         return response
 
     # --- pieces ---------------------------------------------------------------------------
 
-    def _targets(self, request, order: np.ndarray, num_classes: int) -> list[int]:
-        """The explicit target classes, or the first top_k of `order` (class ids by score)."""
+    def _targets(self, request, summary: Summary, num_classes: int) -> list[int]:
+        """The explicit target classes, or the top_k classes by score."""
         if request.target_classes:
             for i, c in enumerate(request.target_classes):
                 if not 0 <= c < num_classes:
@@ -170,17 +171,21 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         k = request.top_k or 1
         if k > MAX_TOP_K:
             raise invalid(f"top_k {k} is over {MAX_TOP_K}")
-        return [int(c) for c in order[:k]]
+        return summary.order(k)
 
-    def _maps(self, request, state, tensor, out, targets, watch: Stopwatch
+    @staticmethod
+    def _white_box(request, model) -> bool:
+        """Whether the maps come from the model's saliency_map output (else from RISE)."""
+        if request.method == pb.METHOD_WHITE_BOX and not model.has_saliency:
+            raise invalid("method WHITE_BOX: this model has no saliency_map output; use "
+                          "METHOD_BLACK_BOX or export it with `xaiserve export`")
+        return request.method == pb.METHOD_WHITE_BOX or (
+            request.method == pb.METHOD_AUTO and model.has_saliency)
+
+    def _maps(self, request, state, tensor, out, targets, white_box: bool, watch: Stopwatch
               ) -> tuple[list[np.ndarray], str]:
         model = state.model
-        white_box = request.method == pb.METHOD_WHITE_BOX or (
-            request.method == pb.METHOD_AUTO and model.has_saliency)
         if white_box:
-            if not model.has_saliency:
-                raise invalid("method WHITE_BOX: this model has no saliency_map output; use "
-                              "METHOD_BLACK_BOX or export it with `xaiserve export`")
             saliency = out[SALIENCY_OUTPUT][0]
             method = model.info.saliency_method or "white-box"
             return [saliency[c if saliency.shape[0] > 1 else 0] for c in targets], method
@@ -226,17 +231,20 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             entry.shape.extend([h, w])
             entry.data = to_png_overlay(saliency, image, [f"{label}: {score:.2f}"])
 
-    def _add_metrics(self, response, request, image, probabilities, maps) -> None:
+    def _add_metrics(self, response, request, summary: Summary, maps, targets) -> None:
         def add(name, value=0.0, text="", **parameters):
             response.metrics.add(name=name, value=float(value), text=text).parameters.update(
                 {k: str(v) for k, v in parameters.items()})
 
-        add("top1_confidence", rm.top1_confidence(probabilities), score="softmax")
-        add("margin", rm.margin(probabilities), score="softmax")
-        add("entropy", rm.entropy(probabilities), unit="nats")
+        probabilities = summary.probabilities
+        add("top1_confidence", summary.top1_confidence, score="softmax")
+        add("margin", summary.margin, score="softmax")
+        add("entropy", summary.entropy, unit="nats")
         if maps:
-            add("coverage", rm.coverage(maps[0]), threshold=0.5, of="peak", target="first")
-            add("concentration", rm.concentration(maps[0]), top_fraction=0.1, target="first")
+            coverage, concentration = summary.map_statistics(targets[0], maps[0])
+            add("coverage", coverage, threshold=COVERAGE_THRESHOLD, of="peak", target="first")
+            add("concentration", concentration, top_fraction=CONCENTRATION_TOP_FRACTION,
+                target="first")
         truth = request.ground_truth
         if truth.has_label:
             thresholds = rm.CaseThresholds(

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from . import faithfulness as fm
-from .model import softmax
 from .model_info import ModelInfo
+from .request_metrics import softmax
 from .shared_interest import (Binarization, PatternCutoffs, ground_truth_mask,
                               pointing_game_hit, shared_interest, shared_interest_pattern)
 

@@ -13,7 +13,6 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from typing import Callable
 
 import grpc
@@ -127,9 +126,9 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def _request_id(request) -> str:
         """The client's id (Explain / KServe `id`), else a generated one the response echoes."""
         if not hasattr(request, "id") or not isinstance(request.id, str):
-            return uuid.uuid4().hex
+            return request_context.new_request_id()
         if not request.id:
-            request.id = uuid.uuid4().hex
+            request.id = request_context.new_request_id()
         return request.id[:MAX_ID_CHARS]
 
     def _finish(self, record: RequestRecord, code: grpc.StatusCode, seconds: float,

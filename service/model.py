@@ -19,6 +19,7 @@ import openvino as ov
 from .batching import BatchingPool, add_timings
 from .images import resize_for_model
 from .model_info import ModelInfo
+from .summary_head import LOGITS_OUTPUT, MAP_OUTPUTS, SCORE_OUTPUTS, Summary, with_summary
 
 SALIENCY_OUTPUT = "saliency_map"
 
@@ -49,12 +50,6 @@ class Explanation:
     maps: dict[int, np.ndarray]
     probabilities: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -175,7 +170,12 @@ class ClassifierModel:
             raise ModelLoadError(f"{xml}: no embedded preprocessing in model_info; export it with "
                                  "`xaiserve export`")
         self.info = info
-        self.compiled = self.core.compile_model(model, self.device, self.config)
+        # The copies with the saliency branch compute a white-box explanation's summary in
+        # their graph (service.summary_head); the others, and RISE's thousand inferences on
+        # them, are left as they are.
+        full_model = with_summary(model, LOGITS_OUTPUT, SALIENCY_OUTPUT) if any(
+            SALIENCY_OUTPUT in out.get_names() for out in model.outputs) else model
+        self.compiled = self.core.compile_model(full_model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
         batch_dim = self.compiled.inputs[0].get_partial_shape()[0]
         # the IR's own batch size where it is fixed (a request may not carry more images)
@@ -189,14 +189,14 @@ class ClassifierModel:
         self._full_single, self._scores_single = self._full, self._scores
         if (self.routes.single_image_copies and self.static_batch is None
                 and self.routes.batch_when_busy <= 1):
-            self._full_single = InferPool.sized_for(self._compile(single_image(model)))
+            self._full_single = InferPool.sized_for(self._compile(single_image(full_model)))
             self._scores_single = InferPool.sized_for(self._compile(single_image(scores_model))) \
                 if scores_model else self._full_single
         self._latency = None
         if self.routes.latency_when_idle and self.config.get("PERFORMANCE_HINT") != "LATENCY":
             # Two requests: a second image that arrives at the same moment need not wait.
             self._latency = InferPool(self._compile(
-                single_image(model), {**self.config, "PERFORMANCE_HINT": "LATENCY"}), 2)
+                single_image(full_model), {**self.config, "PERFORMANCE_HINT": "LATENCY"}), 2)
         self._warm_up()
         return self
 
@@ -248,6 +248,16 @@ class ClassifierModel:
     def has_saliency(self) -> bool:
         return SALIENCY_OUTPUT in self.output_names
 
+    def explain_outputs(self, white_box: bool) -> tuple[str, ...]:
+        """What an explanation reads (service.summary_head.Summary.read). White-box: the map and
+        the summary its graph computes (the logits where it could not). Black-box: the logits
+        alone, from the copy without the saliency branch; RISE's maps take seconds, so the
+        summary's 0.3 ms in numpy does not matter there."""
+        if not white_box:
+            return (LOGITS_OUTPUT,)
+        summary = tuple(name for name in SCORE_OUTPUTS + MAP_OUTPUTS if name in self.output_names)
+        return (summary or (LOGITS_OUTPUT,)) + (SALIENCY_OUTPUT,)
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return resize_for_model(image, self.info)
 
@@ -271,16 +281,17 @@ class ClassifierModel:
         tensor = self.preprocess(image)[None]
         t1 = time.perf_counter()
         stages: dict[str, float] = {}
-        out = self.predict(tensor, timings=stages)
+        out = self.predict(tensor, self.explain_outputs(self.has_saliency), timings=stages)
         t2 = time.perf_counter()
-        probs = softmax(out["logits"][0].astype(np.float64))
-        order = np.argsort(-probs)[:max(top_k, 1)]
-        predictions = [Prediction(int(c), self.label(int(c)), float(probs[c])) for c in order]
+        summary = Summary.read(out)
+        probs = summary.probabilities
+        order = summary.order(max(top_k, 1))
+        predictions = [Prediction(c, self.label(c), float(probs[c])) for c in order]
         maps = {}
         if self.has_saliency:
             saliency = out[SALIENCY_OUTPUT][0]
             for c in order[:top_k]:
-                maps[int(c)] = saliency[int(c) if saliency.shape[0] > 1 else 0]
+                maps[c] = saliency[c if saliency.shape[0] > 1 else 0]
         return Explanation(predictions, maps, probs, {
             "preprocess": (t1 - t0) * 1e3, "queue": stages["queue"],
             "inference": (t2 - t1) * 1e3 - stages["queue"],

@@ -1,13 +1,21 @@
 """Per-request metrics: pure functions, arrays in, numbers out.
 
-Confidence, margin and entropy describe the prediction; coverage and concentration describe a
-map; the prediction case follows the OpenVINO XAI interpretation guide's four cases."""
+Softmax turns logits into the scores the others read. Confidence, margin and entropy describe
+the prediction; coverage and concentration describe a map; the prediction case follows the
+OpenVINO XAI interpretation guide's four cases."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class scores along the last axis; stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def top1_confidence(probabilities: np.ndarray) -> float:

@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 import openvino as ov
 
-from .model import queued_requests, softmax
+from .model import queued_requests
+from .request_metrics import softmax
 
 DEFAULT_MAX_MASKS = 10_000
 MAX_CELLS = 64

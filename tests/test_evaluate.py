@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.synthetic import CLASSES4, make_dataset, train_small_cnn, write_image_folder
 from xaiserve.service.faithfulness import FaithfulnessSettings, deletion_insertion, single_step
-from xaiserve.service.model import ClassifierModel, softmax
+from xaiserve.service.model import ClassifierModel
+from xaiserve.service.request_metrics import softmax
 
 COUNT = 24
 SEED = 321  # held out from the training seed

@@ -11,7 +11,7 @@ from saliency_maps_metrics.multi_step_metrics import Deletion, Insertion
 from saliency_maps_metrics.single_step_metrics import ADD, IIC_AD
 
 from xaiserve.service import faithfulness as fm
-from xaiserve.service.model import softmax
+from xaiserve.service.request_metrics import softmax
 from xaiserve.service.shared_interest import (PATTERNS, Binarization, PatternCutoffs,
                                      SharedInterestScores, binarize, ground_truth_mask,
                                      pointing_game_hit, shared_interest,
