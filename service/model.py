@@ -177,6 +177,9 @@ class ClassifierModel:
             SALIENCY_OUTPUT in out.get_names() for out in model.outputs) else model
         self.compiled = self.core.compile_model(full_model, self.device, self.config)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
+        summary = tuple(n for n in SCORE_OUTPUTS + MAP_OUTPUTS if n in self.output_names)
+        self._explain_outputs = {False: (LOGITS_OUTPUT,),
+                                 True: (summary or (LOGITS_OUTPUT,)) + (SALIENCY_OUTPUT,)}
         batch_dim = self.compiled.inputs[0].get_partial_shape()[0]
         # the IR's own batch size where it is fixed (a request may not carry more images)
         self.static_batch = batch_dim.get_length() if batch_dim.is_static else None
@@ -252,11 +255,8 @@ class ClassifierModel:
         """What an explanation reads (service.summary_head.Summary.read). White-box: the map and
         the summary its graph computes (the logits where it could not). Black-box: the logits
         alone, from the copy without the saliency branch; RISE's maps take seconds, so the
-        summary's 0.3 ms in numpy does not matter there."""
-        if not white_box:
-            return (LOGITS_OUTPUT,)
-        summary = tuple(name for name in SCORE_OUTPUTS + MAP_OUTPUTS if name in self.output_names)
-        return (summary or (LOGITS_OUTPUT,)) + (SALIENCY_OUTPUT,)
+        summary's 0.3 ms in numpy does not matter there. Both are fixed when the model loads."""
+        return self._explain_outputs[white_box]
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return resize_for_model(image, self.info)

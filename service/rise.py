@@ -26,11 +26,11 @@ import openvino as ov
 
 from .model import queued_requests
 from .request_metrics import softmax
+from .summary_head import LOGITS_OUTPUT
 
 DEFAULT_MAX_MASKS = 10_000
 MAX_CELLS = 64
 MAX_BATCH_SIZE = 256
-LOGITS_OUTPUT = "logits"
 IMAGE_INPUT = "image"
 # Masks are multiplied into float32 this many at a time when accumulating, so that float16 masks
 # are never widened all at once (1000 x 224 x 224 float32 would be 200 MB).
