@@ -13,6 +13,11 @@ the IRs run in here. Where the CPU reports BF16, a bf16 pass of the f32 IR is ad
 `--keep-f32-first F [F ...]` adds INT8 variants whose first fraction F of the backbone's layers
 stays f32 (the export option of that name), for the trade between agreement and speed.
 
+`--overflow-fix F [F ...]` adds INT8 variants with that `--overflow-fix` (export/cpu_int8.py).
+On a CPU whose INT8 sums saturate (no VNNI), each variant's top-1 agreement is also measured as
+a CPU with VNNI would compute it ("no saturation": the CPU plugin's internal LP_TRANSFORMS_MODE
+set to NO runs the FakeQuantize operations in f32, exactly, instead of INT8 kernels).
+
 `--compare-order` also builds the alternative design (quantise the plain model, then insert the
 saliency branch) and measures it the same way, for the choice explained in export/int8.py.
 
@@ -20,6 +25,7 @@ saliency branch) and measures it the same way, for the choice explained in expor
     python benchmarks/int8_speed.py --images 100 --compare-order --json out/int8_speed.json \
         --picture out/int8_maps.png
     python benchmarks/int8_speed.py --keep-f32-first 0.25 0.5
+    python benchmarks/int8_speed.py --overflow-fix first-layer enable
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 from calibration_photos import write_folder  # noqa: E402
 from saliency_overhead import compile_config, measure_interleaved  # noqa: E402
 
+from xaiserve.export.cpu_int8 import cpu_flags, int8_dot_product  # noqa: E402
 from xaiserve.export.int8 import (Int8Settings, infer_all, load_images,  # noqa: E402
                                   quantize_export)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
@@ -108,6 +115,18 @@ def plain_first_int8(calibration: Path, size: int, settings: Int8Settings) -> ov
     return model
 
 
+def top1_without_saturation(f32_model: ov.Model, int8_models: dict[str, ov.Model],
+                            validation: Path, count: int) -> dict[str, float]:
+    """Top-1 agreement with f32 of each INT8 model computed exactly (no 16-bit saturation)."""
+    core = ov.Core()
+    images = load_images(validation, _info(f32_model), count, "--validation")
+    reference = infer_all(compile_f32(f32_model, core), images, "f32 IR")[0].argmax(1)
+    exact = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}
+    return {name: float((infer_all(core.compile_model(m, "CPU", exact), images, name)[0]
+                         .argmax(1) == reference).mean())
+            for name, m in int8_models.items()}
+
+
 def batch1_request(core: ov.Core, model: ov.Model, precision: str) -> ov.InferRequest:
     model = model.clone()
     model.reshape({"image": ov.PartialShape([1, 224, 224, 3])})
@@ -125,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-order", action="store_true")
     parser.add_argument("--keep-f32-first", type=float, nargs="*", default=[], metavar="F",
                         help="also INT8 with the first fraction F of the backbone in f32")
+    parser.add_argument("--overflow-fix", nargs="*", default=[], metavar="F",
+                        help="also INT8 with this --overflow-fix (enable, first-layer, disable)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--picture", type=Path, default=None,
                         help="PNG: f32 and INT8 maps side by side on validation images")
@@ -159,6 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         models[name], figures[name] = quantize_export(
             models["f32"], info.saliency_target_layer, info,
             replace(settings, keep_f32_first=fraction))
+    for fix in args.overflow_fix:
+        name = f"int8, overflow fix {fix}"
+        models[name], figures[name] = quantize_export(
+            models["f32"], info.saliency_target_layer, info, replace(settings, overflow_fix=fix))
+    if int8_dot_product(cpu_flags()) == "saturating":
+        exact = top1_without_saturation(
+            models["f32"], {n: m for n, m in models.items() if n != "f32"}, validation,
+            args.images)
+        for name, value in exact.items():
+            key = "int8 (final model, f32 head)" if name == "int8" else name
+            figures[key]["top1_agreement_without_saturation"] = value
 
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     precisions = ["f32"] + (["bf16"] if "BF16" in capabilities else [])
@@ -181,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio = timings["f32"]["int8"].p50_ms / timings["f32"]["f32"].p50_ms
     print(f"\nINT8 / f32 p50 latency: {ratio:.3f} (target <= {TARGET_RATIO})")
     print(f".bin: f32 {sizes['f32'] / 1e6:.1f} MB, int8 {sizes['int8'] / 1e6:.1f} MB")
-    keys = ("images", "top1_agreement", "top1_in_top5", "confident_images",
+    print(f"CPU: {figures['int8 (final model, f32 head)']['validation_cpu']}, overflow fix "
+          f"applied by default: {figures['int8 (final model, f32 head)']['overflow_fix']}")
+    keys = ("images", "top1_agreement", "top1_agreement_without_saturation", "top1_in_top5",
+            "confident_images",
             "top1_agreement_confident",
             "saliency_rank_correlation", "saliency_rank_correlation_p05", "saliency_top_iou")
     for name, f in figures.items():
         print(f"{name}: " + ", ".join(
-            f"{k} {f[k]:.3f}" if isinstance(f[k], float) else f"{k} {f[k]}" for k in keys))
+            f"{k} {f[k]:.3f}" if isinstance(f[k], float) else f"{k} {f[k]}"
+            for k in keys if k in f))
     if args.picture:
         from xaiserve.service.overlay import write_png
 

@@ -32,6 +32,7 @@ import openvino as ov
 from xaiserve.service.images import ImageError, read_image, resize_for_model
 from xaiserve.service.model_info import ModelInfo
 
+from .cpu_int8 import OVERFLOW_FIXES, cpu_flags, cpu_name, int8_dot_product, resolve_overflow_fix
 from .int8_agreement import agreement
 from .parity import compile_f32
 from .saliency.graph import ancestors, find_by_name, key
@@ -68,6 +69,7 @@ class Int8Settings:
     min_saliency_agreement: float | None = None  # fail when mean rank correlation is below it
     saliency_top_fraction: float = 0.2
     keep_f32_first: float = 0.0  # fraction of the backbone's weighted layers left in f32
+    overflow_fix: str = "auto"  # 7-bit weights where INT8 sums saturate (export/cpu_int8.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -80,6 +82,9 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
     """Fail on bad options and empty folders before the slow steps start."""
     if settings.preset not in PRESETS:
         raise Int8Error(f"--preset {settings.preset!r}: use one of {', '.join(PRESETS)}")
+    if settings.overflow_fix not in ("auto", *OVERFLOW_FIXES):
+        raise Int8Error(f"--overflow-fix {settings.overflow_fix!r}: use one of auto, "
+                        f"{', '.join(OVERFLOW_FIXES)}")
     if not 0 <= settings.keep_f32_first < 1:
         raise Int8Error(f"--keep-f32-first {settings.keep_f32_first}: a fraction in [0, 1) "
                         "(0.25 keeps the first quarter of the backbone's layers in f32)")
@@ -183,9 +188,10 @@ def _nncf_output_to_stderr() -> Iterator[None]:
 
 
 def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
-             settings: Int8Settings) -> ov.Model:
+             settings: Int8Settings, overflow_fix: str) -> ov.Model:
     """NNCF post-training quantisation (min-max ranges, fast bias correction by default) of the
-    final model; NNCF draws its progress bars ("Statistics collection", ...) on stderr."""
+    final model; NNCF draws its progress bars ("Statistics collection", ...) on stderr.
+    `overflow_fix` is resolved already (no "auto")."""
     import nncf
 
     ignored = branch_scope(model, target_layer) + leading_scope(model, target_layer,
@@ -196,6 +202,8 @@ def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
             preset=getattr(nncf.QuantizationPreset, settings.preset.upper()),
             subset_size=len(images), fast_bias_correction=settings.fast_bias_correction,
             ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix])),
         )
 
 
@@ -228,6 +236,9 @@ def top1_hint(figures: dict, settings: Int8Settings) -> str:
     if noise_drop > settings.max_top1_drop:
         hints.append(f"f32 itself changes {noise_drop:.4f} of these top-1 classes under one "
                      "grey level of noise")
+    if figures["validation_cpu"]["int8_dot_product"] == "saturating" \
+            and figures["overflow_fix"] != "enable":
+        hints.append("--overflow-fix enable: this CPU's INT8 sums saturate (no VNNI)")
     if settings.keep_f32_first == 0:
         hints.append("--keep-f32-first 0.25 keeps more top-1 classes, at some speed")
     return f" ({'; '.join(hints)})" if hints else ""
@@ -257,8 +268,10 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
     validation_folder = settings.validation or settings.calibration
     validation = load_images(validation_folder, info, settings.validation_size,
                              "--validation" if settings.validation else "--calibration")
+    flags = cpu_flags()
+    overflow_fix = resolve_overflow_fix(settings.overflow_fix, flags)
     progress("quantizing to INT8")
-    quantized = quantize(model, target_layer, calibration, settings)
+    quantized = quantize(model, target_layer, calibration, settings, overflow_fix)
     info.write(quantized)
 
     progress("validating INT8 against f32")
@@ -272,6 +285,9 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
         "calibration_images": int(len(calibration)),
         "validation_is_calibration": settings.validation is None,
         "f32_head_and_saliency": bool(target_layer),
+        "overflow_fix": overflow_fix,
+        # the agreement figures hold for CPUs whose INT8 arithmetic is like this one's
+        "validation_cpu": {"name": cpu_name(), "int8_dot_product": int8_dot_product(flags)},
         **agreement(*reference, *ours, fraction=settings.saliency_top_fraction),
         "f32_noise_floor": {
             "what": "top-1 agreement of the f32 IR with itself when every pixel moves by at "

@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
 from tests.synthetic import make_dataset, train_small_cnn
+from xaiserve.export.cpu_int8 import cpu_flags, int8_dot_product, resolve_overflow_fix
 from xaiserve.export.int8 import one_level_noise
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
@@ -106,6 +107,54 @@ def test_one_level_noise_is_at_most_one_grey_level():
     assert np.array_equal(noisy, one_level_noise(images))  # seeded
 
 
+def test_overflow_fix_follows_the_cpus_int8_arithmetic(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2\n")
+    flags = cpu_flags(cpuinfo)
+    assert flags == {"fpu", "sse", "avx2", "fma"}  # the first processor's
+    assert int8_dot_product(flags) == "saturating"
+    assert resolve_overflow_fix("auto", flags) == "enable"  # 7-bit weights: no saturation
+    vnni = flags | {"avx512_vnni"}
+    assert int8_dot_product(vnni) == "vnni" and resolve_overflow_fix("auto", vnni) == "first-layer"
+    assert int8_dot_product(frozenset({"avx_vnni"})) == "vnni"
+    # where the system does not say, the safe choice: no CPU saturates with 7-bit weights
+    assert cpu_flags(tmp_path / "missing") is None and int8_dot_product(None) == "unknown"
+    assert resolve_overflow_fix("auto", None) == "enable"
+    assert resolve_overflow_fix("disable", flags) == "disable"  # asked for: kept
+
+
+def int8_weight_ranges(model: ov.Model) -> list[int]:
+    """Per convolution, the largest magnitude of its INT8 weights (None when not INT8)."""
+    ranges = []
+    for conv in (n for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"):
+        node = conv.input_value(1).get_node()
+        while node.get_type_name() != "Constant":
+            node = node.input_value(0).get_node()
+        weights = node.get_data()
+        ranges.append(int(np.abs(weights.astype(np.int16)).max())
+                      if node.get_element_type() == ov.Type.i8 else None)
+    return ranges
+
+
+def test_overflow_fix_stores_seven_bit_weights(shapes):
+    """`enable` keeps every convolution's weights within 7 bits (what a CPU without VNNI sums
+    without saturating); `disable` uses all 8; the report says which was applied, and on what
+    kind of CPU the agreement was measured."""
+    seen = {}
+    for fix in ("enable", "disable"):
+        repo = shapes["work"] / f"overflow_{fix}"
+        result = export_small(shapes, repo, shapes["calibration"], "--overflow-fix", fix)
+        assert result.returncode == 0, result.stderr[-3000:]
+        figures = json.loads(result.stdout)["int8"]
+        assert figures["settings"]["overflow_fix"] == fix and figures["overflow_fix"] == fix
+        assert figures["validation_cpu"]["int8_dot_product"] in ("vnni", "saturating", "unknown")
+        seen[fix] = int8_weight_ranges(
+            ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml"))[:3]
+    assert all(r is not None and r <= 64 for r in seen["enable"]), seen
+    assert all(r is not None and r > 64 for r in seen["disable"]), seen
+
+
 def test_gate_passes_with_a_good_calibration_set(shapes):
     repo = shapes["work"] / "good"
     result = export_small(shapes, repo, shapes["calibration"], "--max-top1-drop", "0.05",
@@ -117,6 +166,8 @@ def test_gate_passes_with_a_good_calibration_set(shapes):
     assert figures["images"] == 120 and figures["calibration_images"] == 64
     assert figures["top1_drop"] <= 0.05 and figures["saliency_rank_correlation"] >= 0.8
     assert not figures["validation_is_calibration"]
+    expected = resolve_overflow_fix("auto", cpu_flags())
+    assert figures["settings"]["overflow_fix"] == "auto" and figures["overflow_fix"] == expected
     card = json.loads((repo / "shapes_int8" / "1" / "model_card.json").read_text())
     assert card["int8"] == figures
 
@@ -191,6 +242,8 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
           "--min-saliency-agreement", "0.9"], "--min-saliency-agreement"),
         (["--int8", "--calibration", shapes["calibration"], "--keep-f32-first", "1"],
          "--keep-f32-first"),
+        (["--int8", "--calibration", shapes["calibration"], "--overflow-fix", "always"],
+         "--overflow-fix"),
         (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
     ]
     for options, words in cases:
