@@ -8,7 +8,9 @@ share the machine's state, so they are not independent) gives the interval that 
 should be judged by.
 
     python benchmarks/pooled_ratio.py out/run1.json out/run2.json ... \
-        [--figure "explain p50, float"] [--target 1.4 --at-most]
+        [--figure "explain p50, float"] [--target 1.4]
+    python benchmarks/pooled_ratio.py out/run*.json --figure "predict FPS, 8 clients" \
+        --target 0.85 --at-least
 """
 
 from __future__ import annotations

@@ -25,28 +25,27 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 OVERFLOW_FIXES = {"enable": "enable", "first-layer": "first_layer_only", "disable": "disable"}
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
-    """The first processor's feature flags; None where the system does not say (not Linux)."""
+def _cpuinfo_field(field: str, cpuinfo: Path) -> str | None:
+    """The first processor's value of a /proc/cpuinfo field; None where there is none."""
     try:
         text = cpuinfo.read_text()
     except OSError:
         return None
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return frozenset(value.split())
+        if name.strip() == field:
+            return value.strip()
     return None
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU's feature flags; None where the system does not say (not Linux)."""
+    flags = _cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else frozenset(flags.split())
+
+
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return "unknown"
+    return _cpuinfo_field("model name", cpuinfo) or "unknown"
 
 
 def int8_dot_product(flags: frozenset[str] | None) -> str:

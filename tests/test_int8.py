@@ -13,8 +13,8 @@ from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
 from tests.synthetic import make_dataset, train_small_cnn
-from xaiserve.export.cpu_int8 import cpu_flags, int8_dot_product, resolve_overflow_fix
-from xaiserve.export.int8 import one_level_noise
+from xaiserve.export.cpu_int8 import cpu_flags, cpu_name, int8_dot_product, resolve_overflow_fix
+from xaiserve.export.int8 import Int8Settings, one_level_noise, top1_hint
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
@@ -113,6 +113,7 @@ def test_overflow_fix_follows_the_cpus_int8_arithmetic(tmp_path):
                        "processor\t: 1\nflags\t\t: fpu avx2\n")
     flags = cpu_flags(cpuinfo)
     assert flags == {"fpu", "sse", "avx2", "fma"}  # the first processor's
+    assert cpu_name(cpuinfo) == "AMD EPYC" and cpu_name(tmp_path / "missing") == "unknown"
     assert int8_dot_product(flags) == "saturating"
     assert resolve_overflow_fix("auto", flags) == "enable"  # 7-bit weights: no saturation
     vnni = flags | {"avx512_vnni"}
@@ -124,17 +125,15 @@ def test_overflow_fix_follows_the_cpus_int8_arithmetic(tmp_path):
     assert resolve_overflow_fix("disable", flags) == "disable"  # asked for: kept
 
 
-def int8_weight_ranges(model: ov.Model) -> list[int]:
-    """Per convolution, the largest magnitude of its INT8 weights (None when not INT8)."""
-    ranges = []
-    for conv in (n for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"):
-        node = conv.input_value(1).get_node()
-        while node.get_type_name() != "Constant":
-            node = node.input_value(0).get_node()
-        weights = node.get_data()
-        ranges.append(int(np.abs(weights.astype(np.int16)).max())
-                      if node.get_element_type() == ov.Type.i8 else None)
-    return ranges
+def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
+    settings = Int8Settings(calibration=tmp_path, max_top1_drop=0.05, overflow_fix="first-layer")
+    figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "first-layer",
+               "validation_cpu": {"name": "AMD EPYC", "int8_dot_product": "saturating"}}
+    assert "--overflow-fix enable" in top1_hint(figures, settings)
+    for cpu, applied in (("vnni", "first-layer"), ("saturating", "enable")):
+        figures.update(overflow_fix=applied,
+                       validation_cpu={"name": "x", "int8_dot_product": cpu})
+        assert "--overflow-fix" not in top1_hint(figures, settings)
 
 
 def test_overflow_fix_stores_seven_bit_weights(shapes):
@@ -180,17 +179,30 @@ def test_gate_passes_with_a_good_calibration_set(shapes):
     assert (out["logits"].argmax(1) == labels).mean() > 0.9  # the INT8 model still works
 
 
+def convolutions(model: ov.Model) -> list[ov.Node]:
+    return [n for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"]
+
+
+def weights_constant(conv: ov.Node) -> ov.Node:
+    """The constant a convolution's weights come from (through Convert and Multiply where NNCF
+    stored them as INT8)."""
+    node = conv.input_value(1).get_node()
+    while node.get_type_name() != "Constant":
+        node = node.input_value(0).get_node()
+    return node
+
+
 def int8_convolutions(model: ov.Model) -> list[bool]:
     """Per convolution, in graph order: whether its weights are stored as INT8 (an i8 constant
     that Convert and Multiply decompress) rather than as a float constant."""
-    def weights_type(conv: ov.Node) -> ov.Type:
-        node = conv.input_value(1).get_node()
-        while node.get_type_name() != "Constant":
-            node = node.input_value(0).get_node()
-        return node.get_element_type()
+    return [weights_constant(c).get_element_type() == ov.Type.i8 for c in convolutions(model)]
 
-    return [weights_type(n) == ov.Type.i8
-            for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"]
+
+def int8_weight_ranges(model: ov.Model) -> list[int | None]:
+    """Per convolution, the largest magnitude of its INT8 weights (None when not INT8)."""
+    return [int(np.abs(c.get_data().astype(np.int16)).max())
+            if c.get_element_type() == ov.Type.i8 else None
+            for c in map(weights_constant, convolutions(model))]
 
 
 def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
