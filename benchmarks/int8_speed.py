@@ -13,7 +13,7 @@ the IRs run in here. Where the CPU reports BF16, a bf16 pass of the f32 IR is ad
 `--keep-f32-first F [F ...]` adds INT8 variants whose first fraction F of the backbone's layers
 stays f32 (the export option of that name), for the trade between agreement and speed.
 
-`--overflow-fix F [F ...]` adds INT8 variants with that `--overflow-fix` (export/cpu_int8.py).
+`--overflow-fix F [F ...]` adds INT8 variants with that `--overflow-fix` (service/cpu_int8.py).
 On a CPU whose INT8 sums saturate (no VNNI), each variant's top-1 agreement is also measured as
 a CPU with VNNI would compute it ("no saturation": the CPU plugin's internal LP_TRANSFORMS_MODE
 set to NO runs the FakeQuantize operations in f32, exactly, instead of INT8 kernels).
@@ -48,7 +48,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 from calibration_photos import write_folder  # noqa: E402
 from saliency_overhead import compile_config, measure_interleaved  # noqa: E402
 
-from xaiserve.export.cpu_int8 import cpu_flags, int8_dot_product  # noqa: E402
+from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product  # noqa: E402
 from xaiserve.export.int8 import (Int8Settings, infer_all, load_images,  # noqa: E402
                                   quantize_export)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402

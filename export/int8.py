@@ -29,10 +29,11 @@ from typing import Callable, Iterator
 import numpy as np
 import openvino as ov
 
+from xaiserve.service.cpu_int8 import (OVERFLOW_FIXES, cpu_flags, cpu_name, int8_dot_product,
+                                       resolve_overflow_fix)
 from xaiserve.service.images import ImageError, read_image, resize_for_model
 from xaiserve.service.model_info import ModelInfo
 
-from .cpu_int8 import OVERFLOW_FIXES, cpu_flags, cpu_name, int8_dot_product, resolve_overflow_fix
 from .int8_agreement import agreement
 from .parity import compile_f32
 from .saliency.graph import ancestors, find_by_name, key
@@ -69,7 +70,7 @@ class Int8Settings:
     min_saliency_agreement: float | None = None  # fail when mean rank correlation is below it
     saliency_top_fraction: float = 0.2
     keep_f32_first: float = 0.0  # fraction of the backbone's weighted layers left in f32
-    overflow_fix: str = "auto"  # 7-bit weights where INT8 sums saturate (export/cpu_int8.py)
+    overflow_fix: str = "auto"  # 7-bit weights where INT8 sums saturate (service/cpu_int8.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -17,6 +17,7 @@ import numpy as np
 import openvino as ov
 
 from .batching import BatchingPool, add_timings
+from .cpu_int8 import cpu_flags, int8_dot_product, saturating_layers, saturation_warning
 from .images import resize_for_model
 from .model_info import ModelInfo
 from .summary_head import LOGITS_OUTPUT, MAP_OUTPUTS, SCORE_OUTPUTS, Summary, with_summary
@@ -155,6 +156,7 @@ class ClassifierModel:
         self.routes = routes
         self.compiled: ov.CompiledModel | None = None
         self.info: ModelInfo | None = None
+        self.warnings: list[str] = []  # found at load, for the operator's log
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
 
@@ -170,6 +172,8 @@ class ClassifierModel:
             raise ModelLoadError(f"{xml}: no embedded preprocessing in model_info; export it with "
                                  "`xaiserve export`")
         self.info = info
+        self.warnings = [w for w in (saturation_warning(
+            saturating_layers(model), int8_dot_product(cpu_flags()), self.device),) if w]
         # The copies with the saliency branch compute a white-box explanation's summary in
         # their graph (service.summary_head); the others, and RISE's thousand inferences on
         # them, are left as they are.

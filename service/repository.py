@@ -145,6 +145,8 @@ class ModelRepository:
             if removed:  # unloaded while it compiled
                 model.close()
             log.info("loaded %s version %d on %s", state.name, state.version, settings.device)
+            for warning in model.warnings:
+                log.warning("%s version %d: %s", state.name, state.version, warning)
         except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
             state.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             log.error("failed to load %s version %d: %s", state.name, state.version, state.error)

@@ -13,11 +13,14 @@ from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
 from tests.synthetic import make_dataset, train_small_cnn
-from xaiserve.export.cpu_int8 import cpu_flags, cpu_name, int8_dot_product, resolve_overflow_fix
 from xaiserve.export.int8 import Int8Settings, one_level_noise, top1_hint
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
+from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product,
+                                       resolve_overflow_fix, saturating_layers,
+                                       saturation_warning)
+from xaiserve.service.model import ClassifierModel
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.server import Server
@@ -123,6 +126,13 @@ def test_overflow_fix_follows_the_cpus_int8_arithmetic(tmp_path):
     assert cpu_flags(tmp_path / "missing") is None and int8_dot_product(None) == "unknown"
     assert resolve_overflow_fix("auto", None) == "enable"
     assert resolve_overflow_fix("disable", flags) == "disable"  # asked for: kept
+    # the server's warning: 8-bit weights, a saturating CPU, and the model running on it
+    warning = saturation_warning(["conv1", "conv2"], "saturating", "CPU")
+    assert "2 layers (first: conv1)" in warning and "--overflow-fix enable" in warning
+    assert saturation_warning(["conv1"], "saturating", "AUTO") is not None
+    assert saturation_warning(["conv1"], "vnni", "CPU") is None
+    assert saturation_warning(["conv1"], "saturating", "GPU") is None
+    assert saturation_warning([], "saturating", "CPU") is None
 
 
 def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
@@ -139,8 +149,9 @@ def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
 def test_overflow_fix_stores_seven_bit_weights(shapes):
     """`enable` keeps every convolution's weights within 7 bits (what a CPU without VNNI sums
     without saturating); `disable` uses all 8; the report says which was applied, and on what
-    kind of CPU the agreement was measured."""
-    seen = {}
+    kind of CPU the agreement was measured. The server finds the 8-bit layers when it loads the
+    IR, and warns where this CPU's sums saturate."""
+    seen, loaded = {}, {}
     for fix in ("enable", "disable"):
         repo = shapes["work"] / f"overflow_{fix}"
         result = export_small(shapes, repo, shapes["calibration"], "--overflow-fix", fix)
@@ -148,10 +159,15 @@ def test_overflow_fix_stores_seven_bit_weights(shapes):
         figures = json.loads(result.stdout)["int8"]
         assert figures["settings"]["overflow_fix"] == fix and figures["overflow_fix"] == fix
         assert figures["validation_cpu"]["int8_dot_product"] in ("vnni", "saturating", "unknown")
-        seen[fix] = int8_weight_ranges(
-            ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml"))[:3]
-    assert all(r is not None and r <= 64 for r in seen["enable"]), seen
-    assert all(r is not None and r > 64 for r in seen["disable"]), seen
+        model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
+        seen[fix] = int8_weight_ranges(model)[:3], saturating_layers(model)
+        loaded[fix] = ClassifierModel(repo / "shapes_int8" / "1").load()
+    assert all(r is not None and r <= 64 for r in seen["enable"][0]), seen
+    assert all(r is not None and r > 64 for r in seen["disable"][0]), seen
+    assert seen["enable"][1] == [] and len(seen["disable"][1]) == 3, seen
+    saturating = int8_dot_product(cpu_flags()) == "saturating"
+    assert loaded["enable"].warnings == []
+    assert len(loaded["disable"].warnings) == saturating, loaded["disable"].warnings
 
 
 def test_gate_passes_with_a_good_calibration_set(shapes):
