@@ -172,8 +172,9 @@ class ClassifierModel:
             raise ModelLoadError(f"{xml}: no embedded preprocessing in model_info; export it with "
                                  "`xaiserve export`")
         self.info = info
-        self.warnings = [w for w in (saturation_warning(
-            saturating_layers(model), int8_dot_product(cpu_flags()), self.device),) if w]
+        warning = saturation_warning(saturating_layers(model), int8_dot_product(cpu_flags()),
+                                     self.device)
+        self.warnings = [warning] if warning else []
         # The copies with the saliency branch compute a white-box explanation's summary in
         # their graph (service.summary_head); the others, and RISE's thousand inferences on
         # them, are left as they are.
