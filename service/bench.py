@@ -26,6 +26,7 @@ import openvino as ov
 from . import bench_works as works
 from .bench_reference import ReferenceRun, run_benchmark_app
 from .config import HINTS
+from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image
 from .model import ClassifierModel, ModelLoadError
 
@@ -406,16 +407,11 @@ def precision_skip(core: ov.Core, device: str, precision: str) -> str | None:
 
 
 def environment(core: ov.Core) -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """What the figures depend on; `cpu_int8` says whether this CPU's INT8 sums saturate (no
+    VNNI), which changes what an INT8 IR computes here (service/cpu_int8.py)."""
     return {"openvino": ov.get_version(), "devices": list(core.available_devices),
-            "cpu": cpu, "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
+            "cpu": cpu_name(), "cpu_int8": int8_dot_product(cpu_flags()),
+            "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
 
 
 class Bench:

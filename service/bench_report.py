@@ -73,7 +73,8 @@ def summary_text(result: BenchResult) -> str:
     env = result.environment
     lines = [
         f"xaiserve bench: OpenVINO {env.get('openvino', '?').split('-')[0]}, "
-        f"{env.get('cpu') or 'CPU ?'} ({env.get('cpus')} cores), devices "
+        f"{env.get('cpu') or 'CPU ?'} ({env.get('cpus')} cores, INT8 sums "
+        f"{env.get('cpu_int8', '?')}), devices "
         f"{','.join(env.get('devices', []))}, load {env.get('load_average_before', 0):.2f}"
         f"->{env.get('load_average_after', 0):.2f}; image: {result.image}",
     ]

@@ -16,6 +16,7 @@ from xaiserve.service.bench import (Point, Sample, Window, attach_reference, is_
                                     request_split)
 from xaiserve.service.bench_reference import ReferenceRun
 from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product
 from xaiserve.service.server import Server
 
 SHORT = ("--warmup", "0.3", "--window", "0.5", "--max-windows", "4")
@@ -75,6 +76,10 @@ def test_in_process_writes_json_csv_plots_and_summary(default_export, tmp_path):
     assert summary == (out / "summary.txt").read_text()
     assert "benchmark_app" in summary and "fps/ba" in summary
     assert len(summary.splitlines()) <= 2 * len(points) + 12  # one screen
+    # whether this CPU's INT8 sums saturate: it changes what an INT8 IR computes here
+    int8_sums = int8_dot_product(cpu_flags())
+    assert data["environment"]["cpu_int8"] == int8_sums
+    assert f"INT8 sums {int8_sums}" in summary.splitlines()[0]
 
 
 @pytest.fixture(scope="module")
