@@ -48,7 +48,8 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 from calibration_photos import write_folder  # noqa: E402
 from saliency_overhead import compile_config, measure_interleaved  # noqa: E402
 
-from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product  # noqa: E402
+from xaiserve.service.cpu_int8 import (EXACT_INT8_CONFIG, cpu_flags,  # noqa: E402
+                                       int8_dot_product)
 from xaiserve.export.int8 import (Int8Settings, infer_all, load_images,  # noqa: E402
                                   quantize_export)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
@@ -121,8 +122,8 @@ def top1_without_saturation(f32_model: ov.Model, int8_models: dict[str, ov.Model
     core = ov.Core()
     images = load_images(validation, _info(f32_model), count, "--validation")
     reference = infer_all(compile_f32(f32_model, core), images, "f32 IR")[0].argmax(1)
-    exact = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}
-    return {name: float((infer_all(core.compile_model(m, "CPU", exact), images, name)[0]
+    return {name: float((infer_all(core.compile_model(m, "CPU", EXACT_INT8_CONFIG), images,
+                                   name)[0]
                          .argmax(1) == reference).mean())
             for name, m in int8_models.items()}
 

@@ -27,23 +27,19 @@ sys.path[:0] = [str(ROOT / "scripts")]
 from calibration_photos import write_folder  # noqa: E402
 
 from xaiserve.export.int8 import infer_all, load_images  # noqa: E402
-from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product  # noqa: E402
+from xaiserve.service.cpu_int8 import (EXACT_INT8_CONFIG, cpu_flags,  # noqa: E402
+                                       int8_dot_product, int8_weights)
 from xaiserve.service.model_info import ModelInfo  # noqa: E402
 
 COMPILED = {"INFERENCE_PRECISION_HINT": "f32"}
-EXACT = {**COMPILED, "LP_TRANSFORMS_MODE": "NO"}
 MOVED = 0.05  # a map "moves" when some location changes by more than this on the 0..1 scale
 
 
 def map_product(model: ov.Model) -> ov.Node:
     """The saliency branch's convolution whose weights are an int8 constant."""
     for node in model.get_ordered_ops():
-        if node.get_type_name() == "Convolution":
-            source = node.input_value(1).get_node()
-            while source.get_type_name() in ("Multiply", "Convert"):
-                source = source.input_value(0).get_node()
-            if source.get_element_type() == ov.Type.i8:
-                return node
+        if node.get_type_name() == "Convolution" and int8_weights(node) is not None:
+            return node
     raise SystemExit("no int8 map product in this IR (exported with --map-precision f32?)")
 
 
@@ -51,9 +47,8 @@ def with_seven_bit_product(model: ov.Model) -> ov.Model:
     """A copy whose map product's weights are requantised to [-63, 63] with twice the scale."""
     copy = model.clone()
     conv = map_product(copy)
-    multiply = conv.input_value(1).get_node()
-    weights = multiply.input_value(0).get_node().input_value(0).get_node().get_data()
-    scale = multiply.input_value(1).get_node().get_data()
+    weights = int8_weights(conv)
+    scale = conv.input_value(1).get_node().input_value(1).get_node().get_data()  # the Multiply
     seven = np.clip(np.round(weights.astype(np.float32) / 2), -63, 63).astype(np.int8)
     dequantized = ops.multiply(ops.convert(ops.constant(seven), np.float32),
                                ops.constant((scale * 2).astype(np.float32)))
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         images = load_images(Path(work), ModelInfo.from_model(model), args.images, "images")
     maps = {}
     for name, variant in (("8-bit", model), ("7-bit", with_seven_bit_product(model))):
-        for mode, config in (("compiled", COMPILED), ("exact", EXACT)):
+        for mode, config in (("compiled", COMPILED), ("exact", EXACT_INT8_CONFIG)):
             logits, maps[name, mode] = infer_all(core.compile_model(variant, "CPU", config),
                                                  images, f"{name} {mode}")
     top = logits.argmax(1)

@@ -30,6 +30,10 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 PAIRWISE_SUMMED = frozenset({"Convolution", "MatMul"})
 DECOMPRESSION = frozenset({"Convert", "Multiply", "Subtract", "Reshape", "Transpose"})
 SEVEN_BIT_LIMIT = 64  # NNCF's 7-bit weights lie in [-63, 64]
+# compile settings that compute an INT8 IR exactly, as a CPU with VNNI sums it: the CPU plugin's
+# internal LP_TRANSFORMS_MODE=NO runs the FakeQuantize operations in f32 instead of INT8 kernels
+# (for the benchmarks' "without saturation" figures)
+EXACT_INT8_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}
 # the export's --overflow-fix choices -> nncf.OverflowFix values
 OVERFLOW_FIXES = {"enable": "enable", "first-layer": "first_layer_only", "disable": "disable"}
 
@@ -71,37 +75,29 @@ def resolve_overflow_fix(requested: str, flags: frozenset[str] | None) -> str:
     return "first-layer" if int8_dot_product(flags) == "vnni" else "enable"
 
 
+def int8_weights(node: ov.Node) -> np.ndarray | None:
+    """The INT8 constant behind an operation's weights input (through the Convert and Multiply
+    that decompress it), or None where the weights are not stored as INT8."""
+    weights = node.input_value(1).get_node()
+    while weights.get_type_name() in DECOMPRESSION:
+        weights = weights.input_value(0).get_node()
+    if weights.get_type_name() == "Constant" and weights.get_element_type() == ov.Type.i8:
+        return weights.get_data()
+    return None
+
+
 def saturating_layers(model: ov.Model) -> list[str]:
-    """Friendly names of the convolutions and matrix products the class scores depend on whose
-    INT8 weights use more than 7 bits: on a CPU without VNNI their sums can saturate. Empty for
-    a float model. The saliency branch's own int8 map product is left out: it moves no class
-    score (README, "Which CPU computes the INT8 model")."""
+    """Friendly names of the convolutions and matrix products whose INT8 weights use more than
+    7 bits: on a CPU without VNNI their sums can saturate. Empty for a float model. The server
+    passes the graph without its saliency branch (service.model.without_saliency): the branch's
+    own int8 map product moves no class score (README, "Which CPU computes the INT8 model")."""
     names = []
-    for node in _score_ancestors(model):
-        if node.get_type_name() not in PAIRWISE_SUMMED:
-            continue
-        weights = node.input_value(1).get_node()
-        while weights.get_type_name() in DECOMPRESSION:
-            weights = weights.input_value(0).get_node()
-        if weights.get_type_name() == "Constant" and weights.get_element_type() == ov.Type.i8:
-            if np.abs(weights.get_data().astype(np.int16)).max() > SEVEN_BIT_LIMIT:
+    for node in model.get_ordered_ops():
+        if node.get_type_name() in PAIRWISE_SUMMED:
+            weights = int8_weights(node)
+            if weights is not None and np.abs(weights.astype(np.int16)).max() > SEVEN_BIT_LIMIT:
                 names.append(node.get_friendly_name())
     return names
-
-
-def _score_ancestors(model: ov.Model) -> list[ov.Node]:
-    """The operations that the outputs other than `saliency_map` depend on, in graph order."""
-    stack = [r for r in model.get_results()
-             if "saliency_map" not in r.input_value(0).get_names()
-             and "saliency_map" not in r.output(0).get_names()]
-    seen: set[str] = set()
-    while stack:
-        node = stack.pop()
-        if node.get_friendly_name() in seen:
-            continue
-        seen.add(node.get_friendly_name())
-        stack.extend(value.get_node() for value in node.input_values())
-    return [n for n in model.get_ordered_ops() if n.get_friendly_name() in seen]
 
 
 def saturation_warning(layers: list[str], dot_product: str, device: str) -> str | None:

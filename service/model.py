@@ -96,9 +96,9 @@ class InferPool:
     def __init__(self, compiled: ov.CompiledModel, size: int):
         self.compiled = compiled
         self.size = size
-        self._requests: queue.Queue = queue.Queue()
+        self._free: queue.Queue = queue.Queue()  # idle infer requests
         for _ in range(size):
-            self._requests.put(compiled.create_infer_request())
+            self._free.put(compiled.create_infer_request())
 
     @classmethod
     def sized_for(cls, compiled: ov.CompiledModel) -> "InferPool":
@@ -106,11 +106,11 @@ class InferPool:
 
     @contextmanager
     def request(self):
-        request = self._requests.get()
+        request = self._free.get()
         try:
             yield request
         finally:
-            self._requests.put(request)
+            self._free.put(request)
 
     def run(self, batch: np.ndarray, outputs: tuple[str, ...],
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
@@ -172,8 +172,9 @@ class ClassifierModel:
             raise ModelLoadError(f"{xml}: no embedded preprocessing in model_info; export it with "
                                  "`xaiserve export`")
         self.info = info
-        warning = saturation_warning(saturating_layers(model), int8_dot_product(cpu_flags()),
-                                     self.device)
+        scores_graph = without_saliency(model)  # the class scores alone
+        warning = saturation_warning(saturating_layers(scores_graph),
+                                     int8_dot_product(cpu_flags()), self.device)
         self.warnings = [warning] if warning else []
         # The copies with the saliency branch compute a white-box explanation's summary in
         # their graph (service.summary_head); the others, and RISE's thousand inferences on
@@ -190,8 +191,7 @@ class ClassifierModel:
         self.static_batch = batch_dim.get_length() if batch_dim.is_static else None
         self._full = self._pool(self.compiled, "full")
         self.num_requests = self._full.size
-        scores_model = without_saliency(model) if self.routes.scores_only and self.has_saliency \
-            else None
+        scores_model = scores_graph if self.routes.scores_only and self.has_saliency else None
         self._scores = self._pool(self._compile(scores_model), "scores") if scores_model \
             else self._full
         self._full_single, self._scores_single = self._full, self._scores

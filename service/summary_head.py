@@ -5,9 +5,9 @@ machine a numpy call on 1000 scores costs 80 to 150 us after a pause of a few mi
 against 15 to 20 back to back, so softmax, sorting, entropy, margin and the two map statistics
 took 0.4 ms of each Explain. Appended to the graph they add about 0.05 ms to the inference
 (OpenVINO's per-node profile), and the handler reads five small arrays: an Explain took 0.979
-to 0.985 of its time without the head, 0.18 to 0.36 ms less (benchmarks/summary_head_ab.py). `service.request_metrics` stays the
-definition and measures the maps that do not come from the graph (RISE's, another target's);
-the tests hold the two equal.
+to 0.985 of its time without the head, 0.18 to 0.36 ms less (benchmarks/summary_head_ab.py).
+`service.request_metrics` stays the definition and measures the maps that do not come from the
+graph (RISE's, another target's); the tests hold the two equal.
 
 The head's outputs are the server's own: KServe clients see only `logits` and `saliency_map`.
 """

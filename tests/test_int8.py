@@ -17,10 +17,10 @@ from xaiserve.export.int8 import Int8Settings, one_level_noise, top1_hint
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
-from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product,
+from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product, int8_weights,
                                        resolve_overflow_fix, saturating_layers,
                                        saturation_warning)
-from xaiserve.service.model import ClassifierModel
+from xaiserve.service.model import ClassifierModel, without_saliency
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.server import Server
@@ -160,7 +160,7 @@ def test_overflow_fix_stores_seven_bit_weights(shapes):
         assert figures["settings"]["overflow_fix"] == fix and figures["overflow_fix"] == fix
         assert figures["validation_cpu"]["int8_dot_product"] in ("vnni", "saturating", "unknown")
         model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
-        seen[fix] = int8_weight_ranges(model)[:3], saturating_layers(model)
+        seen[fix] = int8_weight_ranges(model)[:3], saturating_layers(without_saliency(model))
         loaded[fix] = ClassifierModel(repo / "shapes_int8" / "1").load()
     assert all(r is not None and r <= 64 for r in seen["enable"][0]), seen
     assert all(r is not None and r > 64 for r in seen["disable"][0]), seen
@@ -199,26 +199,16 @@ def convolutions(model: ov.Model) -> list[ov.Node]:
     return [n for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"]
 
 
-def weights_constant(conv: ov.Node) -> ov.Node:
-    """The constant a convolution's weights come from (through Convert and Multiply where NNCF
-    stored them as INT8)."""
-    node = conv.input_value(1).get_node()
-    while node.get_type_name() != "Constant":
-        node = node.input_value(0).get_node()
-    return node
-
-
 def int8_convolutions(model: ov.Model) -> list[bool]:
     """Per convolution, in graph order: whether its weights are stored as INT8 (an i8 constant
     that Convert and Multiply decompress) rather than as a float constant."""
-    return [weights_constant(c).get_element_type() == ov.Type.i8 for c in convolutions(model)]
+    return [int8_weights(c) is not None for c in convolutions(model)]
 
 
 def int8_weight_ranges(model: ov.Model) -> list[int | None]:
     """Per convolution, the largest magnitude of its INT8 weights (None when not INT8)."""
-    return [int(np.abs(c.get_data().astype(np.int16)).max())
-            if c.get_element_type() == ov.Type.i8 else None
-            for c in map(weights_constant, convolutions(model))]
+    return [None if w is None else int(np.abs(w.astype(np.int16)).max())
+            for w in map(int8_weights, convolutions(model))]
 
 
 def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
