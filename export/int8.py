@@ -30,7 +30,7 @@ import numpy as np
 import openvino as ov
 
 from xaiserve.service.cpu_int8 import (OVERFLOW_FIXES, cpu_flags, cpu_name, int8_dot_product,
-                                       resolve_overflow_fix)
+                                       int8_weights, resolve_overflow_fix)
 from xaiserve.service.images import ImageError, read_image, resize_for_model
 from xaiserve.service.model_info import ModelInfo
 
@@ -71,11 +71,23 @@ class Int8Settings:
     saliency_top_fraction: float = 0.2
     keep_f32_first: float = 0.0  # fraction of the backbone's weighted layers left in f32
     overflow_fix: str = "auto"  # 7-bit weights where INT8 sums saturate (service/cpu_int8.py)
+    accuracy_control: bool = False  # revert layers to f32 until the drop is within max_top1_drop
+    control: Path | None = None  # images that steer accuracy control (default: validation)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["calibration"] = str(self.calibration)
         d["validation"] = str(self.validation or self.calibration)
+        d["control"] = str(self.control_folder) if self.accuracy_control else None
+        return d
+
+    @property
+    def control_folder(self) -> Path:
+        return self.control or self.validation or self.calibration
+
+    @property
+    def control_is_validation(self) -> bool:
+        return self.control_folder == (self.validation or self.calibration)
         return d
 
 
@@ -89,6 +101,11 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
     if not 0 <= settings.keep_f32_first < 1:
         raise Int8Error(f"--keep-f32-first {settings.keep_f32_first}: a fraction in [0, 1) "
                         "(0.25 keeps the first quarter of the backbone's layers in f32)")
+    if settings.accuracy_control and settings.max_top1_drop is None:
+        raise Int8Error("--accuracy-control needs --max-top1-drop: the top-1 drop it reverts "
+                        "layers to f32 until (for example --max-top1-drop 0.01)")
+    if settings.control is not None and not settings.accuracy_control:
+        raise Int8Error("--control goes with --accuracy-control")
     for option, value in (("--calibration-size", settings.calibration_size),
                           ("--validation-size", settings.validation_size)):
         if value < 1:
@@ -106,6 +123,8 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
     image_files(settings.calibration, "--calibration")
     if settings.validation is not None:
         image_files(settings.validation, "--validation")
+    if settings.control is not None:
+        image_files(settings.control, "--control")
 
 
 def image_files(folder: Path, option: str) -> list[Path]:
@@ -189,23 +208,50 @@ def _nncf_output_to_stderr() -> Iterator[None]:
 
 
 def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
-             settings: Int8Settings, overflow_fix: str) -> ov.Model:
+             settings: Int8Settings, overflow_fix: str,
+             control: tuple[np.ndarray, np.ndarray] | None = None) -> ov.Model:
     """NNCF post-training quantisation (min-max ranges, fast bias correction by default) of the
     final model; NNCF draws its progress bars ("Statistics collection", ...) on stderr.
-    `overflow_fix` is resolved already (no "auto")."""
+    `overflow_fix` is resolved already (no "auto").
+
+    With `control` (images and the f32 IR's top-1 class of each), NNCF's accuracy control then
+    reverts the quantised operations that cost the most top-1 agreement on those images to f32,
+    one group at a time, until the drop is within `settings.max_top1_drop` or nothing is left
+    to revert."""
     import nncf
 
     ignored = branch_scope(model, target_layer) + leading_scope(model, target_layer,
                                                                 settings.keep_f32_first)
+    common = dict(
+        preset=getattr(nncf.QuantizationPreset, settings.preset.upper()),
+        subset_size=len(images), fast_bias_correction=settings.fast_bias_correction,
+        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None)
+    calibration = nncf.Dataset(list(images), lambda image: image[None])
+    advanced = nncf.AdvancedQuantizationParameters(
+        overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix]))
     with _nncf_output_to_stderr():
-        return nncf.quantize(
-            model, nncf.Dataset(list(images), lambda image: image[None]),
-            preset=getattr(nncf.QuantizationPreset, settings.preset.upper()),
-            subset_size=len(images), fast_bias_correction=settings.fast_bias_correction,
-            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix])),
-        )
+        if control is None:
+            return nncf.quantize(model, calibration, advanced_parameters=advanced, **common)
+        return nncf.quantize_with_accuracy_control(
+            model, calibration, nncf.Dataset(list(zip(*control)), lambda item: item[0][None]),
+            kept_top1, max_drop=settings.max_top1_drop, drop_type=nncf.DropType.ABSOLUTE,
+            advanced_quantization_parameters=advanced, **common)
+
+
+def kept_top1(compiled: ov.CompiledModel, items) -> tuple[float, list[float]]:
+    """Accuracy control's metric: the share of (image, f32 top-1 class) pairs whose class the
+    model keeps, and each pair's 0 or 1 (NNCF ranks the operations to revert by them)."""
+    kept = [float(compiled(image[None])["logits"].argmax() == label) for image, label in items]
+    return float(np.mean(kept)), kept
+
+
+def f32_layers(model: ov.Model, target_layer: str | None) -> list[str]:
+    """Friendly names of the backbone's convolutions and matrix products whose weights are not
+    INT8: those `--keep-f32-first` and accuracy control left in f32."""
+    backbone = ancestors(find_by_name(model, target_layer)) if target_layer else None
+    return [n.get_friendly_name() for n in model.get_ordered_ops()
+            if n.get_type_name() in WEIGHTED_TYPES and int8_weights(n) is None
+            and (backbone is None or key(n) in backbone)]
 
 
 def infer_all(compiled: ov.CompiledModel, images: np.ndarray, desc: str
@@ -242,6 +288,8 @@ def top1_hint(figures: dict, settings: Int8Settings) -> str:
         hints.append("--overflow-fix enable: this CPU's INT8 sums saturate (no VNNI)")
     if settings.keep_f32_first == 0:
         hints.append("--keep-f32-first 0.25 keeps more top-1 classes, at some speed")
+    if not settings.accuracy_control:
+        hints.append("--accuracy-control reverts the layers that change the most classes to f32")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -271,14 +319,20 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
                              "--validation" if settings.validation else "--calibration")
     flags = cpu_flags()
     overflow_fix = resolve_overflow_fix(settings.overflow_fix, flags)
-    progress("quantizing to INT8")
-    quantized = quantize(model, target_layer, calibration, settings, overflow_fix)
-    info.write(quantized)
-
-    progress("validating INT8 against f32")
     core = ov.Core()
     f32 = compile_f32(model, core)
     reference = infer_all(f32, validation, "f32 IR")
+    control = None
+    if settings.accuracy_control:
+        images = validation if settings.control_is_validation else load_images(
+            settings.control, info, settings.validation_size, "--control")
+        labels = reference[0] if images is validation else infer_all(f32, images, "f32 IR")[0]
+        control = (images, labels.argmax(1))
+    progress("quantizing to INT8" + (" with accuracy control" if control else ""))
+    quantized = quantize(model, target_layer, calibration, settings, overflow_fix, control)
+    info.write(quantized)
+
+    progress("validating INT8 against f32")
     ours = infer_all(compile_f32(quantized, core), validation, "INT8 IR")
     jittered = infer_all(f32, one_level_noise(validation), "f32 IR, +-1 noise")[0]
     figures = {
@@ -289,6 +343,7 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
         "overflow_fix": overflow_fix,
         # the agreement figures hold for CPUs whose INT8 arithmetic is like this one's
         "validation_cpu": {"name": cpu_name(), "int8_dot_product": int8_dot_product(flags)},
+        "f32_layers": f32_layers(quantized, target_layer),
         **agreement(*reference, *ours, fraction=settings.saliency_top_fraction),
         "f32_noise_floor": {
             "what": "top-1 agreement of the f32 IR with itself when every pixel moves by at "
@@ -297,9 +352,18 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
             "top1_agreement": float((jittered.argmax(1) == reference[0].argmax(1)).mean()),
         },
     }
+    notes = []
     if settings.validation is None:
-        figures["note"] = ("validated on the calibration folder: a weaker check than a "
-                           "held-out --validation folder")
+        notes.append("validated on the calibration folder: a weaker check than a held-out "
+                     "--validation folder")
+    if control is not None:
+        figures["accuracy_control"] = {"control_images": int(len(control[0])),
+                                       "control_is_validation": settings.control_is_validation}
+        if settings.control_is_validation:
+            notes.append("accuracy control chose the f32 layers on the validation images: "
+                         "their agreement is not a held-out check (give --control DIR)")
+    if notes:
+        figures["note"] = "; ".join(notes)
     failures = gate_failures(figures, settings)
     figures["gate"] = {"max_top1_drop": settings.max_top1_drop,
                        "min_saliency_agreement": settings.min_saliency_agreement,

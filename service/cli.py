@@ -121,6 +121,13 @@ def add_int8_options(p) -> None:
                         "validation images change their top-1 class")
     g.add_argument("--min-saliency-agreement", type=float, default=None,
                    help="fail (exit 3) when the mean rank correlation of the maps is below this")
+    g.add_argument("--accuracy-control", action="store_true",
+                   help="NNCF's accuracy control: revert the INT8 layers that change the most "
+                        "top-1 classes to f32 until the drop is within --max-top1-drop (slow: "
+                        "it re-runs the control images once per step)")
+    g.add_argument("--control", type=Path, default=None,
+                   help="folder of images that steer --accuracy-control (default: the "
+                        "validation folder, which then is no held-out check)")
 
 
 def int8_settings(args):
@@ -128,8 +135,9 @@ def int8_settings(args):
     from xaiserve.export.int8 import Int8Settings, check_settings
 
     if not args.int8:
-        if args.calibration or args.validation:
-            raise ValueError("--calibration and --validation go with --int8")
+        if args.calibration or args.validation or args.control or args.accuracy_control:
+            raise ValueError("--calibration, --validation, --accuracy-control and --control "
+                             "go with --int8")
         return None
     if args.calibration is None:
         raise ValueError("--int8 needs --calibration DIR (a folder of images like the inputs)")
@@ -138,7 +146,8 @@ def int8_settings(args):
         preset=args.preset, fast_bias_correction=not args.no_fast_bias_correction,
         validation=args.validation, validation_size=args.validation_size,
         max_top1_drop=args.max_top1_drop, min_saliency_agreement=args.min_saliency_agreement,
-        keep_f32_first=args.keep_f32_first, overflow_fix=args.overflow_fix)
+        keep_f32_first=args.keep_f32_first, overflow_fix=args.overflow_fix,
+        accuracy_control=args.accuracy_control, control=args.control)
     check_settings(settings, has_saliency=args.method != "none")  # before the slow steps
     return settings
 

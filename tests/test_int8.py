@@ -220,6 +220,7 @@ def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
     model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
     # the backbone's three convolutions: the first stays f32, the later two are INT8
     assert int8_convolutions(model)[:3] == [False, True, True]
+    assert figures["f32_layers"] == [convolutions(model)[0].get_friendly_name()]
     assert figures["top1_agreement"] >= 0.9
 
 
@@ -236,6 +237,24 @@ def test_gate_fails_on_a_black_calibration_set(shapes):
     assert report["int8"]["top1_drop"] > 0.05
     assert "INT8 gate failed" in result.stderr and "nothing was written" in result.stderr
     assert repository_is_empty(repo)
+
+
+def test_accuracy_control_reverts_layers_until_the_drop_is_met(shapes):
+    """The black calibration set that fails the gate above: accuracy control puts layers back
+    in f32 until at most 5% of the control images change class, and the export is written."""
+    repo = shapes["work"] / "accuracy_control"
+    result = export_small(shapes, repo, shapes["black"], "--max-top1-drop", "0.05",
+                          "--accuracy-control", "--control", shapes["calibration"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)["int8"]
+    assert figures["gate"]["passed"] and figures["top1_drop"] <= 0.05
+    assert figures["settings"]["control"] == shapes["calibration"]
+    assert figures["accuracy_control"] == {"control_images": 64, "control_is_validation": False}
+    model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
+    reverted = int8_convolutions(model)[:3]
+    assert not all(reverted)  # at least one convolution went back to f32
+    assert figures["f32_layers"] == [c.get_friendly_name() for c, q in
+                                     zip(convolutions(model), reverted) if not q]
 
 
 def test_bad_int8_options(shapes, tmp_path, capsys):
@@ -262,6 +281,13 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
          "--keep-f32-first"),
         (["--int8", "--calibration", shapes["calibration"], "--overflow-fix", "always"],
          "--overflow-fix"),
+        (["--int8", "--calibration", shapes["calibration"], "--accuracy-control"],
+         "--max-top1-drop"),
+        (["--int8", "--calibration", shapes["calibration"], "--control",
+          shapes["validation"]], "--accuracy-control"),
+        (["--int8", "--calibration", shapes["calibration"], "--accuracy-control",
+          "--max-top1-drop", "0.01", "--control", str(empty)], "--control"),
+        (["--accuracy-control"], "--int8"),
         (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
     ]
     for options, words in cases:
