@@ -18,6 +18,11 @@ On a CPU whose INT8 sums saturate (no VNNI), each variant's top-1 agreement is a
 a CPU with VNNI would compute it ("no saturation": the CPU plugin's internal LP_TRANSFORMS_MODE
 set to NO runs the FakeQuantize operations in f32, exactly, instead of INT8 kernels).
 
+`--accuracy-control DROP` adds the variant that NNCF's accuracy control (the export's
+`--accuracy-control --max-top1-drop DROP`) steers on a third folder of crops (seed 2), so that
+its agreement on the validation folder is a held-out check. It is slow: about an hour on the
+default model with 300 control images on 2 cores.
+
 `--compare-order` also builds the alternative design (quantise the plain model, then insert the
 saliency branch) and measures it the same way, for the choice explained in export/int8.py.
 
@@ -26,6 +31,7 @@ saliency branch) and measures it the same way, for the choice explained in expor
         --picture out/int8_maps.png
     python benchmarks/int8_speed.py --keep-f32-first 0.25 0.5
     python benchmarks/int8_speed.py --overflow-fix first-layer enable
+    python benchmarks/int8_speed.py --accuracy-control 0.01
 """
 
 from __future__ import annotations
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also INT8 with the first fraction F of the backbone in f32")
     parser.add_argument("--overflow-fix", nargs="*", default=[], metavar="F",
                         help="also INT8 with this --overflow-fix (enable, first-layer, disable)")
+    parser.add_argument("--accuracy-control", type=float, default=None, metavar="DROP",
+                        help="also INT8 with accuracy control to this top-1 drop, steered by a "
+                             "third folder of crops")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--picture", type=Path, default=None,
                         help="PNG: f32 and INT8 maps side by side on validation images")
@@ -185,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"int8, overflow fix {fix}"
         models[name], figures[name] = quantize_export(
             models["f32"], info.saliency_target_layer, info, replace(settings, overflow_fix=fix))
+    if args.accuracy_control is not None:
+        name = f"int8, accuracy control {args.accuracy_control:g}"
+        write_folder(work / "control", args.images, seed=2)
+        models[name], figures[name] = quantize_export(
+            models["f32"], info.saliency_target_layer, info,
+            replace(settings, accuracy_control=True, control=work / "control",
+                    max_top1_drop=args.accuracy_control), enforce_gate=False)
     if int8_dot_product(cpu_flags()) == "saturating":
         exact = top1_without_saturation(
             models["f32"], {n: m for n, m in models.items() if n != "f32"}, validation,
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("images", "top1_agreement", "top1_agreement_without_saturation", "top1_in_top5",
             "confident_images",
             "top1_agreement_confident",
-            "saliency_rank_correlation", "saliency_rank_correlation_p05", "saliency_top_iou")
+            "saliency_rank_correlation", "saliency_rank_correlation_p05", "saliency_top_iou",
+            "int8_layer_count")
     for name, f in figures.items():
         print(f"{name}: " + ", ".join(
             f"{k} {f[k]:.3f}" if isinstance(f[k], float) else f"{k} {f[k]}"

@@ -221,6 +221,7 @@ def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
     # the backbone's three convolutions: the first stays f32, the later two are INT8
     assert int8_convolutions(model)[:3] == [False, True, True]
     assert figures["f32_layers"] == [convolutions(model)[0].get_friendly_name()]
+    assert figures["int8_layer_count"] == 2
     assert figures["top1_agreement"] >= 0.9
 
 
@@ -239,22 +240,31 @@ def test_gate_fails_on_a_black_calibration_set(shapes):
     assert repository_is_empty(repo)
 
 
-def test_accuracy_control_reverts_layers_until_the_drop_is_met(shapes):
-    """The black calibration set that fails the gate above: accuracy control puts layers back
-    in f32 until at most 5% of the control images change class, and the export is written."""
-    repo = shapes["work"] / "accuracy_control"
-    result = export_small(shapes, repo, shapes["black"], "--max-top1-drop", "0.05",
-                          "--accuracy-control", "--control", shapes["calibration"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout)["int8"]
-    assert figures["gate"]["passed"] and figures["top1_drop"] <= 0.05
-    assert figures["settings"]["control"] == shapes["calibration"]
-    assert figures["accuracy_control"] == {"control_images": 64, "control_is_validation": False}
-    model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
-    reverted = int8_convolutions(model)[:3]
-    assert not all(reverted)  # at least one convolution went back to f32
-    assert figures["f32_layers"] == [c.get_friendly_name() for c, q in
-                                     zip(convolutions(model), reverted) if not q]
+def test_accuracy_control_reverts_layers_only_as_far_as_the_drop_needs(shapes):
+    """With the good calibration set INT8 already meets the drop and every convolution stays
+    INT8; with the black one that fails the gate above, accuracy control puts layers back in
+    f32 until at most 5% of the control images change class, and the export is written."""
+    for calibration, name in ((shapes["calibration"], "good"), (shapes["black"], "black")):
+        repo = shapes["work"] / f"accuracy_control_{name}"
+        result = export_small(shapes, repo, calibration, "--max-top1-drop", "0.05",
+                              "--accuracy-control", "--control", shapes["calibration"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        figures = json.loads(result.stdout)["int8"]
+        assert figures["gate"]["passed"] and figures["top1_drop"] <= 0.05
+        assert figures["settings"]["control"] == shapes["calibration"]
+        assert figures["accuracy_control"] == {"control_images": 64,
+                                               "control_is_validation": False}
+        model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
+        stored_int8 = int8_convolutions(model)[:3]
+        assert figures["f32_layers"] == [c.get_friendly_name() for c, q in
+                                         zip(convolutions(model), stored_int8) if not q]
+        assert figures["int8_layer_count"] == sum(stored_int8)
+        all_f32 = "the IR computes in f32" in figures.get("note", "")
+        assert all_f32 == (sum(stored_int8) == 0)
+        if name == "good":
+            assert stored_int8 == [True, True, True]
+        else:
+            assert not all(stored_int8)
 
 
 def test_bad_int8_options(shapes, tmp_path, capsys):
