@@ -20,8 +20,8 @@ set to NO runs the FakeQuantize operations in f32, exactly, instead of INT8 kern
 
 `--accuracy-control DROP` adds the variant that NNCF's accuracy control (the export's
 `--accuracy-control --max-top1-drop DROP`) steers on a third folder of crops (seed 2), so that
-its agreement on the validation folder is a held-out check. It is slow: about an hour on the
-default model with 300 control images on 2 cores.
+its agreement on the validation folder is a held-out check. It is slow: 44 minutes on the
+default model with 300 control images on 2 cores, when it reverts every operation to f32.
 
 `--compare-order` also builds the alternative design (quantise the plain model, then insert the
 saliency branch) and measures it the same way, for the choice explained in export/int8.py.

@@ -88,7 +88,6 @@ class Int8Settings:
     @property
     def control_is_validation(self) -> bool:
         return self.control_folder == (self.validation or self.calibration)
-        return d
 
 
 def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
