@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
 from tests.synthetic import make_dataset, train_small_cnn
-from xaiserve.export.int8 import Int8Settings, one_level_noise, top1_hint
+from xaiserve.export.int8 import Int8Settings, gate_failures, one_level_noise, top1_hint
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
@@ -144,6 +144,21 @@ def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
         figures.update(overflow_fix=applied,
                        validation_cpu={"name": "x", "int8_dot_product": cpu})
         assert "--overflow-fix" not in top1_hint(figures, settings)
+
+
+def test_top1_gate_allows_exactly_the_drop_given(tmp_path):
+    """15 changed classes in 300 images are a drop of 5%: --max-top1-drop 0.05 lets them pass
+    (1 - 285/300 is a little over 0.05 in floating point) and a 16th fails."""
+    settings = Int8Settings(calibration=tmp_path, max_top1_drop=0.05)
+    figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "enable",
+               "validation_cpu": {"name": "x", "int8_dot_product": "vnni"}}
+    reference = np.zeros((300, 10))
+    reference[:, 0] = 1.0  # every image's top-1 class is 0
+    for changed, failures in ((15, 0), (16, 1)):
+        logits = reference.copy()
+        logits[:changed, 1] = 2.0  # these images change their top-1 class to 1
+        figures.update(agreement(reference, None, logits, None))
+        assert len(gate_failures(figures, settings)) == failures, (changed, figures["top1_drop"])
 
 
 def test_overflow_fix_stores_seven_bit_weights(shapes):
