@@ -194,7 +194,7 @@ def test_gate_passes_with_a_good_calibration_set(shapes):
     figures = report["int8"]
     assert report["precision"] == "int8" and figures["gate"]["passed"]
     assert figures["images"] == 120 and figures["calibration_images"] == 64
-    assert figures["top1_drop"] <= 0.05 and figures["saliency_rank_correlation"] >= 0.8
+    assert figures["top1_drop"] <= 0.05 + 1e-9 and figures["saliency_rank_correlation"] >= 0.8
     assert not figures["validation_is_calibration"]
     expected = resolve_overflow_fix("auto", cpu_flags())
     assert figures["settings"]["overflow_fix"] == "auto" and figures["overflow_fix"] == expected
@@ -265,7 +265,7 @@ def test_accuracy_control_reverts_layers_only_as_far_as_the_drop_needs(shapes):
                               "--accuracy-control", "--control", shapes["calibration"])
         assert result.returncode == 0, result.stderr[-3000:]
         figures = json.loads(result.stdout)["int8"]
-        assert figures["gate"]["passed"] and figures["top1_drop"] <= 0.05
+        assert figures["gate"]["passed"] and figures["top1_drop"] <= 0.05 + 1e-9
         assert figures["settings"]["control"] == shapes["calibration"]
         assert figures["accuracy_control"] == {"control_images": 64,
                                                "control_is_validation": False}
