@@ -176,9 +176,8 @@ def leading_scope(model: ov.Model, target_layer: str | None, fraction: float) ->
     half 0.950 at 0.78. Keeping the *last* half in f32 instead reached only 0.917."""
     if fraction <= 0:
         return []
-    backbone = ancestors(find_by_name(model, target_layer)) if target_layer else None
-    ops = [n for n in model.get_ordered_ops() if n.get_type_name() not in NOT_COMPUTED
-           and (backbone is None or key(n) in backbone)]
+    ops = [n for n in backbone_ops(model, target_layer)
+           if n.get_type_name() not in NOT_COMPUTED]
     weighted = [i for i, n in enumerate(ops) if n.get_type_name() in WEIGHTED_TYPES]
     if not weighted:
         return []
@@ -244,12 +243,17 @@ def kept_top1(compiled: ov.CompiledModel, items) -> tuple[float, list[float]]:
     return float(np.mean(kept)), kept
 
 
+def backbone_ops(model: ov.Model, target_layer: str | None) -> list[ov.Node]:
+    """The operations up to the saliency target map, in graph order (all without a branch)."""
+    if target_layer is None:
+        return list(model.get_ordered_ops())
+    backbone = ancestors(find_by_name(model, target_layer))
+    return [n for n in model.get_ordered_ops() if key(n) in backbone]
+
+
 def weighted_layers(model: ov.Model, target_layer: str | None) -> list[ov.Node]:
-    """The backbone's convolutions and matrix products (the whole model's without a saliency
-    branch): the layers INT8 speeds up."""
-    backbone = ancestors(find_by_name(model, target_layer)) if target_layer else None
-    return [n for n in model.get_ordered_ops() if n.get_type_name() in WEIGHTED_TYPES
-            and (backbone is None or key(n) in backbone)]
+    """The backbone's convolutions and matrix products: the layers INT8 speeds up."""
+    return [n for n in backbone_ops(model, target_layer) if n.get_type_name() in WEIGHTED_TYPES]
 
 
 def infer_all(compiled: ov.CompiledModel, images: np.ndarray, desc: str
