@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -88,6 +88,15 @@ class Int8Settings:
     @property
     def control_is_validation(self) -> bool:
         return self.control_folder == (self.validation or self.calibration)
+
+
+@dataclass
+class NncfExtras:
+    """NNCF options the export does not offer, so that benchmarks/int8_frontier.py can measure
+    them through the export's own quantisation (same scopes, overflow fix and calibration)."""
+    advanced: dict = field(default_factory=dict)  # more AdvancedQuantizationParameters fields
+    ignored_types: tuple[str, ...] = ()  # operation types left in f32, e.g. GroupConvolution
+    model_type: str | None = None  # "transformer" enables SmoothQuant
 
 
 def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
@@ -207,7 +216,8 @@ def _nncf_output_to_stderr() -> Iterator[None]:
 
 def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
              settings: Int8Settings, overflow_fix: str,
-             control: tuple[np.ndarray, np.ndarray] | None = None) -> ov.Model:
+             control: tuple[np.ndarray, np.ndarray] | None = None,
+             extras: NncfExtras = NncfExtras()) -> ov.Model:
     """NNCF post-training quantisation (min-max ranges, fast bias correction by default) of the
     final model; NNCF draws its progress bars ("Statistics collection", ...) on stderr.
     `overflow_fix` is resolved already (no "auto").
@@ -215,18 +225,21 @@ def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
     With `control` (images and the f32 IR's top-1 class of each), NNCF's accuracy control then
     reverts the quantised operations that cost the most top-1 agreement on those images to f32,
     one group at a time, until the drop is within `settings.max_top1_drop` or nothing is left
-    to revert."""
+    to revert. `extras` passes NNCF options the export does not offer (benchmarks only)."""
     import nncf
 
     ignored = branch_scope(model, target_layer) + leading_scope(model, target_layer,
                                                                 settings.keep_f32_first)
+    scoped = ignored or extras.ignored_types
     common = dict(
         preset=getattr(nncf.QuantizationPreset, settings.preset.upper()),
         subset_size=len(images), fast_bias_correction=settings.fast_bias_correction,
-        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None)
+        model_type=nncf.ModelType(extras.model_type) if extras.model_type else None,
+        ignored_scope=nncf.IgnoredScope(names=ignored, types=list(extras.ignored_types),
+                                        validate=False) if scoped else None)
     calibration = nncf.Dataset(list(images), lambda image: image[None])
     advanced = nncf.AdvancedQuantizationParameters(
-        overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix]))
+        overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix]), **extras.advanced)
     with _nncf_output_to_stderr():
         if control is None:
             return nncf.quantize(model, calibration, advanced_parameters=advanced, **common)

@@ -13,7 +13,8 @@ from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
 from tests.synthetic import make_dataset, train_small_cnn
-from xaiserve.export.int8 import Int8Settings, gate_failures, one_level_noise, top1_hint
+from xaiserve.export.int8 import (Int8Settings, NncfExtras, gate_failures, load_images,
+                                  one_level_noise, quantize, top1_hint)
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
@@ -21,6 +22,7 @@ from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product, in
                                        resolve_overflow_fix, saturating_layers,
                                        saturation_warning)
 from xaiserve.service.model import ClassifierModel, without_saliency
+from xaiserve.service.model_info import ModelInfo
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.server import Server
@@ -238,6 +240,24 @@ def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
     assert figures["f32_layers"] == [convolutions(model)[0].get_friendly_name()]
     assert figures["int8_layer_count"] == 2
     assert figures["top1_agreement"] >= 0.9
+
+
+def test_nncf_extras_reach_the_export_quantisation(shapes):
+    """benchmarks/int8_frontier.py measures NNCF options the export does not offer through the
+    export's own `quantize`: an operation type it names stays f32, the rest is quantised."""
+    repo = shapes["work"] / "f32_for_extras"
+    result = run_cli("export", *SMALL, "--checkpoint", shapes["checkpoint"], "--repository",
+                     str(repo), "--name", "shapes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = ov.Core().read_model(repo / "shapes" / "1" / "model.xml")
+    info = ModelInfo.from_model(model)
+    images = load_images(shapes["calibration"], info, 32, "--calibration")
+    settings = Int8Settings(calibration=shapes["calibration"])
+    plain = quantize(model, info.saliency_target_layer, images, settings, "enable")
+    kept = quantize(model, info.saliency_target_layer, images, settings, "enable",
+                    extras=NncfExtras(ignored_types=("Convolution",)))
+    assert int8_convolutions(plain)[:3] == [True, True, True]
+    assert int8_convolutions(kept)[:3] == [False, False, False]
 
 
 def test_gate_fails_on_a_black_calibration_set(shapes):
