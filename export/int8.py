@@ -217,7 +217,7 @@ def _nncf_output_to_stderr() -> Iterator[None]:
 def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
              settings: Int8Settings, overflow_fix: str,
              control: tuple[np.ndarray, np.ndarray] | None = None,
-             extras: NncfExtras = NncfExtras()) -> ov.Model:
+             extras: NncfExtras | None = None) -> ov.Model:
     """NNCF post-training quantisation (min-max ranges, fast bias correction by default) of the
     final model; NNCF draws its progress bars ("Statistics collection", ...) on stderr.
     `overflow_fix` is resolved already (no "auto").
@@ -228,6 +228,7 @@ def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
     to revert. `extras` passes NNCF options the export does not offer (benchmarks only)."""
     import nncf
 
+    extras = extras or NncfExtras()
     ignored = branch_scope(model, target_layer) + leading_scope(model, target_layer,
                                                                 settings.keep_f32_first)
     scoped = ignored or extras.ignored_types
