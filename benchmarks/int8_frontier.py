@@ -38,13 +38,13 @@ from calibration_photos import write_folder  # noqa: E402
 from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
 from saliency_overhead import measure_interleaved  # noqa: E402
 
-from xaiserve.export.int8 import (Int8Settings, NncfExtras, infer_all,  # noqa: E402
-                                  load_images, one_level_noise, quantize, weighted_layers)
+from xaiserve.export.int8 import (Int8Settings, NncfExtras, f32_noise_floor,  # noqa: E402
+                                  infer_all, layer_precisions, load_images, quantize)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
 from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
 from xaiserve.service.cpu_int8 import (cpu_flags, int8_dot_product,  # noqa: E402
-                                       int8_weights, resolve_overflow_fix)
+                                       resolve_overflow_fix)
 from xaiserve.service.model_info import ModelInfo  # noqa: E402
 
 TARGET_TOP1 = 0.99
@@ -80,9 +80,8 @@ def folder_facts(compiled: ov.CompiledModel, images: np.ndarray, reference: np.n
                  ) -> dict:
     """What a validation folder allows: the f32 noise floor and the share of near ties."""
     top2 = np.sort(reference, axis=1)[:, -2:]
-    jittered = infer_all(compiled, one_level_noise(images), "f32 IR, +-1 noise")[0]
     return {"images": int(len(images)),
-            "f32_noise_floor": float((jittered.argmax(1) == reference.argmax(1)).mean()),
+            "f32_noise_floor": f32_noise_floor(compiled, images, reference),
             "near_ties": float((top2[:, 1] - top2[:, 0] < NEAR_TIE_LOGITS).mean())}
 
 
@@ -160,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         compiled = compile_f32(model, core)
         figures = {label: agreement(*reference[label], *infer_all(compiled, images, name))
                    for label, images in validation.items()}
-        layers = weighted_layers(model, target)
+        layers = layer_precisions(model, target)
         models[name] = model
         rows[name] = {
             "export_option": not (extras.advanced or extras.ignored_types or extras.model_type),
             "overflow_fix": fix,
-            "int8_layers": sum(int8_weights(n) is not None for n in layers),
-            "weighted_layers": len(layers),
+            "int8_layers": layers["int8_layer_count"],
+            "weighted_layers": layers["int8_layer_count"] + len(layers["f32_layers"]),
             "top1_agreement": {k: f["top1_agreement"] for k, f in figures.items()},
             "saliency_rank_correlation": {k: f["saliency_rank_correlation"]
                                           for k, f in figures.items()},

@@ -77,17 +77,21 @@ class Int8Settings:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["calibration"] = str(self.calibration)
-        d["validation"] = str(self.validation or self.calibration)
+        d["validation"] = str(self.validation_folder)
         d["control"] = str(self.control_folder) if self.accuracy_control else None
         return d
 
     @property
+    def validation_folder(self) -> Path:
+        return self.validation or self.calibration
+
+    @property
     def control_folder(self) -> Path:
-        return self.control or self.validation or self.calibration
+        return self.control or self.validation_folder
 
     @property
     def control_is_validation(self) -> bool:
-        return self.control_folder == (self.validation or self.calibration)
+        return self.control_folder == self.validation_folder
 
 
 @dataclass
@@ -270,6 +274,14 @@ def weighted_layers(model: ov.Model, target_layer: str | None) -> list[ov.Node]:
     return [n for n in backbone_ops(model, target_layer) if n.get_type_name() in WEIGHTED_TYPES]
 
 
+def layer_precisions(model: ov.Model, target_layer: str | None) -> dict:
+    """How many weighted backbone layers store INT8 weights, and the names of those left f32
+    (by --keep-f32-first, accuracy control or an ignored scope)."""
+    layers = weighted_layers(model, target_layer)
+    return {"int8_layer_count": sum(int8_weights(n) is not None for n in layers),
+            "f32_layers": [n.get_friendly_name() for n in layers if int8_weights(n) is None]}
+
+
 def infer_all(compiled: ov.CompiledModel, images: np.ndarray, desc: str
               ) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits [n, K] and saliency maps [n, K, h, w] (None without them), one image at a time."""
@@ -290,6 +302,14 @@ def one_level_noise(images: np.ndarray, seed: int = 0) -> np.ndarray:
     how often it flips the f32 top-1 is the validation set's own noise floor."""
     step = np.random.default_rng(seed).integers(-1, 2, images.shape)
     return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
+
+
+def f32_noise_floor(f32: ov.CompiledModel, images: np.ndarray, reference_logits: np.ndarray
+                    ) -> float:
+    """Top-1 agreement of the f32 IR with itself under one grey level of noise (one_level_noise):
+    the best agreement any change of the arithmetic can be expected to keep on these images."""
+    jittered = infer_all(f32, one_level_noise(images), "f32 IR, +-1 noise")[0]
+    return float((jittered.argmax(1) == reference_logits.argmax(1)).mean())
 
 
 def top1_hint(figures: dict, settings: Int8Settings) -> str:
@@ -333,8 +353,7 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
     check_settings(settings, target_layer is not None)
     calibration = load_images(settings.calibration, info, settings.calibration_size,
                               "--calibration")
-    validation_folder = settings.validation or settings.calibration
-    validation = load_images(validation_folder, info, settings.validation_size,
+    validation = load_images(settings.validation_folder, info, settings.validation_size,
                              "--validation" if settings.validation else "--calibration")
     flags = cpu_flags()
     overflow_fix = resolve_overflow_fix(settings.overflow_fix, flags)
@@ -352,9 +371,7 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
     info.write(quantized)
 
     progress("validating INT8 against f32")
-    layers = weighted_layers(quantized, target_layer)
     ours = infer_all(compile_f32(quantized, core), validation, "INT8 IR")
-    jittered = infer_all(f32, one_level_noise(validation), "f32 IR, +-1 noise")[0]
     figures = {
         "settings": settings.as_dict(),
         "calibration_images": int(len(calibration)),
@@ -364,14 +381,13 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
         # the agreement figures hold for CPUs whose INT8 arithmetic is like this one's
         "validation_cpu": {"name": cpu_name(), "int8_dot_product": int8_dot_product(flags)},
         # what --keep-f32-first and accuracy control left in f32, by the weights' storage
-        "int8_layer_count": sum(int8_weights(n) is not None for n in layers),
-        "f32_layers": [n.get_friendly_name() for n in layers if int8_weights(n) is None],
+        **layer_precisions(quantized, target_layer),
         **agreement(*reference, *ours, fraction=settings.saliency_top_fraction),
         "f32_noise_floor": {
             "what": "top-1 agreement of the f32 IR with itself when every pixel moves by at "
                     "most one grey level (uniform -1, 0, +1; seed 0): the best agreement any "
                     "change of the arithmetic can be expected to keep on these images",
-            "top1_agreement": float((jittered.argmax(1) == reference[0].argmax(1)).mean()),
+            "top1_agreement": f32_noise_floor(f32, validation, reference[0]),
         },
     }
     notes = []
