@@ -9,9 +9,11 @@ measured so far on one picture, so the trade is visible rather than argued:
   depthwise or the other convolutions left in f32.
 Each IR is judged on two folders of crops (seeds 1 and 2; calibration is seed 0), and all are
 timed in the same interleaved batch-1 rounds (LATENCY hint, f32 for what is not INT8). Beside
-them stand two facts about the folders themselves: the f32 noise floor (how many top-1 classes
-f32 keeps when every pixel moves by one grey level) and the share of images whose f32 top two
-logits are within 1 of each other, where any small change of the arithmetic may flip the class.
+them stand facts about the folders themselves: the f32 noise floor (how many top-1 classes
+f32 keeps when every pixel moves by one grey level), the share of images whose f32 top two
+logits are within 1 of each other, where any small change of the arithmetic may flip the class,
+and how many classes bf16 and f16 arithmetic keep (emulated, `export.reduced_precision`):
+bf16 is what the issue's AMX host runs by default, the latency target's reference.
 
     python benchmarks/int8_frontier.py --json benchmarks/results/int8_frontier.json \
         --picture benchmarks/results/int8_frontier.png
@@ -39,7 +41,8 @@ from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
 from saliency_overhead import measure_interleaved  # noqa: E402
 
 from xaiserve.export.int8 import (Int8Settings, NncfExtras, f32_noise_floor,  # noqa: E402
-                                  infer_all, layer_precisions, load_images, quantize)
+                                  infer_all, layer_precisions, load_images, quantize,
+                                  reduced_precision_agreement)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
 from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
@@ -76,13 +79,15 @@ def variants() -> dict[str, tuple[dict, NncfExtras]]:
     }
 
 
-def folder_facts(compiled: ov.CompiledModel, images: np.ndarray, reference: np.ndarray
-                 ) -> dict:
-    """What a validation folder allows: the f32 noise floor and the share of near ties."""
+def folder_facts(f32: ov.Model, compiled: ov.CompiledModel, images: np.ndarray,
+                 reference: np.ndarray, core: ov.Core) -> dict:
+    """What a validation folder allows: the f32 noise floor, the share of near ties, and the
+    classes that bf16 (the default on AMX CPUs) and f16 (on GPUs) keep, emulated."""
     top2 = np.sort(reference, axis=1)[:, -2:]
     return {"images": int(len(images)),
             "f32_noise_floor": f32_noise_floor(compiled, images, reference),
-            "near_ties": float((top2[:, 1] - top2[:, 0] < NEAR_TIE_LOGITS).mean())}
+            "near_ties": float((top2[:, 1] - top2[:, 0] < NEAR_TIE_LOGITS).mean()),
+            **reduced_precision_agreement(f32, images, reference, core)}
 
 
 def plot(path: Path, rows: dict, facts: dict) -> None:
@@ -100,6 +105,10 @@ def plot(path: Path, rows: dict, facts: dict) -> None:
     floor = np.mean([f["f32_noise_floor"] for f in facts.values()])
     ax.axhline(floor, color="tab:red", lw=1, ls="-.",
                label=f"f32 against itself, one grey level of noise ({floor:.3f})")
+    for precision, colour in (("bf16", "tab:purple"), ("f16", "tab:gray")):
+        kept = np.mean([f[precision] for f in facts.values()])
+        ax.axhline(kept, color=colour, lw=1, ls="-.",
+                   label=f"{precision} arithmetic, emulated ({kept:.3f})")
     for name, row in rows.items():
         values = list(row["top1_agreement"].values())
         y = float(np.mean(values))
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, folder in folders.items():
         validation[label] = load_images(folder, info, args.images, "--validation")
         reference[label] = infer_all(f32_compiled, validation[label], "f32 IR")
-        facts[label] = folder_facts(f32_compiled, validation[label], reference[label][0])
+        facts[label] = folder_facts(f32, f32_compiled, validation[label], reference[label][0],
+                                    core)
 
     models, rows = {"f32": f32}, {}
     for name, (fields, extras) in variants().items():
@@ -183,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
           f"latency <= {TARGET_RATIO}")
     for label, f in facts.items():
         print(f"folder {label}: {f['images']} images, f32 noise floor {f['f32_noise_floor']:.3f}, "
-              f"near ties (top two f32 logits within {NEAR_TIE_LOGITS:g}) {f['near_ties']:.3f}")
+              f"near ties (top two f32 logits within {NEAR_TIE_LOGITS:g}) {f['near_ties']:.3f}, "
+              f"kept by bf16 {f['bf16']:.3f} and f16 {f['f16']:.3f} arithmetic (emulated)")
     print(f"{'variant':50s} {'top-1 s1':>8s} {'top-1 s2':>8s} {'rank c.':>7s} {'INT8':>6s} "
           f"{'p50/f32':>7s}")
     for name, row in rows.items():

@@ -36,13 +36,13 @@ from xaiserve.service.model_info import ModelInfo
 
 from .int8_agreement import agreement
 from .parity import compile_f32
+from .reduced_precision import SIGNIFICANT_BITS, WEIGHTED_TYPES, with_rounded_inputs
 from .saliency.graph import ancestors, find_by_name, key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 PRESETS = ("performance", "mixed")  # NNCF QuantizationPreset members, by their CLI names
 EXIT_GATE = 3  # the export ran but INT8 drifted past a threshold
 NOT_COMPUTED = {"Parameter", "Result", "Constant"}
-WEIGHTED_TYPES = {"Convolution", "GroupConvolution", "MatMul"}
 
 
 class Int8Error(ValueError):
@@ -312,6 +312,18 @@ def f32_noise_floor(f32: ov.CompiledModel, images: np.ndarray, reference_logits:
     return float((jittered.argmax(1) == reference_logits.argmax(1)).mean())
 
 
+def reduced_precision_agreement(model: ov.Model, images: np.ndarray,
+                                reference_logits: np.ndarray, core: ov.Core) -> dict:
+    """Top-1 agreement of `model` with its f32 logits when its layers compute as bf16 (the
+    default on AMX CPUs) and f16 (the default on GPUs) do, emulated (reduced_precision)."""
+    kept = {}
+    for precision in SIGNIFICANT_BITS:
+        compiled = compile_f32(with_rounded_inputs(model, precision), core)
+        logits = infer_all(compiled, images, f"{precision} arithmetic")[0]
+        kept[precision] = float((logits.argmax(1) == reference_logits.argmax(1)).mean())
+    return kept
+
+
 def top1_hint(figures: dict, settings: Int8Settings) -> str:
     """What to try when too many top-1 classes changed, or why nothing will help."""
     hints = []
@@ -319,6 +331,10 @@ def top1_hint(figures: dict, settings: Int8Settings) -> str:
     if noise_drop > settings.max_top1_drop:
         hints.append(f"f32 itself changes {noise_drop:.4f} of these top-1 classes under one "
                      "grey level of noise")
+    bf16_drop = 1 - figures["reduced_precision"]["bf16"]
+    if bf16_drop > settings.max_top1_drop:
+        hints.append(f"bf16, the default precision on AMX CPUs, itself changes {bf16_drop:.4f} "
+                     "of them")
     if figures["validation_cpu"]["int8_dot_product"] == "saturating" \
             and figures["overflow_fix"] != "enable":
         hints.append("--overflow-fix enable: this CPU's INT8 sums saturate (no VNNI)")
@@ -388,6 +404,13 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
                     "most one grey level (uniform -1, 0, +1; seed 0): the best agreement any "
                     "change of the arithmetic can be expected to keep on these images",
             "top1_agreement": f32_noise_floor(f32, validation, reference[0]),
+        },
+        "reduced_precision": {
+            "what": "top-1 agreement with the f32 IR when its convolutions and matrix products "
+                    "take inputs rounded to bf16 (the CPU default with AMX) or f16 (the GPU "
+                    "default) and sum in f32, emulated: what those devices' default precision "
+                    "keeps on these images",
+            **reduced_precision_agreement(model, validation, reference[0], core),
         },
     }
     notes = []

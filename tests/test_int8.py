@@ -16,6 +16,7 @@ from tests.synthetic import make_dataset, train_small_cnn
 from xaiserve.export.int8 import (Int8Settings, NncfExtras, gate_failures, load_images,
                                   one_level_noise, quantize, top1_hint)
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
+from xaiserve.export.reduced_precision import with_rounded_inputs
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
 from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product, int8_weights,
@@ -140,12 +141,53 @@ def test_overflow_fix_follows_the_cpus_int8_arithmetic(tmp_path):
 def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
     settings = Int8Settings(calibration=tmp_path, max_top1_drop=0.05, overflow_fix="first-layer")
     figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "first-layer",
+               "reduced_precision": {"bf16": 1.0, "f16": 1.0},
                "validation_cpu": {"name": "AMD EPYC", "int8_dot_product": "saturating"}}
     assert "--overflow-fix enable" in top1_hint(figures, settings)
+    assert "bf16" not in top1_hint(figures, settings)
     for cpu, applied in (("vnni", "first-layer"), ("saturating", "enable")):
         figures.update(overflow_fix=applied,
                        validation_cpu={"name": "x", "int8_dot_product": cpu})
         assert "--overflow-fix" not in top1_hint(figures, settings)
+
+
+def test_top1_failure_says_when_bf16_itself_changes_more_classes(tmp_path):
+    """A drop bound that the AMX CPU's own default precision breaks is worth knowing about."""
+    figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "enable",
+               "reduced_precision": {"bf16": 0.96, "f16": 0.997},
+               "validation_cpu": {"name": "x", "int8_dot_product": "vnni"}}
+    tight = top1_hint(figures, Int8Settings(calibration=tmp_path, max_top1_drop=0.01))
+    assert "bf16, the default precision on AMX CPUs, itself changes 0.0400" in tight
+    loose = top1_hint(figures, Int8Settings(calibration=tmp_path, max_top1_drop=0.05))
+    assert "bf16" not in loose
+
+
+def bf16_rounded(values: np.ndarray) -> np.ndarray:
+    """f32 values rounded to the nearest bf16 (ties to even), as f32: the top 16 bits."""
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "f16"])
+def test_rounded_inputs_compute_as_the_reduced_precision_does(precision):
+    """A matrix product of values that bf16 and f16 cannot hold: the emulated model gives the
+    product of the rounded inputs, summed in f32, and the model it was made from is unchanged."""
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(64, 16)).astype(np.float32)
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    inputs = ov.opset13.parameter([4, 64], ov.Type.f32, name="x")
+    product = ov.opset13.matmul(inputs, ov.opset13.constant(weights), False, False)
+    model = ov.Model([product], [inputs])
+    rounding = bf16_rounded if precision == "bf16" else (
+        lambda a: a.astype(np.float16).astype(np.float32))
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    emulated = core.compile_model(with_rounded_inputs(model, precision), "CPU", config)(x)[0]
+    np.testing.assert_allclose(emulated, rounding(x) @ rounding(weights), rtol=1e-5, atol=1e-5)
+    assert np.abs(emulated - x @ weights).max() > 1e-3  # the rounding is visible
+    exact = core.compile_model(model, "CPU", config)(x)[0]
+    np.testing.assert_allclose(exact, x @ weights, rtol=1e-5, atol=1e-5)
 
 
 def test_top1_gate_allows_exactly_the_drop_given(tmp_path):
@@ -153,6 +195,7 @@ def test_top1_gate_allows_exactly_the_drop_given(tmp_path):
     (1 - 285/300 is a little over 0.05 in floating point) and a 16th fails."""
     settings = Int8Settings(calibration=tmp_path, max_top1_drop=0.05)
     figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "enable",
+               "reduced_precision": {"bf16": 1.0, "f16": 1.0},
                "validation_cpu": {"name": "x", "int8_dot_product": "vnni"}}
     reference = np.zeros((300, 10))
     reference[:, 0] = 1.0  # every image's top-1 class is 0
@@ -370,6 +413,9 @@ def test_default_model_int8_agrees_with_f32(default_int8):
     assert figures["confident_images"] >= 5 and figures["top1_agreement_confident"] >= 0.95
     assert figures["top1_agreement"] >= 0.7
     assert 0.0 <= figures["f32_noise_floor"]["top1_agreement"] <= 1.0
+    # bf16 rounds to 8 significant bits, f16 to 11: f16 keeps at least as many classes
+    kept = figures["reduced_precision"]
+    assert 0.7 <= kept["bf16"] <= kept["f16"] <= 1.0, kept
     assert is_quantized(ov.Core().read_model(repo / "lite0_int8" / "1" / "model.xml"))
 
 
