@@ -24,7 +24,8 @@ SIGNIFICANT_BITS = {"bf16": 8, "f16": 11}  # f32 has 24
 
 
 def rounded(value: ov.Output, bits: int) -> ov.Node:
-    """`value` (f32) rounded to its nearest number of `bits` significant bits, in f32."""
+    """`value` (f32) rounded to the nearest number of `bits` significant bits, in f32 (exact
+    for magnitudes below 2**(128 - 25 + bits), where the scaled value still fits)."""
     splitter = ops.constant(np.float32(2 ** (24 - bits) + 1))
     scaled = ops.multiply(value, splitter)
     return ops.subtract(scaled, ops.subtract(scaled, value))
