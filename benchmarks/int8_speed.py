@@ -58,7 +58,7 @@ from xaiserve.service.cpu_int8 import (EXACT_INT8_CONFIG, cpu_flags,  # noqa: E4
                                        int8_dot_product)
 from xaiserve.export.int8 import (Int8Settings, infer_all, load_images,  # noqa: E402
                                   quantize_export)
-from xaiserve.export.int8_agreement import agreement  # noqa: E402
+from xaiserve.export.int8_agreement import agreement, top1_agreement  # noqa: E402
 from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
 
@@ -127,10 +127,9 @@ def top1_without_saturation(f32_model: ov.Model, int8_models: dict[str, ov.Model
     """Top-1 agreement with f32 of each INT8 model computed exactly (no 16-bit saturation)."""
     core = ov.Core()
     images = load_images(validation, _info(f32_model), count, "--validation")
-    reference = infer_all(compile_f32(f32_model, core), images, "f32 IR")[0].argmax(1)
-    return {name: float((infer_all(core.compile_model(m, "CPU", EXACT_INT8_CONFIG), images,
-                                   name)[0]
-                         .argmax(1) == reference).mean())
+    reference = infer_all(compile_f32(f32_model, core), images, "f32 IR")[0]
+    return {name: top1_agreement(reference, infer_all(
+                core.compile_model(m, "CPU", EXACT_INT8_CONFIG), images, name)[0])
             for name, m in int8_models.items()}
 
 

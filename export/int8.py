@@ -34,7 +34,7 @@ from xaiserve.service.cpu_int8 import (OVERFLOW_FIXES, cpu_flags, cpu_name, int8
 from xaiserve.service.images import ImageError, read_image, resize_for_model
 from xaiserve.service.model_info import ModelInfo
 
-from .int8_agreement import agreement
+from .int8_agreement import agreement, top1_agreement
 from .parity import compile_f32
 from .reduced_precision import SIGNIFICANT_BITS, WEIGHTED_TYPES, with_rounded_inputs
 from .saliency.graph import ancestors, find_by_name, key
@@ -309,7 +309,7 @@ def f32_noise_floor(f32: ov.CompiledModel, images: np.ndarray, reference_logits:
     """Top-1 agreement of the f32 IR with itself under one grey level of noise (one_level_noise):
     the best agreement any change of the arithmetic can be expected to keep on these images."""
     jittered = infer_all(f32, one_level_noise(images), "f32 IR, +-1 noise")[0]
-    return float((jittered.argmax(1) == reference_logits.argmax(1)).mean())
+    return top1_agreement(reference_logits, jittered)
 
 
 def reduced_precision_agreement(model: ov.Model, images: np.ndarray,
@@ -320,7 +320,7 @@ def reduced_precision_agreement(model: ov.Model, images: np.ndarray,
     for precision in SIGNIFICANT_BITS:
         compiled = compile_f32(with_rounded_inputs(model, precision), core)
         logits = infer_all(compiled, images, f"{precision} arithmetic")[0]
-        kept[precision] = float((logits.argmax(1) == reference_logits.argmax(1)).mean())
+        kept[precision] = top1_agreement(reference_logits, logits)
     return kept
 
 

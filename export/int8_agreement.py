@@ -57,6 +57,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def top1_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """The share of images (rows) whose top-1 class `logits` keeps from `reference_logits`."""
+    return float((logits.argmax(axis=1) == reference_logits.argmax(axis=1)).mean())
+
+
 def agreement(reference_logits: np.ndarray, reference_maps: np.ndarray | None,
               logits: np.ndarray, maps: np.ndarray | None, fraction: float = 0.2,
               confident: float = 0.5) -> dict:

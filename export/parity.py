@@ -7,6 +7,8 @@ import openvino as ov
 
 from xaiserve.service.model_info import ModelInfo
 
+from .int8_agreement import top1_agreement
+
 
 def compile_f32(model: ov.Model, core: ov.Core | None = None) -> ov.CompiledModel:
     """Compile on CPU in f32: this machine would infer in bf16 by default."""
@@ -30,6 +32,6 @@ def parity(module, compiled: ov.CompiledModel, images: np.ndarray, info: ModelIn
     return {
         "images": int(len(images)),
         "max_abs_logit_diff": float(np.abs(reference - ours).max()),
-        "top1_agreement": float((reference.argmax(1) == ours.argmax(1)).mean()),
+        "top1_agreement": top1_agreement(reference, ours),
         "precision": "f32",
     }

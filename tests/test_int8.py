@@ -138,11 +138,17 @@ def test_overflow_fix_follows_the_cpus_int8_arithmetic(tmp_path):
     assert saturation_warning([], "saturating", "CPU") is None
 
 
+def hint_figures(overflow_fix: str = "enable", int8_dot_product: str = "vnni",
+                 bf16: float = 1.0) -> dict:
+    """The report figures that the gate's top-1 hint reads, with nothing to hint at by default."""
+    return {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": overflow_fix,
+            "reduced_precision": {"bf16": bf16, "f16": 1.0},
+            "validation_cpu": {"name": "x", "int8_dot_product": int8_dot_product}}
+
+
 def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
     settings = Int8Settings(calibration=tmp_path, max_top1_drop=0.05, overflow_fix="first-layer")
-    figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "first-layer",
-               "reduced_precision": {"bf16": 1.0, "f16": 1.0},
-               "validation_cpu": {"name": "AMD EPYC", "int8_dot_product": "saturating"}}
+    figures = hint_figures("first-layer", "saturating")
     assert "--overflow-fix enable" in top1_hint(figures, settings)
     assert "bf16" not in top1_hint(figures, settings)
     for cpu, applied in (("vnni", "first-layer"), ("saturating", "enable")):
@@ -153,9 +159,7 @@ def test_top1_failure_on_a_saturating_cpu_suggests_the_overflow_fix(tmp_path):
 
 def test_top1_failure_says_when_bf16_itself_changes_more_classes(tmp_path):
     """A drop bound that the AMX CPU's own default precision breaks is worth knowing about."""
-    figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "enable",
-               "reduced_precision": {"bf16": 0.96, "f16": 0.997},
-               "validation_cpu": {"name": "x", "int8_dot_product": "vnni"}}
+    figures = hint_figures(bf16=0.96)
     tight = top1_hint(figures, Int8Settings(calibration=tmp_path, max_top1_drop=0.01))
     assert "bf16, the default precision on AMX CPUs, itself changes 0.0400" in tight
     loose = top1_hint(figures, Int8Settings(calibration=tmp_path, max_top1_drop=0.05))
@@ -194,9 +198,7 @@ def test_top1_gate_allows_exactly_the_drop_given(tmp_path):
     """15 changed classes in 300 images are a drop of 5%: --max-top1-drop 0.05 lets them pass
     (1 - 285/300 is a little over 0.05 in floating point) and a 16th fails."""
     settings = Int8Settings(calibration=tmp_path, max_top1_drop=0.05)
-    figures = {"f32_noise_floor": {"top1_agreement": 1.0}, "overflow_fix": "enable",
-               "reduced_precision": {"bf16": 1.0, "f16": 1.0},
-               "validation_cpu": {"name": "x", "int8_dot_product": "vnni"}}
+    figures = hint_figures()
     reference = np.zeros((300, 10))
     reference[:, 0] = 1.0  # every image's top-1 class is 0
     for changed, failures in ((15, 0), (16, 1)):
