@@ -34,6 +34,24 @@ def base_photos() -> dict[str, np.ndarray]:
         encoded = np.frombuffer(fh.read(), np.uint8)
     photos["grace_hopper"] = cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR),
                                           cv2.COLOR_BGR2RGB)
+    return as_rgb(photos)
+
+
+def held_out_photos() -> dict[str, np.ndarray]:
+    """Other real photos shipped with scikit-image, none of them in `base_photos`: scenes a model
+    tuned on crops of the base photos has never seen (benchmarks/int8_qat.py)."""
+    import skimage.data as data
+
+    left, right, _ = data.stereo_motorcycle()
+    photos = {"motorcycle_left": left, "motorcycle_right": right}
+    for name in ("brick", "grass", "gravel", "moon", "hubble_deep_field", "retina",
+                 "immunohistochemistry"):
+        photos[name] = getattr(data, name)()
+    return as_rgb(photos)
+
+
+def as_rgb(photos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Gray photos made RGB, alpha dropped."""
     return {k: np.stack([v] * 3, -1) if v.ndim == 2 else v[..., :3] for k, v in photos.items()}
 
 
@@ -60,11 +78,13 @@ def crops(photos: dict[str, np.ndarray], count: int, seed: int) -> dict[str, np.
     return out
 
 
-def write_folder(folder: Path, count: int = 300, seed: int = 0) -> list[Path]:
+def write_folder(folder: Path, count: int = 300, seed: int = 0,
+                 photos: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """`count` JPEGs of `photos` (default: `base_photos()`) and their crops."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rgb in crops(base_photos(), count, seed).items():
+    for name, rgb in crops(base_photos() if photos is None else photos, count, seed).items():
         path = folder / f"{name}.jpg"
         cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 92])
