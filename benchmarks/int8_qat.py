@@ -46,7 +46,8 @@ from int8_frontier import TARGET_TOP1  # noqa: E402
 from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
 from saliency_overhead import measure_interleaved  # noqa: E402
 
-from xaiserve.export.int8 import infer_all, load_images, reduced_precision_agreement  # noqa: E402
+from xaiserve.export.int8 import (infer_all, load_images, nncf_output_to_stderr,  # noqa: E402
+                                  reduced_precision_agreement)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
 from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.preprocessing import embed_preprocessing  # noqa: E402
@@ -93,12 +94,15 @@ def quantize_torch(module, calibration, keep_f32_first: float):
 
     fix = resolve_overflow_fix("auto", cpu_flags())
     example = calibration[:1]
-    return nncf.quantize(
-        copy.deepcopy(module), nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))]),
-        subset_size=len(calibration),
-        ignored_scope=nncf.IgnoredScope(names=f32_scope(module, example, keep_f32_first)),
-        advanced_parameters=nncf.AdvancedQuantizationParameters(
-            overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[fix]))), fix
+    with nncf_output_to_stderr():  # the table goes to stdout
+        model = nncf.quantize(
+            copy.deepcopy(module),
+            nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))]),
+            subset_size=len(calibration),
+            ignored_scope=nncf.IgnoredScope(names=f32_scope(module, example, keep_f32_first)),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[fix])))
+    return model, fix
 
 
 def distillation_loss(student_logits, teacher_logits):
@@ -122,7 +126,8 @@ def judge(model: ov.Model, folders: dict, reference: dict, core: ov.Core, step: 
     return row
 
 
-def plot(path: Path, curve: list[dict], facts: dict, held_out: str) -> None:
+def plot(path: Path, curve: list[dict], facts: dict, held_out: str, keep_f32_first: float
+         ) -> None:
     """Top-1 agreement with f32 against training steps, one line per folder."""
     import matplotlib
 
@@ -139,8 +144,9 @@ def plot(path: Path, curve: list[dict], facts: dict, held_out: str) -> None:
     ax.axhline(TARGET_TOP1, color="tab:green", lw=1, ls="--", label=f"target {TARGET_TOP1}")
     ax.set_xlabel("fine-tuning steps (step 0: post-training quantisation in NNCF's torch backend)")
     ax.set_ylabel("top-1 agreement with the f32 IR")
-    ax.set_title(f"INT8 by distillation from f32; {held_out}: photos it never trained on",
-                 fontsize=10)
+    kept = f", the first {keep_f32_first:g} of the backbone in f32" if keep_f32_first else ""
+    ax.set_title(f"INT8{kept}, fine-tuned by distillation from f32; {held_out}: photos it "
+                 "never trained on", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -198,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, args.steps)
     rng = np.random.default_rng(0)
     train = images["train"]
+    student.eval()  # batch norm frozen and drop_connect off; weights and FQ ranges still train
     for step in tqdm(range(1, args.steps + 1), desc="distillation", unit="step",
                      file=sys.stderr):
-        student.eval()  # batch norm frozen, EfficientNet's drop_connect off; FQ ranges train
         batch = train[rng.choice(len(train), args.batch, replace=False)]
         if rng.random() < 0.5:
             batch = batch[:, :, ::-1]
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:20s} {curve[0][label]['top1_agreement']:6.3f} "
               f"{last[label]['top1_agreement']:7.3f} {fact['bf16']:6.3f} {fact['f16']:6.3f}")
     if args.picture:
-        plot(args.picture, curve, facts, held_out)
+        plot(args.picture, curve, facts, held_out, args.keep_f32_first)
         print(f"picture: {args.picture}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

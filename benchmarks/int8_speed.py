@@ -98,7 +98,7 @@ def plain_first_int8(calibration: Path, size: int, settings: Int8Settings) -> ov
     """The alternative design: NNCF on the plain float model, saliency inserted afterwards."""
     import nncf
 
-    from xaiserve.export.int8 import _nncf_output_to_stderr
+    from xaiserve.export.int8 import nncf_output_to_stderr
     from xaiserve.export.preprocessing import embed_preprocessing
     from xaiserve.export.saliency import insert_saliency
     from xaiserve.export.sources import SourceOptions, create_source
@@ -112,7 +112,7 @@ def plain_first_int8(calibration: Path, size: int, settings: Int8Settings) -> ov
     def normalise(image: np.ndarray) -> np.ndarray:
         return ((image[None].astype(np.float32) - mean) / scale).transpose(0, 3, 1, 2)
 
-    with _nncf_output_to_stderr():
+    with nncf_output_to_stderr():
         quantized = nncf.quantize(loaded.model, nncf.Dataset(list(images), normalise),
                                   subset_size=len(images),
                                   fast_bias_correction=settings.fast_bias_correction)

@@ -199,7 +199,7 @@ def leading_scope(model: ov.Model, target_layer: str | None, fraction: float) ->
 
 
 @contextlib.contextmanager
-def _nncf_output_to_stderr() -> Iterator[None]:
+def nncf_output_to_stderr() -> Iterator[None]:
     """NNCF logs and draws its progress bars on stdout, where the CLI prints its JSON report."""
     from nncf.common.logging.logger import nncf_logger
 
@@ -245,7 +245,7 @@ def quantize(model: ov.Model, target_layer: str | None, images: np.ndarray,
     calibration = nncf.Dataset(list(images), lambda image: image[None])
     advanced = nncf.AdvancedQuantizationParameters(
         overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix]), **extras.advanced)
-    with _nncf_output_to_stderr():
+    with nncf_output_to_stderr():
         if control is None:
             return nncf.quantize(model, calibration, advanced_parameters=advanced, **common)
         return nncf.quantize_with_accuracy_control(
