@@ -123,6 +123,13 @@ def plot(path: Path, rows: dict, facts: dict) -> None:
     lowest = min(min(r["top1_agreement"].values()) for r in rows.values())
     ax.set_ylim(min(lowest, floor) - 0.02, 1.005)
     ax.set_title("INT8 variants of the default model on this CPU", fontsize=11)
+    save_figure(fig, ax, path)
+
+
+def save_figure(fig, ax, path: Path) -> None:
+    """The legend at the lower right, a light grid, and the PNG written (its folder made)."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

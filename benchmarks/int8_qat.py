@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 from calibration_photos import held_out_photos, write_folder  # noqa: E402
-from int8_frontier import TARGET_TOP1  # noqa: E402
+from int8_frontier import TARGET_TOP1, save_figure  # noqa: E402
 from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
 from saliency_overhead import measure_interleaved  # noqa: E402
 
@@ -147,12 +147,7 @@ def plot(path: Path, curve: list[dict], facts: dict, held_out: str, keep_f32_fir
     kept = f", the first {keep_f32_first:g} of the backbone in f32" if keep_f32_first else ""
     ax.set_title(f"INT8{kept}, fine-tuned by distillation from f32; {held_out}: photos it "
                  "never trained on", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main(argv: list[str] | None = None) -> int:
