@@ -49,7 +49,7 @@ from saliency_overhead import measure_interleaved  # noqa: E402
 from xaiserve.export.int8 import (infer_all, load_images, nncf_output_to_stderr,  # noqa: E402
                                   reduced_precision_agreement)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
-from xaiserve.export.parity import compile_f32  # noqa: E402
+from xaiserve.export.parity import compile_f32, torch_input  # noqa: E402
 from xaiserve.export.preprocessing import embed_preprocessing  # noqa: E402
 from xaiserve.export.saliency import insert_saliency  # noqa: E402
 from xaiserve.export.sources import convert_torch, create_source  # noqa: E402
@@ -64,16 +64,6 @@ def as_ir(module, info) -> ov.Model:
     """The IR the export would write for `module`: saliency output, u8 NHWC input."""
     model, _ = insert_saliency(convert_torch(module, info.input_height))
     return embed_preprocessing(model, copy.copy(info))
-
-
-def as_tensor(images: np.ndarray, info):
-    """u8 NHWC images -> the float NCHW tensor the torch model takes."""
-    import torch
-
-    mean = np.asarray(info.mean_values, np.float32)
-    scale = np.asarray(info.scale_values, np.float32)
-    return torch.from_numpy(((images.astype(np.float32) - mean) / scale).transpose(0, 3, 1, 2)
-                            .copy())
 
 
 def f32_scope(module, example, keep_f32_first: float) -> list[str]:
@@ -191,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         reference[label] = infer_all(f32_compiled, folder_images, f"f32, {label}")
         facts[label] = reduced_precision_agreement(f32, folder_images, reference[label][0], core)
 
-    student, fix = quantize_torch(teacher, as_tensor(images["calibration"], info),
+    student, fix = quantize_torch(teacher, torch_input(images["calibration"], info),
                                   args.keep_f32_first)
     curve = [judge(as_ir(student, info), folders, reference, core, 0)]
     optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad],
@@ -205,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = train[rng.choice(len(train), args.batch, replace=False)]
         if rng.random() < 0.5:
             batch = batch[:, :, ::-1]
-        x = as_tensor(batch, info)
+        x = torch_input(batch, info)
         with torch.no_grad():
             target = teacher(x)
         loss = distillation_loss(student(x), target)

@@ -16,14 +16,21 @@ def compile_f32(model: ov.Model, core: ov.Core | None = None) -> ov.CompiledMode
     return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
-def torch_logits(module, images: np.ndarray, info: ModelInfo) -> np.ndarray:
-    """Apply the same normalisation the IR embeds, run the module, return logits."""
+def torch_input(images: np.ndarray, info: ModelInfo):
+    """u8 NHWC -> the float NCHW tensor the IR computes internally."""
     import torch
 
     x = (images.astype(np.float32) - np.array(info.mean_values, np.float32)) \
         / np.array(info.scale_values, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def torch_logits(module, images: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """Apply the same normalisation the IR embeds, run the module, return logits."""
+    import torch
+
     with torch.no_grad():
-        return module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+        return module(torch_input(images, info)).numpy()
 
 
 def parity(module, compiled: ov.CompiledModel, images: np.ndarray, info: ModelInfo) -> dict:

@@ -29,6 +29,7 @@ from xaiserve.service.images import ImageError, read_image, resize_for_model
 from xaiserve.service.model_info import ModelInfo
 
 from .int8_agreement import spearman, top_fraction_iou
+from .parity import torch_input
 
 METRICS = ("spearman", "topk_iou")
 
@@ -53,15 +54,6 @@ class ReferenceCheck:
     top_fraction: float = 0.2
     layer: str | None = None  # torch module name for Grad-CAM; None: the last 4-D leaf output
     images: Path | None = None  # a folder of images (searched recursively); None: parity images
-
-
-def torch_input(images: np.ndarray, info: ModelInfo):
-    """u8 NHWC -> the float NCHW tensor the IR computes internally."""
-    import torch
-
-    x = (images.astype(np.float32) - np.array(info.mean_values, np.float32)) \
-        / np.array(info.scale_values, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def vanilla_gradient(module, images: np.ndarray, classes: list[int], info: ModelInfo,
