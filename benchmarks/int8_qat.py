@@ -18,7 +18,9 @@ arithmetic keeps 0.962. Training is the lever left, so this script measures it:
   on crops of photos it never trained on (`held_out_photos`), with bf16 and f16 arithmetic
   (emulated) as reference lines;
 - the last IR is timed against f32 at batch 1 in interleaved rounds.
-Nothing here is in the export: it measures whether training belongs there.
+The export's `--int8 --finetune-steps N` (export/int8_finetune.py) came out of this script
+and shares its quantisation and loss; the export trains on random crops of its calibration
+images, where this script draws from 3000 distinct crops.
 
     python benchmarks/int8_qat.py --json benchmarks/results/int8_qat.json \\
         --picture benchmarks/results/int8_qat.png
@@ -46,61 +48,22 @@ from int8_frontier import TARGET_TOP1, save_figure  # noqa: E402
 from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
 from saliency_overhead import measure_interleaved  # noqa: E402
 
-from xaiserve.export.int8 import (infer_all, load_images, nncf_output_to_stderr,  # noqa: E402
+from xaiserve.export.int8 import (infer_all, load_images,  # noqa: E402
                                   reduced_precision_agreement)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
+from xaiserve.export.int8_finetune import (MSE_WEIGHT, TEMPERATURE,  # noqa: E402
+                                           distillation_loss, quantize_torch)
 from xaiserve.export.parity import compile_f32, torch_input  # noqa: E402
 from xaiserve.export.preprocessing import embed_preprocessing  # noqa: E402
 from xaiserve.export.saliency import insert_saliency  # noqa: E402
 from xaiserve.export.sources import convert_torch, create_source  # noqa: E402
-from xaiserve.service.cpu_int8 import (OVERFLOW_FIXES, cpu_flags,  # noqa: E402
-                                       resolve_overflow_fix)
-
-TEMPERATURE = 2.0
-MSE_WEIGHT = 0.1
+from xaiserve.service.cpu_int8 import cpu_flags, resolve_overflow_fix  # noqa: E402
 
 
 def as_ir(module, info) -> ov.Model:
     """The IR the export would write for `module`: saliency output, u8 NHWC input."""
     model, _ = insert_saliency(convert_torch(module, info.input_height))
     return embed_preprocessing(model, copy.copy(info))
-
-
-def f32_scope(module, example, keep_f32_first: float) -> list[str]:
-    """NNCF node names left in f32: the classifier (the last weighted layer) and the first
-    `keep_f32_first` of the backbone's weighted layers, in the order the model runs them."""
-    from nncf.torch import wrap_model
-
-    graph = wrap_model(copy.deepcopy(module), example, trace_parameters=True).get_graph()
-    weighted = [n.node_name for n in graph.topological_sort()
-                if n.node_type in ("conv2d", "linear")]
-    backbone, head = weighted[:-1], weighted[-1:]
-    return head + backbone[:int(len(backbone) * keep_f32_first)]
-
-
-def quantize_torch(module, calibration, keep_f32_first: float):
-    """NNCF post-training quantisation in torch; returns the model and the overflow fix used."""
-    import nncf
-
-    fix = resolve_overflow_fix("auto", cpu_flags())
-    example = calibration[:1]
-    with nncf_output_to_stderr():  # the table goes to stdout
-        model = nncf.quantize(
-            copy.deepcopy(module),
-            nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))]),
-            subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=f32_scope(module, example, keep_f32_first)),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[fix])))
-    return model, fix
-
-
-def distillation_loss(student_logits, teacher_logits):
-    import torch.nn.functional as F
-
-    soft = F.kl_div(F.log_softmax(student_logits / TEMPERATURE, 1),
-                    F.softmax(teacher_logits / TEMPERATURE, 1), reduction="batchmean")
-    return soft * TEMPERATURE ** 2 + MSE_WEIGHT * F.mse_loss(student_logits, teacher_logits)
 
 
 def judge(model: ov.Model, folders: dict, reference: dict, core: ov.Core, step: int) -> dict:
@@ -181,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         reference[label] = infer_all(f32_compiled, folder_images, f"f32, {label}")
         facts[label] = reduced_precision_agreement(f32, folder_images, reference[label][0], core)
 
-    student, fix = quantize_torch(teacher, torch_input(images["calibration"], info),
-                                  args.keep_f32_first)
+    fix = resolve_overflow_fix("auto", cpu_flags())
+    student = quantize_torch(teacher, torch_input(images["calibration"], info),
+                             args.keep_f32_first, fix)
     curve = [judge(as_ir(student, info), folders, reference, core, 0)]
     optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad],
                                  lr=args.lr)

@@ -35,6 +35,7 @@ from xaiserve.service.images import ImageError, read_image, resize_for_model
 from xaiserve.service.model_info import ModelInfo
 
 from .int8_agreement import agreement, top1_agreement
+from .int8_finetune import TorchSource, finetuned_int8
 from .parity import compile_f32
 from .reduced_precision import SIGNIFICANT_BITS, WEIGHTED_TYPES, with_rounded_inputs
 from .saliency.graph import ancestors, find_by_name, key
@@ -73,6 +74,9 @@ class Int8Settings:
     overflow_fix: str = "auto"  # 7-bit weights where INT8 sums saturate (service/cpu_int8.py)
     accuracy_control: bool = False  # revert layers to f32 until the drop is within max_top1_drop
     control: Path | None = None  # images that steer accuracy control (default: validation)
+    finetune_steps: int = 0  # > 0: quantise the torch source and distil from f32 (int8_finetune)
+    finetune_learning_rate: float = 1e-5
+    finetune_batch: int = 16
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +122,17 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
                         "layers to f32 until (for example --max-top1-drop 0.01)")
     if settings.control is not None and not settings.accuracy_control:
         raise Int8Error("--control goes with --accuracy-control")
+    if settings.finetune_steps < 0:
+        raise Int8Error(f"--finetune-steps {settings.finetune_steps}: give 0 (no training) or "
+                        "a positive number of steps (300 on the default model)")
+    if settings.finetune_steps and settings.accuracy_control:
+        raise Int8Error("--finetune-steps and --accuracy-control: choose one (accuracy control "
+                        "reverts layers of the post-training quantised IR)")
+    if settings.finetune_learning_rate <= 0:
+        raise Int8Error(f"--finetune-lr {settings.finetune_learning_rate}: a positive "
+                        "learning rate (1e-5 on the default model)")
+    if settings.finetune_batch < 1:
+        raise Int8Error(f"--finetune-batch {settings.finetune_batch}: a positive batch size")
     for option, value in (("--calibration-size", settings.calibration_size),
                           ("--validation-size", settings.validation_size)):
         if value < 1:
@@ -361,12 +376,19 @@ def gate_failures(figures: dict, settings: Int8Settings) -> list[str]:
 
 def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
                     settings: Int8Settings, progress: Callable[[str], None] = lambda _: None,
-                    enforce_gate: bool = True) -> tuple[ov.Model, dict]:
+                    enforce_gate: bool = True, torch_source: TorchSource | None = None
+                    ) -> tuple[ov.Model, dict]:
     """The f32 export -> its INT8 version and the agreement figures for the model card.
 
-    Raises GateFailed (with the figures) when a threshold in `settings` is passed, unless
-    `enforce_gate` is off (benchmarks measure the model either way; `gate.passed` says)."""
+    With `settings.finetune_steps`, the INT8 model comes from training `torch_source`
+    (int8_finetune) rather than from quantising `model`; the figures compare it with `model`
+    all the same. Raises GateFailed (with the figures) when a threshold in `settings` is
+    passed, unless `enforce_gate` is off (benchmarks measure the model either way;
+    `gate.passed` says)."""
     check_settings(settings, target_layer is not None)
+    if settings.finetune_steps and torch_source is None:
+        raise Int8Error("--finetune-steps needs a torch source (default, timm:..., torch:...): "
+                        "an IR or ONNX file has no weights to train")
     calibration = load_images(settings.calibration, info, settings.calibration_size,
                               "--calibration")
     validation = load_images(settings.validation_folder, info, settings.validation_size,
@@ -382,8 +404,16 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
             settings.control, info, settings.validation_size, "--control")
         labels = reference[0] if images is validation else infer_all(f32, images, "f32 IR")[0]
         control = (images, labels.argmax(1))
-    progress("quantizing to INT8" + (" with accuracy control" if control else ""))
-    quantized = quantize(model, target_layer, calibration, settings, overflow_fix, control)
+    finetuned = None
+    if settings.finetune_steps:
+        progress(f"quantizing to INT8 and training {settings.finetune_steps} steps")
+        finetuned = finetuned_int8(
+            torch_source, calibration, info, settings, overflow_fix, reference[0],
+            lambda ir: infer_all(compile_f32(ir, core), validation, "INT8 before training")[0])
+        quantized, target_layer = finetuned.model, finetuned.target_layer
+    else:
+        progress("quantizing to INT8" + (" with accuracy control" if control else ""))
+        quantized = quantize(model, target_layer, calibration, settings, overflow_fix, control)
     info.write(quantized)
 
     progress("validating INT8 against f32")
@@ -417,6 +447,8 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
     if settings.validation is None:
         notes.append("validated on the calibration folder: a weaker check than a held-out "
                      "--validation folder")
+    if finetuned is not None:
+        figures["finetune"] = finetuned.figures
     if control is not None:
         figures["accuracy_control"] = {"control_images": int(len(control[0])),
                                        "control_is_validation": settings.control_is_validation}

@@ -11,13 +11,16 @@ from typing import Callable
 import numpy as np
 import openvino as ov
 
+from xaiserve.service.model_info import ModelInfo
+
 from .int8 import Int8Settings, quantize_export
+from .int8_finetune import TorchSource
 from .parity import compile_f32, parity
 from .preprocessing import embed_preprocessing
 from .reference_saliency import ReferenceCheck, check_reference
 from .repository import staged_version
-from .saliency import SaliencySettings, insert_saliency
-from .sources import SourceOptions, create_source, synthetic_images
+from .saliency import Insertion, SaliencySettings, insert_saliency
+from .sources import SourceOptions, convert_torch, create_source, synthetic_images
 
 CARD_NAME = "model_card.json"
 
@@ -54,15 +57,9 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
 
     t = time.perf_counter()
     progress("inserting saliency")
-    model, insertion = insert_saliency(loaded.model, request.saliency)
     info = loaded.info
-    if insertion is not None:
-        info.saliency_method = insertion.method
-        info.saliency_target_layer = insertion.target_layer
-        info.saliency_settings = json.dumps(request.saliency.as_dict(), sort_keys=True)
-    if not loaded.preprocessing_embedded:
-        model = embed_preprocessing(model, info)
-    info.write(model)
+    model, insertion = _served_form(loaded.model, request.saliency, info,
+                                    loaded.preprocessing_embedded)
     timings["insert_s"] = time.perf_counter() - t
 
     parity_figures = None
@@ -81,7 +78,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
     if request.int8 is not None:  # raises GateFailed before anything is written
         t = time.perf_counter()
         model, int8_figures = quantize_export(
-            model, insertion.target_layer if insertion else None, info, request.int8, progress)
+            model, insertion.target_layer if insertion else None, info, request.int8, progress,
+            torch_source=_torch_source(loaded, request.saliency, info))
         timings["int8_s"] = time.perf_counter() - t
 
     with staged_version(request.repository, request.name, request.version) as (staging, version):
@@ -105,7 +103,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                          "shape": str(o.get_partial_shape())} for o in model.outputs],
             "saliency": None if insertion is None else {
                 "method": insertion.method,
-                "target_layer": insertion.target_layer,
+                "target_layer": info.saliency_target_layer,  # the INT8 IR's, when trained
                 "feature_shape": insertion.feature_shape,
                 "map_shape": insertion.map_shape,
                 "map_precision": insertion.map_precision,
@@ -119,6 +117,34 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         }
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return ExportResult(Path(request.repository) / request.name / str(version), version, card)
+
+
+def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
+                 preprocessing_embedded: bool) -> tuple[ov.Model, Insertion | None]:
+    """The model as the repository stores it: a saliency output and u8 NHWC input; `info`
+    records the insertion and is written into the model."""
+    model, insertion = insert_saliency(model, saliency)
+    if insertion is not None:
+        info.saliency_method = insertion.method
+        info.saliency_target_layer = insertion.target_layer
+        info.saliency_settings = json.dumps(saliency.as_dict(), sort_keys=True)
+    if not preprocessing_embedded:
+        model = embed_preprocessing(model, info)
+    info.write(model)
+    return model, insertion
+
+
+def _torch_source(loaded, saliency: SaliencySettings, info: ModelInfo) -> TorchSource | None:
+    """What `--finetune-steps` trains, and how a trained module becomes the served IR."""
+    if loaded.torch_module is None:
+        return None
+
+    def build_ir(module) -> tuple[ov.Model, str | None]:
+        model, insertion = _served_form(convert_torch(module, info.input_height), saliency,
+                                        info, preprocessing_embedded=False)
+        return model, insertion.target_layer if insertion else None
+
+    return TorchSource(loaded.torch_module, build_ir)
 
 
 def _reference(request: ExportRequest, loaded, model: ov.Model, info, images,

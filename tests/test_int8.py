@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from tests.conftest import run_cli
-from tests.synthetic import make_dataset, train_small_cnn
+from tests.synthetic import make_dataset, small_cnn, train_small_cnn
 from xaiserve.export.int8 import (Int8Settings, NncfExtras, gate_failures, load_images,
                                   one_level_noise, quantize, top1_hint)
 from xaiserve.export.int8_agreement import agreement, spearman, top_fraction_iou
@@ -347,6 +347,81 @@ def test_accuracy_control_reverts_layers_only_as_far_as_the_drop_needs(shapes):
             assert not all(stored_int8)
 
 
+# --- quantisation-aware training (--finetune-steps) ----------------------------------------------
+
+def test_distillation_pulls_a_drifted_int8_model_back_to_f32(shapes):
+    """The training loop does its job: an INT8 model whose weights have drifted from f32's
+    (noise added after NNCF's quantisation) agrees with f32 on far more images after a short
+    distillation, and its loss falls."""
+    import torch
+
+    from xaiserve.export.int8_finetune import distil, quantize_torch
+    from xaiserve.export.parity import torch_input, torch_logits
+
+    teacher = small_cnn()
+    teacher.load_state_dict(torch.load(shapes["checkpoint"]))
+    teacher.eval()
+    info = ModelInfo(labels=["a", "b", "c"], input_height=64, input_width=64,
+                     scale_values=[255.0] * 3)
+    train, _, _ = make_dataset(128, seed=5)
+    held_out, _, _ = make_dataset(200, seed=6)
+    student = quantize_torch(teacher, torch_input(train, info), keep_f32_first=0,
+                             overflow_fix="enable")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.ndim == 4:  # convolution weights
+                p.add_(torch.randn_like(p) * p.std())
+    reference = torch_logits(teacher, held_out, info)
+    drifted = agreement(reference, None, torch_logits(student, held_out, info), None)
+    losses = distil(student, teacher, train, info, steps=60, learning_rate=3e-3, batch=16)
+    trained = agreement(reference, None, torch_logits(student, held_out, info), None)
+    assert np.mean(losses[-6:]) < 0.5 * np.mean(losses[:6]), losses
+    assert drifted["top1_agreement"] < 0.85, drifted
+    assert trained["top1_agreement"] >= drifted["top1_agreement"] + 0.1, (drifted, trained)
+
+
+def test_finetuned_int8_export_writes_an_int8_ir_with_its_saliency_map(shapes):
+    repo = shapes["work"] / "finetuned"
+    result = export_small(shapes, repo, shapes["calibration"], "--finetune-steps", "12",
+                          "--finetune-lr", "1e-4", "--finetune-batch", "8",
+                          "--max-top1-drop", "0.05", "--min-saliency-agreement", "0.8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)["int8"]
+    assert figures["finetune"]["steps"] == 12 and figures["gate"]["passed"]
+    # the weights train, not only the quantisers' ranges
+    weights = sum(p.numel() for p in small_cnn().parameters())
+    assert figures["finetune"]["trained_parameters"] > weights
+    assert 0 <= figures["finetune"]["top1_agreement_before_training"] <= 1
+    assert figures["settings"]["finetune_steps"] == 12
+    assert figures["int8_layer_count"] == 3 and figures["f32_layers"] == []
+    model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
+    assert is_quantized(model) and int8_convolutions(model)[:3] == [True, True, True]
+    assert int8_weights(convolutions(model)[3]) is None  # the classifier stays f32
+    loaded = ClassifierModel(repo / "shapes_int8" / "1").load()
+    assert loaded.info.saliency_target_layer in {n.get_friendly_name()
+                                                 for n in model.get_ordered_ops()}
+    images, labels, _ = make_dataset(32, seed=9)
+    out = ov.Core().compile_model(model, "CPU")(images)
+    assert out["saliency_map"].shape == (32, 3, 16, 16)
+    assert (out["logits"].argmax(1) == labels).mean() > 0.9
+
+
+def test_finetune_needs_a_torch_source(shapes, tmp_path):
+    """An IR has no weights to train: exit 2, one line naming the option, nothing written."""
+    ir = tmp_path / "f32"
+    assert run_cli("export", *SMALL, "--checkpoint", shapes["checkpoint"], "--method", "none",
+                   "--repository", str(ir), "--name", "small").returncode == 0
+    repo = tmp_path / "models"
+    result = run_cli("export", str(ir / "small" / "1" / "model.xml"), "--repository", str(repo),
+                     "--name", "x", "--int8", "--calibration", shapes["calibration"],
+                     "--finetune-steps", "5")
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("xaiserve export:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "--finetune-steps needs a torch source" in lines[0]
+    assert repository_is_empty(repo)
+
+
 def test_bad_int8_options(shapes, tmp_path, capsys):
     """Checked before the source loads: one line naming the option, exit 2, nothing written."""
     from xaiserve.service.cli import main
@@ -378,6 +453,15 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
         (["--int8", "--calibration", shapes["calibration"], "--accuracy-control",
           "--max-top1-drop", "0.01", "--control", str(empty)], "--control"),
         (["--accuracy-control"], "--int8"),
+        (["--finetune-steps", "5"], "--int8"),
+        (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "-1"],
+         "--finetune-steps"),
+        (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",
+          "--accuracy-control", "--max-top1-drop", "0.1"], "--finetune-steps"),
+        (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",
+          "--finetune-lr", "0"], "--finetune-lr"),
+        (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",
+          "--finetune-batch", "0"], "--finetune-batch"),
         (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
     ]
     for options, words in cases:
