@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import openvino as ov
@@ -51,8 +52,8 @@ from saliency_overhead import measure_interleaved  # noqa: E402
 from xaiserve.export.int8 import (infer_all, load_images,  # noqa: E402
                                   reduced_precision_agreement)
 from xaiserve.export.int8_agreement import agreement  # noqa: E402
-from xaiserve.export.int8_finetune import (MSE_WEIGHT, TEMPERATURE,  # noqa: E402
-                                           distillation_loss, quantize_torch)
+from xaiserve.export.int8_finetune import (MSE_WEIGHT, TEMPERATURE, distil,  # noqa: E402
+                                           quantize_torch)
 from xaiserve.export.parity import compile_f32, torch_input  # noqa: E402
 from xaiserve.export.preprocessing import embed_preprocessing  # noqa: E402
 from xaiserve.export.saliency import insert_saliency  # noqa: E402
@@ -64,6 +65,14 @@ def as_ir(module, info) -> ov.Model:
     """The IR the export would write for `module`: saliency output, u8 NHWC input."""
     model, _ = insert_saliency(convert_torch(module, info.input_height))
     return embed_preprocessing(model, copy.copy(info))
+
+
+def mirrored_batches(train: np.ndarray, size: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Endless batches of `size` distinct training crops, half of the batches mirrored."""
+    rng = np.random.default_rng(seed)
+    while True:
+        batch = train[rng.choice(len(train), size, replace=False)]
+        yield batch[:, :, ::-1] if rng.random() < 0.5 else batch
 
 
 def judge(model: ov.Model, folders: dict, reference: dict, core: ov.Core, step: int) -> dict:
@@ -119,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from tqdm import tqdm
 
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -148,27 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     student = quantize_torch(teacher, torch_input(images["calibration"], info),
                              args.keep_f32_first, fix)
     curve = [judge(as_ir(student, info), folders, reference, core, 0)]
-    optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad],
-                                 lr=args.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, args.steps)
-    rng = np.random.default_rng(0)
-    train = images["train"]
-    student.eval()  # batch norm frozen and drop_connect off; weights and FQ ranges still train
-    for step in tqdm(range(1, args.steps + 1), desc="distillation", unit="step",
-                     file=sys.stderr):
-        batch = train[rng.choice(len(train), args.batch, replace=False)]
-        if rng.random() < 0.5:
-            batch = batch[:, :, ::-1]
-        x = torch_input(batch, info)
-        with torch.no_grad():
-            target = teacher(x)
-        loss = distillation_loss(student(x), target)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
+
+    def judge_every(step: int) -> None:
         if step % args.judge_every == 0 or step == args.steps:
             curve.append(judge(as_ir(student, info), folders, reference, core, step))
+
+    distil(student, teacher, mirrored_batches(images["train"], args.batch), info, args.steps,
+           args.lr, judge_every)
 
     final = as_ir(student, info)
     requests = {name: batch1_request(core, m, "f32") for name, m in

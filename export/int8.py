@@ -1,4 +1,5 @@
 """INT8 post-training quantisation of an exported IR (NNCF), checked against the f32 IR.
+(`--finetune-steps` trains the torch source instead: int8_finetune.py; the same checks follow.)
 
 Where quantisation happens, and why: the *final* model (embedded preprocessing, saliency branch)
 is quantised, with every operation downstream of the saliency target feature map in NNCF's

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import openvino as ov
@@ -115,40 +115,44 @@ def quantize_torch(module, calibration, keep_f32_first: float, overflow_fix: str
                 overflow_fix=nncf.OverflowFix(OVERFLOW_FIXES[overflow_fix])))
 
 
-def augmented_batch(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """`size` calibration images, each a random crop (MIN_CROP_SIDE to all of each side)
-    resized back to the model's input, half of them mirrored."""
+def augmented_batches(images: np.ndarray, size: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Endless batches of `size` calibration images, each a random crop (MIN_CROP_SIDE to all
+    of each side) resized back to the model's input, half of them mirrored."""
     import cv2
 
+    rng = np.random.default_rng(seed)
     h, w = images.shape[1:3]
-    out = np.empty((size, h, w, 3), np.uint8)
-    for i, index in enumerate(rng.choice(len(images), size, replace=size > len(images))):
-        side = rng.uniform(MIN_CROP_SIDE, 1.0)
-        ch, cw = max(1, int(h * side)), max(1, int(w * side))
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        crop = images[index, top:top + ch, left:left + cw]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out[i] = cv2.resize(np.ascontiguousarray(crop), (w, h), interpolation=cv2.INTER_LINEAR)
-    return out
+    while True:
+        batch = np.empty((size, h, w, 3), np.uint8)
+        for i, index in enumerate(rng.choice(len(images), size, replace=size > len(images))):
+            side = rng.uniform(MIN_CROP_SIDE, 1.0)
+            ch, cw = max(1, int(h * side)), max(1, int(w * side))
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            crop = images[index, top:top + ch, left:left + cw]
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            batch[i] = cv2.resize(np.ascontiguousarray(crop), (w, h),
+                                  interpolation=cv2.INTER_LINEAR)
+        yield batch
 
 
-def distil(student, teacher, images: np.ndarray, info: ModelInfo, steps: int,
-           learning_rate: float, batch: int, seed: int = 0) -> list[float]:
-    """Fine-tune the INT8 `student` towards the f32 `teacher` on augmented batches of `images`
-    (Adam, cosine decay to zero); returns the loss of every step. A progress bar on stderr."""
+def distil(student, teacher, batches: Iterator[np.ndarray], info: ModelInfo, steps: int,
+           learning_rate: float, on_step: Callable[[int], None] = lambda step: None
+           ) -> list[float]:
+    """Fine-tune the INT8 `student` towards the f32 `teacher` on `steps` u8 batches drawn from
+    `batches` (Adam, cosine decay to zero), calling `on_step(step)` after each (from 1); returns
+    the loss of every step. A progress bar on stderr."""
     import torch
     from tqdm import tqdm
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     student.eval()  # batch norm frozen, stochastic depth off; weights and FQ ranges still train
     optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad],
                                  lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     losses = []
-    for _ in tqdm(range(steps), desc="INT8 distillation", unit="step", file=sys.stderr):
-        x = torch_input(augmented_batch(images, batch, rng), info)
+    for step in tqdm(range(1, steps + 1), desc="INT8 distillation", unit="step",
+                     file=sys.stderr):
+        x = torch_input(next(batches), info)
         with torch.no_grad():
             target = teacher(x)
         loss = distillation_loss(student(x), target)
@@ -157,6 +161,7 @@ def distil(student, teacher, images: np.ndarray, info: ModelInfo, steps: int,
         optimiser.step()
         schedule.step()
         losses.append(float(loss.detach()))
+        on_step(step)
     return losses
 
 
@@ -172,8 +177,8 @@ def finetuned_int8(source: TorchSource, calibration: np.ndarray, info: ModelInfo
                              overflow_fix, settings.preset)
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     before = top1_agreement(reference_logits, judge(source.build_ir(student)[0]))
-    losses = distil(student, teacher, calibration, info, settings.finetune_steps,
-                    settings.finetune_learning_rate, settings.finetune_batch)
+    losses = distil(student, teacher, augmented_batches(calibration, settings.finetune_batch),
+                    info, settings.finetune_steps, settings.finetune_learning_rate)
     model, target_layer = source.build_ir(student)
     tenth = max(1, len(losses) // 10)
     return Finetuned(model, target_layer, {

@@ -355,7 +355,7 @@ def test_distillation_pulls_a_drifted_int8_model_back_to_f32(shapes):
     distillation, and its loss falls."""
     import torch
 
-    from xaiserve.export.int8_finetune import distil, quantize_torch
+    from xaiserve.export.int8_finetune import augmented_batches, distil, quantize_torch
     from xaiserve.export.parity import torch_input, torch_logits
 
     teacher = small_cnn()
@@ -374,7 +374,8 @@ def test_distillation_pulls_a_drifted_int8_model_back_to_f32(shapes):
                 p.add_(torch.randn_like(p) * p.std())
     reference = torch_logits(teacher, held_out, info)
     drifted = agreement(reference, None, torch_logits(student, held_out, info), None)
-    losses = distil(student, teacher, train, info, steps=60, learning_rate=3e-3, batch=16)
+    losses = distil(student, teacher, augmented_batches(train, 16), info, steps=60,
+                    learning_rate=3e-3)
     trained = agreement(reference, None, torch_logits(student, held_out, info), None)
     assert np.mean(losses[-6:]) < 0.5 * np.mean(losses[:6]), losses
     assert drifted["top1_agreement"] < 0.85, drifted
