@@ -129,6 +129,9 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
     if settings.finetune_steps and settings.accuracy_control:
         raise Int8Error("--finetune-steps and --accuracy-control: choose one (accuracy control "
                         "reverts layers of the post-training quantised IR)")
+    if settings.finetune_steps and not settings.fast_bias_correction:
+        raise Int8Error("--no-fast-bias-correction and --finetune-steps: NNCF's torch backend, "
+                        "which --finetune-steps quantises with, has only fast bias correction")
     if settings.finetune_learning_rate <= 0:
         raise Int8Error(f"--finetune-lr {settings.finetune_learning_rate}: a positive "
                         "learning rate (1e-5 on the default model)")

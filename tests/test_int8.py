@@ -462,6 +462,8 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
         (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",
           "--finetune-lr", "0"], "--finetune-lr"),
         (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",
+          "--no-fast-bias-correction"], "--no-fast-bias-correction"),
+        (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",
           "--finetune-batch", "0"], "--finetune-batch"),
         (["--int8", "--calibration", str(corrupt)], "broken.jpg"),  # found while loading
     ]
