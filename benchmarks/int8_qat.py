@@ -29,7 +29,6 @@ images, where this script draws from 3000 distinct crops.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -55,16 +54,10 @@ from xaiserve.export.int8_agreement import agreement  # noqa: E402
 from xaiserve.export.int8_finetune import (MSE_WEIGHT, TEMPERATURE, distil,  # noqa: E402
                                            quantize_torch)
 from xaiserve.export.parity import compile_f32, torch_input  # noqa: E402
-from xaiserve.export.preprocessing import embed_preprocessing  # noqa: E402
-from xaiserve.export.saliency import insert_saliency  # noqa: E402
-from xaiserve.export.sources import convert_torch, create_source  # noqa: E402
+from xaiserve.export.pipeline import torch_source  # noqa: E402
+from xaiserve.export.saliency import SaliencySettings  # noqa: E402
+from xaiserve.export.sources import create_source  # noqa: E402
 from xaiserve.service.cpu_int8 import cpu_flags, resolve_overflow_fix  # noqa: E402
-
-
-def as_ir(module, info) -> ov.Model:
-    """The IR the export would write for `module`: saliency output, u8 NHWC input."""
-    model, _ = insert_saliency(convert_torch(module, info.input_height))
-    return embed_preprocessing(model, copy.copy(info))
 
 
 def mirrored_batches(train: np.ndarray, size: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -134,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="int8_qat_"))
     source = create_source("default")
     teacher, info = source.torch_module.eval(), source.info
+    as_ir = torch_source(source, SaliencySettings(), info).build_ir  # -> (IR as exported, layer)
     held_out = "held-out photos"
     writers = {"calibration": (args.images, 0, None), "train": (args.train_images, 10, None),
                "seed 1": (args.images, 1, None), "seed 2": (args.images, 2, None),
@@ -145,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = {label: images[label] for label in ("seed 1", "seed 2", held_out)}
 
     core = ov.Core()
-    f32 = as_ir(teacher, info)
+    f32 = as_ir(teacher)[0]
     f32_compiled = compile_f32(f32, core)
     reference, facts = {}, {}
     for label, folder_images in folders.items():
@@ -155,16 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     fix = resolve_overflow_fix("auto", cpu_flags())
     student = quantize_torch(teacher, torch_input(images["calibration"], info),
                              args.keep_f32_first, fix)
-    curve = [judge(as_ir(student, info), folders, reference, core, 0)]
+    curve = [judge(as_ir(student)[0], folders, reference, core, 0)]
 
     def judge_every(step: int) -> None:
         if step % args.judge_every == 0 or step == args.steps:
-            curve.append(judge(as_ir(student, info), folders, reference, core, step))
+            curve.append(judge(as_ir(student)[0], folders, reference, core, step))
 
     distil(student, teacher, mirrored_batches(images["train"], args.batch), info, args.steps,
            args.lr, judge_every)
 
-    final = as_ir(student, info)
+    final = as_ir(student)[0]
     requests = {name: batch1_request(core, m, "f32") for name, m in
                 (("f32", f32), ("int8", final))}
     timings = measure_interleaved(requests, 2.0, args.seconds, args.rounds)

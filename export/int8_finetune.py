@@ -176,7 +176,7 @@ def finetuned_int8(source: TorchSource, calibration: np.ndarray, info: ModelInfo
     and build the export's IR from it. `judge` returns an IR's validation logits (the f32 IR's
     are `reference_logits`), so that the figures say what training changed against
     post-training quantisation in torch."""
-    teacher = copy.deepcopy(source.module).eval()  # run under no_grad in distil
+    teacher = source.module.eval()  # only read: quantize_torch trains a copy
     student = quantize_torch(teacher, torch_input(calibration, info), settings.keep_f32_first,
                              overflow_fix, settings.preset)
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)

@@ -79,7 +79,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         t = time.perf_counter()
         model, int8_figures = quantize_export(
             model, insertion.target_layer if insertion else None, info, request.int8, progress,
-            torch_source=_torch_source(loaded, request.saliency, info))
+            torch_source=torch_source(loaded, request.saliency, info))
         timings["int8_s"] = time.perf_counter() - t
 
     with staged_version(request.repository, request.name, request.version) as (staging, version):
@@ -134,7 +134,7 @@ def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
     return model, insertion
 
 
-def _torch_source(loaded, saliency: SaliencySettings, info: ModelInfo) -> TorchSource | None:
+def torch_source(loaded, saliency: SaliencySettings, info: ModelInfo) -> TorchSource | None:
     """What `--finetune-steps` trains, and how a trained module becomes the served IR."""
     if loaded.torch_module is None:
         return None
