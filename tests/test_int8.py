@@ -424,6 +424,50 @@ def test_finetune_needs_a_torch_source(shapes, tmp_path):
     assert repository_is_empty(repo)
 
 
+def test_int8_on_host_judges_copied_irs_without_the_package(shapes, tmp_path):
+    """benchmarks/int8_on_host.py, run as on a bare host (a copy of the IRs and images, no
+    xaiserve import): the f32 IR agrees with itself, the INT8 IR is judged per folder and
+    timed against the reference, and a decoding difference would be reported."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    repo = tmp_path / "models"
+    assert run_cli("export", *SMALL, "--checkpoint", shapes["checkpoint"], "--repository",
+                   str(repo), "--name", "f32").returncode == 0
+    assert export_small(shapes, repo, shapes["calibration"]).returncode == 0
+    payload = tmp_path / "payload"
+    for name, source in (("f32", "f32"), ("int8", "shapes_int8")):
+        (payload / "irs" / name).mkdir(parents=True)
+        for suffix in ("xml", "bin"):
+            shutil.copy(repo / source / "1" / f"model.{suffix}", payload / "irs" / name)
+    images = make_dataset(24, seed=11)[0]
+    write_pngs(payload / "images" / "shapes", images)
+    (payload / "images_sha.json").write_text(json.dumps(
+        {"shapes": hashlib.sha256(images.tobytes()).hexdigest()}))
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_on_host.py"),
+                             str(payload), "--json", str(out), "--seconds", "0.4",
+                             "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["folders"] == {"shapes": {"images": 24, "decoded_as_on_export_machine": True}}
+    reference = figures["agreement"]["f32 (default)"]
+    if reference["inference_precision"] == "f32":
+        assert reference["shapes"]["top1_agreement"] == 1.0
+        assert reference["shapes"]["saliency_rank_correlation"] > 0.999
+    exact = figures["agreement"]["int8 (exact)"]
+    assert exact["inference_precision"] == "f32" and exact["shapes"]["top1_agreement"] >= 0.9
+    assert 0.9 <= exact["shapes"]["saliency_rank_correlation"] <= 1.0
+    timing = figures["latency"]
+    assert timing["f32, default"]["p50_over_reference_at_default_precision"] == 1.0
+    assert timing["int8, default"]["requests"] > 0 and timing["f32, f32"]["p50_ms"] > 0
+    assert "int8, default" in result.stdout  # the one-screen summary
+
+
 def test_bad_int8_options(shapes, tmp_path, capsys):
     """Checked before the source loads: one line naming the option, exit 2, nothing written."""
     from xaiserve.service.cli import main
