@@ -39,6 +39,8 @@ import numpy as np
 import openvino as ov
 from scipy.stats import spearmanr
 
+from back_to_back import run_for  # benchmarks/, beside this script
+
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 EXACT = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}  # FakeQuantize in f32
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
@@ -104,17 +106,6 @@ def batch1_request(core: ov.Core, model: ov.Model, config: dict, image: np.ndarr
                                  ).create_infer_request()
     request.set_tensor("image", ov.Tensor(np.ascontiguousarray(image[None])))
     return request
-
-
-def run_for(request, seconds: float) -> list[float]:
-    latencies, end = [], time.perf_counter() + seconds
-    while True:
-        t = time.perf_counter()
-        request.infer()
-        now = time.perf_counter()
-        latencies.append((now - t) * 1e3)
-        if now >= end:
-            return latencies
 
 
 def interleaved_p50(requests: dict, seconds: float, rounds: int) -> dict[str, dict]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from back_to_back import run_for
 from xaiserve.export.pipeline import ExportRequest, export_model
 from xaiserve.export.saliency import SaliencySettings
 
@@ -152,19 +153,6 @@ def make_request(core: ov.Core, model: Exported, config: dict,
     request = compiled.create_infer_request()
     request.set_tensor("image", ov.Tensor(image))
     return compiled, request
-
-
-def run_for(request: ov.InferRequest, seconds: float) -> list[float]:
-    """Synchronous inferences back to back for `seconds`; latencies in ms."""
-    latencies = []
-    end = time.perf_counter() + seconds
-    while True:
-        t = time.perf_counter()
-        request.infer()
-        now = time.perf_counter()
-        latencies.append((now - t) * 1e3)
-        if now >= end:
-            return latencies
 
 
 def summarize(latencies: list[float], window_s: float,
