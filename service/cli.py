@@ -239,6 +239,10 @@ def add_serve(sub) -> None:
     p.add_argument("--performance-hint", default=None,
                    choices=["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"])
     p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--inference-precision", default=None,
+                   choices=["default", "f32", "bf16", "f16"],
+                   help="arithmetic of the layers that are not INT8 (default: the device's "
+                        "choice, bf16 on CPUs with AMX; f32 keeps f32's classes, slower)")
     p.add_argument("--max-black-box-masks", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--log-level", default="INFO")
@@ -291,6 +295,7 @@ def run_serve(args) -> int:
                                  host=args.host, workers=args.workers, device=args.device,
                                  performance_hint=args.performance_hint,
                                  num_requests=args.num_requests,
+                                 inference_precision=args.inference_precision,
                                  max_black_box_masks=args.max_black_box_masks,
                                  **{k: getattr(args, k) for k in SERVE_OPERATION_KEYS})
         server = Server(settings).start()

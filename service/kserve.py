@@ -172,6 +172,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else pb.ModelInstanceGroup.KIND_MODEL)])
         for key, value in (("device", settings.device),
                            ("performance_hint", settings.performance_hint),
+                           ("inference_precision", state.model.inference_precision),
                            ("version", str(state.version))):
             config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)

@@ -89,6 +89,17 @@ def queued_requests(compiled: ov.CompiledModel) -> int:
     return 2 * max(1, optimal)
 
 
+def compiled_precision(compiled: ov.CompiledModel) -> str:
+    """The precision the device computes the non-INT8 layers in ("f32", "bf16", ...), which
+    may differ from the one asked for (a CPU without bf16 computes f32); "unknown" where the
+    plugin does not say."""
+    try:
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # noqa: BLE001 - some plugins do not report it
+        return "unknown"
+    return precision.get_type_name() if isinstance(precision, ov.Type) else str(precision)
+
+
 class InferPool:
     """One compiled model and a pool of its infer requests: callers on different requests run
     in parallel; no lock is held while inferring."""
@@ -157,6 +168,7 @@ class ClassifierModel:
         self.compiled: ov.CompiledModel | None = None
         self.info: ModelInfo | None = None
         self.warnings: list[str] = []  # found at load, for the operator's log
+        self.inference_precision = "unknown"  # what the device computes in, once loaded
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
 
@@ -182,6 +194,7 @@ class ClassifierModel:
         full_model = with_summary(model, LOGITS_OUTPUT, SALIENCY_OUTPUT) if any(
             SALIENCY_OUTPUT in out.get_names() for out in model.outputs) else model
         self.compiled = self.core.compile_model(full_model, self.device, self.config)
+        self.inference_precision = compiled_precision(self.compiled)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
         summary = tuple(n for n in SCORE_OUTPUTS + MAP_OUTPUTS if n in self.output_names)
         self._explain_outputs = {False: (LOGITS_OUTPUT,),

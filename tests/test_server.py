@@ -10,6 +10,7 @@ import time
 import cv2
 import grpc
 import numpy as np
+import openvino as ov
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -91,6 +92,20 @@ def test_kserve_infer_raw_contents_and_bytes(kserve, photos):
     assert logits.argmax() == 967
 
 
+def test_inference_precision_from_the_config_file_and_the_flag(tmp_path):
+    from xaiserve.service.config import ConfigError, load_settings
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("models:\n  plain:\n    inference_precision: f32\n")
+    settings = load_settings(config, inference_precision="bf16")
+    assert settings.for_model("other").compile_config()["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert settings.for_model("plain").compile_config()["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "INFERENCE_PRECISION_HINT" not in load_settings(None).defaults.compile_config()
+    config.write_text("models:\n  plain:\n    inference_precision: fp32\n")
+    with pytest.raises(ConfigError, match=r"models\.plain\.inference_precision: 'fp32'; one of"):
+        load_settings(config)
+
+
 # --- the explanation service -----------------------------------------------------------------
 
 def test_triton_model_config(kserve):
@@ -108,6 +123,11 @@ def test_triton_model_config(kserve):
     assert config.parameters["device"].string_value == "CPU"
     plain = kserve.ModelConfig(kpb.ModelConfigRequest(name="plain", version="1")).config
     assert [o.name for o in plain.output] == ["logits"]
+    # the precision the CPU computes in, not the one asked for (bf16 for "plain")
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert plain.parameters["inference_precision"].string_value == (
+        "bf16" if has_bf16 else "f32")
+    assert config.parameters["inference_precision"].string_value in ("f32", "bf16")
     expect_error(lambda: kserve.ModelConfig(kpb.ModelConfigRequest(name="nonexistent")),
                  grpc.StatusCode.NOT_FOUND, "model_name")
 
