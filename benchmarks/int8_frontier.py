@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 from calibration_photos import write_folder  # noqa: E402
 from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
-from saliency_overhead import measure_interleaved  # noqa: E402
+from back_to_back import measure_interleaved  # noqa: E402
 
 from xaiserve.export.int8 import (Int8Settings, NncfExtras, f32_noise_floor,  # noqa: E402
                                   infer_all, layer_precisions, load_images, quantize,

@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import openvino as ov
 from scipy.stats import spearmanr
 
-from back_to_back import run_for  # benchmarks/, beside this script
+from back_to_back import batch1_request, measure_interleaved  # benchmarks/, beside this
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 EXACT = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}  # FakeQuantize in f32
@@ -99,27 +98,6 @@ def agreement(ref_logits, ref_maps, logits, maps) -> dict:
     return row
 
 
-def batch1_request(core: ov.Core, model: ov.Model, config: dict, image: np.ndarray):
-    model = model.clone()
-    model.reshape({"image": ov.PartialShape([1, *image.shape])})
-    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **config}
-                                 ).create_infer_request()
-    request.set_tensor("image", ov.Tensor(np.ascontiguousarray(image[None])))
-    return request
-
-
-def interleaved_p50(requests: dict, seconds: float, rounds: int) -> dict[str, dict]:
-    """Each request `seconds` in all, in `rounds` alternating rounds after a 1 s warm-up."""
-    for request in requests.values():
-        run_for(request, 1.0)
-    latencies = {name: [] for name in requests}
-    for r in range(rounds):
-        for name in (list(requests) if r % 2 == 0 else list(reversed(requests))):
-            latencies[name] += run_for(requests[name], seconds / rounds)
-    return {name: {"p50_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90)),
-                   "requests": len(v)} for name, v in latencies.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("payload", type=Path)
@@ -158,18 +136,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} ({label}): " + json.dumps(row), flush=True)
 
     image = next(iter(folders.values()))[0]
-    requests = {f"{args.reference}, f32": batch1_request(core, irs[args.reference], F32, image)}
+    configs = {f"{args.reference}, f32": (irs[args.reference], F32)}
     if bf16:
-        requests[f"{args.reference}, bf16"] = batch1_request(
-            core, irs[args.reference], {"INFERENCE_PRECISION_HINT": "bf16"}, image)
+        configs[f"{args.reference}, bf16"] = (irs[args.reference],
+                                              {"INFERENCE_PRECISION_HINT": "bf16"})
     for name, model in irs.items():
-        requests[f"{name}, default"] = batch1_request(core, model, {}, image)
+        configs[f"{name}, default"] = (model, {})
         if name != args.reference and bf16:  # INT8 with f32 rather than bf16 around it
-            requests[f"{name}, f32"] = batch1_request(core, model, F32, image)
-    timing = interleaved_p50(requests, args.seconds, args.rounds)
-    base = timing[f"{args.reference}, default"]["p50_ms"]
-    for name, row in timing.items():
-        row["p50_over_reference_at_default_precision"] = row["p50_ms"] / base
+            configs[f"{name}, f32"] = (model, F32)
+    requests = {key: batch1_request(core, model, {"PERFORMANCE_HINT": "LATENCY", **config}, image)
+                for key, (model, config) in configs.items()}
+    measured = measure_interleaved(requests, 1.0, args.seconds, args.rounds)
+    base = measured[f"{args.reference}, default"].p50_ms
+    timing = {key: {"p50_ms": t.p50_ms, "p90_ms": t.p90_ms, "requests": t.count,
+                    "p50_over_reference_at_default_precision": t.p50_ms / base}
+              for key, t in measured.items()}
     result["latency"] = timing
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)

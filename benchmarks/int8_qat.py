@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 from calibration_photos import held_out_photos, write_folder  # noqa: E402
 from int8_frontier import TARGET_TOP1, save_figure  # noqa: E402
 from int8_speed import TARGET_RATIO, batch1_request  # noqa: E402
-from saliency_overhead import measure_interleaved  # noqa: E402
+from back_to_back import measure_interleaved  # noqa: E402
 
 from xaiserve.export.int8 import (infer_all, load_images,  # noqa: E402
                                   reduced_precision_agreement)

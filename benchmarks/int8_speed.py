@@ -52,7 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 from calibration_photos import write_folder  # noqa: E402
-from saliency_overhead import compile_config, measure_interleaved  # noqa: E402
+import back_to_back  # noqa: E402
+from back_to_back import measure_interleaved  # noqa: E402
+from saliency_overhead import compile_config  # noqa: E402
 
 from xaiserve.service.cpu_int8 import (EXACT_INT8_CONFIG, cpu_flags,  # noqa: E402
                                        int8_dot_product)
@@ -134,12 +136,8 @@ def top1_without_saturation(f32_model: ov.Model, int8_models: dict[str, ov.Model
 
 
 def batch1_request(core: ov.Core, model: ov.Model, precision: str) -> ov.InferRequest:
-    model = model.clone()
-    model.reshape({"image": ov.PartialShape([1, 224, 224, 3])})
-    request = core.compile_model(model, "CPU", compile_config(precision)).create_infer_request()
-    image = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
-    request.set_tensor("image", ov.Tensor(image))
-    return request
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    return back_to_back.batch1_request(core, model, compile_config(precision), image)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from back_to_back import run_for
+from back_to_back import Timing, measure_interleaved
 from xaiserve.export.pipeline import ExportRequest, export_model
 from xaiserve.export.saliency import SaliencySettings
+from xaiserve.service.model import compiled_precision
 
 DEFAULT_SOURCES = ["default", "timm:resnet50"]
 DEIT_SOURCE = "timm:deit_tiny_patch16_224"
@@ -49,21 +50,6 @@ class Exported:
     bin_bytes: int
     input_shape: list[int]  # batch-1 u8 NHWC
     saliency: dict | None
-
-
-@dataclass
-class Timing:
-    """Latency figures of one model in one precision, from our loop or from benchmark_app."""
-
-    p50_ms: float
-    mean_ms: float
-    fps: float
-    count: int
-    min_ms: float | None = None
-    max_ms: float | None = None
-    p10_ms: float | None = None
-    round_p50_ms: list[float] | None = None  # our loop only: the median of each round
-    cpu_ms: float | None = None  # our loop only: process CPU time per inference, all threads
 
 
 @dataclass
@@ -139,11 +125,6 @@ def compile_config(precision: str, profile: bool = False) -> dict:
     return config
 
 
-def type_name(value) -> str:
-    """`f32` for an ov.Type (its repr is `<Type: 'float32'>`), str() for anything else."""
-    return value.get_type_name() if isinstance(value, ov.Type) else str(value)
-
-
 def make_request(core: ov.Core, model: Exported, config: dict,
                  image: np.ndarray) -> tuple[ov.CompiledModel, ov.InferRequest]:
     """Compile with `config`, reshaped to batch 1, with the input set once."""
@@ -153,42 +134,6 @@ def make_request(core: ov.Core, model: Exported, config: dict,
     request = compiled.create_infer_request()
     request.set_tensor("image", ov.Tensor(image))
     return compiled, request
-
-
-def summarize(latencies: list[float], window_s: float,
-              round_p50: list[float] | None = None, cpu_s: float | None = None) -> Timing:
-    ordered = sorted(latencies)
-    return Timing(
-        p50_ms=statistics.median(ordered), mean_ms=statistics.fmean(ordered),
-        fps=len(ordered) / window_s, count=len(ordered),
-        min_ms=ordered[0], max_ms=ordered[-1], p10_ms=ordered[len(ordered) // 10],
-        round_p50_ms=round_p50,
-        cpu_ms=None if cpu_s is None else cpu_s * 1e3 / len(ordered),
-    )
-
-
-def measure_interleaved(requests: dict[str, ov.InferRequest], warmup_s: float,
-                        seconds: float, rounds: int) -> dict[str, Timing]:
-    """Warm each model up, then alternate (plain, saliency), (saliency, plain), ... for `rounds`
-    rounds of `seconds / rounds` each, so that each model gets `seconds` of measurement. Short
-    rounds make load from other processes hit both models alike."""
-    for request in requests.values():
-        run_for(request, warmup_s)
-    latencies: dict[str, list[float]] = {v: [] for v in requests}
-    round_p50: dict[str, list[float]] = {v: [] for v in requests}
-    busy: dict[str, float] = {v: 0.0 for v in requests}
-    cpu: dict[str, float] = {v: 0.0 for v in requests}
-    slice_s = seconds / rounds
-    for r in range(rounds):
-        order = list(requests) if r % 2 == 0 else list(reversed(requests))
-        for variant in order:
-            c, t = time.process_time(), time.perf_counter()
-            these = run_for(requests[variant], slice_s)
-            busy[variant] += time.perf_counter() - t
-            cpu[variant] += time.process_time() - c
-            latencies[variant] += these
-            round_p50[variant].append(statistics.median(these))
-    return {v: summarize(latencies[v], busy[v], round_p50[v], cpu[v]) for v in requests}
 
 
 def load_average() -> float | None:
@@ -280,7 +225,7 @@ def bench_precision(core: ov.Core, pair: dict[str, Exported], precision: str,
     probe = compiled["plain"]
     result = PrecisionResult(
         requested=precision,
-        execution_precision=type_name(probe.get_property("INFERENCE_PRECISION_HINT")),
+        execution_precision=compiled_precision(probe),
         threads=int(probe.get_property("INFERENCE_NUM_THREADS")),
         streams=int(probe.get_property("NUM_STREAMS")),
     )
