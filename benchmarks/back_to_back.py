@@ -1,6 +1,6 @@
-"""The batch-1 timing every benchmark here shares: inferences back to back, models alternated in
-short rounds. No xaiserve import, so that benchmarks/int8_on_host.py can use it on a host with
-only openvino installed."""
+"""The timing every benchmark here shares: inferences back to back (batch 1 unless asked),
+models alternated in short rounds. No xaiserve import, so that benchmarks/int8_on_host.py can
+use it on a host with only openvino installed."""
 
 from __future__ import annotations
 
@@ -28,14 +28,21 @@ class Timing:
     cpu_ms: float | None = None  # our loop only: process CPU time per inference, all threads
 
 
+def batched_request(core: ov.Core, model: ov.Model, config: dict,
+                    images: np.ndarray) -> ov.InferRequest:
+    """An infer request of `model` reshaped to the u8 NHWC batch `images` [N, H, W, 3], which
+    it holds."""
+    model = model.clone()
+    model.reshape({"image": ov.PartialShape(list(images.shape))})
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+    request.set_tensor("image", ov.Tensor(np.ascontiguousarray(images)))
+    return request
+
+
 def batch1_request(core: ov.Core, model: ov.Model, config: dict,
                    image: np.ndarray) -> ov.InferRequest:
     """An infer request of `model` reshaped to one u8 NHWC `image` [H, W, 3], which it holds."""
-    model = model.clone()
-    model.reshape({"image": ov.PartialShape([1, *image.shape])})
-    request = core.compile_model(model, "CPU", config).create_infer_request()
-    request.set_tensor("image", ov.Tensor(np.ascontiguousarray(image[None])))
-    return request
+    return batched_request(core, model, config, image[None])
 
 
 def run_for(request: ov.InferRequest, seconds: float) -> list[float]:

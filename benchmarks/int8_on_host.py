@@ -14,13 +14,16 @@ copy of the IRs and images:
 
     python benchmarks/int8_on_host.py PAYLOAD --json out.json [--seconds 16] [--rounds 8]
     taskset -c 0,1 python benchmarks/int8_on_host.py PAYLOAD --json 2cores.json  # two cores
+    python benchmarks/int8_on_host.py PAYLOAD --json b.json --latency-only --batch 1,8,32
 
 Agreement: every IR at the CPU's default precision and, where the CPU has bf16, each INT8 IR
 also with f32 around its INT8 layers (`f32`) and with its FakeQuantize operations computed in
 f32 (`exact`: what a CPU without saturation computes, without bf16 elsewhere), against the
 reference IR computed in f32. Latency: batch-1 p50 in
 interleaved rounds under the LATENCY hint, as a ratio to the reference IR at the default
-precision (the issue's "bf16 IR" on an AMX CPU).
+precision (the issue's "bf16 IR" on an AMX CPU); `--batch` adds larger batches (the first N
+images of the first folder in one request), where INT8's wider arithmetic may pay more than at
+batch 1, with images per second beside each p50.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 import openvino as ov
 from scipy.stats import spearmanr
 
-from back_to_back import batch1_request, measure_interleaved  # benchmarks/, beside this
+from back_to_back import batched_request, measure_interleaved  # benchmarks/, beside this
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 EXACT = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}  # FakeQuantize in f32
@@ -98,16 +101,43 @@ def agreement(ref_logits, ref_maps, logits, maps) -> dict:
     return row
 
 
+def batch_of(images: np.ndarray, batch: int) -> np.ndarray:
+    """The first `batch` images, repeated when the folder has fewer."""
+    return np.resize(images, (batch, *images.shape[1:]))
+
+
+def time_batch(core: ov.Core, configs: dict, images: np.ndarray,
+               args: argparse.Namespace) -> dict:
+    """p50 of one request of `images` under the LATENCY hint for each configuration, models
+    interleaved, and its ratio to the reference IR at the CPU's default precision."""
+    requests = {key: batched_request(core, model, {"PERFORMANCE_HINT": "LATENCY", **config},
+                                     images)
+                for key, (model, config) in configs.items()}
+    measured = measure_interleaved(requests, 1.0, args.seconds, args.rounds)
+    base = measured[f"{args.reference}, default"].p50_ms
+    return {key: {"p50_ms": t.p50_ms, "p90_ms": t.p90_ms, "requests": t.count,
+                  "images_per_s": len(images) * 1e3 / t.p50_ms,
+                  "p50_over_reference_at_default_precision": t.p50_ms / base}
+            for key, t in measured.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("payload", type=Path)
     parser.add_argument("--reference", default="f32", help="the f32 IR's folder name")
     parser.add_argument("--seconds", type=float, default=16.0, help="timing per IR")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--batch", default="1",
+                        help="comma list of batch sizes to time, e.g. 1,8,32 (1 is always timed)")
     parser.add_argument("--latency-only", action="store_true",
                         help="skip agreement (it does not depend on the cores given)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
+    try:
+        batches = sorted({1, *(int(b) for b in args.batch.split(","))})
+        assert batches[0] >= 1
+    except (ValueError, AssertionError):
+        parser.error(f"--batch {args.batch!r}: give positive integers, e.g. 1,8,32")
 
     started = time.perf_counter()
     core = ov.Core()
@@ -135,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             result["agreement"][f"{name} ({label})"] = row
             print(f"{name} ({label}): " + json.dumps(row), flush=True)
 
-    image = next(iter(folders.values()))[0]
+    images = next(iter(folders.values()))
     configs = {f"{args.reference}, f32": (irs[args.reference], F32)}
     if bf16:
         configs[f"{args.reference}, bf16"] = (irs[args.reference],
@@ -144,14 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         configs[f"{name}, default"] = (model, {})
         if name != args.reference and bf16:  # INT8 with f32 rather than bf16 around it
             configs[f"{name}, f32"] = (model, F32)
-    requests = {key: batch1_request(core, model, {"PERFORMANCE_HINT": "LATENCY", **config}, image)
-                for key, (model, config) in configs.items()}
-    measured = measure_interleaved(requests, 1.0, args.seconds, args.rounds)
-    base = measured[f"{args.reference}, default"].p50_ms
-    timing = {key: {"p50_ms": t.p50_ms, "p90_ms": t.p90_ms, "requests": t.count,
-                    "p50_over_reference_at_default_precision": t.p50_ms / base}
-              for key, t in measured.items()}
-    result["latency"] = timing
+    timing = {batch: time_batch(core, configs, batch_of(images, batch), args)
+              for batch in batches}
+    result["latency"] = timing[1]  # the issue's target is at batch 1
+    if len(batches) > 1:
+        result["larger_batches"] = {str(b): timing[b] for b in batches[1:]}
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -163,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         for key, row in result["agreement"].items():
             print(f"{key + ': ' + row['inference_precision']:32s}"
                   + "".join(f"{row[f]['top1_agreement']:10.3f}" for f in folders))
-    print(f"batch-1 p50 latency, and its ratio to {args.reference} at the default precision")
-    for key, row in timing.items():
-        ratio = row["p50_over_reference_at_default_precision"]
-        print(f"{key:32s}{row['p50_ms']:8.3f} ms {ratio:6.3f}")
+    for batch, rows in timing.items():
+        print(f"batch-{batch} p50 latency, images/s, and the p50's ratio to {args.reference} at "
+              "the default precision")
+        for key, row in rows.items():
+            ratio = row["p50_over_reference_at_default_precision"]
+            print(f"{key:32s}{row['p50_ms']:9.3f} ms {row['images_per_s']:8.1f}/s {ratio:6.3f}")
     return 0
 
 

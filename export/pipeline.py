@@ -106,7 +106,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                 "target_layer": info.saliency_target_layer,  # the INT8 IR's, when trained
                 "feature_shape": insertion.feature_shape,
                 "map_shape": insertion.map_shape,
-                "map_precision": insertion.map_precision,
+                "map_precision": info.saliency_map_precision,  # the same
                 "settings": request.saliency.as_dict(),
             },
             "parity": parity_figures,
@@ -128,6 +128,7 @@ def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
         info.saliency_method = insertion.method
         info.saliency_target_layer = insertion.target_layer
         info.saliency_settings = json.dumps(saliency.as_dict(), sort_keys=True)
+        info.saliency_map_precision = insertion.map_precision
     if not preprocessing_embedded:
         model = embed_preprocessing(model, info)
     info.write(model)

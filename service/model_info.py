@@ -28,6 +28,7 @@ class ModelInfo:
     saliency_method: str | None = None
     saliency_target_layer: str | None = None
     saliency_settings: str | None = None
+    saliency_map_precision: str | None = None  # f32, or int8 where the map product is INT8
 
     def write(self, model: ov.Model) -> None:
         values = {
@@ -47,7 +48,8 @@ class ModelInfo:
         }
         for key, value in (("saliency_method", self.saliency_method),
                            ("saliency_target_layer", self.saliency_target_layer),
-                           ("saliency_settings", self.saliency_settings)):
+                           ("saliency_settings", self.saliency_settings),
+                           ("saliency_map_precision", self.saliency_map_precision)):
             if value is not None:
                 values[key] = value
         for key, value in values.items():
@@ -88,4 +90,5 @@ class ModelInfo:
             saliency_method=get("saliency_method"),
             saliency_target_layer=get("saliency_target_layer"),
             saliency_settings=get("saliency_settings"),
+            saliency_map_precision=get("saliency_map_precision"),
         )

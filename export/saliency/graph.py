@@ -222,13 +222,25 @@ def constant_value(output: ov.Output) -> np.ndarray | None:
 
 
 def activation_range(output: ov.Output) -> tuple[float, float] | None:
-    """The range the graph guarantees for a tensor: a Clamp's bounds (ReLU6, hard-tanh); None
-    when the values are unbounded (ReLU, SiLU, ...)."""
+    """The range the graph guarantees for a tensor: a Clamp's bounds (ReLU6, hard-tanh), or a
+    per-tensor FakeQuantize's output range (the activations of a model trained for INT8, whose
+    quantiser took the Clamp's place); None when the values are unbounded (ReLU, SiLU, ...)."""
     node = output.get_node()
-    if node.get_type_name() != "Clamp":
-        return None
-    attrs = node.get_attributes()
-    return float(attrs["min"]), float(attrs["max"])
+    kind = node.get_type_name()
+    if kind == "Clamp":
+        attrs = node.get_attributes()
+        return float(attrs["min"]), float(attrs["max"])
+    if kind == "FakeQuantize":
+        low, high = (constant_value(node.input_value(i)) for i in (3, 4))
+        if low is not None and high is not None and low.size == high.size == 1:
+            return float(low.item()), float(high.item())
+    return None
+
+
+def quantized_8bit(output: ov.Output) -> bool:
+    """Whether a tensor already comes out of an 8-bit (at most 256 levels) FakeQuantize."""
+    node = output.get_node()
+    return node.get_type_name() == "FakeQuantize" and node.get_attributes()["levels"] <= 256
 
 
 def linear_head(pool: ov.Node, scores: ov.Output) -> LinearHead | None:

@@ -29,6 +29,7 @@ from .graph import (
     key,
     linear_head,
     node_name,
+    quantized_8bit,
     score_output,
     static_dims,
 )
@@ -282,8 +283,9 @@ class ReciproCAM(SaliencyMethod):
         return ops.reshape(per_location, const([0, k, -1]), special_zero=True).output(0)
 
     def _int8_product(self, target: ov.Output, head: LinearHead) -> ov.Output | None:
-        """W @ F in int8 (FakeQuantize of the features over their guaranteed range, per-class
-        symmetric int8 weights), or None where map_precision or the graph rules it out."""
+        """W @ F in int8 (FakeQuantize of the features over their guaranteed range, unless a
+        model trained for INT8 has one there, per-class symmetric int8 weights), or None where
+        map_precision or the graph rules it out."""
         wanted = self.settings.map_precision
         if wanted == "f32":
             return None
@@ -300,12 +302,14 @@ class ReciproCAM(SaliencyMethod):
             weight = weight.T
         scale = np.maximum(np.abs(weight).max(axis=1, keepdims=True), 1e-12) / 127.0
         quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
-        low, high = const(bounds[0], np.float32), const(bounds[1], np.float32)
-        features = ops.fake_quantize(target, low, high, low, high, 256)
+        features = target  # a model trained for INT8 quantises them already
+        if not quantized_8bit(target):
+            low, high = const(bounds[0], np.float32), const(bounds[1], np.float32)
+            features = ops.fake_quantize(target, low, high, low, high, 256).output(0)
         dequantized = ops.multiply(ops.convert(const(quantized[:, :, None, None], np.int8),
                                                np.float32),
                                    const(scale[:, :, None, None], np.float32))
-        return self._conv1x1(features.output(0), dequantized.output(0))
+        return self._conv1x1(features, dequantized.output(0))
 
     def _build_general(self, model: ov.Model, scores: ov.Output, target: ov.Output,
                        weights: np.ndarray) -> ov.Output:
