@@ -106,7 +106,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                 "target_layer": info.saliency_target_layer,  # the INT8 IR's, when trained
                 "feature_shape": insertion.feature_shape,
                 "map_shape": insertion.map_shape,
-                "map_precision": info.saliency_map_precision,  # the same
+                "map_precision": info.saliency_map_precision,  # the served IR's, too
                 "settings": request.saliency.as_dict(),
             },
             "parity": parity_figures,

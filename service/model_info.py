@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 import openvino as ov
 
 SECTION = "model_info"
+# The project's own keys, optional strings stored as they are (Model API ignores keys it does
+# not know).
+OWN_KEYS = ("saliency_method", "saliency_target_layer", "saliency_settings",
+            "saliency_map_precision")
 
 
 @dataclass
@@ -24,7 +28,7 @@ class ModelInfo:
     resize_type: str = "standard"
     embedded_processing: bool = False
     pad_value: int = 0
-    # The project's own keys (Model API ignores keys it does not know).
+    # OWN_KEYS, the project's own
     saliency_method: str | None = None
     saliency_target_layer: str | None = None
     saliency_settings: str | None = None
@@ -46,12 +50,9 @@ class ModelInfo:
             "topk": "1",
             "multilabel": "False",
         }
-        for key, value in (("saliency_method", self.saliency_method),
-                           ("saliency_target_layer", self.saliency_target_layer),
-                           ("saliency_settings", self.saliency_settings),
-                           ("saliency_map_precision", self.saliency_map_precision)):
-            if value is not None:
-                values[key] = value
+        for key in OWN_KEYS:
+            if getattr(self, key) is not None:
+                values[key] = getattr(self, key)
         for key, value in values.items():
             model.set_rt_info(value, [SECTION, key])
 
@@ -87,8 +88,5 @@ class ModelInfo:
             embedded_processing=(get("embedded_processing", "False") or "").lower()
             in ("true", "yes", "1"),
             pad_value=int(float(get("pad_value", "0") or 0)),
-            saliency_method=get("saliency_method"),
-            saliency_target_layer=get("saliency_target_layer"),
-            saliency_settings=get("saliency_settings"),
-            saliency_map_precision=get("saliency_map_precision"),
+            **{key: get(key) for key in OWN_KEYS},
         )
