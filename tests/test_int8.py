@@ -23,7 +23,7 @@ from xaiserve.service.config import ServerSettings
 from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product, int8_weights,
                                        resolve_overflow_fix, saturating_layers,
                                        saturation_warning)
-from xaiserve.service.model import ClassifierModel, without_saliency
+from xaiserve.service.model import ClassifierModel, compiled_precision, without_saliency
 from xaiserve.service.model_info import ModelInfo
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
@@ -165,6 +165,11 @@ def test_top1_failure_says_when_bf16_itself_changes_more_classes(tmp_path):
     assert "bf16, the default precision on AMX CPUs, itself changes 0.0400" in tight
     loose = top1_hint(figures, Int8Settings(calibration=tmp_path, max_top1_drop=0.05))
     assert "bf16" not in loose
+    # on a CPU with bf16 the export measures it rather than emulating it, and says that figure
+    figures["at_default_precision"] = {"inference_precision": "bf16",
+                                       "f32_ir_top1_agreement": 0.93}
+    measured = top1_hint(figures, Int8Settings(calibration=tmp_path, max_top1_drop=0.05))
+    assert "bf16, the default precision on AMX CPUs, itself changes 0.0700" in measured
 
 
 def bf16_rounded(values: np.ndarray) -> np.ndarray:
@@ -575,6 +580,16 @@ def test_default_model_int8_agrees_with_f32(default_int8):
     # planar eltwise on the CPU rather than a 3-channel NHWC one (export/preprocessing.py).
     first = next(n for n in model.get_ordered_ops() if n.get_type_name() == "FakeQuantize")
     assert list(first.get_output_partial_shape(0).get_max_shape())[1:] == [3, 224, 224]
+    # What a server on this CPU computes by default (bf16 around the INT8 layers on AMX).
+    served = figures["at_default_precision"]
+    precision = compiled_precision(ov.Core().compile_model(model, "CPU"))
+    assert served["inference_precision"] == precision
+    if precision != "f32":
+        assert 0.7 <= served["top1_agreement"] <= 1.0
+        assert served["saliency_rank_correlation"] >= 0.9
+        assert 0.7 <= served["f32_ir_top1_agreement"] <= 1.0
+    else:
+        assert set(served) == {"what", "inference_precision"}
 
 
 def test_int8_ir_is_served_and_explains(default_int8, photos):
