@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         batches = sorted({1, *(int(b) for b in args.batch.split(","))})
+        if batches[0] < 1:
+            raise ValueError
     except ValueError:
-        batches = [0]
-    if batches[0] < 1:
         parser.error(f"--batch {args.batch!r}: give positive integers, e.g. 1,8,32")
 
     started = time.perf_counter()
