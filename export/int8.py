@@ -39,13 +39,14 @@ from xaiserve.service.model_info import ModelInfo
 from .int8_agreement import agreement, top1_agreement
 from .int8_finetune import TorchSource, finetuned_int8
 from .parity import compile_f32
+from .precision_pins import (NOT_COMPUTED, backbone_ops, check_keep_f32_first,
+                             leading_scope, pin_first_layers)
 from .reduced_precision import SIGNIFICANT_BITS, WEIGHTED_TYPES, with_rounded_inputs
 from .saliency.graph import ancestors, find_by_name, key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 PRESETS = ("performance", "mixed")  # NNCF QuantizationPreset members, by their CLI names
 EXIT_GATE = 3  # the export ran but INT8 drifted past a threshold
-NOT_COMPUTED = {"Parameter", "Result", "Constant"}
 
 
 class Int8Error(ValueError):
@@ -116,9 +117,7 @@ def check_settings(settings: Int8Settings, has_saliency: bool) -> None:
     if settings.overflow_fix not in ("auto", *OVERFLOW_FIXES):
         raise Int8Error(f"--overflow-fix {settings.overflow_fix!r}: use one of auto, "
                         f"{', '.join(OVERFLOW_FIXES)}")
-    if not 0 <= settings.keep_f32_first < 1:
-        raise Int8Error(f"--keep-f32-first {settings.keep_f32_first}: a fraction in [0, 1) "
-                        "(0.25 keeps the first quarter of the backbone's layers in f32)")
+    check_keep_f32_first(settings.keep_f32_first)
     if settings.accuracy_control and settings.max_top1_drop is None:
         raise Int8Error("--accuracy-control needs --max-top1-drop: the top-1 drop it reverts "
                         "layers to f32 until (for example --max-top1-drop 0.01)")
@@ -199,25 +198,6 @@ def branch_scope(model: ov.Model, target_layer: str | None) -> list[str]:
             if key(n) not in backbone and n.get_type_name() not in NOT_COMPUTED]
 
 
-def leading_scope(model: ov.Model, target_layer: str | None, fraction: float) -> list[str]:
-    """Friendly names of the operations before the backbone's weighted layer (convolution or
-    matrix product) `fraction` of the way through it: `--keep-f32-first`, kept in f32.
-
-    The first layers are where INT8 costs the most top-1 agreement. On the default model (300
-    validation crops, benchmarks/int8_speed.py --keep-f32-first 0.25 0.5), against f32:
-    all INT8 0.903 at 0.59 of the latency; the first quarter in f32 0.943 at 0.71; the first
-    half 0.950 at 0.78. Keeping the *last* half in f32 instead reached only 0.917."""
-    if fraction <= 0:
-        return []
-    ops = [n for n in backbone_ops(model, target_layer)
-           if n.get_type_name() not in NOT_COMPUTED]
-    weighted = [i for i, n in enumerate(ops) if n.get_type_name() in WEIGHTED_TYPES]
-    if not weighted:
-        return []
-    cut = weighted[min(len(weighted) - 1, int(len(weighted) * fraction))]
-    return [n.get_friendly_name() for n in ops[:cut]]
-
-
 @contextlib.contextmanager
 def nncf_output_to_stderr() -> Iterator[None]:
     """NNCF logs and draws its progress bars on stdout, where the CLI prints its JSON report."""
@@ -279,14 +259,6 @@ def kept_top1(compiled: ov.CompiledModel, items) -> tuple[float, list[float]]:
     model keeps, and each pair's 0 or 1 (NNCF ranks the operations to revert by them)."""
     kept = [float(compiled(image[None])["logits"].argmax() == label) for image, label in items]
     return float(np.mean(kept)), kept
-
-
-def backbone_ops(model: ov.Model, target_layer: str | None) -> list[ov.Node]:
-    """The operations up to the saliency target map, in graph order (all without a branch)."""
-    if target_layer is None:
-        return list(model.get_ordered_ops())
-    backbone = ancestors(find_by_name(model, target_layer))
-    return [n for n in model.get_ordered_ops() if key(n) in backbone]
 
 
 def weighted_layers(model: ov.Model, target_layer: str | None) -> list[ov.Node]:
@@ -443,6 +415,8 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
         progress("quantizing to INT8" + (" with accuracy control" if control else ""))
         quantized = quantize(model, target_layer, calibration, settings, overflow_fix, control)
     info.write(quantized)
+    # the layers left out of INT8 compute in f32 on every device, not in bf16 on AMX CPUs
+    quantized = pin_first_layers(quantized, target_layer, settings.keep_f32_first)
 
     progress("validating INT8 against f32")
     ours = infer_all(compile_f32(quantized, core), validation, "INT8 IR")

@@ -16,6 +16,7 @@ from xaiserve.service.model_info import ModelInfo
 from .int8 import Int8Settings, quantize_export
 from .int8_finetune import TorchSource
 from .parity import compile_f32, parity
+from .precision_pins import kept_in_f32, pin_first_layers
 from .preprocessing import embed_preprocessing
 from .reference_saliency import ReferenceCheck, check_reference
 from .repository import staged_version
@@ -36,6 +37,9 @@ class ExportRequest:
     parity_images: np.ndarray | None = None  # u8 [n, H, W, 3] at the model's size
     reference: ReferenceCheck | None = None  # torch reference maps vs the IR's, optional gate
     int8: Int8Settings | None = None  # quantise after the f32 checks (export/int8.py)
+    # the backbone's first layers computed in f32 on every device (precision_pins.py); with
+    # int8, Int8Settings.keep_f32_first, which also leaves them out of INT8, applies instead
+    keep_f32_first: float = 0.0
 
 
 @dataclass
@@ -75,12 +79,16 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                                    else None, progress, timings)
 
     int8_figures = None
+    target_layer = insertion.target_layer if insertion else None
     if request.int8 is not None:  # raises GateFailed before anything is written
         t = time.perf_counter()
         model, int8_figures = quantize_export(
-            model, insertion.target_layer if insertion else None, info, request.int8, progress,
+            model, target_layer, info, request.int8, progress,
             torch_source=torch_source(loaded, request.saliency, info))
         timings["int8_s"] = time.perf_counter() - t
+    else:
+        model = pin_first_layers(model, target_layer, request.keep_f32_first)
+    pinned = kept_in_f32(model)
 
     with staged_version(request.repository, request.name, request.version) as (staging, version):
         t = time.perf_counter()
@@ -112,6 +120,13 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             "parity": parity_figures,
             "reference": reference_figures,
             "precision": "int8" if int8_figures else "f32",
+            "kept_in_f32": {
+                "what": "operations computed in f32 on every device, also where the default "
+                        "precision is bf16 (AMX CPUs) or f16 (GPUs): --keep-f32-first",
+                "fraction": request.int8.keep_f32_first if request.int8 else
+                request.keep_f32_first,
+                "operations": len(pinned),
+            } if pinned else None,
             "int8": int8_figures,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }

@@ -17,6 +17,7 @@ from xaiserve.export.int8 import (Int8Settings, NncfExtras, gate_failures, load_
                                   one_level_noise, quantize, top1_hint)
 from xaiserve.export.int8_agreement import (agreement, spearman, top1_agreement,
                                             top_fraction_iou)
+from xaiserve.export.precision_pins import kept_in_f32
 from xaiserve.export.reduced_precision import with_rounded_inputs
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ServerSettings
@@ -288,9 +289,16 @@ def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
     model = ov.Core().read_model(repo / "shapes_int8" / "1" / "model.xml")
     # the backbone's three convolutions: the first stays f32, the later two are INT8
     assert int8_convolutions(model)[:3] == [False, True, True]
-    assert figures["f32_layers"] == [convolutions(model)[0].get_friendly_name()]
+    first = convolutions(model)[0].get_friendly_name()
+    assert figures["f32_layers"] == [first]
     assert figures["int8_layer_count"] == 2
     assert figures["top1_agreement"] >= 0.9
+    # and it computes in f32 on every device, not in bf16 where that is the default (AMX)
+    assert first in kept_in_f32(model)
+    assert json.loads(result.stdout)["kept_in_f32"]["operations"] == len(kept_in_f32(model))
+    runtime = ov.Core().compile_model(model, "CPU").get_runtime_model().get_ordered_ops()
+    assert [n.get_rt_info()["runtimePrecision"].astype(str) for n in runtime
+            if first in n.get_rt_info()["originalLayersNames"].astype(str).split(",")] == ["f32"]
 
 
 def test_nncf_extras_reach_the_export_quantisation(shapes):
