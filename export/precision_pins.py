@@ -2,18 +2,19 @@
 
 OpenVINO runs f32 IRs in bf16 on CPUs with AMX and in f16 on GPUs unless told otherwise, and an
 operation whose runtime attribute `DisablePrecisionConversion` lists those precisions keeps its
-f32 inputs and outputs instead (the CPU plugin reads it when it builds its graph; the GPU
-plugin's conversion to f16 honours it too). Putting the attribute into the IR makes
+f32 inputs and outputs instead (the CPU plugin reads it when it builds its graph; OpenVINO's
+f32-to-f16 conversion, which the GPU plugin runs, reads the same mark: not measured here, where
+there is no GPU). Putting the attribute into the IR makes
 `--keep-f32-first` mean what it says on every device, with no serving setting: without it the
 layers INT8 left "in f32" ran in bf16 on AMX, as did everything in an f32 IR.
 
-Measured on the default model (this project's AMX Xeon, 2 vCPUs; the f32 IR with every
-operation before its Nth convolution pinned; top-1 agreement with the IR computed in f32 on 300
-crops of the seed-1 photos / 300 of the held-out ones; batch-1 p50 against the plain IR in
-bf16, interleaved rounds of benchmarks/int8_on_host.py): none 0.933 / 0.953 at 1; the first 3
-convolutions 0.970 / 0.977 at 1.05; 6: 0.977 / 0.987 at 1.09; 9: 0.983 / 0.983 at 1.14; 24:
-0.987 / 0.983 at 1.24; the whole IR in f32 1 at 1.60. The classifier head was no lever: the
-CPU plugin already keeps the graph's tail after the last matrix product in f32.
+Measured on the default model (this project's AMX Xeon, 2 vCPUs; top-1 agreement with the IR
+computed in f32 on 300 crops of the seed-1 photos / 300 of the held-out ones; batch-1 p50
+against the plain IR in bf16, interleaved rounds of benchmarks/int8_on_host.py; the first N
+convolutions and every operation before them pinned): none 0.933 / 0.953 at 1; N = 3: 0.970 /
+0.977 at 1.05; 6: 0.977 / 0.987 at 1.09; 9: 0.983 / 0.983 at 1.14; 24: 0.987 / 0.983 at 1.24;
+the whole IR in f32 1 at 1.60. The classifier head was no lever: the CPU plugin already keeps
+the graph's tail after the last matrix product in f32.
 
 Pin whole regions, not single layers: with only the convolutions of a residual block pinned,
 the 2026.4 CPU plugin failed at the first inference ("Convolution node ... is not initialized",

@@ -65,7 +65,7 @@ def add_export(sub) -> None:
                    help="compute this fraction of the backbone's first layers in f32 on every "
                         "device, also where the default is bf16 (AMX CPUs) or f16 (GPUs), and "
                         "with --int8 leave them out of INT8 (default model on AMX: 0.12 keeps "
-                        "0.98 of f32's top-1 classes instead of bf16's 0.93-0.95, at 1.09 of "
+                        "0.98 of f32's top-1 classes instead of bf16's 0.93-0.95, at 1.07 of "
                         "the bf16 latency)")
     add_reference_options(p)
     add_int8_options(p)
