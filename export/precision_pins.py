@@ -111,5 +111,5 @@ def keep_in_f32(model: ov.Model, names: list[str]) -> ov.Model:
 
 def kept_in_f32(model: ov.Model) -> list[str]:
     """Friendly names of the operations pinned to f32, in graph order."""
-    key = f"{ATTRIBUTE}_0"
-    return [n.get_friendly_name() for n in model.get_ordered_ops() if key in n.get_rt_info()]
+    mark = f"{ATTRIBUTE}_0"  # the rt_info key: the attribute's type name and version
+    return [n.get_friendly_name() for n in model.get_ordered_ops() if mark in n.get_rt_info()]

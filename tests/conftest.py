@@ -29,6 +29,18 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600)
 
 
+def runtime_convolutions(compiled) -> list[tuple[set[str], str]]:
+    """Per convolution an OpenVINO CPU plugin runs: the IR operations it computes (their
+    friendly names) and the precision it computes them in (f32, bf16, u8, ...)."""
+    rows = []
+    for node in compiled.get_runtime_model().get_ordered_ops():
+        info = node.get_rt_info()
+        if info["layerType"].astype(str) in ("Convolution", "GroupConvolution"):
+            rows.append((set(info["originalLayersNames"].astype(str).split(",")),
+                         info["runtimePrecision"].astype(str)))
+    return rows
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     from sample_photos import sample_photos

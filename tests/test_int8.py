@@ -11,7 +11,7 @@ import openvino as ov
 import pytest
 from scipy.stats import spearmanr
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, runtime_convolutions
 from tests.synthetic import make_dataset, small_cnn, train_small_cnn
 from xaiserve.export.int8 import (Int8Settings, NncfExtras, gate_failures, load_images,
                                   one_level_noise, quantize, top1_hint)
@@ -296,9 +296,9 @@ def test_keep_f32_first_leaves_the_first_layers_in_f32(shapes):
     # and it computes in f32 on every device, not in bf16 where that is the default (AMX)
     assert first in kept_in_f32(model)
     assert json.loads(result.stdout)["kept_in_f32"]["operations"] == len(kept_in_f32(model))
-    runtime = ov.Core().compile_model(model, "CPU").get_runtime_model().get_ordered_ops()
-    assert [n.get_rt_info()["runtimePrecision"].astype(str) for n in runtime
-            if first in n.get_rt_info()["originalLayersNames"].astype(str).split(",")] == ["f32"]
+    compiled = ov.Core().compile_model(model, "CPU")
+    assert [precision for names, precision in runtime_convolutions(compiled)
+            if first in names] == ["f32"]
 
 
 def test_nncf_extras_reach_the_export_quantisation(shapes):

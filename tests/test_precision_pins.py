@@ -9,7 +9,7 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, runtime_convolutions
 from xaiserve.export.precision_pins import backbone_ops, kept_in_f32, leading_scope
 from xaiserve.service.images import resize_for_model
 from xaiserve.service.model import ClassifierModel, compiled_precision
@@ -35,17 +35,6 @@ def crops(default_export) -> np.ndarray:
     info = ModelInfo.from_model(ov.Core().read_model(default_export.path / "model.xml"))
     return np.stack([resize_for_model(image, info)
                      for image in photo_crops(base_photos(), 48, seed=3).values()])
-
-
-def runtime_convolutions(compiled: ov.CompiledModel) -> list[tuple[set[str], str]]:
-    """Per convolution the CPU plugin runs: the IR operations it computes, and its precision."""
-    rows = []
-    for node in compiled.get_runtime_model().get_ordered_ops():
-        info = node.get_rt_info()
-        if info["layerType"].astype(str) in ("Convolution", "GroupConvolution"):
-            rows.append((set(info["originalLayersNames"].astype(str).split(",")),
-                         info["runtimePrecision"].astype(str)))
-    return rows
 
 
 def logits(model_path, images: np.ndarray, config: dict | None = None) -> np.ndarray:
