@@ -122,9 +122,10 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             "precision": "int8" if int8_figures else "f32",
             "kept_in_f32": {
                 "what": "operations computed in f32 on every device, also where the default "
-                        "precision is bf16 (AMX CPUs) or f16 (GPUs): --keep-f32-first",
-                "fraction": request.int8.keep_f32_first if request.int8 else
-                request.keep_f32_first,
+                        "precision is bf16 (AMX CPUs) or f16 (GPUs): --keep-f32-first, and "
+                        "those an IR source had pinned already",
+                "fraction": (request.int8.keep_f32_first if request.int8 else
+                             request.keep_f32_first) or None,
                 "operations": len(pinned),
             } if pinned else None,
             "int8": int8_figures,

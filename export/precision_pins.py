@@ -101,7 +101,9 @@ def keep_in_f32(model: ov.Model, names: list[str]) -> ov.Model:
                 if rt_info is None:
                     rt_info = ET.Element("rt_info")
                     layer.insert(1 if layer.find("data") is not None else 0, rt_info)
-                ET.SubElement(rt_info, "attribute", KEEP_F32)
+                # an IR exported with pins carries them already, and the reader takes one
+                if not any(a.get("name") == ATTRIBUTE for a in rt_info.iter("attribute")):
+                    ET.SubElement(rt_info, "attribute", KEEP_F32)
                 found.add(layer.get("name"))
         if found != wanted:
             raise ValueError(f"no layer named {sorted(wanted - found)[:3]} in the IR")

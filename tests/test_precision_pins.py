@@ -90,6 +90,28 @@ def test_the_server_serves_a_pinned_model_with_the_pins(pinned_export, photos):
     assert explanation.maps[285].shape == (7, 7)
 
 
+def test_an_ir_source_keeps_its_pins_and_takes_more(tmp_path):
+    """A deployed IR exported with pins (here a plain one, no saliency) exported again: the
+    saliency insertion keeps its pins, and --keep-f32-first adds to them without doubling the
+    attribute (which OpenVINO's IR reader refuses)."""
+    from xaiserve.export.pipeline import ExportRequest, export_model
+    from xaiserve.export.saliency import SaliencySettings
+
+    plain = export_model(ExportRequest("default", tmp_path, "plain", keep_f32_first=0.1,
+                                       saliency=SaliencySettings(method="none")))
+    source = str(plain.path / "model.xml")
+    pinned = kept_in_f32(ov.Core().read_model(source))
+    again = export_model(ExportRequest(source, tmp_path, "again"))
+    assert again.card["kept_in_f32"]["fraction"] is None
+    assert kept_in_f32(ov.Core().read_model(again.path / "model.xml")) == pinned
+    more = export_model(ExportRequest(source, tmp_path, "more", keep_f32_first=0.2))
+    model = ov.Core().read_model(more.path / "model.xml")
+    assert set(pinned) < set(kept_in_f32(model))
+    assert more.card["kept_in_f32"]["fraction"] == 0.2
+    assert more.card["kept_in_f32"]["operations"] == len(kept_in_f32(model))
+    assert "saliency_map" in {name for out in model.outputs for name in out.get_names()}
+
+
 def test_keep_f32_first_out_of_range_exits_2_before_any_work(tmp_path):
     result = run_cli("export", "default", "--repository", str(tmp_path), "--name", "x",
                      "--keep-f32-first", "1")
