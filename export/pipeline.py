@@ -80,6 +80,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
 
     int8_figures = None
     target_layer = insertion.target_layer if insertion else None
+    keep_f32_first = request.int8.keep_f32_first if request.int8 else request.keep_f32_first
     if request.int8 is not None:  # raises GateFailed before anything is written
         t = time.perf_counter()
         model, int8_figures = quantize_export(
@@ -87,7 +88,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             torch_source=torch_source(loaded, request.saliency, info))
         timings["int8_s"] = time.perf_counter() - t
     else:
-        model = pin_first_layers(model, target_layer, request.keep_f32_first)
+        model = pin_first_layers(model, target_layer, keep_f32_first)
     pinned = kept_in_f32(model)
 
     with staged_version(request.repository, request.name, request.version) as (staging, version):
@@ -124,8 +125,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
                 "what": "operations computed in f32 on every device, also where the default "
                         "precision is bf16 (AMX CPUs) or f16 (GPUs): --keep-f32-first, and "
                         "those an IR source had pinned already",
-                "fraction": (request.int8.keep_f32_first if request.int8 else
-                             request.keep_f32_first) or None,
+                "fraction": keep_f32_first or None,
                 "operations": len(pinned),
             } if pinned else None,
             "int8": int8_figures,

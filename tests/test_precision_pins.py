@@ -10,6 +10,7 @@ import openvino as ov
 import pytest
 
 from tests.conftest import run_cli, runtime_convolutions
+from xaiserve.export.int8 import infer_all
 from xaiserve.export.precision_pins import backbone_ops, kept_in_f32, leading_scope
 from xaiserve.service.images import resize_for_model
 from xaiserve.service.model import ClassifierModel, compiled_precision
@@ -39,7 +40,7 @@ def crops(default_export) -> np.ndarray:
 
 def logits(model_path, images: np.ndarray, config: dict | None = None) -> np.ndarray:
     compiled = ov.Core().compile_model(model_path / "model.xml", "CPU", config or {})
-    return np.concatenate([compiled(image[None])["logits"] for image in images])
+    return infer_all(compiled, images, "logits")[0]
 
 
 def test_the_first_layers_of_an_f32_export_run_in_f32_at_the_default_precision(pinned_export):
