@@ -146,7 +146,7 @@ def local_explain_black(model: ClassifierModel, work: WorkInput, batch: int) -> 
         out = model.predict(tensor, ("logits",), stages)
         timer.skip()  # predict recorded queue and inference
         target = int(np.argmax(out["logits"][0]))
-        rise.explain(model.compiled, tensor[0], [target], settings)
+        rise.explain(model.masked_scoring(), tensor[0], [target], settings)
         timer.lap("explanation")
         return stages
     return call

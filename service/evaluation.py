@@ -183,10 +183,10 @@ def rise_maps(backend: Backend, mosaic: np.ndarray, targets: list[int]) -> np.nd
     """Black-box RISE maps (service/rise.py, its default masks) of the same model, in-process."""
     from .rise import RiseExplainer
 
-    compiled = getattr(getattr(backend, "model", None), "compiled", None)
-    if compiled is None:
+    model = getattr(backend, "model", None)  # a ClassifierModel in-process, a name remotely
+    if not hasattr(model, "masked_scoring"):
         raise BackendError("--grid-methods rise runs in-process only (--model-path)")
-    return RiseExplainer().explain(compiled, mosaic, targets)
+    return RiseExplainer().explain(model.masked_scoring(), mosaic, targets)
 
 
 # Methods the grid pointing game can compare, by name: (backend, mosaic, targets) -> maps.

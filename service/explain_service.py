@@ -206,7 +206,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                             "retry later")
         watch.move("explanation", "queue", (time.perf_counter() - started) * 1e3)
         try:
-            result = self.rise.run(model.compiled_scores, tensor, targets, settings)
+            result = self.rise.run(model.masked_scoring(), tensor, targets, settings)
         except ValueError as exc:  # settings that do not fit this model, e.g. cells
             raise invalid(f"black_box: {exc}") from None
         finally:

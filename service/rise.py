@@ -7,7 +7,9 @@ price of N inferences, so this module is built around keeping those inferences c
 
 * masks depend only on (H, W, settings), so they are generated once and kept in a small LRU cache;
 * masked images go through the model in batches on an `AsyncInferQueue`, so every stream is busy;
-* the weighted sum is one matmul, scores [N, T]^T x masks [N, H*W], not a Python loop.
+* the weighted sum is one matmul, scores [N, T]^T x masks [N, H*W], not a Python loop;
+* given a `MaskedScoring` copy (service.rise_graph, what the server uses), the masking and the
+  weighted sum run inside the compiled model too, so the request's thread only feeds masks.
 
 Nothing here imports torch: it runs on the serving side next to the compiled OpenVINO model.
 """
@@ -19,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -26,6 +29,10 @@ import openvino as ov
 
 from .model import queued_requests
 from .request_metrics import softmax
+from .rise_graph import IMAGE as GRAPH_IMAGE
+from .rise_graph import MASKS as GRAPH_MASKS
+from .rise_graph import TARGETS as GRAPH_TARGETS
+from .rise_graph import MaskedScoring
 from .summary_head import LOGITS_OUTPUT
 
 DEFAULT_MAX_MASKS = 10_000
@@ -272,7 +279,8 @@ def _target_scores(request: ov.InferRequest, output_index: int, count: int,
 
 
 class RiseExplainer:
-    """Runs RISE against a compiled OpenVINO classifier (u8 NHWC `image` in, `logits` out).
+    """Runs RISE against a compiled OpenVINO classifier (u8 NHWC `image` in, `logits` out), or
+    against its masked-scoring copy (`MaskedScoring`), which masks and sums in the graph.
 
     Stateless apart from the shared mask cache and a forward-pass counter, so one instance can
     serve concurrent requests; each call gets its own infer-request pool.
@@ -284,33 +292,46 @@ class RiseExplainer:
         self.total_forward_passes = 0
         self._count_lock = threading.Lock()
 
-    def explain(self, compiled_model: ov.CompiledModel, image: np.ndarray, targets: list[int],
-                settings: RiseSettings = RiseSettings(), deadline: float | None = None,
-                cancel: threading.Event | None = None) -> np.ndarray:
+    def explain(self, model: ov.CompiledModel | MaskedScoring, image: np.ndarray,
+                targets: list[int], settings: RiseSettings = RiseSettings(),
+                deadline: float | None = None, cancel: threading.Event | None = None
+                ) -> np.ndarray:
         """Saliency maps float32 [len(targets), H, W] for an image already at the input size."""
-        return self.run(compiled_model, image, targets, settings, deadline, cancel).maps
+        return self.run(model, image, targets, settings, deadline, cancel).maps
 
-    def run(self, compiled_model: ov.CompiledModel, image: np.ndarray, targets: list[int],
-            settings: RiseSettings = RiseSettings(), deadline: float | None = None,
-            cancel: threading.Event | None = None) -> RiseResult:
+    def run(self, model: ov.CompiledModel | MaskedScoring, image: np.ndarray,
+            targets: list[int], settings: RiseSettings = RiseSettings(),
+            deadline: float | None = None, cancel: threading.Event | None = None
+            ) -> RiseResult:
         """Like `explain`, with forward-pass count and timings.
 
         `deadline` is a `time.monotonic()` instant; past it, or once `cancel` is set, no more
         batches are submitted and `RiseAborted` is raised after the in-flight ones finish.
         """
         settings.validate(self.max_masks)
-        height, width = self._check_image(compiled_model, image)
+        in_graph = isinstance(model, MaskedScoring)
+        if in_graph:
+            height, width = _check_graph_image(model, image)
+            targets = _check_targets(targets, model.classes)
+        else:
+            height, width = _check_image(model, image)
+            targets = _check_targets(targets, _class_count(model))
         settings.check_image(height, width)
-        targets = self._check_targets(compiled_model, targets)
 
         t0 = time.perf_counter()
         masks = self.cache.get(height, width, settings)
         t1 = time.perf_counter()
-        batch = model_batch_size(compiled_model, settings.batch_size)
-        scores, requests = self._score_masked(compiled_model, image, masks, targets, batch,
-                                              deadline, cancel)
-        t2 = time.perf_counter()
-        maps = accumulate_saliency(scores, masks, settings.p_keep)
+        if in_graph:
+            batch = model.batch
+            total, requests = _weigh_in_graph(model, image, masks, targets, deadline, cancel)
+            t2 = time.perf_counter()
+            maps = (total / (len(masks) * float(settings.p_keep))).reshape(-1, height, width)
+        else:
+            batch = model_batch_size(model, settings.batch_size)
+            scores, requests = _score_masked(model, image, masks, targets, batch, deadline,
+                                             cancel)
+            t2 = time.perf_counter()
+            maps = accumulate_saliency(scores, masks, settings.p_keep)
         t3 = time.perf_counter()
 
         with self._count_lock:
@@ -320,80 +341,130 @@ class RiseExplainer:
             "accumulate": (t3 - t2) * 1e3,
         })
 
-    def _score_masked(self, compiled_model: ov.CompiledModel, image: np.ndarray,
-                      masks: np.ndarray, targets: list[int], batch: int,
-                      deadline: float | None, cancel: threading.Event | None
-                      ) -> tuple[np.ndarray, int]:
-        """Softmax scores [N, T] of the targets for every masked image, via an AsyncInferQueue.
 
-        Results are read on this thread when a request is reused and after `wait_all`, not in a
-        Python callback: OpenVINO finishes a Python callback on the model's executor thread,
-        which needs the GIL after `wait_all` has returned, so a caller that then drops the last
-        reference to the compiled model (joining that thread while holding the GIL) deadlocks or
-        aborts. Without a Python callback the executor threads never touch Python.
-        """
-        n = len(masks)
-        static = _image_input(compiled_model).get_partial_shape()[0].is_static
-        wanted = np.asarray(targets, dtype=np.int64)
-        output_index = _logits_index(compiled_model)
-        port = _image_index(compiled_model)
-        scores = np.empty((n, len(targets)), dtype=np.float32)
-        queue = ov.AsyncInferQueue(compiled_model, queued_requests(compiled_model))
-        pending: dict[int, tuple[int, int]] = {}  # request id -> (first mask, count)
+Feed = Callable[[int, int], dict]  # (first mask, count) -> the request's inputs
+Collect = Callable[[ov.InferRequest, int, int], None]  # (finished request, first mask, count)
 
-        def collect(request_id: int) -> None:
-            start, count = pending.pop(request_id)
-            scores[start:start + count] = _target_scores(queue[request_id], output_index,
-                                                         count, wanted)
 
-        requests = 0
-        aborted = ""
-        for start in range(0, n, batch):
-            aborted = _abort_reason(deadline, cancel)
-            if aborted:
-                break
-            count = min(batch, n - start)
-            # A static batch dim needs the last request padded; a dynamic one takes it short.
-            images = np.zeros((batch if static else count, *image.shape), dtype=np.uint8)
-            mask_images(image, masks[start:start + count], out=images[:count])
-            request_id = queue.get_idle_request_id()  # waits for one to finish
-            if request_id in pending:
-                collect(request_id)
-            queue.start_async({port: images})
-            pending[request_id] = (start, count)
-            requests += 1
-        queue.wait_all()
-        for request_id in list(pending):
-            collect(request_id)
+def _infer_batches(compiled: ov.CompiledModel, n: int, batch: int, feed: Feed,
+                   collect: Collect, deadline: float | None,
+                   cancel: threading.Event | None) -> int:
+    """Submit N masks `batch` at a time on an `AsyncInferQueue`; returns the requests made.
+
+    Results are read on this thread when a request is reused and after `wait_all`, not in a
+    Python callback: OpenVINO finishes a Python callback on the model's executor thread,
+    which needs the GIL after `wait_all` has returned, so a caller that then drops the last
+    reference to the compiled model (joining that thread while holding the GIL) deadlocks or
+    aborts. Without a Python callback the executor threads never touch Python.
+    """
+    queue = ov.AsyncInferQueue(compiled, queued_requests(compiled))
+    pending: dict[int, tuple[int, int]] = {}  # request id -> (first mask, count)
+    requests = 0
+    aborted = ""
+    for start in range(0, n, batch):
+        aborted = _abort_reason(deadline, cancel)
         if aborted:
-            raise RiseAborted(f"RISE {aborted} after {min(requests * batch, n)} of {n} masks")
-        return scores, requests
+            break
+        count = min(batch, n - start)
+        inputs = feed(start, count)
+        request_id = queue.get_idle_request_id()  # waits for one to finish
+        if request_id in pending:
+            collect(queue[request_id], *pending.pop(request_id))
+        queue.start_async(inputs)
+        pending[request_id] = (start, count)
+        requests += 1
+    queue.wait_all()
+    for request_id, (start, count) in pending.items():
+        collect(queue[request_id], start, count)
+    if aborted:
+        raise RiseAborted(f"RISE {aborted} after {min(requests * batch, n)} of {n} masks")
+    return requests
 
-    @staticmethod
-    def _check_image(compiled_model: ov.CompiledModel, image: np.ndarray) -> tuple[int, int]:
-        """RISE does not resize: the image must already be at the model's input size."""
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be u8 [H, W, 3], got {image.dtype} {image.shape}")
-        shape = _image_input(compiled_model).get_partial_shape()
-        height, width = image.shape[:2]
-        for axis, size in ((1, height), (2, width)):
-            dim = shape[axis]
-            if dim.is_static and dim.get_length() != size:
-                raise ValueError(f"image is {height}x{width}, the model input is "
-                                 f"{shape[1]}x{shape[2]}")
-        return height, width
 
-    @staticmethod
-    def _check_targets(compiled_model: ov.CompiledModel, targets: list[int]) -> list[int]:
-        targets = [int(t) for t in targets]
-        if not targets:
-            raise ValueError("targets is empty")
-        classes = _logits_output(compiled_model).get_partial_shape()[-1]
-        limit = classes.get_length() if classes.is_static else None
-        for t in targets:
-            if t < 0 or (limit is not None and t >= limit):
-                raise ValueError(f"target {t} is outside [0, {limit})")
-        return targets
+def _score_masked(compiled: ov.CompiledModel, image: np.ndarray, masks: np.ndarray,
+                  targets: list[int], batch: int, deadline: float | None,
+                  cancel: threading.Event | None) -> tuple[np.ndarray, int]:
+    """Softmax scores [N, T] of the targets for every masked image, masked here in numpy."""
+    static = _image_input(compiled).get_partial_shape()[0].is_static
+    wanted = np.asarray(targets, dtype=np.int64)
+    output_index = _logits_index(compiled)
+    port = _image_index(compiled)
+    scores = np.empty((len(masks), len(targets)), dtype=np.float32)
+
+    def feed(start: int, count: int) -> dict:
+        # A static batch dim needs the last request padded; a dynamic one takes it short.
+        images = np.zeros((batch if static else count, *image.shape), dtype=np.uint8)
+        mask_images(image, masks[start:start + count], out=images[:count])
+        return {port: images}
+
+    def collect(request: ov.InferRequest, start: int, count: int) -> None:
+        scores[start:start + count] = _target_scores(request, output_index, count, wanted)
+
+    requests = _infer_batches(compiled, len(masks), batch, feed, collect, deadline, cancel)
+    return scores, requests
+
+
+def _weigh_in_graph(scoring: MaskedScoring, image: np.ndarray, masks: np.ndarray,
+                    targets: list[int], deadline: float | None,
+                    cancel: threading.Event | None) -> tuple[np.ndarray, int]:
+    """sum_i scores[i, t] * masks[i] as float32 [T, H * W], each batch's share from the graph."""
+    batch, compiled = scoring.batch, scoring.compiled
+    wanted = np.asarray(targets, dtype=np.int64)
+    total = np.zeros((len(targets), masks.shape[1] * masks.shape[2]), dtype=np.float32)
+
+    def feed(start: int, count: int) -> dict:
+        chunk = masks[start:start + count]
+        if count < batch:  # zero masks add nothing to the sum
+            chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]),
+                                                    chunk.dtype)])
+        return {GRAPH_IMAGE: image, GRAPH_MASKS: chunk, GRAPH_TARGETS: wanted}
+
+    def collect(request: ov.InferRequest, start: int, count: int) -> None:
+        np.add(total, request.get_output_tensor(0).data, out=total)
+
+    requests = _infer_batches(compiled, len(masks), batch, feed, collect, deadline, cancel)
+    return total, requests
+
+
+def _check_image(compiled_model: ov.CompiledModel, image: np.ndarray) -> tuple[int, int]:
+    """RISE does not resize: the image must already be at the model's input size."""
+    _check_pixels(image)
+    shape = _image_input(compiled_model).get_partial_shape()
+    height, width = image.shape[:2]
+    for axis, size in ((1, height), (2, width)):
+        dim = shape[axis]
+        if dim.is_static and dim.get_length() != size:
+            raise ValueError(f"image is {height}x{width}, the model input is "
+                             f"{shape[1]}x{shape[2]}")
+    return height, width
+
+
+def _check_graph_image(scoring: MaskedScoring, image: np.ndarray) -> tuple[int, int]:
+    _check_pixels(image)
+    if image.shape[:2] != (scoring.height, scoring.width):
+        raise ValueError(f"image is {image.shape[0]}x{image.shape[1]}, the model input is "
+                         f"{scoring.height}x{scoring.width}")
+    return scoring.height, scoring.width
+
+
+def _check_pixels(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be u8 [H, W, 3], got {image.dtype} {image.shape}")
+
+
+def _class_count(compiled_model: ov.CompiledModel) -> int | None:
+    classes = _logits_output(compiled_model).get_partial_shape()[-1]
+    return classes.get_length() if classes.is_static else None
+
+
+def _check_targets(targets: list[int], limit: int | None) -> list[int]:
+    targets = [int(t) for t in targets]
+    if not targets:
+        raise ValueError("targets is empty")
+    for t in targets:
+        if t < 0 or (limit is not None and t >= limit):
+            raise ValueError(f"target {t} is outside [0, {limit})")
+    return targets
 
 
 def _abort_reason(deadline: float | None, cancel: threading.Event | None) -> str:

@@ -8,7 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from xaiserve.service.model import SALIENCY_OUTPUT, ClassifierModel, Routes, without_saliency
+from xaiserve.service.model import (
+    RISE_BATCH,
+    SALIENCY_OUTPUT,
+    ClassifierModel,
+    Routes,
+    without_saliency,
+)
+from xaiserve.service.rise import MaskCache, RiseExplainer, RiseSettings
 
 THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT"}
 
@@ -58,14 +65,13 @@ def test_each_route_gives_the_full_models_answer(models, batch):
 
 def test_single_images_run_on_copies_with_the_batch_fixed_at_1(default_export, models, batch):
     """Without the idle LATENCY copy, one image goes to the batch-1 copies (full or scores
-    only), several to the dynamic ones; RISE gets the batch-1 scores copy."""
+    only), several to the dynamic ones."""
     plain, _ = models
     single = ClassifierModel(default_export.path, config=THROUGHPUT, routes=Routes(
         scores_only=True, single_image_copies=True)).load()
     assert plain.compiled.inputs[0].get_partial_shape()[0].is_dynamic
     for pool in (single._full_single, single._scores_single):
         assert pool.compiled.inputs[0].get_partial_shape()[0].get_length() == 1
-    assert single.compiled_scores is single._scores_single.compiled
     assert single._route(batch[:1], ("logits",), idle=False) is single._scores_single
     assert single._route(batch[:1], ("logits", SALIENCY_OUTPUT), False) is single._full_single
     assert single._route(batch, ("logits",), idle=False) is single._scores
@@ -75,6 +81,30 @@ def test_single_images_run_on_copies_with_the_batch_fixed_at_1(default_export, m
         assert_answers_row(single.predict(batch[i:i + 1], ("logits",)), reference, i, ("logits",))
     several = single.predict(batch)
     np.testing.assert_allclose(several[SALIENCY_OUTPUT], reference[SALIENCY_OUTPUT], atol=1e-4)
+
+
+def test_rise_copy_is_built_once_and_maps_as_the_scores_copy_does(models, batch):
+    """RISE's masked-scoring copy (masking and summing in the graph) is compiled on first use,
+    once, also under concurrent first calls; its maps rank the pixels as RISE on the scores
+    copy with numpy masking does (both at the device's default precision)."""
+    plain, routed = models
+    assert routed._masked_scoring is None  # not compiled at load
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: routed.masked_scoring(), range(4)))
+    scoring = copies[0]
+    assert all(c is scoring for c in copies) and routed.masked_scoring() is scoring
+    assert (scoring.batch, scoring.height, scoring.width, scoring.classes) == (
+        RISE_BATCH, 224, 224, 1000)
+    image = batch[0]
+    target = int(np.argmax(plain.predict(batch[:1], ("logits",))["logits"][0]))
+    settings = RiseSettings(num_masks=300)
+    cache = MaskCache()
+    in_graph = RiseExplainer(cache).run(scoring, image, [target], settings)
+    in_numpy = RiseExplainer(cache).explain(routed._scores_single.compiled, image, [target],
+                                            settings)
+    assert in_graph.infer_requests == -(-300 // RISE_BATCH)
+    ranks = [np.argsort(np.argsort(m.ravel())) for m in (in_graph.maps[0], in_numpy[0])]
+    assert np.corrcoef(*ranks)[0, 1] > 0.999
 
 
 def test_concurrent_callers_get_their_own_images_answers(models, batch):

@@ -23,12 +23,14 @@ from openvino import opset13 as ops
 
 from xaiserve.service.rise import (
     MaskCache,
+    MaskedScoring,
     RiseAborted,
     RiseExplainer,
     RiseSettings,
     accumulate_saliency,
     generate_masks,
 )
+from xaiserve.service.rise_graph import masked_scoring_graph
 
 SIZE = 32
 HALF = SIZE // 2
@@ -37,7 +39,20 @@ BACKGROUND = 8.0  # the constant third logit
 FAST = RiseSettings(num_masks=500, cells=8, p_keep=0.5, seed=0, batch_size=16)
 
 
-def quadrant_model(batch: int = -1) -> ov.CompiledModel:
+def quadrant_model(batch: int = -1, precision: str | None = None) -> ov.CompiledModel:
+    """The quadrant graph compiled as the server compiles its copies, at the device's default
+    precision or at `precision`."""
+    return ov.Core().compile_model(quadrant_graph(batch), "CPU", compile_config(precision))
+
+
+def compile_config(precision: str | None) -> dict:
+    config = {"PERFORMANCE_HINT": "THROUGHPUT"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return config
+
+
+def quadrant_graph(batch: int = -1) -> ov.Model:
     """u8 [batch, 32, 32, 3] -> logits [batch, 3] = [GAIN * TL, GAIN * BR, BACKGROUND]."""
     image = ops.parameter([batch, SIZE, SIZE, 3], ov.Type.u8, name="image")
     scaled = ops.multiply(ops.convert(image, ov.Type.f32), ops.constant(np.float32(1 / 255)))
@@ -48,13 +63,27 @@ def quadrant_model(batch: int = -1) -> ov.CompiledModel:
     logits = ops.add(ops.matmul(flat, ops.constant(weights.reshape(-1, 3)), False, False),
                      ops.constant(np.array([0.0, 0.0, BACKGROUND], np.float32)))
     logits.output(0).set_names({"logits"})
-    model = ov.Model([logits], [image], "quadrants")
-    return ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    return ov.Model([logits], [image], "quadrants")
+
+
+def quadrant_scoring(batch: int, precision: str | None = None) -> MaskedScoring:
+    """The quadrant model's masked-scoring copy (service.rise_graph), at the device's default
+    precision or at `precision`."""
+    graph = masked_scoring_graph(quadrant_graph(), batch, SIZE, SIZE)
+    compiled = ov.Core().compile_model(graph, "CPU", compile_config(precision))
+    return MaskedScoring(compiled, batch, SIZE, SIZE, 3)
 
 
 @pytest.fixture(scope="module")
 def dynamic_model() -> ov.CompiledModel:
     return quadrant_model()
+
+
+@pytest.fixture(scope="module", params=["numpy", "graph"])
+def scorer(request, dynamic_model) -> ov.CompiledModel | MaskedScoring:
+    """Either way RISE runs: masking in numpy on the plain model, or in the masked-scoring
+    graph as the server runs it (at the device's default precision, bf16 on AMX CPUs)."""
+    return dynamic_model if request.param == "numpy" else quadrant_scoring(16)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +103,8 @@ def quadrant(name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- localisation
 
 @pytest.mark.parametrize("target, where", [(0, "tl"), (1, "br")])
-def test_map_points_at_the_quadrant_that_drives_the_class(dynamic_model, image, target, where):
-    maps = RiseExplainer(MaskCache()).explain(dynamic_model, image, [0, 1], FAST)
+def test_map_points_at_the_quadrant_that_drives_the_class(scorer, image, target, where):
+    maps = RiseExplainer(MaskCache()).explain(scorer, image, [0, 1], FAST)
     assert maps.shape == (2, SIZE, SIZE) and maps.dtype == np.float32
     saliency, inside = maps[target], quadrant(where)
     # RISE maps sit on a baseline (the mean score), so compare above the map's minimum.
@@ -86,10 +115,10 @@ def test_map_points_at_the_quadrant_that_drives_the_class(dynamic_model, image, 
     assert inside.flat[saliency.argmax()]
 
 
-def test_target_order_is_kept(dynamic_model, image):
+def test_target_order_is_kept(scorer, image):
     explainer = RiseExplainer(MaskCache())
-    both = explainer.explain(dynamic_model, image, [0, 1], FAST)
-    swapped = explainer.explain(dynamic_model, image, [1, 0], FAST)
+    both = explainer.explain(scorer, image, [0, 1], FAST)
+    swapped = explainer.explain(scorer, image, [1, 0], FAST)
     np.testing.assert_allclose(swapped, both[::-1], rtol=1e-6)
 
 
@@ -224,6 +253,34 @@ def test_static_batch_gives_the_same_map(dynamic_model, image, static_batch):
     np.testing.assert_allclose(result.maps, reference, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("batch", [16, 7])
+def test_masking_and_summing_in_the_graph_gives_the_numpy_map(image, batch):
+    """Both computed in f32, the masked-scoring graph's maps equal the numpy path's, also where
+    the last batch is padded with zero masks (500 masks: 4 and 3 left over)."""
+    settings = RiseSettings(num_masks=500)
+    cache = MaskCache()
+    reference = RiseExplainer(cache).explain(quadrant_model(precision="f32"), image, [1, 0, 2],
+                                             settings)
+    result = RiseExplainer(cache).run(quadrant_scoring(batch, "f32"), image, [1, 0, 2],
+                                      settings)
+    assert (result.batch_size, result.forward_passes) == (batch, 500)
+    assert result.infer_requests == math.ceil(500 / batch)
+    assert result.maps.shape == (3, SIZE, SIZE) and result.maps.dtype == np.float32
+    np.testing.assert_allclose(result.maps, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_the_graph_at_the_default_precision_ranks_pixels_as_numpy_does(dynamic_model, image):
+    """At the device's default precision (bf16 on AMX CPUs) the masked images may differ by a
+    grey level and the sum is rounded: the maps must still rank the pixels alike."""
+    cache = MaskCache()
+    reference = RiseExplainer(cache).explain(dynamic_model, image, [0, 1], FAST)
+    maps = RiseExplainer(cache).explain(quadrant_scoring(16), image, [0, 1], FAST)
+    for got, want in zip(maps, reference):
+        ranks = [np.argsort(np.argsort(m.ravel())) for m in (got, want)]
+        assert np.corrcoef(*ranks)[0, 1] > 0.999
+        assert np.abs(got - want).max() < 0.02 * (want.max() - want.min())
+
+
 def test_dropping_the_model_right_after_rise_neither_hangs_nor_aborts():
     """A server unloads models; OpenVINO must not be left with Python work on the model's threads.
 
@@ -248,14 +305,14 @@ def test_dropping_the_model_right_after_rise_neither_hangs_nor_aborts():
     assert child.stdout.split() == ["done", str(80 * 32)]
 
 
-def test_deadline_and_cancel_abort(dynamic_model, image):
+def test_deadline_and_cancel_abort(scorer, image):
     explainer = RiseExplainer(MaskCache())
     with pytest.raises(RiseAborted, match="deadline"):
-        explainer.explain(dynamic_model, image, [0], FAST, deadline=time.monotonic() - 1)
+        explainer.explain(scorer, image, [0], FAST, deadline=time.monotonic() - 1)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(RiseAborted, match="cancelled"):
-        explainer.explain(dynamic_model, image, [0], FAST, cancel=cancel)
+        explainer.explain(scorer, image, [0], FAST, cancel=cancel)
     assert explainer.total_forward_passes == 0
 
 
@@ -285,7 +342,7 @@ def test_server_cap_names_num_masks(dynamic_model, image):
     ({"targets": []}, "targets"),
     ({"settings": RiseSettings(num_masks=10, cells=33)}, "cells"),
 ])
-def test_invalid_requests_are_rejected(dynamic_model, image, bad, message):
+def test_invalid_requests_are_rejected(scorer, image, bad, message):
     args = {"image": image, "targets": [0], "settings": FAST} | bad
     with pytest.raises(ValueError, match=message):
-        RiseExplainer(MaskCache()).explain(dynamic_model, **args)
+        RiseExplainer(MaskCache()).explain(scorer, **args)
