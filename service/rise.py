@@ -407,10 +407,17 @@ def _score_masked(compiled: ov.CompiledModel, image: np.ndarray, masks: np.ndarr
 def _weigh_in_graph(scoring: MaskedScoring, image: np.ndarray, masks: np.ndarray,
                     targets: list[int], deadline: float | None,
                     cancel: threading.Event | None) -> tuple[np.ndarray, int]:
-    """sum_i scores[i, t] * masks[i] as float32 [T, H * W], each batch's share from the graph."""
+    """sum_i scores[i, t] * masks[i] as float32 [T, H * W], each batch's share from the graph.
+
+    The shares are added in the order of the masks, whatever order the requests finish in, so
+    that one seed gives one map bit for bit: float32 sums depend on their order. A share that
+    finishes early waits in `early` (at most the queue's few requests).
+    """
     batch, compiled = scoring.batch, scoring.compiled
     wanted = np.asarray(targets, dtype=np.int64)
     total = np.zeros((len(targets), masks.shape[1] * masks.shape[2]), dtype=np.float32)
+    early: dict[int, np.ndarray] = {}  # first mask -> a share that finished before its turn
+    next_start = 0
 
     def feed(start: int, count: int) -> dict:
         chunk = masks[start:start + count]
@@ -420,7 +427,16 @@ def _weigh_in_graph(scoring: MaskedScoring, image: np.ndarray, masks: np.ndarray
         return {GRAPH_IMAGE: image, GRAPH_MASKS: chunk, GRAPH_TARGETS: wanted}
 
     def collect(request: ov.InferRequest, start: int, count: int) -> None:
-        np.add(total, request.get_output_tensor(0).data, out=total)
+        nonlocal next_start
+        share = request.get_output_tensor(0).data
+        if start != next_start:
+            early[start] = share.copy()  # the request's tensor is reused
+            return
+        np.add(total, share, out=total)
+        next_start += batch
+        while next_start in early:
+            np.add(total, early.pop(next_start), out=total)
+            next_start += batch
 
     requests = _infer_batches(compiled, len(masks), batch, feed, collect, deadline, cancel)
     return total, requests
