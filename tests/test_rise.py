@@ -23,14 +23,13 @@ from openvino import opset13 as ops
 
 from xaiserve.service.rise import (
     MaskCache,
-    MaskedScoring,
     RiseAborted,
     RiseExplainer,
     RiseSettings,
     accumulate_saliency,
     generate_masks,
 )
-from xaiserve.service.rise_graph import masked_scoring_graph
+from xaiserve.service.rise_graph import MaskedScoring, masked_scoring_graph
 
 SIZE = 32
 HALF = SIZE // 2
@@ -138,7 +137,7 @@ def test_the_graphs_map_does_not_depend_on_the_order_requests_finish_in(image):
     """The graph path adds each batch's share as its request finishes; float32 sums depend on
     their order, so the shares must be added in the masks' order for one seed to give one map
     bit for bit (a server test found maps differing in the 7th digit)."""
-    scoring = quadrant_scoring(2)  # 500 requests in flight on the streams, finishing in turn
+    scoring = quadrant_scoring(2)  # 500 requests, a few in flight at a time on two streams
     explainer = RiseExplainer(MaskCache())
     settings = RiseSettings(num_masks=1000)
     first = explainer.explain(scoring, image, [0, 1], settings)
