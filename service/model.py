@@ -24,7 +24,7 @@ from .rise_graph import MaskedScoring, class_count, masked_scoring_graph
 from .summary_head import LOGITS_OUTPUT, MAP_OUTPUTS, SCORE_OUTPUTS, Summary, with_summary
 
 SALIENCY_OUTPUT = "saliency_map"
-# Masked images per inference of the RISE copy (a dynamic-batch IR's; a fixed batch is kept).
+# Masked images per inference of the RISE copy, by default (a fixed batch in the IR is kept).
 # 1000 masks of EfficientNet-Lite0 on 2 vCPUs of an AMX Xeon: 1.41 s at 8, 1.60 s at 1.
 RISE_BATCH = 8
 
@@ -69,10 +69,12 @@ class Routes:
     - `batch_when_busy`: on the THROUGHPUT copies, requests that wait for a busy model run
       together, up to this many images per inference (service.batching; 0: never).
     - `single_image_copies`: where the IR's batch is dynamic, single images (the common
-      request, and RISE's masked images) run on copies compiled with the batch fixed at 1;
+      request) run on copies compiled with the batch fixed at 1;
       OpenVINO's CPU plugin runs a static shape faster (EfficientNet-Lite0 here: 187 against
       174 FPS in benchmark_app, 6.3 against 6.8 ms at batch 1). Batches of several images keep
       the dynamic copies. Not with `batch_when_busy`, which needs the dynamic batch.
+    - `black_box_batch`: masked images per inference of RISE's copy (`masked_scoring`), where
+      the IR's batch is dynamic; compiled on the first black-box request, not at load.
     Each copy costs a compile at load (0.15 s for Lite0) and its own weights in memory (about
     30 MB for Lite0)."""
 
@@ -80,6 +82,7 @@ class Routes:
     latency_when_idle: bool = False
     batch_when_busy: int = 0
     single_image_copies: bool = False
+    black_box_batch: int = RISE_BATCH
 
 
 def queued_requests(compiled: ov.CompiledModel) -> int:
@@ -249,13 +252,13 @@ class ClassifierModel:
 
     def masked_scoring(self) -> MaskedScoring:
         """The copy RISE runs on (service.rise_graph): it masks the image and sums the weighted
-        masks inside the graph, RISE_BATCH masks per inference. Compiled on the first
-        black-box request, not at load: most models never get one, and it costs a compile
-        and a copy of the weights."""
+        masks inside the graph, `routes.black_box_batch` masks per inference (or the IR's fixed
+        batch). Compiled on the first black-box request, not at load: most models never get
+        one, and it costs a compile and a copy of the weights."""
         with self._masked_scoring_lock:
             if self._masked_scoring is None:
                 info, graph = self.info, self._scores_graph
-                batch = self.static_batch or RISE_BATCH
+                batch = self.static_batch or self.routes.black_box_batch
                 compiled = self._compile(masked_scoring_graph(
                     graph, batch, info.input_height, info.input_width))
                 scoring = MaskedScoring(compiled, batch, info.input_height, info.input_width,

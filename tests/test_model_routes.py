@@ -107,6 +107,15 @@ def test_rise_copy_is_built_once_and_maps_as_the_scores_copy_does(models, batch)
     assert np.corrcoef(*ranks)[0, 1] > 0.999
 
 
+def test_rise_copy_takes_the_configured_batch(default_export, batch):
+    model = ClassifierModel(default_export.path, config=THROUGHPUT,
+                            routes=Routes(black_box_batch=3)).load()
+    scoring = model.masked_scoring()
+    assert scoring.batch == 3
+    result = RiseExplainer(MaskCache()).run(scoring, batch[0], [0], RiseSettings(num_masks=20))
+    assert (result.batch_size, result.infer_requests) == (3, 7)
+
+
 def test_concurrent_callers_get_their_own_images_answers(models, batch):
     """Under load requests spread over all copies; each caller must still get its image's
     scores and map."""

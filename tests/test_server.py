@@ -106,6 +106,20 @@ def test_inference_precision_from_the_config_file_and_the_flag(tmp_path):
         load_settings(config)
 
 
+def test_black_box_batch_from_the_config_file(tmp_path):
+    from xaiserve.service.config import ConfigError, load_settings
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("defaults: {black_box_batch: 32}\nmodels:\n  plain: {black_box_batch: 1}\n")
+    settings = load_settings(config)
+    assert settings.for_model("other").routes().black_box_batch == 32
+    assert settings.for_model("plain").routes().black_box_batch == 1
+    assert load_settings(None).defaults.routes().black_box_batch == 8
+    config.write_text("models:\n  plain: {black_box_batch: 0}\n")
+    with pytest.raises(ConfigError, match=r"models\.plain\.black_box_batch: 0; must be in \[1, "):
+        load_settings(config)
+
+
 # --- the explanation service -----------------------------------------------------------------
 
 def test_triton_model_config(kserve):
