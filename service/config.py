@@ -100,8 +100,10 @@ def _model_settings(raw: dict, base: ModelSettings, where: str) -> ModelSettings
                           f"of {PRECISIONS}")
     if settings.max_batch_size < 1:
         raise ConfigError(f"{where}.max_batch_size: {settings.max_batch_size}; must be at least 1")
-    if not 1 <= settings.black_box_batch <= MAX_BLACK_BOX_BATCH:
-        raise ConfigError(f"{where}.black_box_batch: {settings.black_box_batch}; must be in "
+    batch = settings.black_box_batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or not (
+            1 <= batch <= MAX_BLACK_BOX_BATCH):
+        raise ConfigError(f"{where}.black_box_batch: {batch!r}; must be an integer in "
                           f"[1, {MAX_BLACK_BOX_BATCH}]")
     if settings.max_black_box_masks < settings.black_box_masks:
         raise ConfigError(f"{where}: black_box_masks is over max_black_box_masks")

@@ -115,9 +115,11 @@ def test_black_box_batch_from_the_config_file(tmp_path):
     assert settings.for_model("other").routes().black_box_batch == 32
     assert settings.for_model("plain").routes().black_box_batch == 1
     assert load_settings(None).defaults.routes().black_box_batch == 8
-    config.write_text("models:\n  plain: {black_box_batch: 0}\n")
-    with pytest.raises(ConfigError, match=r"models\.plain\.black_box_batch: 0; must be in \[1, "):
-        load_settings(config)
+    for bad in ("0", "257", "eight", "2.5"):
+        config.write_text(f"models:\n  plain: {{black_box_batch: {bad}}}\n")
+        with pytest.raises(ConfigError, match=r"models\.plain\.black_box_batch: .*; must be an "
+                                              r"integer in \[1, 256\]"):
+            load_settings(config)
 
 
 # --- the explanation service -----------------------------------------------------------------
