@@ -13,6 +13,7 @@ from xaiserve.service.model import (
     SALIENCY_OUTPUT,
     ClassifierModel,
     Routes,
+    compiled_precision,
     without_saliency,
 )
 from xaiserve.service.rise import MaskCache, RiseExplainer, RiseSettings
@@ -107,11 +108,17 @@ def test_rise_copy_is_built_once_and_maps_as_the_scores_copy_does(models, batch)
     assert np.corrcoef(*ranks)[0, 1] > 0.999
 
 
-def test_rise_copy_takes_the_configured_batch(default_export, batch):
-    model = ClassifierModel(default_export.path, config=THROUGHPUT,
+def test_rise_copy_takes_the_configured_batch_and_the_throughput_hint(default_export, batch):
+    """RISE's thousand inferences per request are a throughput job: its copy of a model
+    compiled for LATENCY gets the THROUGHPUT hint (the model's other settings kept)."""
+    latency = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    model = ClassifierModel(default_export.path, config=latency,
                             routes=Routes(black_box_batch=3)).load()
     scoring = model.masked_scoring()
     assert scoring.batch == 3
+    assert str(model.compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+    assert str(scoring.compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    assert compiled_precision(scoring.compiled) == "f32"
     result = RiseExplainer(MaskCache()).run(scoring, batch[0], [0], RiseSettings(num_masks=20))
     assert (result.batch_size, result.infer_requests) == (3, 7)
 
