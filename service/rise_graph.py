@@ -28,7 +28,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-from .summary_head import LOGITS_OUTPUT
+from .summary_head import LOGITS_OUTPUT, result_input
 
 IMAGE = "xaiserve.rise.image"
 MASKS = "xaiserve.rise.masks"
@@ -49,10 +49,8 @@ class MaskedScoring:
 
 def _logits(model: ov.Model) -> ov.Output:
     """The output called `logits`, else the first one (as the numpy path reads it)."""
-    for result in model.get_results():
-        if LOGITS_OUTPUT in result.output(0).get_names():
-            return result.input_value(0)
-    return model.get_results()[0].input_value(0)
+    logits = result_input(model, LOGITS_OUTPUT)
+    return logits if logits is not None else model.get_results()[0].input_value(0)
 
 
 def masked_scoring_graph(classifier: ov.Model, batch: int, height: int, width: int

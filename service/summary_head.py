@@ -36,7 +36,7 @@ COVERAGE_THRESHOLD = 0.5
 CONCENTRATION_TOP_FRACTION = 0.1
 
 
-def _result_input(model: ov.Model, name: str) -> ov.Output | None:
+def result_input(model: ov.Model, name: str) -> ov.Output | None:
     """The node output that feeds the result called `name` (None: no such result)."""
     for result in model.get_results():
         if name in result.output(0).get_names():
@@ -91,12 +91,12 @@ def with_summary(model: ov.Model, logits_name: str, saliency_name: str) -> ov.Mo
     [N, M, h, w] with M, h and w known. For a graph of another form the handler computes
     what the graph does not (Summary.read)."""
     summarised = model.clone()
-    logits = _result_input(summarised, logits_name)
+    logits = result_input(summarised, logits_name)
     if logits is None or logits.get_partial_shape().rank.get_length() != 2 \
             or logits.get_partial_shape()[1].is_dynamic:
         return summarised
     heads, top_classes = _score_head(logits)
-    saliency = _result_input(summarised, saliency_name)
+    saliency = result_input(summarised, saliency_name)
     if saliency is not None and saliency.get_partial_shape().rank.get_length() == 4 \
             and all(saliency.get_partial_shape()[i].is_static for i in (1, 2, 3)):
         heads += _map_head(saliency, top_classes)
