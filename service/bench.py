@@ -28,6 +28,7 @@ from .bench_reference import ReferenceRun, run_benchmark_app
 from .config import HINTS
 from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image
+from .layer_profile import LayerProfile, measure_layers, profile
 from .model import ClassifierModel, ModelLoadError
 
 MODES = ("in-process", "server")
@@ -71,12 +72,17 @@ class BenchSettings:
     image: Path | None = None
     reference: bool = True
     reference_seconds: int = 10
+    layers: bool = False  # per-layer counters of each in-process configuration and batch
+    layer_iterations: int = 100
 
     def validate(self) -> "BenchSettings":
         if not self.model_paths and not self.server:
             raise BenchError("give --model-path (in-process) or --server HOST:PORT --model NAME")
         if self.server and not self.model:
             raise BenchError("--model NAME is needed with --server")
+        if self.layers and not self.model_paths:
+            raise BenchError("--layers reads the IR's per-layer counters in-process: give "
+                             "--model-path (with --server: the IR the server serves)")
         for path in self.model_paths:
             xml = path if path.suffix == ".xml" else path / "model.xml"
             if not xml.is_file():
@@ -102,8 +108,9 @@ class BenchSettings:
                   ("--stability", 0 < self.stability < 1),
                   ("--stable-windows", self.stable_windows >= 2),
                   ("--max-windows", self.max_windows >= self.stable_windows),
-                  ("--masks", self.masks >= 1), ("--reference-seconds",
-                                                 self.reference_seconds >= 1))
+                  ("--masks", self.masks >= 1),
+                  ("--reference-seconds", self.reference_seconds >= 1),
+                  ("--layer-iterations", self.layer_iterations >= 1))
         for option, ok in checks:
             if not ok:
                 raise BenchError(f"{option}: out of range (see xaiserve bench --help)")
@@ -289,6 +296,7 @@ class BenchResult:
     image: str
     points: list[Point] = field(default_factory=list)
     references: list[ReferenceRun] = field(default_factory=list)
+    layers: list[LayerProfile] = field(default_factory=list)
     skips: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -479,7 +487,8 @@ class Bench:
         configs = self.local_configs() if self.settings.model_paths else []
         local_jobs = self.jobs("in-process") if configs else []
         remote_jobs = self.jobs("server") if self.settings.server else []
-        total = len(configs) * len(local_jobs) + len(remote_jobs)
+        profiles = len(configs) * len(self.settings.batch_sizes) if self.settings.layers else 0
+        total = len(configs) * len(local_jobs) + len(remote_jobs) + profiles
         self.progress.start(total)
         try:
             for config in configs:
@@ -493,6 +502,8 @@ class Bench:
         return self.result
 
     def run_local(self, config: Config, jobs: list[tuple[str, int, int]]) -> None:
+        if self.settings.layers:
+            self.profile_layers(config)
         try:
             model = ClassifierModel(config.path, config.device, config.compile_config(),
                                     self.core).load()
@@ -537,6 +548,26 @@ class Bench:
             point.model = label
             if ref_config is not None:
                 attach_reference(point, self.reference(ref_config, batch), s.masks)
+            self.progress.advance()
+
+    def profile_layers(self, config: Config) -> None:
+        """Per-layer counters of the IR under this configuration, one profile per batch size,
+        on a copy compiled for them alone (PERF_COUNT slows the points' inferences)."""
+        image = decode_image(self.jpeg)
+        for batch in self.settings.batch_sizes:
+            self.progress.begin(f"layer counters b{batch}")
+            try:
+                layers = measure_layers(self.core, config.xml, config.device,
+                                        config.compile_config(), batch, image,
+                                        self.settings.layer_iterations)
+            except (RuntimeError, ValueError) as exc:
+                self.skip(f"skip layer counters {config.label} {config.device} b{batch}: "
+                          f"{str(exc).splitlines()[0][:160]}")
+            else:
+                self.result.layers.append(profile(
+                    layers, model=config.label, device=config.device,
+                    precision=config.precision, hint=config.hint, streams=config.streams,
+                    batch=batch, iterations=self.settings.layer_iterations))
             self.progress.advance()
 
     def remote_target(self) -> tuple[works.RemoteTarget, str]:

@@ -7,14 +7,18 @@ import csv
 import json
 from pathlib import Path
 
-from .bench import STAGES, BenchResult, Point
+from .bench import HINT_SHORT, STAGES, BenchResult, Point
 from .bench_works import WORKS
+from .layer_profile import LayerProfile
 
 CSV_FIELDS = ("mode", "model", "device", "precision", "hint", "streams", "work", "batch",
               "concurrency", "requests", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms",
               "p99_ms", "mean_ms", "stable", "windows", "errors", "reference_fps",
               "reference_p50_ms", "throughput_ratio", "p50_ratio")
 PLOTS = ("throughput.png", "latency.png", "split.png")
+LAYER_CSV_FIELDS = ("model", "device", "precision", "hint", "streams", "batch", "layer_type",
+                    "kernel", "runtime_precision", "count", "total_us", "share")
+LAYER_TYPES_SHOWN = 6  # the rest of a profile's layer types are summed as "other"
 
 
 def write_all(result: BenchResult, out: Path) -> dict[str, Path | str]:
@@ -31,6 +35,9 @@ def write_all(result: BenchResult, out: Path) -> dict[str, Path | str]:
     written["json"] = out / "bench.json"
     write_csv(result.points, out / "bench.csv")
     written["csv"] = out / "bench.csv"
+    if result.layers:
+        write_layer_csv(result.layers, out / "layers.csv")
+        written["layers_csv"] = out / "layers.csv"
     try:
         written.update(write_plots(result, out))
     except ImportError:
@@ -47,6 +54,18 @@ def write_csv(points: list[Point], path: Path) -> None:
             row = [getattr(p, name) for name in CSV_FIELDS]
             writer.writerow([_cell(v) for v in row]
                             + [_cell(p.split_ms.get(s, 0.0)) for s in stages])
+
+
+def write_layer_csv(profiles: list[LayerProfile], path: Path) -> None:
+    """One row per (profile, layer type, kernel, precision) group."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(LAYER_CSV_FIELDS)
+        for prof in profiles:
+            for g in prof.groups:
+                writer.writerow([prof.model, prof.device, prof.precision, prof.hint,
+                                 prof.streams, prof.batch, g.layer_type, g.kernel, g.precision,
+                                 g.count, _cell(g.total_us), _cell(g.share)])
 
 
 def _cell(value: object) -> object:
@@ -108,12 +127,39 @@ def summary_text(result: BenchResult) -> str:
                          f"{r.device} {r.precision} {r.hint.lower()} streams={r.requested_streams}"
                          f" b{r.batch}: {r.fps:.1f} img/s, p50 {r.p50_ms:.2f} ms, nireq "
                          f"{r.infer_requests}, streams {r.streams}, {r.seconds} s")
+    lines += layers_text(result.layers)
     lines.append("img/s counts images; latencies in ms per request (client side); fps/ba and "
                  "p50/ba: ours / benchmark_app (explain-black: a request is masks + 1 "
                  "inferences at benchmark_app's rate; faithfulness: none, the server decides "
                  "how many inferences its curves take); split: mean ms per stage (net = "
                  "transport).")
     return "\n".join(lines)
+
+
+def layer_profile_label(prof: LayerProfile) -> str:
+    hint = HINT_SHORT.get(prof.hint, prof.hint.lower())
+    streams = f" st={prof.streams}" if prof.streams != "auto" else ""
+    return f"{prof.model} {prof.device} {prof.precision} {hint}{streams} b{prof.batch}"
+
+
+def _percentages(shares: dict[str, float], count: int = 4) -> str:
+    return ", ".join(f"{name} {100 * share:.0f}%" for name, share in list(shares.items())[:count])
+
+
+def layers_text(profiles: list[LayerProfile]) -> list[str]:
+    """Two lines per profile: where the inference's time goes by layer type and precision, and
+    its slowest layers."""
+    if not profiles:
+        return []
+    lines = ["per-layer counters (PERF_COUNT on one request back to back, us per inference; "
+             "layers.csv, layers.png):"]
+    for prof in profiles:
+        lines.append(f"  {layer_profile_label(prof)}: {prof.total_us:.0f} us in "
+                     f"{prof.layer_count} layers; {_percentages(prof.by_type, 3)}; computed in "
+                     f"{_percentages(prof.by_precision)}")
+        lines.append("    slowest: " + ", ".join(
+            f"{layer.layer_type} {layer.kernel} {layer.mean_us:.0f}" for layer in prof.slowest[:3]))
+    return lines
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -206,7 +252,46 @@ def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
     ax.set_title("Where a request's time goes")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(stages))
     files["split"] = _save(fig, out / PLOTS[2])
+    if result.layers:
+        files["layers"] = plot_layers(result.layers, out / "layers.png")
     return files
+
+
+def plot_layers(profiles: list[LayerProfile], path: Path) -> Path:
+    """Two panels of stacked bars, one bar per profile: its per-inference layer time by layer
+    type, and by the precision the layers ran in."""
+    import matplotlib.pyplot as plt
+
+    labels = [layer_profile_label(p) for p in profiles]
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.45 * len(profiles) + 2.5)),
+                             sharey=True)
+    for ax, key, title in ((axes[0], "by_type", "by layer type"),
+                           (axes[1], "by_precision", "by the precision a layer ran in")):
+        totals: dict[str, float] = {}
+        for prof in profiles:
+            for name, share in getattr(prof, key).items():
+                totals[name] = totals.get(name, 0.0) + share * prof.total_us
+        shown = sorted(totals, key=lambda n: -totals[n])[:LAYER_TYPES_SHOWN]
+        left = [0.0] * len(profiles)
+        for name in shown + ["other"]:
+            values = [prof.total_us * (getattr(prof, key).get(name, 0.0) if name != "other" else
+                                       sum(v for k, v in getattr(prof, key).items()
+                                           if k not in shown)) for prof in profiles]
+            if name == "other" and not any(values):
+                continue
+            ax.barh(range(len(profiles)), values, left=left, label=name)
+            left = [a + b for a, b in zip(left, values)]
+        for i, prof in enumerate(profiles):
+            ax.annotate(f"{prof.total_us:.0f} us", (left[i], i), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.set_xlabel("us per inference (summed layer times)")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
+    axes[0].set_yticks(range(len(profiles)), labels, fontsize=7)
+    axes[0].invert_yaxis()  # the first profile on top; the axis is shared
+    fig.suptitle("Where an inference's time goes (OpenVINO per-layer counters)")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

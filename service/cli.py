@@ -672,6 +672,11 @@ def add_bench(sub) -> None:
     p.add_argument("--image", type=Path, default=None, help="default: a sample photo")
     p.add_argument("--reference-seconds", type=int, default=10, help="benchmark_app -t")
     p.add_argument("--no-reference", action="store_true", help="do not run benchmark_app")
+    p.add_argument("--layers", action="store_true",
+                   help="also read per-layer counters (PERF_COUNT) of each in-process "
+                        "configuration and batch: time by layer type, kernel and precision")
+    p.add_argument("--layer-iterations", type=int, default=100,
+                   help="inferences averaged for --layers")
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.set_defaults(run=run_bench)
 
@@ -734,7 +739,8 @@ def run_bench(args) -> int:
             warmup_s=args.warmup, window_s=args.window, window_count=args.window_count,
             stability=args.stability / 100, stable_windows=args.stable_windows,
             max_windows=args.max_windows, masks=args.masks, seed=args.seed, image=args.image,
-            reference=not args.no_reference, reference_seconds=args.reference_seconds)
+            reference=not args.no_reference, reference_seconds=args.reference_seconds,
+            layers=args.layers, layer_iterations=args.layer_iterations)
         bench = Bench(settings, _BenchBar())
         result = bench.run()
     except (BenchError, ValueError, FileNotFoundError) as exc:

@@ -17,6 +17,8 @@ from xaiserve.service.bench import (Point, Sample, Window, attach_reference, is_
 from xaiserve.service.bench_reference import ReferenceRun
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product
+from xaiserve.service.layer_profile import LayerTime, group_layers, kernel_precision, shares
+from xaiserve.service.model import compiled_precision
 from xaiserve.service.server import Server
 
 SHORT = ("--warmup", "0.3", "--window", "0.5", "--max-windows", "4")
@@ -80,6 +82,48 @@ def test_in_process_writes_json_csv_plots_and_summary(default_export, tmp_path):
     int8_sums = int8_dot_product(cpu_flags())
     assert data["environment"]["cpu_int8"] == int8_sums
     assert f"INT8 sums {int8_sums}" in summary.splitlines()[0]
+
+
+def test_layer_counters_say_where_the_inference_goes_and_in_which_precision(default_export,
+                                                                             tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--model-path", str(default_export.path), "--works", "predict",
+                   "--precision", "default,f32", "--hint", "LATENCY", "--batch", "1,2",
+                   "--layers", "--layer-iterations", "10", "--no-reference", *SHORT,
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data, _ = _load(out)
+    profiles = data["layers"]
+    assert [(p["precision"], p["batch"]) for p in profiles] == [
+        ("default", 1), ("default", 2), ("f32", 1), ("f32", 2)]
+    # What a server compiles the IR in by default here: bf16 on AMX CPUs, f32 elsewhere.
+    default = compiled_precision(ov.Core().compile_model(default_export.path / "model.xml",
+                                                         "CPU"))
+    for p in profiles:
+        assert p["model"] == "efficientnet_lite0/1" and p["hint"] == "LATENCY"
+        groups = p["groups"]
+        assert sum(g["count"] for g in groups) == p["layer_count"] > 20
+        assert sum(g["total_us"] for g in groups) == pytest.approx(p["total_us"], rel=1e-6)
+        for shares in (p["by_type"], p["by_precision"], {i: g["share"] for i, g in
+                                                         enumerate(groups)}):
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+        assert p["by_type"]["Convolution"] > 0.3  # a CNN's time goes to its convolutions
+        slowest = [t["mean_us"] for t in p["slowest"]]
+        assert 1 <= len(slowest) <= 10 and slowest == sorted(slowest, reverse=True)
+        # The counters say which precision the layers ran in: what the configuration asks.
+        expected = "f32" if p["precision"] == "f32" else default
+        assert p["by_precision"][expected] > 0.5, p["by_precision"]
+        if p["precision"] == "f32":
+            assert "bf16" not in p["by_precision"] and "f16" not in p["by_precision"]
+    with (out / "layers.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(p["groups"]) for p in profiles)
+    assert {r["runtime_precision"] for r in rows} >= {"f32", default}
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = proc.stdout
+    assert "per-layer counters" in summary
+    assert f"efficientnet_lite0/1 CPU f32 lat b2: {profiles[3]['total_us']:.0f} us in " in summary
+    assert f"computed in {default} " in summary
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +203,8 @@ def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
     (("--model-path", "/nonexistent/model"), "/nonexistent/model"),
     (("--model-path", "MODEL", "--image", __file__), "not a decodable image"),
     (("--server", "127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
+    (("--server", "127.0.0.1:1", "--model", "m", "--layers"), "--layers"),
+    (("--model-path", "MODEL", "--layers", "--layer-iterations", "0"), "--layer-iterations"),
 ])
 def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
     args = tuple(str(default_export.path) if a == "MODEL" else a for a in args)
@@ -169,6 +215,20 @@ def test_unknown_model_on_server_is_one_line(server):
     line = _error_line(run_cli("bench", "--server", f"127.0.0.1:{server.port}", "--model",
                                "nope"))
     assert "--model nope: NOT_FOUND" in line
+
+
+def test_layer_times_grouped_by_type_kernel_and_precision():
+    layers = [LayerTime("a", "Convolution", "brgconv_1x1_bf16", "bf16", 30.0),
+              LayerTime("b", "Reorder", "jit_uni_f32", "f32", 10.0),
+              LayerTime("c", "Convolution", "brgconv_1x1_bf16", "bf16", 10.0)]
+    groups = group_layers(layers)
+    assert [(g.layer_type, g.count, g.total_us) for g in groups] == [("Convolution", 2, 40.0),
+                                                                    ("Reorder", 1, 10.0)]
+    assert [g.share for g in groups] == pytest.approx([0.8, 0.2])
+    assert shares(layers, "precision") == pytest.approx({"bf16": 0.8, "f32": 0.2})
+    assert list(shares(layers, "layer_type")) == ["Convolution", "Reorder"]  # largest first
+    assert kernel_precision("brgconv_avx512_amx_1x1_bf16") == "bf16"
+    assert group_layers([]) == [] and shares([], "precision") == {}
 
 
 def test_stability_rule_and_split():

@@ -24,6 +24,7 @@ from xaiserve.service.config import ServerSettings
 from xaiserve.service.cpu_int8 import (cpu_flags, cpu_name, int8_dot_product, int8_weights,
                                        resolve_overflow_fix, saturating_layers,
                                        saturation_warning)
+from xaiserve.service.layer_profile import measure_layers, shares
 from xaiserve.service.model import ClassifierModel, compiled_precision, without_saliency
 from xaiserve.service.model_info import ModelInfo
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
@@ -598,6 +599,20 @@ def test_default_model_int8_agrees_with_f32(default_int8):
         assert 0.7 <= served["f32_ir_top1_agreement"] <= 1.0
     else:
         assert set(served) == {"what", "inference_precision"}
+
+
+def test_int8_ir_runs_int8_kernels_by_its_layer_counters(default_int8, photos):
+    """What `xaiserve bench --layers` shows of an INT8 export: most of an inference in u8/i8
+    kernels, every backbone convolution among them, the map product (its own int8) too."""
+    repo, _ = default_int8
+    layers = measure_layers(ov.Core(), repo / "lite0_int8" / "1" / "model.xml", "CPU",
+                            {"PERFORMANCE_HINT": "LATENCY"}, 1, photos["chelsea"], iterations=5)
+    by_precision = shares(layers, "precision")
+    assert by_precision.get("u8", 0) + by_precision.get("i8", 0) > 0.5, by_precision
+    convolutions = [t for t in layers if t.layer_type in ("Convolution", "GroupConvolution")]
+    assert len(convolutions) >= 49  # the backbone's 49 and the map product
+    assert {t.precision for t in convolutions} <= {"u8", "i8"}, \
+        {(t.name, t.precision) for t in convolutions}
 
 
 def test_int8_ir_is_served_and_explains(default_int8, photos):
