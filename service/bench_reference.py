@@ -59,7 +59,9 @@ def parse_benchmark_app(text: str) -> dict:
         "p50_ms": number(r"Median:\s+([\d.]+) ms"),
         "mean_ms": number(r"Average:\s+([\d.]+) ms"),
         "fps": number(r"Throughput:\s+([\d.]+) FPS"),
-        "infer_requests": number(r"asynchronously, (\d+) inference requests"),
+        # the LATENCY hint makes it call one request synchronously, saying so
+        "infer_requests": number(r"asynchronously, (\d+) inference requests")
+        or (1.0 if "Start inference synchronously" in text else None),
         "streams": number(r"^\[ INFO \]\s+NUM_STREAMS: (\d+)"),
     }
     missing = [k for k in ("iterations", "duration_ms", "p50_ms", "fps") if values[k] is None]

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import run_cli
 from xaiserve.service.bench import (Point, Sample, Window, attach_reference, is_stable,
                                     request_split)
-from xaiserve.service.bench_reference import ReferenceRun
+from xaiserve.service.bench_reference import ReferenceRun, parse_benchmark_app
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product
 from xaiserve.service.layer_profile import LayerTime, group_layers, kernel_precision, shares
@@ -229,6 +229,21 @@ def test_layer_times_grouped_by_type_kernel_and_precision():
     assert list(shares(layers, "layer_type")) == ["Convolution", "Reorder"]  # largest first
     assert kernel_precision("brgconv_avx512_amx_1x1_bf16") == "bf16"
     assert group_layers([]) == [] and shares([], "precision") == {}
+
+
+@pytest.mark.parametrize("start, requests", [
+    ("Start inference asynchronously, 4 inference requests, limits: 2000 ms duration", 4),
+    ("Start inference synchronously, limits: 2000 ms duration", 1),  # the LATENCY hint
+])
+def test_benchmark_app_report_gives_its_infer_requests(start, requests):
+    report = (f"[Step 10/11] Measuring performance ({start})\n[ INFO ]   NUM_STREAMS: 1\n"
+              "[ INFO ] Count:            835 iterations\n"
+              "[ INFO ] Duration:         2001.92 ms\n[ INFO ] Latency:\n"
+              "[ INFO ]    Median:        2.31 ms\n[ INFO ]    Average:       2.32 ms\n"
+              "[ INFO ] Throughput:   417.10 FPS\n")
+    values = parse_benchmark_app(report)
+    assert (values["infer_requests"], values["streams"]) == (requests, 1)
+    assert (values["iterations"], values["p50_ms"], values["fps"]) == (835, 2.31, 417.10)
 
 
 def test_stability_rule_and_split():
