@@ -2,10 +2,9 @@
 kernel, and by the precision each layer ran in (OpenVINO's PERF_COUNT, the figures behind
 benchmark_app's `-pc`).
 
-Why a model is as fast as it is is read here rather than guessed: an INT8 IR's convolutions may
-run no faster than bf16 ones on an AMX CPU at batch 1 (per-layer costs, not arithmetic, bound
-them), layers the precision pins keep in f32 show as f32, and reorders between precisions show
-as reorders. The counters are taken on one infer request called back to back, so they describe
+Why a model is as fast as it is is read here rather than guessed: an INT8 IR's pointwise
+convolutions may run hardly faster than bf16 ones on an AMX CPU (benchmarks/INT8.md), layers the
+precision pins keep in f32 show as f32, and reorders between precisions show as reorders. The counters are taken on one infer request called back to back, so they describe
 the inference alone, not the throughput of the points around them.
 """
 
