@@ -63,6 +63,7 @@ class LayerProfile:
     by_precision: dict[str, float] = field(default_factory=dict)  # share per precision
     groups: list[LayerGroup] = field(default_factory=list)
     slowest: list[LayerTime] = field(default_factory=list)
+    layers: list[LayerTime] = field(default_factory=list)  # every one, in execution order
 
 
 def group_layers(layers: Iterable[LayerTime]) -> list[LayerGroup]:
@@ -115,8 +116,8 @@ def measure_layers(core: ov.Core, xml: Path, device: str, config: dict[str, str]
                    image: np.ndarray | None = None, iterations: int = 100,
                    warmup: int = 10) -> list[LayerTime]:
     """Compile `xml` with PERF_COUNT for `batch` images and average every executed layer's
-    time over `iterations` inferences of one request. ValueError where the IR's batch is fixed
-    to another size."""
+    time over `iterations` inferences of one request; the layers in the order they first ran.
+    ValueError where the IR's batch is fixed to another size."""
     model = core.read_model(str(xml))
     batch_dim = model.inputs[0].get_partial_shape()[0]
     if batch_dim.is_static and batch_dim.get_length() != batch:
@@ -159,4 +160,5 @@ def profile(layers: list[LayerTime], **labels) -> LayerProfile:
     return LayerProfile(**labels, total_us=float(sum(layer.mean_us for layer in layers)),
                         layer_count=len(layers), by_type=shares(layers, "layer_type"),
                         by_precision=shares(layers, "precision"), groups=group_layers(layers),
-                        slowest=sorted(layers, key=lambda layer: -layer.mean_us)[:SLOWEST])
+                        slowest=sorted(layers, key=lambda layer: -layer.mean_us)[:SLOWEST],
+                        layers=list(layers))

@@ -110,6 +110,8 @@ def test_layer_counters_say_where_the_inference_goes_and_in_which_precision(defa
         assert p["by_type"]["Convolution"] > 0.3  # a CNN's time goes to its convolutions
         slowest = [t["mean_us"] for t in p["slowest"]]
         assert 1 <= len(slowest) <= 10 and slowest == sorted(slowest, reverse=True)
+        assert len(p["layers"]) == p["layer_count"]  # every layer, for a closer look
+        assert max(t["mean_us"] for t in p["layers"]) == slowest[0]
         # The counters say which precision the layers ran in: what the configuration asks.
         expected = "f32" if p["precision"] == "f32" else default
         assert p["by_precision"][expected] > 0.5, p["by_precision"]
