@@ -104,9 +104,9 @@ def test_layer_counters_say_where_the_inference_goes_and_in_which_precision(defa
         groups = p["groups"]
         assert sum(g["count"] for g in groups) == p["layer_count"] > 20
         assert sum(g["total_us"] for g in groups) == pytest.approx(p["total_us"], rel=1e-6)
-        for shares in (p["by_type"], p["by_precision"], {i: g["share"] for i, g in
-                                                         enumerate(groups)}):
-            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+        for parts in (p["by_type"], p["by_precision"], {i: g["share"] for i, g in
+                                                        enumerate(groups)}):
+            assert sum(parts.values()) == pytest.approx(1.0, abs=1e-6)
         assert p["by_type"]["Convolution"] > 0.3  # a CNN's time goes to its convolutions
         slowest = [t["mean_us"] for t in p["slowest"]]
         assert 1 <= len(slowest) <= 10 and slowest == sorted(slowest, reverse=True)
