@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bench import HINT_SHORT, STAGES, BenchResult, Point
 from .bench_works import WORKS
-from .layer_profile import LayerProfile
+from .layer_profile import LayerProfile, relative_times
 
 CSV_FIELDS = ("mode", "model", "device", "precision", "hint", "streams", "work", "batch",
               "concurrency", "requests", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms",
@@ -153,12 +153,20 @@ def layers_text(profiles: list[LayerProfile]) -> list[str]:
         return []
     lines = ["per-layer counters (PERF_COUNT on one request back to back, us per inference; "
              "layers.csv, layers.png):"]
+    first_ir: dict[tuple, LayerProfile] = {}
     for prof in profiles:
         lines.append(f"  {layer_profile_label(prof)}: {prof.total_us:.0f} us in "
                      f"{prof.layer_count} layers; {_percentages(prof.by_type, 3)}; computed in "
                      f"{_percentages(prof.by_precision)}")
         lines.append("    slowest: " + ", ".join(
             f"{layer.layer_type} {layer.kernel} {layer.mean_us:.0f}" for layer in prof.slowest[:3]))
+        # Each further IR under the same configuration against the first one (INT8 vs f32).
+        base = first_ir.setdefault(
+            (prof.device, prof.precision, prof.hint, prof.streams, prof.batch), prof)
+        if base is not prof:
+            ratios = relative_times(prof, base)
+            lines.append(f"    time / {base.model}'s: " + ", ".join(
+                f"{name} {ratio:.2f}" for name, ratio in list(ratios.items())[:5]))
     return lines
 
 

@@ -162,3 +162,20 @@ def profile(layers: list[LayerTime], **labels) -> LayerProfile:
                         by_precision=shares(layers, "precision"), groups=group_layers(layers),
                         slowest=sorted(layers, key=lambda layer: -layer.mean_us)[:SLOWEST],
                         layers=list(layers))
+
+
+def type_times(prof: LayerProfile) -> dict[str, float]:
+    """us per inference for each layer type of a profile."""
+    return {name: share * prof.total_us for name, share in prof.by_type.items()}
+
+
+def relative_times(prof: LayerProfile, base: LayerProfile) -> dict[str, float]:
+    """`prof`'s time over `base`'s: "total", then each layer type both ran, largest in `base`
+    first (an INT8 IR against its f32 IR under one configuration: where INT8 gains)."""
+    ours, theirs = type_times(prof), type_times(base)
+    ratios = {"total": prof.total_us / base.total_us if base.total_us else float("nan")}
+    for name, base_us in sorted(theirs.items(), key=lambda kv: -kv[1]):
+        if name in ours and base_us > 0:
+            ratios[name] = ours[name] / base_us
+    return ratios
+

@@ -17,7 +17,9 @@ from xaiserve.service.bench import (Point, Sample, Window, attach_reference, is_
 from xaiserve.service.bench_reference import ReferenceRun, parse_benchmark_app
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product
-from xaiserve.service.layer_profile import LayerTime, group_layers, kernel_precision, shares
+from xaiserve.service.bench_report import layers_text
+from xaiserve.service.layer_profile import (LayerTime, group_layers, kernel_precision, profile,
+                                            relative_times, shares)
 from xaiserve.service.model import compiled_precision
 from xaiserve.service.server import Server
 
@@ -246,6 +248,21 @@ def test_benchmark_app_report_gives_its_infer_requests(start, requests):
     values = parse_benchmark_app(report)
     assert (values["infer_requests"], values["streams"]) == (requests, 1)
     assert (values["iterations"], values["p50_ms"], values["fps"]) == (835, 2.31, 417.10)
+
+
+def test_a_second_ir_under_the_same_configuration_is_compared_with_the_first():
+    def prof(model, batch, conv_us, reorder_us):
+        layers = [LayerTime("c", "Convolution", "k", "u8", conv_us),
+                  LayerTime("r", "Reorder", "r", "f32", reorder_us)]
+        return profile(layers, model=model, device="CPU", precision="default", hint="LATENCY",
+                       streams="auto", batch=batch, iterations=10)
+
+    f32, int8 = prof("f32/1", 1, 80.0, 20.0), prof("int8/1", 1, 40.0, 20.0)
+    assert relative_times(int8, f32) == pytest.approx(
+        {"total": 0.6, "Convolution": 0.5, "Reorder": 1.0})
+    lines = layers_text([f32, int8, prof("int8/1", 8, 400.0, 100.0)])
+    assert [ln.strip() for ln in lines if "time / " in ln] == [
+        "time / f32/1's: total 0.60, Convolution 0.50, Reorder 1.00"]  # not across batches
 
 
 def test_stability_rule_and_split():
