@@ -432,12 +432,12 @@ class Bench:
         self.core = core or ov.Core()
         if settings.image is not None:
             self.jpeg, what = settings.image.read_bytes(), str(settings.image)
-            try:
-                decode_image(self.jpeg)
-            except ImageError as exc:
-                raise BenchError(f"--image {settings.image}: {exc}") from None
         else:
             self.jpeg, what = works.sample_jpeg()
+        try:
+            self.rgb = decode_image(self.jpeg)  # for --layers; the works decode their own
+        except ImageError as exc:
+            raise BenchError(f"--image {settings.image}: {exc}") from None
         self.work_input = works.WorkInput(self.jpeg, settings.masks, settings.seed)
         self.result = BenchResult(_plain(asdict(settings)), environment(self.core), what)
         self._references: dict[tuple, ReferenceRun | None] = {}
@@ -553,12 +553,11 @@ class Bench:
     def profile_layers(self, config: Config) -> None:
         """Per-layer counters of the IR under this configuration, one profile per batch size,
         on a copy compiled for them alone (PERF_COUNT slows the points' inferences)."""
-        image = decode_image(self.jpeg)
         for batch in self.settings.batch_sizes:
             self.progress.begin(f"layer counters b{batch}")
             try:
                 layers = measure_layers(self.core, config.xml, config.device,
-                                        config.compile_config(), batch, image,
+                                        config.compile_config(), batch, self.rgb,
                                         self.settings.layer_iterations)
             except (RuntimeError, ValueError) as exc:
                 self.skip(f"skip layer counters {config.label} {config.device} b{batch}: "

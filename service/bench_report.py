@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bench import HINT_SHORT, STAGES, BenchResult, Point
 from .bench_works import WORKS
-from .layer_profile import LayerProfile, relative_times
+from .layer_profile import LayerProfile, relative_times, times
 
 CSV_FIELDS = ("mode", "model", "device", "precision", "hint", "streams", "work", "batch",
               "concurrency", "requests", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms",
@@ -275,16 +275,16 @@ def plot_layers(profiles: list[LayerProfile], path: Path) -> Path:
                              sharey=True)
     for ax, key, title in ((axes[0], "by_type", "by layer type"),
                            (axes[1], "by_precision", "by the precision a layer ran in")):
+        per_profile = [times(prof, key) for prof in profiles]
         totals: dict[str, float] = {}
-        for prof in profiles:
-            for name, share in getattr(prof, key).items():
-                totals[name] = totals.get(name, 0.0) + share * prof.total_us
+        for parts in per_profile:
+            for name, us in parts.items():
+                totals[name] = totals.get(name, 0.0) + us
         shown = sorted(totals, key=lambda n: -totals[n])[:LAYER_TYPES_SHOWN]
         left = [0.0] * len(profiles)
         for name in shown + ["other"]:
-            values = [prof.total_us * (getattr(prof, key).get(name, 0.0) if name != "other" else
-                                       sum(v for k, v in getattr(prof, key).items()
-                                           if k not in shown)) for prof in profiles]
+            values = [sum(us for n, us in parts.items() if n not in shown) if name == "other"
+                      else parts.get(name, 0.0) for parts in per_profile]
             if name == "other" and not any(values):
                 continue
             ax.barh(range(len(profiles)), values, left=left, label=name)

@@ -4,8 +4,9 @@ benchmark_app's `-pc`).
 
 Why a model is as fast as it is is read here rather than guessed: an INT8 IR's pointwise
 convolutions may run hardly faster than bf16 ones on an AMX CPU (benchmarks/INT8.md), layers the
-precision pins keep in f32 show as f32, and reorders between precisions show as reorders. The counters are taken on one infer request called back to back, so they describe
-the inference alone, not the throughput of the points around them.
+precision pins keep in f32 show as f32, and reorders between precisions show as reorders. The
+counters are taken on one infer request called back to back, so they describe the inference
+alone, not the throughput of the points around them.
 """
 
 from __future__ import annotations
@@ -91,14 +92,28 @@ def shares(layers: Iterable[LayerTime], key: str) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def runtime_precisions(compiled: ov.CompiledModel) -> dict[str, str]:
-    """Runtime layer name -> the precision the device computes it in (runtimePrecision)."""
-    out = {}
+@dataclass(frozen=True)
+class RuntimeLayer:
+    """One layer of the graph a device built from an IR (its runtime model)."""
+
+    name: str
+    layer_type: str  # Convolution, GroupConvolution, Reorder, Subgraph, ...
+    precision: str  # what the device computes it in (runtimePrecision): f32, bf16, u8, ...
+    original_names: frozenset[str]  # the IR operations it computes (fused ones included)
+
+
+def runtime_layers(compiled: ov.CompiledModel) -> list[RuntimeLayer]:
+    """The device's runtime graph in execution order: what runs, in which precision."""
+    def text(info, key: str) -> str:
+        return str(info[key].astype(str)) if key in info else ""
+
+    layers = []
     for node in compiled.get_runtime_model().get_ordered_ops():
         info = node.get_rt_info()
-        if "runtimePrecision" in info:
-            out[node.get_friendly_name()] = str(info["runtimePrecision"].astype(str))
-    return out
+        layers.append(RuntimeLayer(node.get_friendly_name(), text(info, "layerType"),
+                                   text(info, "runtimePrecision"),
+                                   frozenset(text(info, "originalLayersNames").split(","))))
+    return layers
 
 
 def model_input(model: ov.Model, batch: int, image: np.ndarray | None) -> np.ndarray:
@@ -127,7 +142,8 @@ def measure_layers(core: ov.Core, xml: Path, device: str, config: dict[str, str]
         shape[0] = batch
         model.reshape({model.inputs[0]: shape})
     compiled = core.compile_model(model, device, {**config, "PERF_COUNT": True})
-    precisions = runtime_precisions(compiled)
+    precisions = {layer.name: layer.precision for layer in runtime_layers(compiled)
+                  if layer.precision}
     request = compiled.create_infer_request()
     inputs = {0: model_input(model, batch, image)}
     for _ in range(warmup):
@@ -164,15 +180,15 @@ def profile(layers: list[LayerTime], **labels) -> LayerProfile:
                         layers=list(layers))
 
 
-def type_times(prof: LayerProfile) -> dict[str, float]:
-    """us per inference for each layer type of a profile."""
-    return {name: share * prof.total_us for name, share in prof.by_type.items()}
+def times(prof: LayerProfile, by: str = "by_type") -> dict[str, float]:
+    """us per inference for each layer type (`by_type`) or precision (`by_precision`)."""
+    return {name: share * prof.total_us for name, share in getattr(prof, by).items()}
 
 
 def relative_times(prof: LayerProfile, base: LayerProfile) -> dict[str, float]:
     """`prof`'s time over `base`'s: "total", then each layer type both ran, largest in `base`
     first (an INT8 IR against its f32 IR under one configuration: where INT8 gains)."""
-    ours, theirs = type_times(prof), type_times(base)
+    ours, theirs = times(prof), times(base)
     ratios = {"total": prof.total_us / base.total_us if base.total_us else float("nan")}
     for name, base_us in sorted(theirs.items(), key=lambda kv: -kv[1]):
         if name in ours and base_us > 0:

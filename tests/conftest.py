@@ -32,13 +32,10 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def runtime_convolutions(compiled) -> list[tuple[set[str], str]]:
     """Per convolution an OpenVINO CPU plugin runs: the IR operations it computes (their
     friendly names) and the precision it computes them in (f32, bf16, u8, ...)."""
-    rows = []
-    for node in compiled.get_runtime_model().get_ordered_ops():
-        info = node.get_rt_info()
-        if info["layerType"].astype(str) in ("Convolution", "GroupConvolution"):
-            rows.append((set(info["originalLayersNames"].astype(str).split(",")),
-                         info["runtimePrecision"].astype(str)))
-    return rows
+    from xaiserve.service.layer_profile import runtime_layers
+
+    return [(set(layer.original_names), layer.precision) for layer in runtime_layers(compiled)
+            if layer.layer_type in ("Convolution", "GroupConvolution")]
 
 
 @pytest.fixture(scope="session")
