@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import openvino as ov
 
+from xaiserve.service.model import error_reason
 from xaiserve.service.model_info import ModelInfo
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -271,8 +272,8 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     try:
         model = ov.Core().read_model(str(path))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"{path}: not a readable OpenVINO IR or ONNX model ({first})") from None
+        raise SourceError(f"{path}: not a readable OpenVINO IR or ONNX model "
+                          f"({error_reason(exc, 160)})") from None
     if len(model.inputs) != 1:
         raise SourceError(f"{path}: has {len(model.inputs)} inputs; only single-image classifiers")
     known = ModelInfo.from_model(model)

@@ -29,7 +29,7 @@ from .config import HINTS
 from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image
 from .layer_profile import LayerProfile, measure_layers, profile
-from .model import ClassifierModel, ModelLoadError
+from .model import ClassifierModel, ModelLoadError, error_reason
 
 MODES = ("in-process", "server")
 PRECISIONS = ("default", "f32", "bf16", "f16")
@@ -164,7 +164,7 @@ class Measurement:
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
         return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return f"{type(exc).__name__}: {error_reason(exc) if str(exc).strip() else ''}"
 
 
 def measure(calls: list[works.Call], batch: int, settings: BenchSettings,
@@ -509,7 +509,7 @@ class Bench:
                                     self.core).load()
         except (ModelLoadError, RuntimeError) as exc:
             self.skip(f"skip {config.label} {config.device} {config.precision}: cannot compile "
-                      f"({str(exc).splitlines()[0][:160]})")
+                      f"({error_reason(exc, 160)})")
             for _ in jobs:
                 self.progress.advance()
             return
@@ -561,7 +561,7 @@ class Bench:
                                         self.settings.layer_iterations)
             except (RuntimeError, ValueError) as exc:
                 self.skip(f"skip layer counters {config.label} {config.device} b{batch}: "
-                          f"{str(exc).splitlines()[0][:160]}")
+                          f"{error_reason(exc, 160)}")
             else:
                 self.result.layers.append(profile(
                     layers, model=config.label, device=config.device,

@@ -221,8 +221,8 @@ def run_export(args) -> int:
                             f"INT8 gate failed: {exc}; nothing was written")
     except Exception as exc:  # noqa: BLE001 - a pipeline step must get one line, not a trace
         stages.close()
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return _fail("export", f"{type(exc).__name__}: {first}")
+        from .model import error_reason
+        return _fail("export", f"{type(exc).__name__}: {error_reason(exc, 200)}")
     stages.update(stages.total - stages.n)
     stages.close()
     report = {"status": "ok", "path": str(result.path), **result.card}

@@ -7,9 +7,18 @@ import logging
 
 import grpc
 
-from .repository import NotServed
-
 log = logging.getLogger("xaiserve.server")
+
+
+class NotServed(LookupError):
+    """Unknown model or version; the message lists what is served."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A client's value for a message: repr, cut so that a huge name cannot make the status
+    outgrow the client's metadata limit (16 KiB in gRPC) and turn into another error."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
 
 
 class RequestError(Exception):
@@ -29,6 +38,13 @@ def exhausted(message: str) -> RequestError:
 
 def unavailable(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def client_gone(reason: str, work: str) -> RequestError:
+    """The status of a call whose client stopped waiting ("cancelled", "deadline passed")."""
+    code = (grpc.StatusCode.DEADLINE_EXCEEDED if reason == "deadline passed"
+            else grpc.StatusCode.CANCELLED)
+    return RequestError(code, f"{work} stopped: the client's call {reason}")
 
 
 def rpc(method):

@@ -66,6 +66,7 @@ def evaluate_command(args, fail) -> int:
     from .eval_report import write_report
     from .evaluate_runner import evaluate_local, evaluate_ray
     from .evaluation import play_grid_game
+    from .model import error_reason
 
     try:
         settings = settings_from_args(args)
@@ -100,8 +101,7 @@ def evaluate_command(args, fail) -> int:
                                        progress=bar.update)
             except Exception as exc:  # noqa: BLE001 - a worker's failure: one line, not a trace
                 bar.close()
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-                return fail(VERB, f"--ray {args.ray}: {type(exc).__name__}: {first}")
+                return fail(VERB, f"--ray {args.ray}: {type(exc).__name__}: {error_reason(exc)}")
         else:
             results = evaluate_local(spec, items, settings, args.batch_size, bar.update, backend)
         bar.close()

@@ -11,28 +11,28 @@ import numpy as np
 from . import faithfulness as fm
 from . import request_metrics as rm
 from .config import ServerSettings
-from .errors import exhausted, invalid, rpc
+from .errors import client_gone, exhausted, invalid, rpc, shown
 from .explanation_quality import (QualityError, QualityRequest, model_scorer, quality_metrics,
                                   resolve_names)
-from .images import ImageError, as_rgb, decode_image, resize_for_model
+from .images import ImageError, as_rgb, check_image_size, decode_image, resize_for_model
 from .kserve import served_version
 from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
 from .model import SALIENCY_OUTPUT
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
-from .request_context import new_request_id, note_forward_passes
-from .rise import RiseExplainer, RiseSettings
+from .request_context import ClientWait, new_request_id, note_forward_passes
+from .rise import RiseAborted, RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
 from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
 
 MAX_TOP_K = TOP_K  # the classes the summary head ranks
-MAX_IMAGE_PIXELS = 40_000_000
 # Faithfulness costs about 2 * (steps + 1) + 3 inferences per request.
 MAX_FAITHFULNESS_STEPS = 256
 MAX_POINTING_TOLERANCE_PX = 512
 PATTERN_CUTOFF_NAMES = ("iou_high", "gtc_high", "sc_high")
 THRESHOLD_NAMES = ("high_confidence", "competing_margin") + PATTERN_CUTOFF_NAMES
+BLACK_BOX_SLOT_WAIT_S = 30
 
 
 class Stopwatch:
@@ -65,21 +65,32 @@ def decode_request_image(image: pb.Image) -> np.ndarray:
         shape = list(image.tensor.shape)
         if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
             raise invalid(f"image.tensor.shape {shape}: expected [H, W, 3] u8 RGB")
-        if shape[0] * shape[1] > MAX_IMAGE_PIXELS:
-            raise invalid(f"image.tensor.shape {shape}: over {MAX_IMAGE_PIXELS} pixels")
+        try:
+            check_image_size(shape[0], shape[1])
+        except ImageError as exc:
+            raise invalid(f"image.tensor.shape {shape}: {exc}") from None
         if len(image.tensor.data) != shape[0] * shape[1] * 3:
             raise invalid(f"image.tensor.data: {len(image.tensor.data)} bytes for shape {shape}")
         return np.frombuffer(image.tensor.data, np.uint8).reshape(shape)
     raise invalid("image: set image.encoded (JPEG/PNG bytes) or image.tensor (u8 [H, W, 3])")
 
 
+def check_choices(request: pb.ExplainRequest) -> None:
+    """Enum fields hold any number on the wire; one this server does not know is an error,
+    not a silent default."""
+    for field in ("method", "map_format"):
+        value = getattr(request, field)
+        names = pb.ExplainRequest.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number
+        if value not in names:
+            raise invalid(f"{field} {value}: unknown; expected one of "
+                          f"{', '.join(v.name for v in names.values())}")
+
+
 def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
     try:
-        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    except cv2.error:  # some malformed headers raise instead of returning None
-        mask = None
-    if mask is None:
-        raise invalid("ground_truth.mask_png: not a decodable PNG")
+        mask = decode_image(data, cv2.IMREAD_GRAYSCALE)
+    except ImageError as exc:
+        raise invalid(f"ground_truth.mask_png: {exc}") from None
     if mask.shape != (height, width):
         raise invalid(f"ground_truth.mask_png: {mask.shape[1]}x{mask.shape[0]} does not match "
                       f"the image's {width}x{height}; send a mask of the image's size")
@@ -118,12 +129,14 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def Explain(self, request, context):
         watch = Stopwatch()
         state = served_version(self.repository, request.model_name, request.model_version)
+        check_choices(request)
         with state.statistics.measure() as split:
-            response = self._explain(request, state, watch)
+            response = self._explain(request, state, watch, ClientWait.of(context))
             split.timings_ms = dict(response.timings_ms)
         return response
 
-    def _explain(self, request, state: VersionState, watch: Stopwatch) -> pb.ExplainResponse:
+    def _explain(self, request, state: VersionState, watch: Stopwatch, client: ClientWait
+                 ) -> pb.ExplainResponse:
         model = state.model
         image = as_rgb(decode_request_image(request.image))
         watch.lap("decode")
@@ -138,7 +151,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         summary = Summary.read(out)
         probabilities = summary.probabilities
         targets = self._targets(request, summary, len(model.info.labels) or len(probabilities))
-        maps, method = self._maps(request, state, tensor, out, targets, white_box, watch)
+        maps, method = self._maps(request, state, tensor, out, targets, white_box, watch, client)
         watch.lap("explanation")
 
         response = pb.ExplainResponse(id=request.id or new_request_id(),
@@ -154,7 +167,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         self._add_metrics(response, request, summary, maps, targets)
         if maps:
             self._add_quality_metrics(response, request, image, tensor, model, maps[0],
-                                      targets[0], summary.top_classes[0])
+                                      targets[0], summary.top_classes[0], client)
         watch.lap("metrics")
         response.timings_ms.update(watch.total())
         return response
@@ -164,6 +177,9 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def _targets(self, request, summary: Summary, num_classes: int) -> list[int]:
         """The explicit target classes, or the top_k classes by score."""
         if request.target_classes:
+            if len(request.target_classes) > MAX_TOP_K:
+                raise invalid(f"target_classes: {len(request.target_classes)} classes, over "
+                              f"{MAX_TOP_K} per request; split the request")
             for i, c in enumerate(request.target_classes):
                 if not 0 <= c < num_classes:
                     raise invalid(f"target_classes[{i}] = {c} is out of range [0, {num_classes})")
@@ -182,8 +198,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         return request.method == pb.METHOD_WHITE_BOX or (
             request.method == pb.METHOD_AUTO and model.has_saliency)
 
-    def _maps(self, request, state, tensor, out, targets, white_box: bool, watch: Stopwatch
-              ) -> tuple[list[np.ndarray], str]:
+    def _maps(self, request, state, tensor, out, targets, white_box: bool, watch: Stopwatch,
+              client: ClientWait) -> tuple[list[np.ndarray], str]:
         model = state.model
         if white_box:
             saliency = out[SALIENCY_OUTPUT][0]
@@ -201,18 +217,26 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         except ValueError as exc:
             raise invalid(f"black_box: {exc}") from None
         started = time.perf_counter()
-        if not self.black_box_slots.acquire(timeout=30):
-            raise exhausted("the server is running its maximum of black-box explanations; "
-                            "retry later")
+        self._take_black_box_slot(client, "black-box explanations")
         watch.move("explanation", "queue", (time.perf_counter() - started) * 1e3)
         try:
-            result = self.rise.run(model.masked_scoring(), tensor, targets, settings)
+            result = self.rise.run(model.masked_scoring(), tensor, targets, settings,
+                                   deadline=client.deadline, cancel=client.ended)
         except ValueError as exc:  # settings that do not fit this model, e.g. cells
             raise invalid(f"black_box: {exc}") from None
+        except RiseAborted:
+            raise client_gone(client.gone() or "cancelled", "the black-box explanation") \
+                from None
         finally:
             self.black_box_slots.release()
         note_forward_passes(result.forward_passes)
         return list(result.maps), "rise"
+
+    def _take_black_box_slot(self, client: ClientWait, work: str) -> None:
+        if not client.acquire(self.black_box_slots, BLACK_BOX_SLOT_WAIT_S):
+            if client.gone():
+                raise client_gone(client.gone(), f"waiting for a slot for {work}")
+            raise exhausted(f"the server is running its maximum of {work}; retry later")
 
     def _add_map(self, response, request, image, saliency, class_id, label, method, score):
         entry = response.maps.add(class_id=class_id, label=label, method=method,
@@ -247,9 +271,12 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                 target="first")
         truth = request.ground_truth
         if truth.has_label:
-            thresholds = rm.CaseThresholds(
-                high_confidence=request.thresholds.get("high_confidence", 0.5),
-                competing_margin=request.thresholds.get("competing_margin", 0.1))
+            try:
+                thresholds = rm.CaseThresholds(
+                    **{k: request.thresholds[k] for k in ("high_confidence", "competing_margin")
+                       if k in request.thresholds})
+            except ValueError as exc:
+                raise invalid(f"thresholds: {exc}") from None
             if not 0 <= truth.label < len(probabilities):
                 raise invalid(f"ground_truth.label {truth.label} is out of range "
                               f"[0, {len(probabilities)})")
@@ -262,7 +289,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def _check_threshold_names(request) -> None:
         for key in request.thresholds:
             if key not in THRESHOLD_NAMES:
-                raise invalid(f"thresholds[{key!r}]: unknown; expected one of "
+                raise invalid(f"thresholds[{shown(key)}]: unknown; expected one of "
                               f"{', '.join(THRESHOLD_NAMES)}")
 
     @staticmethod
@@ -312,7 +339,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             pointing_tolerance_px=int(options.pointing_tolerance_px))
 
     def _add_quality_metrics(self, response, request, image, tensor, model, saliency,
-                             class_id: int, predicted: int) -> None:
+                             class_id: int, predicted: int, client: ClientWait) -> None:
         """Shared Interest and pointing game with ground truth; faithfulness when asked, its
         extra inferences batched and counted against the black-box slots."""
         self._check_threshold_names(request)
@@ -323,9 +350,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             heavy = bool(resolve_names(quality.names)[0])
         except QualityError as exc:
             raise invalid(str(exc)) from None
-        if heavy and not self.black_box_slots.acquire(timeout=30):
-            raise exhausted("the server is running its maximum of black-box explanations and "
-                            "faithfulness metrics; retry later")
+        if heavy:
+            self._take_black_box_slot(client, "black-box explanations and faithfulness metrics")
         try:
             values = quality_metrics(quality, image, tensor, saliency, class_id, predicted,
                                      model_scorer(model), model.info)

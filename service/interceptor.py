@@ -1,5 +1,6 @@
 """What every RPC goes through, in one place: the token check, the limit on concurrent
-requests, the request id, the metrics and the access log. Handlers stay free of all of it.
+requests, reading the request, the request id, the size of the response, the metrics and the
+access log. Handlers stay free of all of it.
 The metrics and the log line are written just after the response is sent, so a scrape or a
 log reader sees a call a moment after its client does.
 
@@ -56,12 +57,16 @@ def _model_name(request) -> str:
 
 class RequestInterceptor(grpc.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, max_concurrent: int, token: str | None = None,
+                 max_response_bytes: int | None = None,
                  served: Callable[[str], bool] = lambda name: False):
         self.telemetry = telemetry
         self.token = token
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.served = served  # is a model name served? (untrusted names stay out of labels)
+        # gRPC refuses a larger response after the work is done, with a message that names no
+        # field, and the call would be counted as answered; checked here, it is a clear error.
+        self.max_response_bytes = max_response_bytes
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -78,13 +83,23 @@ class RequestInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is None:  # reflection's stream: no model, nothing to measure
             return handler
         inner = handler.unary_unary
+        deserialize = handler.request_deserializer or (lambda raw: raw)
 
-        def call(request, context):
+        def call(raw: bytes, context):
+            # Read here rather than by gRPC, which answers a malformed message with INTERNAL
+            # and never reaches the interceptor (no log line, no metric).
+            try:
+                request = deserialize(raw)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError, bad UTF-8 in a string
+                self._after_response(context, RequestRecord(method),
+                                     grpc.StatusCode.INVALID_ARGUMENT, 0.0, None)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the {method} request is not a valid protobuf message of its "
+                              "type; build it with the stubs generated from protos/")
             return self._handle(method, inner, request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            call, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            call, request_deserializer=None, response_serializer=handler.response_serializer)
 
     def _handle(self, method: str, inner, request, context):
         record = RequestRecord(method, self._request_id(request), _model_name(request))
@@ -99,6 +114,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
         response, code = None, grpc.StatusCode.UNKNOWN
         try:
             response = inner(request, context)
+            self._check_size(method, response, context)
             code = context.code() or grpc.StatusCode.OK
             return response
         except BaseException:
@@ -121,6 +137,15 @@ class RequestInterceptor(grpc.ServerInterceptor):
         finish = functools.partial(self._finish, record, code, seconds, response)
         if not context.add_callback(finish):
             finish()
+
+    def _check_size(self, method: str, response, context) -> None:
+        size = response.ByteSize() if self.max_response_bytes and response is not None else 0
+        if size > self.max_response_bytes:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the {method} response would be {size} bytes, over the server's "
+                          f"max_message_bytes of {self.max_response_bytes}: ask for less (fewer "
+                          "images or target_classes, map_format FLOAT or a PNG) or raise "
+                          "--max-message-bytes")
 
     @staticmethod
     def _request_id(request) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__
-from .errors import invalid, rpc, unavailable
+from .errors import invalid, rpc, shown, unavailable
 from .images import ImageError, decode_image, resize_for_model
 from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as pb
@@ -106,7 +106,7 @@ def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: 
             except ImageError as exc:
                 raise invalid(f"inputs[0] element {i}: {exc}") from None
         return np.stack(images)
-    raise invalid(f"inputs[0].datatype {tensor.datatype!r}: send UINT8 [N, H, W, 3] or BYTES "
+    raise invalid(f"inputs[0].datatype {shown(tensor.datatype)}: send UINT8 [N, H, W, 3] or BYTES "
                   "(encoded JPEG/PNG images)")
 
 
@@ -220,7 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         available = {SCORES_OUTPUT} | ({SALIENCY_OUTPUT} if model.has_saliency else set())
         for i, name in enumerate(wanted):
             if name not in available:
-                raise invalid(f"outputs[{i}].name {name!r}: this model has {sorted(available)}")
+                raise invalid(f"outputs[{i}].name {shown(name)}: this model has {sorted(available)}")
         results = model.predict(batch, tuple(wanted), timings)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=str(state.version), id=request.id)

@@ -40,6 +40,24 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+def error_reason(exc: BaseException, limit: int = 300) -> str:
+    """The line of an exception that says what went wrong. OpenVINO's messages begin with
+    where they were raised ("Exception from src/...", "Check '...' failed at ...") and end
+    with the cause ("Incorrect weights in bin file!")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (causes or lines or [type(exc).__name__])[-1][:limit]
+
+
+def serving_core() -> ov.Core:
+    """A runtime whose models own their weights: by default OpenVINO maps the `.bin` file into
+    memory, and a process serving a mapped file dies (SIGBUS) when that file is truncated or
+    rewritten on disk, as copying a new version over an old one does."""
+    core = ov.Core()
+    core.set_property({"ENABLE_MMAP": False})
+    return core
+
+
 @dataclass
 class Prediction:
     class_id: int
@@ -172,7 +190,7 @@ class ClassifierModel:
         self.path = Path(path)
         self.device = device
         self.config = config or {}
-        self.core = core or ov.Core()
+        self.core = core or serving_core()
         self.routes = routes
         self.compiled: ov.CompiledModel | None = None
         self.info: ModelInfo | None = None
@@ -189,8 +207,7 @@ class ClassifierModel:
         try:
             model = self.core.read_model(str(xml))
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"{xml}: cannot read the IR ({str(exc).splitlines()[0][:160]})") \
-                from None
+            raise ModelLoadError(f"{xml}: cannot read the IR ({error_reason(exc, 160)})") from None
         info = ModelInfo.from_model(model)
         if info is None or not info.embedded_processing:
             raise ModelLoadError(f"{xml}: no embedded preprocessing in model_info; export it with "

@@ -4,7 +4,9 @@ A watcher thread compares `<repository>/<name>/<version>/model.xml` with what is
 versions are compiled in the background (a slow compile never blocks requests to other models),
 removed ones are dropped from the table; requests already holding a version keep it alive until
 they finish, since they hold a reference. A version that fails to load stays listed, not ready,
-with the reason.
+with the reason, and is loaded again once its files change (a copy that was caught half-way).
+Loaded models own their weights (`model.serving_core`), so files changing under a served version
+cannot take the process down.
 """
 
 from __future__ import annotations
@@ -19,14 +21,11 @@ from pathlib import Path
 import openvino as ov
 
 from .config import ServerSettings
-from .model import ClassifierModel
+from .errors import NotServed, shown
+from .model import ClassifierModel, error_reason, serving_core
 from .statistics import VersionStatistics
 
 log = logging.getLogger("xaiserve.repository")
-
-
-class NotServed(LookupError):
-    """Unknown model or version; the message lists what is served."""
 
 
 @dataclass
@@ -37,17 +36,35 @@ class VersionState:
     model: ClassifierModel | None = None
     error: str | None = None
     statistics: VersionStatistics = field(default_factory=VersionStatistics)
+    files: tuple = ()  # files_signature() when its load began
 
     @property
     def ready(self) -> bool:
         return self.model is not None
 
 
+def version_number(text: str) -> int | None:
+    """A version directory's or a request's version as a number: up to 18 ASCII digits (an
+    int64, as OVMS), so that "+1", " 1" or other scripts' digits (which int() reads) are not
+    taken for version 1."""
+    return int(text) if len(text) <= 18 and text.isascii() and text.isdigit() else None
+
+
 def version_dirs(model_dir: Path) -> dict[int, Path]:
     """{version: directory} for one model's numeric sub-directories (the OVMS layout)."""
     if not model_dir.is_dir():
         return {}
-    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    return {version_number(p.name): p for p in model_dir.iterdir()
+            if p.is_dir() and version_number(p.name) is not None}
+
+
+def files_signature(version_dir: Path) -> tuple:
+    """(name, size, mtime) of a version's files: changes when a copy into it goes on."""
+    try:
+        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in version_dir.iterdir()
+                            if p.is_file() for st in [p.stat()]))
+    except OSError:  # removed while we looked: the next scan drops it
+        return ()
 
 
 def scan(repository: Path) -> dict[str, dict[int, Path]]:
@@ -68,7 +85,7 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
 class ModelRepository:
     def __init__(self, settings: ServerSettings, core: ov.Core | None = None):
         self.settings = settings
-        self.core = core or ov.Core()
+        self.core = core or serving_core()
         self._table: dict[str, dict[int, VersionState]] = {}
         self._lock = threading.Lock()  # guards the table's structure only, never inference
         self._stop = threading.Event()
@@ -122,8 +139,12 @@ class ModelRepository:
                     del self._table[name]
             for name, versions in on_disk.items():
                 for version, path in versions.items():
-                    if version not in self._table.get(name, {}):
-                        state = VersionState(name, version, path)
+                    known = self._table.get(name, {}).get(version)
+                    if known is None or self._worth_retrying(known):
+                        if known is not None:
+                            log.info("loading %s version %d again: its files changed", name,
+                                     version)
+                        state = VersionState(name, version, path, files=files_signature(path))
                         self._table.setdefault(name, {})[version] = state
                         loaders.append(threading.Thread(target=self._load, args=(state,),
                                                         daemon=True))
@@ -132,6 +153,10 @@ class ModelRepository:
         if wait:
             for thread in loaders:
                 thread.join()
+
+    @staticmethod
+    def _worth_retrying(state: VersionState) -> bool:
+        return state.error is not None and files_signature(state.path) != state.files
 
     def _load(self, state: VersionState) -> None:
         settings = self.settings.for_model(state.name)
@@ -148,7 +173,7 @@ class ModelRepository:
             for warning in model.warnings:
                 log.warning("%s version %d: %s", state.name, state.version, warning)
         except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
-            state.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            state.error = error_reason(exc)
             log.error("failed to load %s version %d: %s", state.name, state.version, state.error)
 
     # --- lookups --------------------------------------------------------------------------
@@ -167,14 +192,14 @@ class ModelRepository:
             versions = dict(self._table.get(name, {}))
         if not versions:
             served = ", ".join(self.names()) or "none"
-            raise NotServed(f"model_name {name!r} is not served (served: {served})")
+            raise NotServed(f"model_name {shown(name)} is not served (served: {served})")
         if version not in (None, "", 0, "0"):
-            try:
-                number = int(version)
-            except ValueError:
-                raise NotServed(f"model_version {version!r} is not a version number") from None
+            number = version if isinstance(version, int) else version_number(version)
+            if number is None:
+                raise NotServed(f"model_version {shown(version)} is not a version number "
+                                "(digits, or empty for the newest)")
             if number not in versions:
-                raise NotServed(f"model_version {number} of {name!r} is not served "
+                raise NotServed(f"model_version {shown(number)} of {name!r} is not served "
                                 f"(versions: {sorted(versions)})")
             return versions[number]
         ready = [v for v in sorted(versions) if versions[v].ready]

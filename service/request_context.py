@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextvars
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 
@@ -46,3 +48,40 @@ def note_forward_passes(count: int) -> None:
     record = _CURRENT.get()
     if record is not None:
         record.forward_passes = (record.forward_passes or 0) + int(count)
+
+
+@dataclass
+class ClientWait:
+    """Whether the client still waits for this call. gRPC ends a call when its client cancels,
+    its deadline passes or its connection drops, and the handler is not told: long work
+    (black-box masks, the wait for a black-box slot) asks here, so that it stops instead of
+    holding slots and cores for nobody."""
+
+    ended: threading.Event
+    deadline: float | None = None  # time.monotonic() instant
+
+    @classmethod
+    def of(cls, context) -> "ClientWait":
+        ended = threading.Event()
+        if not context.add_callback(ended.set):
+            ended.set()
+        remaining = context.time_remaining()
+        return cls(ended, None if remaining is None else time.monotonic() + remaining)
+
+    def gone(self) -> str:
+        """Why the client no longer waits ("cancelled", "deadline passed"), or "" while it
+        does."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "deadline passed"
+        return "cancelled" if self.ended.is_set() else ""
+
+    def acquire(self, slots: threading.Semaphore, timeout: float) -> bool:
+        """Take a slot within `timeout` seconds while the client still waits; False when the
+        time ran out or the client went."""
+        give_up = time.monotonic() + timeout
+        while not self.gone():
+            if slots.acquire(timeout=min(0.05, max(0.0, give_up - time.monotonic()))):
+                return True
+            if time.monotonic() >= give_up:
+                return False
+        return False

@@ -58,6 +58,11 @@ class CaseThresholds:
     high_confidence: float = 0.5
     competing_margin: float = 0.1
 
+    def __post_init__(self) -> None:
+        for name in ("high_confidence", "competing_margin"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # NaN fails too
+                raise ValueError(f"{name} {getattr(self, name)}: expected 0..1")
+
 
 def prediction_case(probabilities: np.ndarray, label: int, thresholds: CaseThresholds) -> str:
     """true_positive_high_confidence, true_positive_low_confidence,

@@ -41,6 +41,7 @@ class Server:
         token = read_token(settings.token_file)
         repository = self.repository
         interceptor = RequestInterceptor(self.telemetry, settings.max_concurrent_requests, token,
+                                         max_response_bytes=settings.max_message_bytes,
                                          served=lambda name: name in repository.names())
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes)]
