@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import openvino as ov
 
+from xaiserve.service import json_values
 from xaiserve.service.model_info import ModelInfo
 
 from .int8 import Int8Settings, quantize_export
@@ -131,7 +132,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             "int8": int8_figures,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
-        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        (staging / CARD_NAME).write_text(json_values.dumps(card, indent=2) + "\n")
     return ExportResult(Path(request.repository) / request.name / str(version), version, card)
 
 

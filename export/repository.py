@@ -39,18 +39,31 @@ def next_version(model_dir: Path) -> int:
     return existing[-1] + 1 if existing else 1
 
 
+def check_target(repository: Path, name: str, version: int | None) -> None:
+    """What `staged_version` would refuse, checked before an export's slow steps (an INT8
+    export can take many minutes before it writes)."""
+    check_name(name)
+    repository = Path(repository)
+    if version is not None and version < 1:
+        raise RepositoryError(f"--version {version}: versions are positive integers")
+    for folder in (repository, repository / name):
+        if folder.exists() and not folder.is_dir():
+            raise RepositoryError(f"--repository {repository}: {folder} is a file, not a folder")
+    if version is not None and (repository / name / str(version)).exists():
+        raise RepositoryError(f"{repository / name / str(version)} exists; give another "
+                              "--version or leave it out")
+
+
 @contextmanager
 def staged_version(repository: Path, name: str, version: int | None) -> Iterator[tuple[Path, int]]:
     """Yield a temporary directory to fill; on success it becomes `<name>/<version>`.
 
     On any error the temporary directory goes, and so does `<name>/` if this call created it."""
-    check_name(name)
+    check_target(repository, name, version)
     model_dir = Path(repository) / name
     created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     chosen = version if version is not None else next_version(model_dir)
-    if chosen < 1:
-        raise RepositoryError(f"--version {chosen}: versions are positive integers")
     final = model_dir / str(chosen)
     if final.exists():
         raise RepositoryError(f"{final} exists; give another --version or leave it out")
@@ -60,9 +73,22 @@ def staged_version(repository: Path, name: str, version: int | None) -> Iterator
         for item in staging.iterdir():
             with open(item, "rb") as fh:
                 os.fsync(fh.fileno())
+        # mkdtemp makes the folder private (0700); servers run as other users (the runtime
+        # image's uid 10001, systemd's DynamicUser) and must read it, as they read its files.
+        staging.chmod(0o755)
         os.rename(staging, final)
+        _sync_folder(model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created and model_dir.exists() and not any(model_dir.iterdir()):
             model_dir.rmdir()
         raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable: a crash just after it keeps the new version."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -8,6 +8,7 @@ Torch is imported only by the loaders that need it.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,21 @@ class SourceOptions:
     input_size: int | None = None
     mean_values: list[float] | None = None
     scale_values: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        """Values that would export a broken model (a zero divisor: NaN logits) fail here,
+        before any slow step."""
+        for option, value in (("--input-size", self.input_size),
+                              ("--num-classes", self.num_classes)):
+            if value is not None and value < 1:
+                raise SourceError(f"{option} {value}: must be at least 1")
+        for option, values in (("--mean", self.mean_values), ("--scale", self.scale_values)):
+            if values is not None and len(values) not in (1, 3):
+                raise SourceError(f"{option}: {len(values)} values; give 1 or 3 (R, G, B)")
+            if values is not None and not all(math.isfinite(v) for v in values):
+                raise SourceError(f"{option}: every value must be a finite number")
+        if self.scale_values is not None and 0 in self.scale_values:
+            raise SourceError("--scale: a divisor of 0; give values other than 0")
 
 
 @dataclass

@@ -4,9 +4,9 @@ one-screen text summary for people. Every figure is shown next to its ratio to b
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
+from . import json_values
 from .bench import HINT_SHORT, STAGES, BenchResult, Point
 from .bench_works import WORKS
 from .layer_profile import LayerProfile, relative_times, times
@@ -31,7 +31,7 @@ def write_all(result: BenchResult, out: Path) -> dict[str, Path | str]:
     written["summary"] = out / "summary.txt"
     data = result.as_dict()
     data["summary"] = summary
-    (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench.json").write_text(json_values.dumps(data, indent=2) + "\n")
     written["json"] = out / "bench.json"
     write_csv(result.points, out / "bench.csv")
     written["csv"] = out / "bench.csv"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+from . import json_values
+
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 
 
 def _gate_failed(report: Path | None, failures: list[str], section: str, figures: dict,
@@ -17,8 +21,8 @@ def _gate_failed(report: Path | None, failures: list[str], section: str, figures
     line on stderr, exit code 3 for pipelines."""
     from xaiserve.export.int8 import EXIT_GATE
 
-    text = json.dumps({"status": "gate_failed", "failures": failures, section: figures},
-                      indent=2)
+    text = json_values.dumps({"status": "gate_failed", "failures": failures, section: figures},
+                             indent=2)
     if report:
         report.write_text(text + "\n")
     print(text)
@@ -26,9 +30,71 @@ def _gate_failed(report: Path | None, failures: list[str], section: str, figures
     return EXIT_GATE
 
 
+@contextmanager
+def interrupts_raised():
+    """SIGTERM (a pipeline's timeout, `kill`, Kubernetes) raises KeyboardInterrupt, as SIGINT
+    does, so that the export's staging folder is removed on the way out; by default SIGTERM
+    ends the process on the spot and leaves the folder behind."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_report_file(path: Path | None) -> None:
+    """--report must be writable before an export starts: failing to write it after the
+    version is in place would make a pipeline retry and write another version."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--report {path}: is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"--report {path}: no folder {path.parent}; create it first")
+
+
 def _fail(verb: str, message: str) -> int:
     print(f"xaiserve {verb}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high] (argparse names the option when not)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: expected {low}..{high}")
+        return value
+    return parse
+
+
+def prepared_out(path: Path) -> Path:
+    """--out made before the work starts: a file in its place fails now, not after a run
+    whose results would then be lost."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path}: is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
+    return path
+
+
+def distinct_stems(images: list[Path]) -> None:
+    """Results are written as <out>/<stem>.json and <stem>_overlay.png: two inputs with one
+    stem would overwrite each other's."""
+    seen: dict[str, Path] = {}
+    for path in images:
+        if path.stem in seen:
+            raise ValueError(f"{seen[path.stem]} and {path} would write the same results "
+                             f"({path.stem}.json); rename one or explain them in two runs")
+        seen[path.stem] = path
 
 
 def _floats(text: str) -> list[float]:
@@ -170,15 +236,20 @@ def run_export(args) -> int:
         from xaiserve.export.pipeline import ExportRequest, export_model
         from xaiserve.export.precision_pins import check_keep_f32_first
         from xaiserve.export.reference_saliency import ReferenceCheckError, ReferenceGateError
-        from xaiserve.export.repository import RepositoryError
+        from xaiserve.export.repository import RepositoryError, check_target
         from xaiserve.export.saliency import InsertionError, SaliencySettings
         from xaiserve.export.sources import SourceError, SourceOptions
     except ImportError as exc:
         return _fail("export", f"{exc}; install the export extra: pip install 'xaiserve[export]'")
-    try:
+    try:  # everything that can be checked before the slow steps
         check_keep_f32_first(args.keep_f32_first)
+        check_target(args.repository, args.name, args.version)
+        check_report_file(args.report)
         reference = reference_check(args)
         int8 = int8_settings(args)
+        source_options = SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
+                                       labels_file=args.labels, input_size=args.input_size,
+                                       mean_values=args.mean, scale_values=args.scale)
     except ValueError as exc:
         return _fail("export", str(exc))
     request = ExportRequest(
@@ -187,9 +258,7 @@ def run_export(args) -> int:
                                   score=args.score, mosaic=args.mosaic, spread=args.spread,
                                   normalize=args.normalize,
                                   map_precision=args.map_precision),
-        source_options=SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
-                                     labels_file=args.labels, input_size=args.input_size,
-                                     mean_values=args.mean, scale_values=args.scale),
+        source_options=source_options,
         reference=reference,
         int8=int8,
         keep_f32_first=args.keep_f32_first,
@@ -207,7 +276,12 @@ def run_export(args) -> int:
         stages.set_postfix_str(stage)
 
     try:
-        result = export_model(request, progress)
+        with interrupts_raised():
+            result = export_model(request, progress)
+    except KeyboardInterrupt as exc:  # the staged version has been removed on the way out
+        stages.close()
+        print(f"xaiserve export: {exc or 'interrupted'}; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ReferenceGateError as exc:
         stages.close()
         return _gate_failed(args.report, [str(exc)], "reference", exc.figures,
@@ -226,7 +300,7 @@ def run_export(args) -> int:
     stages.update(stages.total - stages.n)
     stages.close()
     report = {"status": "ok", "path": str(result.path), **result.card}
-    text = json.dumps(report, indent=2)
+    text = json_values.dumps(report, indent=2)
     if args.report:
         args.report.write_text(text + "\n")
     print(text)
@@ -326,10 +400,11 @@ def add_explain(sub) -> None:
                        help="in-process: models/<name> (newest version) or models/<name>/<v>")
     p.add_argument("--model", help="model name on the server")
     p.add_argument("--version", default="")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_bounded_int(1, 20), default=3)
     p.add_argument("--method", default="auto", choices=["auto", "white-box", "black-box"])
-    p.add_argument("--masks", type=int, default=0, help="black-box masks (0: server default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks", type=_bounded_int(0, 2**32 - 1), default=0,
+                   help="black-box masks (0: server default)")
+    p.add_argument("--seed", type=_bounded_int(0, 2**64 - 1), default=0)
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("out"))
     add_quality_options(p)
@@ -350,7 +425,7 @@ def add_quality_options(p) -> None:
                         "separated (deletion_auc, insertion_auc, average_drop, ...)")
     g.add_argument("--substrate", choices=["black", "blur", "mean"],
                    help="faithfulness substrate (default: deletion black, insertion blur)")
-    g.add_argument("--steps", type=int, default=0, help="deletion/insertion steps (0: 196)")
+    g.add_argument("--steps", type=_bounded_int(0, 2**32 - 1), default=0, help="deletion/insertion steps (0: 196)")
     g.add_argument("--binarization", choices=["std", "threshold", "percentile"], default="std")
     g.add_argument("--binarization-value", type=float,
                    help="k of mean + k std (1), threshold 0..1 (0.5) or percentile (90)")
@@ -419,13 +494,8 @@ def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
     resolve_names(request.names)
     values = quality_metrics(request, image, model.preprocess(image), result.maps[top], top,
                              top, model_scorer(model), model.info)
-    return [{"name": v.name, "value": _json_number(v.value), "text": v.text,
+    return [{"name": v.name, "value": v.value, "text": v.text,
              "parameters": v.parameters} for v in values]
-
-
-def _json_number(value: float) -> float | None:
-    """NaN (an undefined correlation) is not JSON: null."""
-    return None if value != value else value
 
 
 def add_client_security(p) -> None:
@@ -448,13 +518,14 @@ def run_explain_remote(args) -> int:
         return _fail("explain", "--model NAME is needed with --server")
     try:
         quality = quality_arguments(args)
+        distinct_stems(args.images)
+        prepared_out(args.out)
         client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                    tls_key=args.tls_key, token_file=args.token_file)
     except (ValueError, ConfigError) as exc:
         return _fail("explain", str(exc))
     from tqdm import tqdm
 
-    args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in tqdm(args.images, desc="explain", unit="image",
                      disable=not quality["metrics"] or len(args.images) < 2):
@@ -480,14 +551,14 @@ def run_explain_remote(args) -> int:
                             for p in response.predictions[:args.top_k]],
             "maps": [{"class_id": m.class_id, "label": m.label, "method": m.method,
                       "shape": list(m.shape)} for m in response.maps],
-            "metrics": [{"name": m.name, "value": _json_number(m.value), "text": m.text,
+            "metrics": [{"name": m.name, "value": m.value, "text": m.text,
                          "parameters": dict(m.parameters)} for m in response.metrics],
             "timings_ms": dict(response.timings_ms),
         }
         if response.maps:
             (args.out / f"{path.stem}_overlay.png").write_bytes(response.maps[0].data)
             record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
-        (args.out / f"{path.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / f"{path.stem}.json").write_text(json_values.dumps(record, indent=2) + "\n")
         print(f"{path.name}: " + ", ".join(
             f"{p['label']} ({p['class_id']}) {p['score']:.3f}" for p in record["predictions"])
             + f"  [{response.maps[0].method if response.maps else 'no map'}, "
@@ -512,15 +583,18 @@ def run_explain(args) -> int:
     if args.server:
         return run_explain_remote(args)
     from .images import ImageError, read_image
-    from .model import ClassifierModel, ModelLoadError
+    from .model import ClassifierModel, ModelLoadError, error_reason
     from .overlay import overlay, write_png
 
     try:
         quality = quality_arguments(args)
+        distinct_stems(args.images)
+        prepared_out(args.out)
         model = ClassifierModel(resolve_version_dir(args.model_path), args.device).load()
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         return _fail("explain", str(exc))
-    args.out.mkdir(parents=True, exist_ok=True)
+    except RuntimeError as exc:  # OpenVINO: a device that is not here, or cannot compile it
+        return _fail("explain", f"--device {args.device}: {error_reason(exc)}")
     failures = 0
     for path in args.images:
         try:
@@ -552,7 +626,7 @@ def run_explain(args) -> int:
             picture = overlay(image, result.maps[top.class_id], legend)
             write_png(args.out / f"{path.stem}_overlay.png", picture)
             record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
-        (args.out / f"{path.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / f"{path.stem}.json").write_text(json_values.dumps(record, indent=2) + "\n")
         print(f"{path.name}: " + ", ".join(
             f"{p.label} ({p.class_id}) {p.score:.3f}" for p in result.predictions))
     return 1 if failures else 0
@@ -741,10 +815,13 @@ def run_bench(args) -> int:
             max_windows=args.max_windows, masks=args.masks, seed=args.seed, image=args.image,
             reference=not args.no_reference, reference_seconds=args.reference_seconds,
             layers=args.layers, layer_iterations=args.layer_iterations)
+        prepared_out(args.out)
         bench = Bench(settings, _BenchBar())
         result = bench.run()
     except (BenchError, ValueError, FileNotFoundError) as exc:
         return _fail("bench", str(exc))
+    if not result.points and not result.layers:
+        return _fail("bench", "nothing was measured: " + "; ".join(result.skips))
     written = write_all(result, args.out)
     print(written["summary"].read_text(), end="")
     print(f"wrote {', '.join(str(v) for v in written.values())}", file=sys.stderr)

@@ -16,12 +16,21 @@ METHODS = {"auto": pb.METHOD_AUTO, "white-box": pb.METHOD_WHITE_BOX,
            "black-box": pb.METHOD_BLACK_BOX}
 
 
+def check_port(address: str) -> None:
+    """gRPC reads a HOST:PORT port modulo 65536 (99999 becomes 34463, another service):
+    refuse ports outside 1..65535 instead."""
+    _, colon, port = address.rpartition(":")
+    if colon and port.isdigit() and not 1 <= int(port) <= 65535 and "/" not in address:
+        raise ValueError(f"--server {address}: port {port} is outside 1..65535")
+
+
 def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024,
                  own_connection: bool = False,
                  credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     """A channel with large message limits, TLS when `credentials` are given. `own_connection`:
     its own TCP connection; gRPC otherwise shares one connection between channels with equal
     arguments, so N load clients would be N streams on one socket."""
+    check_port(address)
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     if own_connection:

@@ -34,12 +34,14 @@ class Backend(Protocol):
 class LocalBackend:
     def __init__(self, model_path: str, device: str = "CPU"):
         from .cli import resolve_version_dir
-        from .model import ClassifierModel, ModelLoadError
+        from .model import ClassifierModel, ModelLoadError, error_reason
 
         try:
             self.model = ClassifierModel(resolve_version_dir(Path(model_path)), device).load()
         except (FileNotFoundError, ModelLoadError) as exc:
             raise BackendError(str(exc)) from None
+        except RuntimeError as exc:  # OpenVINO: a device that is not here, or cannot compile
+            raise BackendError(f"--device {device}: {error_reason(exc)}") from None
         self.info = self.model.info
         self.has_saliency = self.model.has_saliency
 

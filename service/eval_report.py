@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import json_values
 from .dataset import DatasetItem, load_ground_truth, load_image
 from .evaluation import GridGame, ImageResult
 from .explanation_quality import saliency_on_image
@@ -193,7 +193,7 @@ def game_picture(game: GridGame, path: Path) -> bool:
 # --- files ------------------------------------------------------------------------------------
 
 def write_tables(results: list[ImageResult], out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(
+    (out / "results.json").write_text(json_values.dumps(
         [{**r.row, "curves": r.curves} for r in results], indent=1) + "\n")
     columns = list(results[0].row)
     with (out / "results.csv").open("w", newline="") as handle:
@@ -314,6 +314,6 @@ def write_report(results: list[ImageResult], items: list[DatasetItem], game: Gri
                         overlay_grids(results, by_id, info, "case", figures_dir).items()}
     summary["figures"] = figures
     write_tables(results, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json_values.dumps(summary, indent=2) + "\n")
     write_html(summary, figures, out)
     return summary

@@ -68,8 +68,11 @@ def evaluate_command(args, fail) -> int:
     from .evaluation import play_grid_game
     from .model import error_reason
 
+    from .cli import prepared_out
+
     try:
         settings = settings_from_args(args)
+        prepared_out(args.out)
     except ValueError as exc:
         return fail(VERB, str(exc))
     if args.ray is not None:

@@ -75,8 +75,12 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
     for model_dir in sorted(repository.iterdir()):
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
-        complete = {v: d for v, d in version_dirs(model_dir).items()
-                    if (d / "model.xml").is_file()}
+        try:
+            complete = {v: d for v, d in version_dirs(model_dir).items()
+                        if (d / "model.xml").is_file()}
+        except OSError as exc:  # a folder this server may not read: the others still count
+            log.warning("skipping %s: %s", model_dir, exc.strerror or exc)
+            continue
         if complete:
             found[model_dir.name] = complete
     return found

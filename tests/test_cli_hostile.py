@@ -1,0 +1,145 @@
+"""The command line given what a pipeline or a tired person gives it: bad options fail with
+exit 2 and one line before any slow step, outputs are never lost or overwritten, an interrupted
+export leaves nothing behind, and what it writes others can read. Found by attacking the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from xaiserve.service.json_values import dumps, finite
+
+from .conftest import ROOT, run_cli
+
+SMALL = ("torch:tests.synthetic:small_cnn", "--input-size", "64")
+PROGRESS = re.compile(r"export: \d+/\d+")  # the export's progress bar: its slow steps began
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str, alone: bool = True) -> str:
+    """Exit 2 and an error line naming `words`; `alone`: the only line (no traceback, and no
+    progress bar or skip line before it either)."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert not alone or len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_path):
+    """mkdtemp makes the staging folder 0700; renamed into place as it was, a server running
+    as another user (the runtime image, systemd's DynamicUser) could not read the version."""
+    repo = tmp_path / "models"
+    done = run_cli("export", *SMALL, "--repository", str(repo), "--name", "cnn")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stat.S_IMODE((repo / "cnn" / "1").stat().st_mode) == 0o755
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (("--repository", str(repo), "--name", "cnn", "--version", "1"), ["exists", "--version"]),
+        (("--repository", str(a_file), "--name", "cnn"), ["--repository", "is a file"]),
+        (("--repository", str(repo), "--name", "cnn", "--report",
+          str(tmp_path / "missing" / "report.json")), ["--report", "missing"]),
+        (("--repository", str(repo), "--name", "cnn", "--scale", "0,1,1"), ["--scale", "0"]),
+        (("--repository", str(repo), "--name", "cnn", "--input-size", "0"), ["--input-size"]),
+        (("--repository", str(repo), "--name", "cnn", "--mean", "1,2"), ["--mean", "1 or 3"]),
+    ]
+    for options, words in cases:
+        result = run_cli("export", *SMALL, *options)
+        one_line_error(result, *words)
+        assert not PROGRESS.search(result.stderr), result.stderr  # refused before the work
+    assert sorted(p.name for p in (repo / "cnn").iterdir()) == ["1"]
+
+
+def test_sigterm_during_an_export_leaves_nothing_and_says_so(tmp_path):
+    """A pipeline's timeout sends SIGTERM; by default it ends the process where it stands and
+    leaves the staging folder. The export now cleans up and exits 130 with one line."""
+    repo = tmp_path / "models"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "export", "default", "--repository",
+         str(repo), "--name", "lite0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, cwd=ROOT)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, "")))
+    reader.start()
+    end = time.monotonic() + 120
+    while not PROGRESS.search("".join(stderr)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert PROGRESS.search("".join(stderr)), "".join(stderr)
+    time.sleep(1.0)  # inside the export's steps
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130, "".join(stderr)[-2000:]
+    reader.join()
+    last = "".join(stderr).replace("\r", "\n").strip().splitlines()[-1]
+    assert last == "xaiserve export: SIGTERM; nothing was written"
+    assert not (repo / "lite0").exists()
+
+
+def test_sigterm_inside_the_staged_version_removes_it(tmp_path):
+    """The same in one process, at the moment the staging folder holds files."""
+    from xaiserve.export.repository import staged_version
+    from xaiserve.service.cli import interrupts_raised
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupts_raised(), staged_version(tmp_path, "cnn", None) as (staging, _):
+            (staging / "model.xml").write_text("half written")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises before this ends
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_export, tmp_path):
+    model = str(default_export.path)
+    image = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
+    first, second = tmp_path / "a" / "img.jpg", tmp_path / "b" / "img.jpg"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(image)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    out = tmp_path / "out"
+    cases = [
+        (("explain", str(first), str(second), "--model-path", model, "--out", str(out)),
+         ["img.json", "rename one"]),
+        (("explain", str(first), "--model-path", model, "--out", str(a_file)), ["--out"]),
+        (("explain", str(first), "--model-path", model, "--device", "BOGUS", "--out", str(out)),
+         ["--device BOGUS"]),
+        (("explain", str(first), "--server", "127.0.0.1:99999", "--model", "m"),
+         ["99999", "1..65535"]),
+        (("bench", "--model-path", model, "--out", str(a_file), "--no-reference"), ["--out"]),
+        (("bench", "--model-path", model, "--device", "BOGUS", "--no-reference", "--out",
+          str(out)), ["nothing was measured", "BOGUS"], False),  # after its skip line
+        (("serve", "--repository", str(tmp_path / "missing")), ["--repository", "no such"]),
+        (("serve", "--repository", str(tmp_path), "--port", "99999"), ["--port", "0..65535"]),
+        (("serve", "--repository", str(tmp_path), "--poll-seconds", "0"), ["--poll-seconds"]),
+    ]
+    for args, words, *rest in cases:
+        one_line_error(run_cli(*args), *words, alone=rest[0] if rest else True)
+    assert a_file.read_text() == "keep me"
+    assert not (out / "img.json").exists()
+    for option, value in (("--masks", "-5"), ("--seed", "-1"), ("--top-k", "0"),
+                          ("--steps", "-1")):
+        result = run_cli("explain", str(first), "--server", "127.0.0.1:9", "--model", "m",
+                         option, value)
+        assert result.returncode == 2 and f"argument {option}" in result.stderr, result.stderr
+
+
+def test_json_never_carries_nan():
+    value = {"mean": float("nan"), "curve": [1.0, float("inf"), np.float64("nan")], "n": 3}
+    assert finite(value) == {"mean": None, "curve": [1.0, None, None], "n": 3}
+    assert json.loads(dumps(value)) == {"mean": None, "curve": [1.0, None, None], "n": 3}
