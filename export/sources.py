@@ -109,6 +109,9 @@ def read_labels(path: Path, num_classes: int | None) -> list[str]:
         labels = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
     except OSError as exc:
         raise SourceError(f"--labels {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"--labels {path}: not UTF-8 text; give a text file, one label per "
+                          "line") from None
     if num_classes is not None and len(labels) != num_classes:
         raise SourceError(
             f"--labels {path}: {len(labels)} labels for a model with {num_classes} classes; "

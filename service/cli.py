@@ -586,6 +586,9 @@ def run_explain(args) -> int:
     from .model import ClassifierModel, ModelLoadError, error_reason
     from .overlay import overlay, write_png
 
+    if args.method == "black-box" or args.masks:
+        return _fail("explain", "--method black-box and --masks need --server: in-process "
+                                "explain computes the model's own saliency_map")
     try:
         quality = quality_arguments(args)
         distinct_stems(args.images)
@@ -595,6 +598,9 @@ def run_explain(args) -> int:
         return _fail("explain", str(exc))
     except RuntimeError as exc:  # OpenVINO: a device that is not here, or cannot compile it
         return _fail("explain", f"--device {args.device}: {error_reason(exc)}")
+    if args.label is not None and not 0 <= args.label < len(model.info.labels):
+        return _fail("explain", f"--label {args.label}: out of range [0, "
+                                f"{len(model.info.labels)})")
     failures = 0
     for path in args.images:
         try:

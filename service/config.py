@@ -116,8 +116,14 @@ def load_settings(config_file: Path | None, **flags) -> ServerSettings:
     if config_file is not None:
         try:
             raw = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"--config {config_file}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"--config {config_file}: cannot read it ({exc.strerror})") from None
+        except yaml.YAMLError as exc:  # its message spans lines: the problem and where it is
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--config {config_file}: not valid YAML{where}: {problem}") \
+                from None
     model_flags = {k: v for k, v in flags.items()
                    if k in {f.name for f in fields(ModelSettings)} and v is not None}
     defaults = _model_settings({**raw.get("defaults", {}), **model_flags}, ModelSettings(),

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,19 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "xaiserve.service.cli", *args],
                           capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600)
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    """Poll `condition` until it holds; an RPC error (a version not there yet) counts as not."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if condition():
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def runtime_convolutions(compiled) -> list[tuple[set[str], str]]:

@@ -9,7 +9,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 
 import cv2
 import grpc
@@ -24,6 +23,8 @@ from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
 from xaiserve.service.server import Server
+
+from .conftest import wait_for
 
 MODEL = "efficientnet_lite0"
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -51,18 +52,6 @@ def bytes_request(*images: bytes) -> kpb.ModelInferRequest:
     request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
     request.raw_input_contents.append(b"".join(struct.pack("<I", len(i)) + i for i in images))
     return request
-
-
-def wait_for(condition, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if condition():
-                return True
-        except grpc.RpcError:  # not there yet
-            pass
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")

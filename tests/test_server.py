@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import struct
-import time
 
 import cv2
 import grpc
@@ -20,7 +19,7 @@ from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.server import Server
 
-from .conftest import MAX_MESSAGE
+from .conftest import MAX_MESSAGE, wait_for
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
@@ -287,18 +286,6 @@ def test_bad_input(client, kserve, photos):
 
 
 # --- the repository follows the disk ------------------------------------------------------------
-
-def wait_for(condition, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if condition():
-                return True
-        except grpc.RpcError:  # not there yet
-            pass
-        time.sleep(0.2)
-    return False
-
 
 def test_versions_come_and_go_and_broken_models_are_reported(repository, kserve, client, photos):
     shutil.copytree(repository / "efficientnet_lite0" / "1", repository / "efficientnet_lite0" / "2")
