@@ -282,6 +282,17 @@ def load_torch_factory(target: str, options: SourceOptions) -> LoadedSource:
 
 # --- deployed IR / ONNX -----------------------------------------------------------------------
 
+FRONTENDS = {".xml": "ir", ".onnx": "onnx"}
+
+
+def read_model_file(path: Path) -> ov.Model:
+    """The model through the frontend its suffix names. `Core.read_model` asks every frontend
+    whether a file is theirs, and TensorFlow's prints its parse errors (absl lines) on stderr
+    for a corrupt file that is not, before our one line."""
+    frontend = ov.frontend.FrontEndManager().load_by_framework(FRONTENDS[path.suffix.lower()])
+    return frontend.convert(frontend.load(str(path)))
+
+
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     """An IR or ONNX someone already deployed: add saliency without torch."""
@@ -289,7 +300,7 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
     try:
-        model = ov.Core().read_model(str(path))
+        model = read_model_file(path)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
         raise SourceError(f"{path}: not a readable OpenVINO IR or ONNX model "
                           f"({error_reason(exc, 160)})") from None

@@ -67,6 +67,9 @@ def files_signature(version_dir: Path) -> tuple:
         return ()
 
 
+_UNREADABLE: set[Path] = set()
+
+
 def scan(repository: Path) -> dict[str, dict[int, Path]]:
     """{name: {version: dir}} for every `<name>/<int>/model.xml` (hidden staging dirs skipped)."""
     found: dict[str, dict[int, Path]] = {}
@@ -79,7 +82,9 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
             complete = {v: d for v, d in version_dirs(model_dir).items()
                         if (d / "model.xml").is_file()}
         except OSError as exc:  # a folder this server may not read: the others still count
-            log.warning("skipping %s: %s", model_dir, exc.strerror or exc)
+            if model_dir not in _UNREADABLE:  # once, not at every poll
+                _UNREADABLE.add(model_dir)
+                log.warning("skipping %s: %s", model_dir, exc.strerror or exc)
             continue
         if complete:
             found[model_dir.name] = complete

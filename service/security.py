@@ -26,13 +26,10 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     """None for plaintext; TLS with cert + key; mutual TLS when a client CA is given."""
     if settings.tls_cert is None:
         return None
-    cert = _read(settings.tls_cert, "--tls-cert")
-    key = _read(settings.tls_key, "--tls-key")
-    if b"PRIVATE KEY" not in key:
-        raise ConfigError(f"--tls-key {settings.tls_key}: no PEM private key in it")
-    if b"CERTIFICATE" not in cert:
-        raise ConfigError(f"--tls-cert {settings.tls_cert}: no PEM certificate in it")
-    ca = _read(settings.tls_client_ca, "--tls-client-ca") if settings.tls_client_ca else None
+    cert = _pem(settings.tls_cert, "--tls-cert", b"CERTIFICATE")
+    key = _pem(settings.tls_key, "--tls-key", b"PRIVATE KEY")
+    ca = (_pem(settings.tls_client_ca, "--tls-client-ca", b"CERTIFICATE")
+          if settings.tls_client_ca else None)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                        require_client_auth=ca is not None)
 
@@ -62,7 +59,16 @@ def channel_credentials(ca: Path | None = None, cert: Path | None = None,
     """Client side: trust `ca` (default: the system roots); present cert + key for mutual TLS."""
     if (cert is None) != (key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    # checked here: gRPC takes any bytes and fails later with its own lines and UNAVAILABLE
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "--tls-ca") if ca else None,
-        private_key=_read(key, "--tls-key") if key else None,
-        certificate_chain=_read(cert, "--tls-cert") if cert else None)
+        root_certificates=_pem(ca, "--tls-ca", b"CERTIFICATE") if ca else None,
+        private_key=_pem(key, "--tls-key", b"PRIVATE KEY") if key else None,
+        certificate_chain=_pem(cert, "--tls-cert", b"CERTIFICATE") if cert else None)
+
+
+def _pem(path: Path, flag: str, kind: bytes) -> bytes:
+    """The file's bytes, which must hold a PEM block of `kind` (CERTIFICATE, PRIVATE KEY)."""
+    data = _read(path, flag)
+    if b"-----BEGIN " not in data or kind not in data:
+        raise ConfigError(f"{flag} {path}: no PEM {kind.decode().lower()} in it")
+    return data

@@ -60,6 +60,14 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
         one_line_error(result, *words)
         assert not PROGRESS.search(result.stderr), result.stderr  # refused before the work
     assert sorted(p.name for p in (repo / "cnn").iterdir()) == ["1"]
+    # a corrupt deployed model: OpenVINO's TensorFlow frontend used to print its own parse
+    # errors before ours when every frontend was asked whether the file was theirs
+    garbage = tmp_path / "deployed.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(2000))
+    result = run_cli("export", str(garbage), "--repository", str(repo), "--name", "x")
+    one_line_error(result, "not a readable OpenVINO IR or ONNX model", alone=False)
+    assert not [line for line in result.stderr.splitlines() if "text_format" in line
+                or "absl" in line], result.stderr
 
 
 def test_sigterm_during_an_export_leaves_nothing_and_says_so(tmp_path):
@@ -134,6 +142,8 @@ def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_ex
          ["--device BOGUS"]),
         (("explain", str(first), "--server", "127.0.0.1:99999", "--model", "m"),
          ["99999", "1..65535"]),
+        (("explain", str(first), "--server", "127.0.0.1:9", "--model", "m", "--tls-ca",
+          str(a_file)), ["--tls-ca", "no PEM certificate"]),  # was gRPC's lines, UNAVAILABLE
         (("explain", str(first), "--model-path", model, "--method", "black-box"),
          ["--method black-box", "--server"]),  # was silently white-box
         (("explain", str(first), "--model-path", model, "--label", "5000", "--out", str(out)),
