@@ -276,8 +276,17 @@ def load_torch_factory(target: str, options: SourceOptions) -> LoadedSource:
     size = options.input_size or 224
     model = convert_torch(module, size)
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
+    check_class_count(options, num_classes, f"torch:{target}")
     info = _module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
     return LoadedSource(model, info, f"torch:{target}", torch_module=module)
+
+
+def check_class_count(options: SourceOptions, found: int, source: str) -> None:
+    """--num-classes sizes the head of a timm model; a model built elsewhere has its own, and
+    a different count asked for is an error, not ignored."""
+    if options.num_classes is not None and options.num_classes != found:
+        raise SourceError(f"--num-classes {options.num_classes}: {source} has {found} classes; "
+                          "leave the option out or build the model with that many")
 
 
 # --- deployed IR / ONNX -----------------------------------------------------------------------
@@ -323,6 +332,7 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, size, size])})
         height = width = size
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
+    check_class_count(options, num_classes, str(path))
     if known is not None and known.labels:
         labels = known.labels
     else:

@@ -59,6 +59,9 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
         result = run_cli("export", *SMALL, *options)
         one_line_error(result, *words)
         assert not PROGRESS.search(result.stderr), result.stderr  # refused before the work
+    # known once the model is built: was ignored
+    one_line_error(run_cli("export", *SMALL, "--repository", str(repo), "--name", "cnn",
+                           "--num-classes", "5"), "--num-classes 5", "3 classes", alone=False)
     assert sorted(p.name for p in (repo / "cnn").iterdir()) == ["1"]
     # a corrupt deployed model: OpenVINO's TensorFlow frontend used to print its own parse
     # errors before ours when every frontend was asked whether the file was theirs
