@@ -425,7 +425,8 @@ def add_quality_options(p) -> None:
                         "separated (deletion_auc, insertion_auc, average_drop, ...)")
     g.add_argument("--substrate", choices=["black", "blur", "mean"],
                    help="faithfulness substrate (default: deletion black, insertion blur)")
-    g.add_argument("--steps", type=_bounded_int(0, 2**32 - 1), default=0, help="deletion/insertion steps (0: 196)")
+    g.add_argument("--steps", type=_bounded_int(0, 2**32 - 1), default=0,
+                   help="deletion/insertion steps (0: 196)")
     g.add_argument("--binarization", choices=["std", "threshold", "percentile"], default="std")
     g.add_argument("--binarization-value", type=float,
                    help="k of mean + k std (1), threshold 0..1 (0.5) or percentile (90)")

@@ -220,7 +220,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         available = {SCORES_OUTPUT} | ({SALIENCY_OUTPUT} if model.has_saliency else set())
         for i, name in enumerate(wanted):
             if name not in available:
-                raise invalid(f"outputs[{i}].name {shown(name)}: this model has {sorted(available)}")
+                raise invalid(f"outputs[{i}].name {shown(name)}: this model has "
+                              f"{sorted(available)}")
         results = model.predict(batch, tuple(wanted), timings)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=str(state.version), id=request.id)
