@@ -49,13 +49,16 @@ def error_reason(exc: BaseException, limit: int = 300) -> str:
     return (causes or lines or [type(exc).__name__])[-1][:limit]
 
 
-def serving_core() -> ov.Core:
-    """A runtime whose models own their weights: by default OpenVINO maps the `.bin` file into
-    memory, and a process serving a mapped file dies (SIGBUS) when that file is truncated or
-    rewritten on disk, as copying a new version over an old one does."""
-    core = ov.Core()
-    core.set_property({"ENABLE_MMAP": False})
-    return core
+def read_ir(core: ov.Core, xml: Path) -> ov.Model:
+    """An IR read from memory, its weights a copy the model owns. `Core.read_model(path)` maps
+    the `.bin` file, and a process serving a mapped file dies (SIGBUS) when the file is
+    truncated or rewritten on disk, as copying a new version over an old one does; it also asks
+    every frontend whether the file is theirs, and TensorFlow's prints parse errors on stderr
+    for a corrupt one."""
+    weights_file = xml.with_suffix(".bin")
+    weights = (np.fromfile(weights_file, np.uint8) if weights_file.exists()
+               else np.empty(0, np.uint8))  # an IR without constants has no .bin
+    return core.read_model(xml.read_text(), ov.Tensor(weights))
 
 
 @dataclass
@@ -190,7 +193,7 @@ class ClassifierModel:
         self.path = Path(path)
         self.device = device
         self.config = config or {}
-        self.core = core or serving_core()
+        self.core = core or ov.Core()
         self.routes = routes
         self.compiled: ov.CompiledModel | None = None
         self.info: ModelInfo | None = None
@@ -205,7 +208,7 @@ class ClassifierModel:
     def load(self) -> "ClassifierModel":
         xml = self.path if self.path.suffix == ".xml" else self.path / "model.xml"
         try:
-            model = self.core.read_model(str(xml))
+            model = read_ir(self.core, xml)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"{xml}: cannot read the IR ({error_reason(exc, 160)})") from None
         info = ModelInfo.from_model(model)

@@ -5,7 +5,7 @@ versions are compiled in the background (a slow compile never blocks requests to
 removed ones are dropped from the table; requests already holding a version keep it alive until
 they finish, since they hold a reference. A version that fails to load stays listed, not ready,
 with the reason, and is loaded again once its files change (a copy that was caught half-way).
-Loaded models own their weights (`model.serving_core`), so files changing under a served version
+Loaded models own their weights (`model.read_ir`), so files changing under a served version
 cannot take the process down.
 """
 
@@ -22,7 +22,7 @@ import openvino as ov
 
 from .config import ServerSettings
 from .errors import NotServed, shown
-from .model import ClassifierModel, error_reason, serving_core
+from .model import ClassifierModel, error_reason
 from .statistics import VersionStatistics
 
 log = logging.getLogger("xaiserve.repository")
@@ -94,7 +94,7 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
 class ModelRepository:
     def __init__(self, settings: ServerSettings, core: ov.Core | None = None):
         self.settings = settings
-        self.core = core or serving_core()
+        self.core = core or ov.Core()
         self._table: dict[str, dict[int, VersionState]] = {}
         self._lock = threading.Lock()  # guards the table's structure only, never inference
         self._stop = threading.Event()

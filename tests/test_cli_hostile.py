@@ -135,6 +135,9 @@ def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_ex
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     out = tmp_path / "out"
+    corrupt = tmp_path / "corrupt" / "1"  # a version whose model.xml is not an IR
+    corrupt.mkdir(parents=True)
+    (corrupt / "model.xml").write_text("node { name: 'not an IR'\n")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("server:\n  port: [1, 2\n")
     cases = [
@@ -147,6 +150,8 @@ def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_ex
          ["99999", "1..65535"]),
         (("explain", str(first), "--server", "127.0.0.1:9", "--model", "m", "--tls-ca",
           str(a_file)), ["--tls-ca", "no PEM certificate"]),  # was gRPC's lines, UNAVAILABLE
+        (("explain", str(first), "--model-path", str(corrupt), "--out", str(out)),
+         ["model.xml", "cannot read the IR"]),  # no runtime's parse errors before it
         (("explain", str(first), "--model-path", model, "--method", "black-box"),
          ["--method black-box", "--server"]),  # was silently white-box
         (("explain", str(first), "--model-path", model, "--label", "5000", "--out", str(out)),

@@ -150,10 +150,12 @@ def test_responses_over_the_message_limit_are_refused_clearly(served, stubs, pho
     large = jpeg(np.zeros((2100, 2100, 3), np.uint8))
     expect_error(lambda: explain.Explain(explain_request(large, MODEL, map_format="u8")),
                  grpc.StatusCode.RESOURCE_EXHAUSTED, "max_message_bytes", "map_format")
-    count = server.telemetry.registry.get_sample_value(
-        "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
-                                    "code": "RESOURCE_EXHAUSTED"})
-    assert count == 1  # counted as refused, not as answered
+
+    def refused() -> bool:  # counted as refused, not as answered (just after the status left)
+        return server.telemetry.registry.get_sample_value(
+            "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
+                                        "code": "RESOURCE_EXHAUSTED"}) == 1
+    assert wait_for(refused, timeout=5)
     assert still_serving(stubs, photos)
 
 
