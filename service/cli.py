@@ -86,15 +86,21 @@ def prepared_out(path: Path) -> Path:
     return path
 
 
-def distinct_stems(images: list[Path]) -> None:
+def check_outputs(images: list[Path], out: Path) -> None:
     """Results are written as <out>/<stem>.json and <stem>_overlay.png: two inputs with one
-    stem would overwrite each other's."""
+    stem would overwrite each other's, and an input that is one of those files itself."""
     seen: dict[str, Path] = {}
+    written: set[Path] = set()
     for path in images:
         if path.stem in seen:
             raise ValueError(f"{seen[path.stem]} and {path} would write the same results "
                              f"({path.stem}.json); rename one or explain them in two runs")
         seen[path.stem] = path
+        written |= {(out / f"{path.stem}{suffix}").resolve()
+                    for suffix in (".json", "_overlay.png")}
+    for path in images:
+        if path.resolve() in written:
+            raise ValueError(f"{path}: the results would be written over it; give another --out")
 
 
 def _floats(text: str) -> list[float]:
@@ -519,7 +525,7 @@ def run_explain_remote(args) -> int:
         return _fail("explain", "--model NAME is needed with --server")
     try:
         quality = quality_arguments(args)
-        distinct_stems(args.images)
+        check_outputs(args.images, args.out)
         prepared_out(args.out)
         client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                    tls_key=args.tls_key, token_file=args.token_file)
@@ -592,7 +598,7 @@ def run_explain(args) -> int:
                                 "explain computes the model's own saliency_map")
     try:
         quality = quality_arguments(args)
-        distinct_stems(args.images)
+        check_outputs(args.images, args.out)
         prepared_out(args.out)
         model = ClassifierModel(resolve_version_dir(args.model_path), args.device).load()
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:

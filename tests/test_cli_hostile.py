@@ -167,6 +167,12 @@ def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_ex
     ]
     for args, words, *rest in cases:
         one_line_error(run_cli(*args), *words, alone=rest[0] if rest else True)
+    overlay_named = out / "photo_overlay.png"  # an input that another input's overlay would be
+    out.mkdir(exist_ok=True)
+    overlay_named.write_bytes(image)
+    one_line_error(run_cli("explain", str(overlay_named), str(out / "photo.jpg"), "--model-path",
+                           model, "--out", str(out)), "photo_overlay.png", "written over it")
+    assert overlay_named.read_bytes() == image
     assert a_file.read_text() == "keep me"
     assert not (out / "img.json").exists()
     for option, value in (("--masks", "-5"), ("--seed", "-1"), ("--top-k", "0"),
