@@ -8,6 +8,10 @@ import logging
 import grpc
 
 log = logging.getLogger("xaiserve.server")
+# A status message travels in the response's metadata, which clients cap (16 KiB in gRPC):
+# longer, it reaches them as another error. Ours are under 300 characters; a client's value
+# echoed in one is cut by `shown`, and this bounds what a library message echoes.
+MAX_STATUS_CHARS = 1000
 
 
 class NotServed(LookupError):
@@ -47,6 +51,12 @@ def client_gone(reason: str, work: str) -> RequestError:
     return RequestError(code, f"{work} stopped: the client's call {reason}")
 
 
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_STATUS_CHARS:
+        return message
+    return f"{message[:MAX_STATUS_CHARS]}... ({len(message)} characters in all)"
+
+
 def rpc(method):
     """Turn RequestError into its status, an unknown model or version into NOT_FOUND, anything
     else into INTERNAL, logged, never a crash."""
@@ -56,9 +66,9 @@ def rpc(method):
         try:
             return method(self, request, context)
         except RequestError as exc:
-            context.abort(exc.code, exc.message)
+            context.abort(exc.code, _bounded(exc.message))
         except NotServed as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            context.abort(grpc.StatusCode.NOT_FOUND, _bounded(str(exc)))
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])

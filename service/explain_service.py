@@ -33,6 +33,7 @@ MAX_POINTING_TOLERANCE_PX = 512
 PATTERN_CUTOFF_NAMES = ("iou_high", "gtc_high", "sc_high")
 THRESHOLD_NAMES = ("high_confidence", "competing_margin") + PATTERN_CUTOFF_NAMES
 BLACK_BOX_SLOT_WAIT_S = 30
+MAX_BOXES = 1000  # ground-truth boxes per request: their loops are Python
 
 
 class Stopwatch:
@@ -151,6 +152,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         summary = Summary.read(out)
         probabilities = summary.probabilities
         targets = self._targets(request, summary, len(model.info.labels) or len(probabilities))
+        self._check_map_bytes(request, image, len(targets))
         maps, method = self._maps(request, state, tensor, out, targets, white_box, watch, client)
         watch.lap("explanation")
 
@@ -188,6 +190,19 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         if k > MAX_TOP_K:
             raise invalid(f"top_k {k} is over {MAX_TOP_K}")
         return summary.order(k)
+
+    def _check_map_bytes(self, request, image: np.ndarray, maps: int) -> None:
+        """u8 maps at the image's size have a known size: a response that cannot be sent is
+        refused before they are made (20 maps of a 36-megapixel image: 720 MB). The other
+        formats are checked once built, by the interceptor."""
+        if request.map_format != pb.MAP_FORMAT_U8_IMAGE:
+            return
+        size = maps * image.shape[0] * image.shape[1]
+        if size > self.settings.max_message_bytes:
+            raise exhausted(f"map_format U8_IMAGE: {maps} maps of {image.shape[1]}x"
+                            f"{image.shape[0]} are {size} bytes, over the server's "
+                            f"max_message_bytes of {self.settings.max_message_bytes}; ask for "
+                            "fewer target_classes or top_k, or map_format FLOAT")
 
     @staticmethod
     def _white_box(request, model) -> bool:
@@ -306,6 +321,9 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         """The request's ground truth and metric options as library settings; bad values become
         INVALID_ARGUMENT naming the field."""
         truth, options = request.ground_truth, request.metric_options
+        if len(truth.boxes) > MAX_BOXES:
+            raise invalid(f"ground_truth.boxes: {len(truth.boxes)} boxes, over {MAX_BOXES}; "
+                          "merge them into ground_truth.mask_png")
         mask = decode_mask(truth.mask_png, *image.shape[:2]) if truth.mask_png else None
         if options.steps > MAX_FAITHFULNESS_STEPS:
             raise exhausted(f"metric_options.steps {options.steps} is over this server's cap of "

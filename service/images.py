@@ -18,6 +18,16 @@ from .model_info import ModelInfo
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_IMAGE_SIDE = 16_384
 FORMATS = "JPEG, PNG, BMP, TIFF or WebP"
+# The same, as Pillow names them (its JPEG reader takes multi-picture JPEGs too). Others are
+# refused: Pillow reads an AVIF's size from a box the decoder does not obey.
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+# A JPEG's size is in its frame header, after its APPn segments: read from the first 2 MiB
+# only, so that padding segments cannot make reading the header itself the cost (31 MB of
+# them took 6 s); photos carry well under 1 MiB of metadata.
+JPEG_HEADER_BYTES = 2 << 20
+# Each progressive scan decodes the whole image again: a 270 KB JPEG repeating one scan 1000
+# times took 19 s of CPU. Cameras and encoders write about 10.
+MAX_JPEG_SCANS = 100
 
 
 class ImageError(ValueError):
@@ -35,12 +45,20 @@ def check_image_size(height: int, width: int) -> None:
 
 
 def declared_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the encoded image's header, without decoding its pixels."""
+    """(height, width) from the encoded image's header, without decoding its pixels; a JPEG
+    with more scans than MAX_JPEG_SCANS is refused here too."""
+    jpeg = data[:2] == b"\xff\xd8"
     try:
-        with PIL.Image.open(io.BytesIO(data)) as header:
+        with PIL.Image.open(io.BytesIO(data[:JPEG_HEADER_BYTES] if jpeg else data),
+                            formats=PILLOW_FORMATS) as header:
             width, height = header.size
+    except PIL.Image.DecompressionBombError:  # Pillow's own bound, far above ours
+        raise ImageError(f"over {MAX_IMAGE_PIXELS} pixels; send a smaller image") from None
     except (PIL.Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ImageError(f"not a decodable image ({FORMATS} expected)") from None
+    # 0xFFDA starts a scan; entropy-coded data cannot hold it (a 0xFF there is followed by 0)
+    if jpeg and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise ImageError(f"a JPEG of over {MAX_JPEG_SCANS} scans; encode it again")
     return height, width
 
 

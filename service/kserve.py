@@ -53,10 +53,13 @@ def served_version(repository: ModelRepository, name: str, version: str) -> Vers
     return state
 
 
-def split_bytes_tensor(raw: bytes) -> list[bytes]:
-    """KServe BYTES serialisation: each element is a 4-byte little-endian length + payload."""
+def split_bytes_tensor(raw: bytes, max_items: int) -> list[bytes]:
+    """KServe BYTES serialisation: each element is a 4-byte little-endian length + payload.
+    More than `max_items` elements are refused as soon as they are counted."""
     items, offset = [], 0
     while offset < len(raw):
+        if len(items) == max_items:
+            check_batch(max_items + 1, max_items)
         if offset + 4 > len(raw):
             raise invalid("raw_input_contents[0]: truncated BYTES element length")
         (size,) = struct.unpack_from("<I", raw, offset)
@@ -95,7 +98,8 @@ def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: 
         check_batch(shape[0], max_batch)
         return data.reshape(shape)
     if tensor.datatype == "BYTES":
-        items = split_bytes_tensor(raw) if raw is not None else list(tensor.contents.bytes_contents)
+        items = (split_bytes_tensor(raw, max_batch) if raw is not None
+                 else list(tensor.contents.bytes_contents))
         if not items or (shape and int(np.prod(shape)) != len(items)):
             raise invalid(f"inputs[0]: {len(items)} encoded images for shape {shape}")
         check_batch(len(items), max_batch)

@@ -5,14 +5,17 @@ abandoned calls, half-copied versions, weights rewritten under a loaded model)."
 
 from __future__ import annotations
 
+import io
 import shutil
 import struct
 import subprocess
 import sys
+import zlib
 
 import cv2
 import grpc
 import numpy as np
+import PIL.Image
 import pytest
 
 from xaiserve.service.client import explain_request
@@ -146,16 +149,55 @@ def test_responses_over_the_message_limit_are_refused_clearly(served, stubs, pho
     image = jpeg(photos["coffee"])
     expect_error(lambda: explain.Explain(explain_request(image, MODEL, targets=[1] * 21)),
                  grpc.StatusCode.INVALID_ARGUMENT, "target_classes", "20")
-    # one u8 map at the image's size: 2100 x 2100 bytes, over the 4 MiB limit
+    # one u8 map at the image's size: 2100 x 2100 bytes, over the 4 MiB limit, refused before
+    # the map is made
     large = jpeg(np.zeros((2100, 2100, 3), np.uint8))
     expect_error(lambda: explain.Explain(explain_request(large, MODEL, map_format="u8")),
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, "max_message_bytes", "map_format")
+                 grpc.StatusCode.RESOURCE_EXHAUSTED, "max_message_bytes", "map_format U8_IMAGE")
+    # 32 images' maps as KServe floats: 32 x 1000 x 7 x 7 x 4 bytes, known once computed
+    maps = bytes_request(*[jpeg(photos["coffee"][:32, :32])] * 32)
+    maps.outputs.add(name="saliency_map")
+    kserve, _ = stubs
+    expect_error(lambda: kserve.ModelInfer(maps), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "ModelInfer response would be", "max_message_bytes")
 
-    def refused() -> bool:  # counted as refused, not as answered (just after the status left)
+    def refused(method: str) -> bool:  # counted as refused, not answered (after the status left)
         return server.telemetry.registry.get_sample_value(
-            "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
+            "xaiserve_requests_total", {"model": MODEL, "version": "", "method": method,
                                         "code": "RESOURCE_EXHAUSTED"}) == 1
-    assert wait_for(refused, timeout=5)
+    assert wait_for(lambda: refused("Explain") and refused("ModelInfer"), timeout=5)
+    assert still_serving(stubs, photos)
+
+
+def test_images_that_cost_more_than_they_show_are_refused(stubs, photos):
+    """Headers beyond Pillow's own bomb bound, padding before a JPEG's frame header, a JPEG
+    whose scans repeat, formats outside the documented ones, and Python-looped boxes."""
+    _, explain = stubs
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header_only = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", 16000, 16000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))  # 256 MP, 45 bytes
+    progressive = cv2.imencode(".jpg", photos["coffee"][:64, :64],
+                               [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    last_scan, end = progressive.rfind(b"\xff\xda"), progressive.rfind(b"\xff\xd9")
+    repeated_scans = progressive[:end] + progressive[last_scan:end] * 150 + progressive[end:]
+    plain = jpeg(photos["coffee"])
+    padded = plain[:2] + b"\xff\xe5\x00\x02" * 600_000 + plain[2:]  # 2.4 MB of APP5
+    gif = io.BytesIO()
+    PIL.Image.fromarray(photos["coffee"]).save(gif, format="GIF")
+    for data, words in ((header_only, ["over 40000000 pixels"]), (repeated_scans, ["scans"]),
+                        (padded, ["not a decodable image"]),
+                        (gif.getvalue(), ["not a decodable image", "WebP"])):
+        expect_error(lambda: explain.Explain(explain_request(data, MODEL)),
+                     grpc.StatusCode.INVALID_ARGUMENT, "image.encoded", *words)
+    boxes = [(0.0, 0.0, 10.0, 10.0)] * 1001
+    expect_error(lambda: explain.Explain(explain_request(plain, MODEL, boxes=boxes)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "ground_truth.boxes", "1000")
+    long_name = explain_request(plain, MODEL, metrics=["m" * 20_000])
+    details = expect_error(lambda: explain.Explain(long_name), grpc.StatusCode.INVALID_ARGUMENT)
+    assert len(details) < 1200  # whatever a library message echoes
     assert still_serving(stubs, photos)
 
 
@@ -184,7 +226,7 @@ def test_an_abandoned_black_box_request_stops(served, stubs, photos):
         return server.telemetry.registry.get_sample_value(
             "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
                                         "code": "DEADLINE_EXCEEDED"}) == 1
-    assert wait_for(stopped, timeout=4)
+    assert wait_for(stopped, timeout=30)  # without the fix it ends OK, never this code
     small = explain_request(jpeg(photos["coffee"]), MODEL, method="black-box", num_masks=64)
     assert explain.Explain(small, timeout=30).maps[0].method == "rise"
 
