@@ -44,8 +44,8 @@ def check_target(repository: Path, name: str, version: int | None) -> None:
     export can take many minutes before it writes)."""
     check_name(name)
     repository = Path(repository)
-    if version is not None and version < 1:
-        raise RepositoryError(f"--version {version}: versions are positive integers")
+    if version is not None and not 1 <= version < 10**18:  # the server reads up to 18 digits
+        raise RepositoryError(f"--version {version}: versions are 1 to 18 digits")
     for folder in (repository, repository / name):
         if folder.exists() and not folder.is_dir():
             raise RepositoryError(f"--repository {repository}: {folder} is a file, not a folder")
@@ -62,7 +62,11 @@ def staged_version(repository: Path, name: str, version: int | None) -> Iterator
     check_target(repository, name, version)
     model_dir = Path(repository) / name
     created = not model_dir.exists()
+    new_repository = not Path(repository).exists()
     model_dir.mkdir(parents=True, exist_ok=True)
+    # made here: readable by a server running as another user, even under umask 077
+    for folder in [model_dir] * created + [Path(repository)] * new_repository:
+        folder.chmod(0o755)
     chosen = version if version is not None else next_version(model_dir)
     final = model_dir / str(chosen)
     if final.exists():
@@ -76,6 +80,8 @@ def staged_version(repository: Path, name: str, version: int | None) -> Iterator
         # mkdtemp makes the folder private (0700); servers run as other users (the runtime
         # image's uid 10001, systemd's DynamicUser) and must read it, as they read its files.
         staging.chmod(0o755)
+        for item in staging.iterdir():  # under umask 077 they would be 0600
+            item.chmod(0o644)
         os.rename(staging, final)
         _sync_folder(model_dir)
     except BaseException:

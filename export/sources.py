@@ -47,10 +47,13 @@ class SourceOptions:
         for option, values in (("--mean", self.mean_values), ("--scale", self.scale_values)):
             if values is not None and len(values) not in (1, 3):
                 raise SourceError(f"{option}: {len(values)} values; give 1 or 3 (R, G, B)")
-            if values is not None and not all(math.isfinite(v) for v in values):
-                raise SourceError(f"{option}: every value must be a finite number")
-        if self.scale_values is not None and 0 in self.scale_values:
-            raise SourceError("--scale: a divisor of 0; give values other than 0")
+            # the graph computes in float32: 1e39 is inf there, 1e-300 is 0
+            if values is not None and not all(math.isfinite(v) and abs(v) < 3e38
+                                               for v in values):
+                raise SourceError(f"{option}: every value must be a finite float32 number")
+        if self.scale_values is not None and any(abs(v) < 1e-30 for v in self.scale_values):
+            raise SourceError("--scale: a divisor of 0 (or as good as 0); give values other "
+                              "than 0")
 
 
 @dataclass

@@ -103,7 +103,8 @@ class BenchSettings:
         bad = [s for s in self.streams if s != "auto" and not (s.isdigit() and int(s) > 0)]
         if bad:
             raise BenchError(f"--streams {','.join(bad)}: 'auto' or positive integers")
-        checks = (("--warmup", self.warmup_s >= 0), ("--window", self.window_s > 0),
+        day = 86400.0  # inf would never end
+        checks = (("--warmup", 0 <= self.warmup_s <= day), ("--window", 0 < self.window_s <= day),
                   ("--window-count", self.window_count >= 0),
                   ("--stability", 0 < self.stability < 1),
                   ("--stable-windows", self.stable_windows >= 2),

@@ -36,24 +36,34 @@ def interrupts_raised():
     does, so that the export's staging folder is removed on the way out; by default SIGTERM
     ends the process on the spot and leaves the folder behind."""
     def raise_interrupt(signum, frame):
+        # a second signal must not cut the clean-up short: the first one is being acted on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM,
+                                                                      signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def check_report_file(path: Path | None) -> None:
+def check_report_file(path: Path | None, inputs: tuple[Path | None, ...] = ()) -> None:
     """--report must be writable before an export starts: failing to write it after the
-    version is in place would make a pipeline retry and write another version."""
+    version is in place would make a pipeline retry and write another version. It must not
+    be one of the export's own input files either."""
     if path is None:
         return
+    if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
+        raise ValueError(f"--report {path}: is one of the export's inputs; give another path")
     if path.is_dir():
         raise ValueError(f"--report {path}: is a folder; give a file path")
     if not path.parent.is_dir():
         raise ValueError(f"--report {path}: no folder {path.parent}; create it first")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--report {path}: not writable; give a path this user can write")
 
 
 def _fail(verb: str, message: str) -> int:
@@ -83,6 +93,8 @@ def prepared_out(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {path}: not writable; give a folder this user can write")
     return path
 
 
@@ -250,7 +262,8 @@ def run_export(args) -> int:
     try:  # everything that can be checked before the slow steps
         check_keep_f32_first(args.keep_f32_first)
         check_target(args.repository, args.name, args.version)
-        check_report_file(args.report)
+        check_report_file(args.report, (Path(args.source), args.labels, args.checkpoint,
+                                        args.calibration, args.validation))
         reference = reference_check(args)
         int8 = int8_settings(args)
         source_options = SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
@@ -286,7 +299,8 @@ def run_export(args) -> int:
             result = export_model(request, progress)
     except KeyboardInterrupt as exc:  # the staged version has been removed on the way out
         stages.close()
-        print(f"xaiserve export: {exc or 'interrupted'}; nothing was written", file=sys.stderr)
+        print(f"xaiserve export: {str(exc) or 'interrupted'}; nothing was written",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except ReferenceGateError as exc:
         stages.close()
@@ -475,14 +489,17 @@ def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
     from . import faithfulness as fm
     from .explanation_quality import (QualityRequest, model_scorer, quality_metrics,
                                       resolve_names)
+    from .images import ImageError, decode_image
     from .shared_interest import Binarization
 
     options = quality["metric_options"]
     mask = None
     if quality["mask"] is not None:
-        mask = cv2.imread(str(quality["mask"]), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise ValueError(f"--mask {quality['mask']}: not a readable image")
+        try:  # bytes to OpenCV, never the path: a non-UTF-8 name crashed it
+            mask = decode_image(Path(quality["mask"]).read_bytes(), cv2.IMREAD_GRAYSCALE)
+        except (OSError, ImageError) as exc:
+            raise ValueError(f"--mask {quality['mask']}: not a readable image ({exc})") \
+                from None
         if mask.shape != image.shape[:2]:
             raise ValueError(f"--mask {quality['mask']}: {mask.shape[1]}x{mask.shape[0]} does "
                              f"not match the image's {image.shape[1]}x{image.shape[0]}")
@@ -587,7 +604,7 @@ def resolve_version_dir(path: Path) -> Path:
 
 
 def run_explain(args) -> int:
-    if args.server:
+    if args.server is not None:
         return run_explain_remote(args)
     from .images import ImageError, read_image
     from .model import ClassifierModel, ModelLoadError, error_reason
@@ -678,7 +695,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--grid-methods", default="saliency_map",
                    help="comma-separated: saliency_map (the model's map), rise (black-box, "
                         "in-process only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_bounded_int(0, 2**32 - 1), default=0)
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray: local | auto | ray://HOST:PORT (needs xaiserve[scale])")
     p.add_argument("--ray-workers", type=int, default=2, help="Ray workers, one model each")
@@ -705,6 +722,7 @@ def add_health(sub) -> None:
 
 def run_health(args) -> int:
     """Exit 0 when SERVING, 1 when not (or unreachable), 2 on bad options."""
+    from .client import check_port
     from .health import HealthError, TlsFiles, check_health
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -715,6 +733,12 @@ def run_health(args) -> int:
         path = getattr(args, name)
         if path is not None and not path.is_file():
             return _fail("health", f"--{name.replace('_', '-')} {path}: no such file")
+    if not 0 < args.timeout <= 3600:  # NaN fails too
+        return _fail("health", f"--timeout {args.timeout}: give seconds in (0, 3600]")
+    try:
+        check_port(args.server)
+    except ValueError as exc:
+        return _fail("health", str(exc))
     tls = (TlsFiles(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
            if args.tls_ca else None)
     try:
@@ -755,7 +779,7 @@ def add_bench(sub) -> None:
     p.add_argument("--max-windows", type=int, default=10,
                    help="give up after this many windows and report stable: false")
     p.add_argument("--masks", type=int, default=500, help="black-box (RISE) masks")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_bounded_int(0, 2**32 - 1), default=0)
     p.add_argument("--image", type=Path, default=None, help="default: a sample photo")
     p.add_argument("--reference-seconds", type=int, default=10, help="benchmark_app -t")
     p.add_argument("--no-reference", action="store_true", help="do not run benchmark_app")
@@ -855,7 +879,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as for every other end
+        print(f"xaiserve {args.verb}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # a file the command could not read or write: one line, not a trace
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"xaiserve {args.verb}: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

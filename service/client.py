@@ -19,6 +19,8 @@ METHODS = {"auto": pb.METHOD_AUTO, "white-box": pb.METHOD_WHITE_BOX,
 def check_port(address: str) -> None:
     """gRPC reads a HOST:PORT port modulo 65536 (99999 becomes 34463, another service):
     refuse ports outside 1..65535 instead."""
+    if not address:
+        raise ValueError("--server: empty; give HOST:PORT")
     _, colon, port = address.rpartition(":")
     if colon and port.isdigit() and not 1 <= int(port) <= 65535 and "/" not in address:
         raise ValueError(f"--server {address}: port {port} is outside 1..65535")

@@ -154,15 +154,17 @@ def check_server(settings: ServerSettings) -> None:
                 "max_black_box_in_flight"):
         if int(getattr(settings, key)) < 1:
             raise ConfigError(f"{key} {getattr(settings, key)}: must be at least 1")
-    if settings.shutdown_grace < 0:
-        raise ConfigError(f"shutdown_grace {settings.shutdown_grace}: must be >= 0 seconds")
+    if not 0 <= settings.shutdown_grace <= 3600:  # NaN fails too; inf cannot be waited for
+        raise ConfigError(f"shutdown_grace {settings.shutdown_grace}: must be 0 to 3600 "
+                          "seconds")
     for key in ("port", "metrics_port"):  # 0: any free port
         value = getattr(settings, key)
         if value is not None and not 0 <= int(value) <= 65535:
             raise ConfigError(f"--{key.replace('_', '-')} {value}: must be 0..65535 (0: any "
                               "free port)")
-    if not settings.poll_seconds > 0:  # 0 would rescan the disk in a busy loop
-        raise ConfigError(f"--poll-seconds {settings.poll_seconds}: must be over 0")
+    if not 0 < settings.poll_seconds <= 86400:  # 0: a busy loop; inf: no watcher at all
+        raise ConfigError(f"--poll-seconds {settings.poll_seconds}: must be over 0 and at "
+                          "most 86400")
     if not Path(settings.repository).is_dir():
         raise ConfigError(f"--repository {settings.repository}: no such folder; give the "
                           "folder that holds <name>/<version>/model.xml")

@@ -59,7 +59,10 @@ class RemoteBackend:
         from .client import XaiClient
         from .proto import grpc_predict_v2_pb2_grpc as kgrpc
 
-        self.client = XaiClient(address)
+        try:
+            self.client = XaiClient(address)
+        except ValueError as exc:  # a port outside 1..65535
+            raise BackendError(str(exc)) from None
         self.model, self.version, self.chunk = model, version, chunk
         try:
             self.client.wait_ready(timeout=30)

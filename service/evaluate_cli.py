@@ -72,6 +72,9 @@ def evaluate_command(args, fail) -> int:
 
     try:
         settings = settings_from_args(args)
+        if args.out.resolve().is_relative_to(args.dataset.resolve()):
+            raise ValueError(f"--out {args.out}: inside the dataset {args.dataset}, where its "
+                             "folders would be read as classes; give a folder outside it")
         prepared_out(args.out)
     except ValueError as exc:
         return fail(VERB, str(exc))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -25,11 +27,16 @@ def overlay(image: np.ndarray, saliency: np.ndarray, legend: list[str],
     line_h = int(28 * scale) + 6
     strip = np.full((line_h * len(legend) + 8, width, 3), 255, dtype=np.uint8)
     for i, text in enumerate(legend):
+        # OpenCV's fonts draw ASCII, and a name that is not valid UTF-8 crashed it
+        text = text.encode("ascii", "replace").decode("ascii")
         cv2.putText(strip, text, (6, (i + 1) * line_h), cv2.FONT_HERSHEY_SIMPLEX, scale,
                     (0, 0, 0), max(1, int(2 * scale)), cv2.LINE_AA)
     return np.vstack([blended, strip])
 
 
 def write_png(path, rgb: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: cannot write the PNG")
+    """Encoded here and written by Python: OpenCV given a path that is not valid UTF-8 crashed."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: cannot encode the PNG")
+    Path(path).write_bytes(png.tobytes())

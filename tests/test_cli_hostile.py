@@ -186,3 +186,60 @@ def test_json_never_carries_nan():
     value = {"mean": float("nan"), "curve": [1.0, float("inf"), np.float64("nan")], "n": 3}
     assert finite(value) == {"mean": None, "curve": [1.0, None, None], "n": 3}
     assert json.loads(dumps(value)) == {"mean": None, "curve": [1.0, None, None], "n": 3}
+
+
+def test_second_pass_names_numbers_and_places(default_export, tmp_path):
+    """What a second attack on the commands found: names that are not UTF-8 crashed OpenCV
+    (SIGSEGV), and numbers and places that were accepted and failed later or never ended."""
+    model = str(default_export.path)
+    image = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name, as from a Windows zip
+    odd.write_bytes(image)
+    mask = tmp_path / os.fsdecode(b"masque\xe9.png")
+    mask.write_bytes(cv2.imencode(".png", np.full((32, 32), 255, np.uint8))[1].tobytes())
+    out = tmp_path / os.fsdecode(b"sortie\xe9")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "explain", str(odd),
+                           "--model-path", model, "--out", str(out), "--mask", str(mask)],
+                          capture_output=True, text=True, errors="replace", env=env, cwd=ROOT,
+                          timeout=600)  # it prints the name as it is: not UTF-8
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert (out / os.fsdecode(b"caf\xe9_overlay.png")).stat().st_size > 0
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    repo = tmp_path / "models"
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    cases = [
+        (("health", "--server", "127.0.0.1:99999"), ["1..65535"]),
+        (("health", "--server", "127.0.0.1:9", "--timeout", "nan"), ["--timeout"]),
+        (("explain", str(odd), "--server", "", "--model", "m"), ["--server: empty"]),
+        (("evaluate", str(dataset), "--server", "127.0.0.1:99999", "--model", "m", "--out",
+          str(tmp_path / "report")), ["1..65535"]),
+        (("evaluate", str(dataset), "--model-path", model, "--out", str(dataset / "report")),
+         ["--out", "inside the dataset"]),
+        (("export", *SMALL, "--repository", str(repo), "--name", "n", "--version", str(10**18)),
+         ["--version", "18 digits"]),
+        (("export", *SMALL, "--repository", str(repo), "--name", "n", "--labels", str(labels),
+          "--report", str(labels)), ["--report", "inputs"]),
+        (("export", *SMALL, "--repository", str(repo), "--name", "n", "--scale", "1e-300"),
+         ["--scale"]),
+        (("export", *SMALL, "--repository", str(repo), "--name", "n", "--mean", "1e39"),
+         ["--mean", "float32"]),
+        (("serve", "--repository", str(tmp_path), "--poll-seconds", "inf"), ["--poll-seconds"]),
+        (("serve", "--repository", str(tmp_path), "--shutdown-grace", "inf"), ["shutdown_grace"]),
+        (("bench", "--model-path", model, "--warmup", "inf", "--no-reference"), ["--warmup"]),
+    ]
+    for args, words in cases:
+        one_line_error(run_cli(*args), *words)
+    assert labels.read_text() == "a\nb\nc\n" and not repo.exists()
+    # under umask 077 the repository, the model's folder and its files stay readable by others
+    done = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "export", *SMALL,
+                           "--repository", str(repo), "--name", "cnn"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600,
+                          preexec_fn=lambda: os.umask(0o077))
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = {p.relative_to(repo).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [repo, *repo.rglob("*")]}
+    assert {m for p, m in modes.items() if (repo / p).is_dir()} == {0o755}, modes
+    assert {m for p, m in modes.items() if (repo / p).is_file()} == {0o644}, modes
