@@ -178,6 +178,9 @@ def reference_check(args):
         return None
     if not 0 < args.reference_top_fraction <= 1:
         raise ValueError("--reference-top-fraction must be in (0, 1]")
+    if args.min_reference_agreement is not None and not -1 <= args.min_reference_agreement <= 1:
+        raise ValueError(f"--min-reference-agreement {args.min_reference_agreement}: a "
+                         "correlation or overlap, in [-1, 1]")
     return ReferenceCheck(method=args.reference, min_agreement=args.min_reference_agreement,
                           metric=args.reference_metric, top_fraction=args.reference_top_fraction,
                           layer=args.reference_layer, images=args.reference_images)
@@ -260,6 +263,9 @@ def run_export(args) -> int:
     except ImportError as exc:
         return _fail("export", f"{exc}; install the export extra: pip install 'xaiserve[export]'")
     try:  # everything that can be checked before the slow steps
+        if args.method == "none" and args.target_layer:
+            raise ValueError("--target-layer with --method none: no saliency branch is "
+                             "inserted; drop one of them")
         check_keep_f32_first(args.keep_f32_first)
         check_target(args.repository, args.name, args.version)
         check_report_file(args.report, (Path(args.source), args.labels, args.checkpoint,

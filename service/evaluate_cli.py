@@ -116,6 +116,9 @@ def evaluate_command(args, fail) -> int:
             print(f"xaiserve evaluate: error: {results[i].row['error']}", file=sys.stderr)
         game = (play_grid_game(backend, items, settings, unreadable=tuple(failed))
                 if settings.grid_mosaics else None)
+        if game is not None and not game.mosaics:
+            print("xaiserve evaluate: note: no grid pointing game: it needs images of 4 "
+                  "classes (--grid-mosaics 0 skips it)", file=sys.stderr)
     except (BackendError, DatasetError) as exc:
         bar.close()
         return fail(VERB, str(exc))

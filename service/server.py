@@ -59,10 +59,14 @@ class Server:
         reflection.enable_server_reflection(services, self.grpc)
         address = f"{settings.host}:{settings.port}"
         self.tls = credentials is not None
-        self.port = (self.grpc.add_secure_port(address, credentials) if self.tls
-                     else self.grpc.add_insecure_port(address))
+        try:
+            self.port = (self.grpc.add_secure_port(address, credentials) if self.tls
+                         else self.grpc.add_insecure_port(address))
+        except RuntimeError:  # gRPC raises for an address it cannot parse or resolve
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"--port {settings.port}: cannot bind {settings.host}:{settings.port}")
+            raise OSError(f"--host {settings.host} --port {settings.port}: cannot bind "
+                          f"{settings.host}:{settings.port} (a local address, and a free port)")
         self.metrics_port: int | None = None
 
     def start(self) -> "Server":

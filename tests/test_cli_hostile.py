@@ -229,9 +229,17 @@ def test_second_pass_names_numbers_and_places(default_export, tmp_path):
         (("serve", "--repository", str(tmp_path), "--poll-seconds", "inf"), ["--poll-seconds"]),
         (("serve", "--repository", str(tmp_path), "--shutdown-grace", "inf"), ["shutdown_grace"]),
         (("bench", "--model-path", model, "--warmup", "inf", "--no-reference"), ["--warmup"]),
+        (("serve", "--repository", str(tmp_path), "--host", "999.1.1.1", "--port", "0"),
+         ["--host 999.1.1.1", "cannot bind"], False),  # after gRPC's own log line
+        (("export", *SMALL, "--repository", str(repo), "--name", "n", "--reference", "gradcam",
+          "--min-reference-agreement", "nan"), ["--min-reference-agreement"]),
+        (("export", *SMALL, "--repository", str(repo), "--name", "n", "--method", "none",
+          "--target-layer", "conv"), ["--target-layer", "--method none"]),
     ]
-    for args, words in cases:
-        one_line_error(run_cli(*args), *words)
+    for args, words, *rest in cases:
+        result = run_cli(*args)
+        one_line_error(result, *words, alone=rest[0] if rest else True)
+        assert not PROGRESS.search(result.stderr), result.stderr  # refused before the work
     assert labels.read_text() == "a\nb\nc\n" and not repo.exists()
     # under umask 077 the repository, the model's folder and its files stay readable by others
     done = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "export", *SMALL,
