@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import openvino as ov
 
-from xaiserve.service.model import error_reason
+from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -294,14 +294,13 @@ def check_class_count(options: SourceOptions, found: int, source: str) -> None:
 
 # --- deployed IR / ONNX -----------------------------------------------------------------------
 
-FRONTENDS = {".xml": "ir", ".onnx": "onnx"}
-
-
 def read_model_file(path: Path) -> ov.Model:
-    """The model through the frontend its suffix names. `Core.read_model` asks every frontend
-    whether a file is theirs, and TensorFlow's prints its parse errors (absl lines) on stderr
-    for a corrupt file that is not, before our one line."""
-    frontend = ov.frontend.FrontEndManager().load_by_framework(FRONTENDS[path.suffix.lower()])
+    """An IR as the server reads it (`read_ir`), an ONNX file through the ONNX frontend alone:
+    `Core.read_model` asks every frontend whether a file is theirs, and TensorFlow's prints its
+    parse errors (absl lines) on stderr for a corrupt file that is not, before our one line."""
+    if path.suffix.lower() == ".xml":
+        return read_ir(ov.Core(), path)
+    frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
     return frontend.convert(frontend.load(str(path)))
 
 

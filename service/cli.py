@@ -548,8 +548,6 @@ def run_explain_remote(args) -> int:
         return _fail("explain", "--model NAME is needed with --server")
     try:
         quality = quality_arguments(args)
-        check_outputs(args.images, args.out)
-        prepared_out(args.out)
         client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                    tls_key=args.tls_key, token_file=args.token_file)
     except (ValueError, ConfigError) as exc:
@@ -610,19 +608,22 @@ def resolve_version_dir(path: Path) -> Path:
 
 
 def run_explain(args) -> int:
+    if args.server is None and (args.method == "black-box" or args.masks):
+        return _fail("explain", "--method black-box and --masks need --server: in-process "
+                                "explain computes the model's own saliency_map")
+    try:  # where the results go, in both modes, before any work
+        check_outputs(args.images, args.out)
+        prepared_out(args.out)
+    except ValueError as exc:
+        return _fail("explain", str(exc))
     if args.server is not None:
         return run_explain_remote(args)
     from .images import ImageError, read_image
     from .model import ClassifierModel, ModelLoadError, error_reason
     from .overlay import overlay, write_png
 
-    if args.method == "black-box" or args.masks:
-        return _fail("explain", "--method black-box and --masks need --server: in-process "
-                                "explain computes the model's own saliency_map")
     try:
         quality = quality_arguments(args)
-        check_outputs(args.images, args.out)
-        prepared_out(args.out)
         model = ClassifierModel(resolve_version_dir(args.model_path), args.device).load()
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         return _fail("explain", str(exc))

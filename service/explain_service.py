@@ -76,15 +76,19 @@ def decode_request_image(image: pb.Image) -> np.ndarray:
     raise invalid("image: set image.encoded (JPEG/PNG bytes) or image.tensor (u8 [H, W, 3])")
 
 
+# Enum fields hold any number on the wire; one this server does not know is an error, not a
+# silent default. Their known values, read once from the protocol.
+KNOWN_CHOICES = {field: {number: value.name for number, value in
+                         pb.ExplainRequest.DESCRIPTOR.fields_by_name[field]
+                         .enum_type.values_by_number.items()}
+                 for field in ("method", "map_format")}
+
+
 def check_choices(request: pb.ExplainRequest) -> None:
-    """Enum fields hold any number on the wire; one this server does not know is an error,
-    not a silent default."""
-    for field in ("method", "map_format"):
+    for field, names in KNOWN_CHOICES.items():
         value = getattr(request, field)
-        names = pb.ExplainRequest.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number
         if value not in names:
-            raise invalid(f"{field} {value}: unknown; expected one of "
-                          f"{', '.join(v.name for v in names.values())}")
+            raise invalid(f"{field} {value}: unknown; expected one of {', '.join(names.values())}")
 
 
 def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
@@ -132,11 +136,11 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         state = served_version(self.repository, request.model_name, request.model_version)
         check_choices(request)
         with state.statistics.measure() as split:
-            response = self._explain(request, state, watch, ClientWait.of(context))
+            response = self._explain(request, state, watch, context)
             split.timings_ms = dict(response.timings_ms)
         return response
 
-    def _explain(self, request, state: VersionState, watch: Stopwatch, client: ClientWait
+    def _explain(self, request, state: VersionState, watch: Stopwatch, context
                  ) -> pb.ExplainResponse:
         model = state.model
         image = as_rgb(decode_request_image(request.image))
@@ -153,7 +157,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         probabilities = summary.probabilities
         targets = self._targets(request, summary, len(model.info.labels) or len(probabilities))
         self._check_map_bytes(request, image, len(targets))
-        maps, method = self._maps(request, state, tensor, out, targets, white_box, watch, client)
+        maps, method = self._maps(request, state, tensor, out, targets, white_box, watch,
+                                  context)
         watch.lap("explanation")
 
         response = pb.ExplainResponse(id=request.id or new_request_id(),
@@ -169,7 +174,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         self._add_metrics(response, request, summary, maps, targets)
         if maps:
             self._add_quality_metrics(response, request, image, tensor, model, maps[0],
-                                      targets[0], summary.top_classes[0], client)
+                                      targets[0], summary.top_classes[0], context)
         watch.lap("metrics")
         response.timings_ms.update(watch.total())
         return response
@@ -214,7 +219,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             request.method == pb.METHOD_AUTO and model.has_saliency)
 
     def _maps(self, request, state, tensor, out, targets, white_box: bool, watch: Stopwatch,
-              client: ClientWait) -> tuple[list[np.ndarray], str]:
+              context) -> tuple[list[np.ndarray], str]:
         model = state.model
         if white_box:
             saliency = out[SALIENCY_OUTPUT][0]
@@ -232,6 +237,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         except ValueError as exc:
             raise invalid(f"black_box: {exc}") from None
         started = time.perf_counter()
+        client = ClientWait.of(context)  # only long work asks whether the client still waits
         self._take_black_box_slot(client, "black-box explanations")
         watch.move("explanation", "queue", (time.perf_counter() - started) * 1e3)
         try:
@@ -357,7 +363,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             pointing_tolerance_px=int(options.pointing_tolerance_px))
 
     def _add_quality_metrics(self, response, request, image, tensor, model, saliency,
-                             class_id: int, predicted: int, client: ClientWait) -> None:
+                             class_id: int, predicted: int, context) -> None:
         """Shared Interest and pointing game with ground truth; faithfulness when asked, its
         extra inferences batched and counted against the black-box slots."""
         self._check_threshold_names(request)
@@ -369,7 +375,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         except QualityError as exc:
             raise invalid(str(exc)) from None
         if heavy:
-            self._take_black_box_slot(client, "black-box explanations and faithfulness metrics")
+            self._take_black_box_slot(ClientWait.of(context),
+                                      "black-box explanations and faithfulness metrics")
         try:
             values = quality_metrics(quality, image, tensor, saliency, class_id, predicted,
                                      model_scorer(model), model.info)

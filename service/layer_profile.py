@@ -19,6 +19,7 @@ import numpy as np
 import openvino as ov
 
 from .images import resize_for_model
+from .model import read_ir, with_batch
 from .model_info import ModelInfo
 
 SLOWEST = 10  # layers listed one by one
@@ -133,14 +134,12 @@ def measure_layers(core: ov.Core, xml: Path, device: str, config: dict[str, str]
     """Compile `xml` with PERF_COUNT for `batch` images and average every executed layer's
     time over `iterations` inferences of one request; the layers in the order they first ran.
     ValueError where the IR's batch is fixed to another size."""
-    model = core.read_model(str(xml))
+    model = read_ir(core, xml)
     batch_dim = model.inputs[0].get_partial_shape()[0]
     if batch_dim.is_static and batch_dim.get_length() != batch:
         raise ValueError(f"the IR's batch is fixed at {batch_dim.get_length()}")
     if batch_dim.is_dynamic:
-        shape = model.inputs[0].get_partial_shape()
-        shape[0] = batch
-        model.reshape({model.inputs[0]: shape})
+        model = with_batch(model, batch)
     compiled = core.compile_model(model, device, {**config, "PERF_COUNT": True})
     precisions = {layer.name: layer.precision for layer in runtime_layers(compiled)
                   if layer.precision}

@@ -165,13 +165,18 @@ class InferPool:
         return result
 
 
+def with_batch(model: ov.Model, batch: int) -> ov.Model:
+    """A copy of the graph with its batch fixed at `batch`."""
+    fixed = model.clone()
+    shape = fixed.inputs[0].get_partial_shape()
+    shape[0] = batch
+    fixed.reshape({0: shape})
+    return fixed
+
+
 def single_image(model: ov.Model) -> ov.Model:
     """A copy of the graph with its batch fixed at 1 (the input is NHWC u8)."""
-    single = model.clone()
-    shape = single.inputs[0].get_partial_shape()
-    shape[0] = 1
-    single.reshape({0: shape})
-    return single
+    return with_batch(model, 1)
 
 
 def without_saliency(model: ov.Model) -> ov.Model:

@@ -54,8 +54,8 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
     """{version: directory} for one model's numeric sub-directories (the OVMS layout)."""
     if not model_dir.is_dir():
         return {}
-    return {version_number(p.name): p for p in model_dir.iterdir()
-            if p.is_dir() and version_number(p.name) is not None}
+    return {number: p for p in model_dir.iterdir()
+            if p.is_dir() and (number := version_number(p.name)) is not None}
 
 
 def files_signature(version_dir: Path) -> tuple:

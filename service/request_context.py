@@ -71,9 +71,7 @@ class ClientWait:
     def gone(self) -> str:
         """Why the client no longer waits ("cancelled", "deadline passed"), or "" while it
         does."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "deadline passed"
-        return "cancelled" if self.ended.is_set() else ""
+        return abort_reason(self.deadline, self.ended)
 
     def acquire(self, slots: threading.Semaphore, timeout: float) -> bool:
         """Take a slot within `timeout` seconds while the client still waits; False when the
@@ -85,3 +83,11 @@ class ClientWait:
             if time.monotonic() >= give_up:
                 return False
         return False
+
+
+def abort_reason(deadline: float | None, cancel: threading.Event | None) -> str:
+    """"deadline passed" once `deadline` (a time.monotonic() instant) is past, "cancelled" once
+    `cancel` is set, else "". The deadline first: gRPC also ends a call whose deadline passed."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return "deadline passed"
+    return "cancelled" if cancel is not None and cancel.is_set() else ""

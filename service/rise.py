@@ -29,6 +29,7 @@ import openvino as ov
 
 from .model import queued_requests
 from .request_metrics import softmax
+from .request_context import abort_reason
 from .rise_graph import IMAGE as GRAPH_IMAGE
 from .rise_graph import MASKS as GRAPH_MASKS
 from .rise_graph import TARGETS as GRAPH_TARGETS
@@ -362,7 +363,7 @@ def _infer_batches(compiled: ov.CompiledModel, n: int, batch: int, feed: Feed,
     requests = 0
     aborted = ""
     for start in range(0, n, batch):
-        aborted = _abort_reason(deadline, cancel)
+        aborted = abort_reason(deadline, cancel)
         if aborted:
             break
         count = min(batch, n - start)
@@ -483,9 +484,3 @@ def _check_targets(targets: list[int], limit: int | None) -> list[int]:
     return targets
 
 
-def _abort_reason(deadline: float | None, cancel: threading.Event | None) -> str:
-    if cancel is not None and cancel.is_set():
-        return "cancelled"
-    if deadline is not None and time.monotonic() > deadline:
-        return "deadline passed"
-    return ""
