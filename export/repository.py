@@ -21,6 +21,15 @@ class RepositoryError(ValueError):
     pass
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """A signal arrived after the version was renamed into place: it is there, whole, and a
+    caller must not report that nothing was written."""
+
+    def __init__(self, reason: str, path: Path):
+        super().__init__(reason)
+        self.reason, self.path = reason, path
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise RepositoryError(
@@ -84,7 +93,11 @@ def staged_version(repository: Path, name: str, version: int | None) -> Iterator
             item.chmod(0o644)
         os.rename(staging, final)
         _sync_folder(model_dir)
-    except BaseException:
+    except BaseException as exc:
+        if final.exists() and not staging.exists():  # renamed: the version is there, whole
+            if isinstance(exc, KeyboardInterrupt):
+                raise InterruptedAfterWriting(str(exc) or "interrupted", final) from None
+            raise
         shutil.rmtree(staging, ignore_errors=True)
         if created and model_dir.exists() and not any(model_dir.iterdir()):
             model_dir.rmdir()

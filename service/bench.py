@@ -300,6 +300,7 @@ class BenchResult:
     layers: list[LayerProfile] = field(default_factory=list)
     skips: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    interrupted: str = ""  # the signal that ended the run early; the points before it are kept
 
     def as_dict(self) -> dict:
         return _plain(asdict(self))
@@ -496,6 +497,12 @@ class Bench:
                 self.run_local(config, local_jobs)
             if remote is not None:
                 self.run_remote(remote, remote_jobs)
+        except KeyboardInterrupt as exc:
+            # A pipeline's timeout or Ctrl-C: minutes of points already measured are kept.
+            # benchmark_app, if it was running, was killed by subprocess.run on the way out.
+            self.result.interrupted = str(exc) or "SIGINT"
+            self.skip(f"interrupted ({self.result.interrupted}) after {len(self.result.points)}"
+                      f" of {total} points: the rest were not measured")
         finally:
             self.progress.close()
         self.result.environment["load_average_after"] = os.getloadavg()[0]

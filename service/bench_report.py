@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from . import json_values
+from . import atomic_file, json_values
 from .bench import HINT_SHORT, STAGES, BenchResult, Point
 from .bench_works import WORKS
 from .layer_profile import LayerProfile, relative_times, times
@@ -27,11 +27,11 @@ def write_all(result: BenchResult, out: Path) -> dict[str, Path | str]:
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path | str] = {}
     summary = summary_text(result)
-    (out / "summary.txt").write_text(summary + "\n")
+    atomic_file.write_text(out / "summary.txt", summary + "\n")
     written["summary"] = out / "summary.txt"
     data = result.as_dict()
     data["summary"] = summary
-    (out / "bench.json").write_text(json_values.dumps(data, indent=2) + "\n")
+    atomic_file.write_text(out / "bench.json", json_values.dumps(data, indent=2) + "\n")
     written["json"] = out / "bench.json"
     write_csv(result.points, out / "bench.csv")
     written["csv"] = out / "bench.csv"
@@ -47,7 +47,7 @@ def write_all(result: BenchResult, out: Path) -> dict[str, Path | str]:
 
 def write_csv(points: list[Point], path: Path) -> None:
     stages = [s for s in STAGES if any(s in p.split_ms for p in points)]
-    with path.open("w", newline="") as f:
+    with atomic_file.replacing(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*CSV_FIELDS, *(f"split_{s}_ms" for s in stages)])
         for p in points:
@@ -58,7 +58,7 @@ def write_csv(points: list[Point], path: Path) -> None:
 
 def write_layer_csv(profiles: list[LayerProfile], path: Path) -> None:
     """One row per (profile, layer type, kernel, precision) group."""
-    with path.open("w", newline="") as f:
+    with atomic_file.replacing(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LAYER_CSV_FIELDS)
         for prof in profiles:
@@ -306,6 +306,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file.replacing(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
     return path

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from . import json_values
+from . import atomic_file, json_values
+from .interrupts import interrupts_raised
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
@@ -24,30 +23,10 @@ def _gate_failed(report: Path | None, failures: list[str], section: str, figures
     text = json_values.dumps({"status": "gate_failed", "failures": failures, section: figures},
                              indent=2)
     if report:
-        report.write_text(text + "\n")
+        atomic_file.write_text(report, text + "\n")
     print(text)
     print(f"xaiserve export: {line}", file=sys.stderr)
     return EXIT_GATE
-
-
-@contextmanager
-def interrupts_raised():
-    """SIGTERM (a pipeline's timeout, `kill`, Kubernetes) raises KeyboardInterrupt, as SIGINT
-    does, so that the export's staging folder is removed on the way out; by default SIGTERM
-    ends the process on the spot and leaves the folder behind."""
-    def raise_interrupt(signum, frame):
-        # a second signal must not cut the clean-up short: the first one is being acted on
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM,
-                                                                      signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def check_report_file(path: Path | None, inputs: tuple[Path | None, ...] = ()) -> None:
@@ -257,7 +236,8 @@ def run_export(args) -> int:
         from xaiserve.export.pipeline import ExportRequest, export_model
         from xaiserve.export.precision_pins import check_keep_f32_first
         from xaiserve.export.reference_saliency import ReferenceCheckError, ReferenceGateError
-        from xaiserve.export.repository import RepositoryError, check_target
+        from xaiserve.export.repository import (InterruptedAfterWriting, RepositoryError,
+                                                check_target)
         from xaiserve.export.saliency import InsertionError, SaliencySettings
         from xaiserve.export.sources import SourceError, SourceOptions
     except ImportError as exc:
@@ -303,6 +283,11 @@ def run_export(args) -> int:
     try:
         with interrupts_raised():
             result = export_model(request, progress)
+    except InterruptedAfterWriting as exc:
+        stages.close()
+        print(f"xaiserve export: {exc.reason} after {exc.path} was written whole",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt as exc:  # the staged version has been removed on the way out
         stages.close()
         print(f"xaiserve export: {str(exc) or 'interrupted'}; nothing was written",
@@ -328,7 +313,7 @@ def run_export(args) -> int:
     report = {"status": "ok", "path": str(result.path), **result.card}
     text = json_values.dumps(report, indent=2)
     if args.report:
-        args.report.write_text(text + "\n")
+        atomic_file.write_text(args.report, text + "\n")
     print(text)
     return 0
 
@@ -584,9 +569,10 @@ def run_explain_remote(args) -> int:
             "timings_ms": dict(response.timings_ms),
         }
         if response.maps:
-            (args.out / f"{path.stem}_overlay.png").write_bytes(response.maps[0].data)
+            atomic_file.write_bytes(args.out / f"{path.stem}_overlay.png", response.maps[0].data)
             record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
-        (args.out / f"{path.stem}.json").write_text(json_values.dumps(record, indent=2) + "\n")
+        atomic_file.write_text(args.out / f"{path.stem}.json",
+                               json_values.dumps(record, indent=2) + "\n")
         print(f"{path.name}: " + ", ".join(
             f"{p['label']} ({p['class_id']}) {p['score']:.3f}" for p in record["predictions"])
             + f"  [{response.maps[0].method if response.maps else 'no map'}, "
@@ -663,7 +649,8 @@ def run_explain(args) -> int:
             picture = overlay(image, result.maps[top.class_id], legend)
             write_png(args.out / f"{path.stem}_overlay.png", picture)
             record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
-        (args.out / f"{path.stem}.json").write_text(json_values.dumps(record, indent=2) + "\n")
+        atomic_file.write_text(args.out / f"{path.stem}.json",
+                               json_values.dumps(record, indent=2) + "\n")
         print(f"{path.name}: " + ", ".join(
             f"{p.label} ({p.class_id}) {p.score:.3f}" for p in result.predictions))
     return 1 if failures else 0
@@ -860,15 +847,21 @@ def run_bench(args) -> int:
             reference=not args.no_reference, reference_seconds=args.reference_seconds,
             layers=args.layers, layer_iterations=args.layer_iterations)
         prepared_out(args.out)
-        bench = Bench(settings, _BenchBar())
-        result = bench.run()
+        with interrupts_raised():  # SIGTERM too: keep the points measured, end benchmark_app
+            result = Bench(settings, _BenchBar()).run()
+            if not result.points and not result.layers:
+                if result.interrupted:
+                    raise KeyboardInterrupt(f"{result.interrupted}; nothing was measured")
+                return _fail("bench", "nothing was measured: " + "; ".join(result.skips))
+            written = write_all(result, args.out)
     except (BenchError, ValueError, FileNotFoundError) as exc:
         return _fail("bench", str(exc))
-    if not result.points and not result.layers:
-        return _fail("bench", "nothing was measured: " + "; ".join(result.skips))
-    written = write_all(result, args.out)
     print(written["summary"].read_text(), end="")
     print(f"wrote {', '.join(str(v) for v in written.values())}", file=sys.stderr)
+    if result.interrupted:
+        print(f"xaiserve bench: {result.interrupted}; what was measured before it is written",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -888,8 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, as for every other end
-        print(f"xaiserve {args.verb}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM where raised): one line
+        print(f"xaiserve {args.verb}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:  # a file the command could not read or write: one line, not a trace
         where = f" {exc.filename}" if exc.filename else ""

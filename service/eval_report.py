@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import json_values
+from . import atomic_file, json_values
 from .dataset import DatasetItem, load_ground_truth, load_image
 from .evaluation import GridGame, ImageResult
 from .explanation_quality import saliency_on_image
@@ -148,7 +148,8 @@ def histograms(results: list[ImageResult], path: Path) -> bool:
         ax.set_xlabel(key)
         ax.set_ylabel("images")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file.replacing(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
     return True
 
@@ -167,7 +168,8 @@ def curve_plot(curves: dict[str, list[float]], path: Path) -> bool:
     ax.legend()
     ax.set_title("Average deletion and insertion curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file.replacing(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
     return True
 
@@ -193,10 +195,10 @@ def game_picture(game: GridGame, path: Path) -> bool:
 # --- files ------------------------------------------------------------------------------------
 
 def write_tables(results: list[ImageResult], out: Path) -> None:
-    (out / "results.json").write_text(json_values.dumps(
+    atomic_file.write_text(out / "results.json", json_values.dumps(
         [{**r.row, "curves": r.curves} for r in results], indent=1) + "\n")
     columns = list(results[0].row)
-    with (out / "results.csv").open("w", newline="") as handle:
+    with atomic_file.replacing(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for r in results:
@@ -286,7 +288,7 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
                  "<a href='results.csv'>results.csv</a>, <a href='results.json'>results.json</a>;"
                  " the summary: <a href='summary.json'>summary.json</a>.</p></body></html>")
     path = out / "report.html"
-    path.write_text("\n".join(parts) + "\n")
+    atomic_file.write_text(path, "\n".join(parts) + "\n")
     return path
 
 
@@ -314,6 +316,6 @@ def write_report(results: list[ImageResult], items: list[DatasetItem], game: Gri
                         overlay_grids(results, by_id, info, "case", figures_dir).items()}
     summary["figures"] = figures
     write_tables(results, out)
-    (out / "summary.json").write_text(json_values.dumps(summary, indent=2) + "\n")
+    atomic_file.write_text(out / "summary.json", json_values.dumps(summary, indent=2) + "\n")
     write_html(summary, figures, out)
     return summary

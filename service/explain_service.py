@@ -21,7 +21,7 @@ from .model import SALIENCY_OUTPUT
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
-from .request_context import ClientWait, new_request_id, note_forward_passes
+from .request_context import ClientGone, ClientWait, new_request_id, note_forward_passes
 from .rise import RiseAborted, RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
 from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
@@ -374,14 +374,18 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             heavy = bool(resolve_names(quality.names)[0])
         except QualityError as exc:
             raise invalid(str(exc)) from None
+        scorer = model_scorer(model)
         if heavy:
-            self._take_black_box_slot(ClientWait.of(context),
-                                      "black-box explanations and faithfulness metrics")
+            client = ClientWait.of(context)
+            self._take_black_box_slot(client, "black-box explanations and faithfulness metrics")
+            scorer = client.watching(scorer)  # no more curve batches for a client gone
         try:
             values = quality_metrics(quality, image, tensor, saliency, class_id, predicted,
-                                     model_scorer(model), model.info)
+                                     scorer, model.info)
         except QualityError as exc:
             raise invalid(str(exc)) from None
+        except ClientGone as exc:
+            raise client_gone(exc.reason, "the faithfulness metrics") from None
         finally:
             if heavy:
                 self.black_box_slots.release()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
+
+from . import atomic_file
 
 
 def upsample(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -39,4 +39,4 @@ def write_png(path, rgb: np.ndarray) -> None:
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"{path}: cannot encode the PNG")
-    Path(path).write_bytes(png.tobytes())
+    atomic_file.write_bytes(path, png.tobytes())

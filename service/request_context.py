@@ -10,6 +10,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,6 +86,24 @@ class ClientWait:
             if time.monotonic() >= give_up:
                 return False
         return False
+
+    def watching(self, work: Callable[..., T]) -> Callable[..., T]:
+        """`work`, refusing to start (ClientGone) once the client no longer waits: long work
+        made of many calls (the faithfulness curves' batches) stops between two of them."""
+        def watched(*args, **kwargs) -> T:
+            reason = self.gone()
+            if reason:
+                raise ClientGone(reason)
+            return work(*args, **kwargs)
+        return watched
+
+
+class ClientGone(RuntimeError):
+    """Raised by work that `ClientWait.watching` wraps once the client no longer waits."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def abort_reason(deadline: float | None, cancel: threading.Event | None) -> str:

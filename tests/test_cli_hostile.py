@@ -13,13 +13,15 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from xaiserve.service import atomic_file
 from xaiserve.service.json_values import dumps, finite
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, wait_for
 
 SMALL = ("torch:tests.synthetic:small_cnn", "--input-size", "64")
 PROGRESS = re.compile(r"export: \d+/\d+")  # the export's progress bar: its slow steps began
@@ -102,7 +104,7 @@ STAGED_THEN_SIGTERM = """
 import os, signal, sys, time
 from pathlib import Path
 from xaiserve.export.repository import staged_version
-from xaiserve.service.cli import interrupts_raised
+from xaiserve.service.interrupts import interrupts_raised
 before = signal.getsignal(signal.SIGTERM)
 try:
     with interrupts_raised(), staged_version(Path(sys.argv[1]), "cnn", None) as (staging, _):
@@ -123,6 +125,65 @@ def test_sigterm_inside_the_staged_version_removes_it(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0 and "interrupted: SIGTERM" in done.stdout, done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+SIGTERM_AFTER_THE_RENAME = """
+import os, signal, sys, time
+from pathlib import Path
+from xaiserve.export import repository
+from xaiserve.service.interrupts import interrupts_raised
+
+def sync_then_signal(folder):  # the version is renamed into place; its folder not yet synced
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+repository._sync_folder = sync_then_signal
+try:
+    with interrupts_raised(), repository.staged_version(Path(sys.argv[1]), "cnn", None) as (
+            staging, _):
+        (staging / "model.xml").write_text("whole")
+except repository.InterruptedAfterWriting as exc:
+    print("interrupted:", exc.reason, "after", exc.path)
+"""
+
+
+def test_sigterm_after_the_rename_says_the_version_was_written(tmp_path):
+    """Once renamed into place, the version is there: the command used to say that nothing
+    was written."""
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_THE_RENAME, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"interrupted: SIGTERM after {tmp_path / 'cnn' / '1'}"
+    assert (tmp_path / "cnn" / "1" / "model.xml").read_text() == "whole"
+    assert [p.name for p in (tmp_path / "cnn").iterdir()] == ["1"]
+
+
+SIGTERM_INSIDE_AN_IMPORT = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from xaiserve.service.interrupts import interrupts_raised
+try:
+    with interrupts_raised():
+        import slow_module  # signals itself half-way through its import
+        time.sleep(10)  # the signal is raised again once the import is over
+except KeyboardInterrupt as exc:
+    print("interrupted:", exc, "import complete:", sys.modules["slow_module"].COMPLETE)
+"""
+
+
+def test_a_signal_inside_an_import_is_raised_after_it(tmp_path):
+    """Raised inside an import (torch's takes seconds), the KeyboardInterrupt reached C++ code:
+    2 of 40 SIGTERMs during an export ended in SIGABRT or in a process reported killed by
+    SIGINT, whatever exit code it chose."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)\nCOMPLETE = True\n")
+    done = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_AN_IMPORT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "interrupted: SIGTERM import complete: True", done.stdout
 
 
 def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_export, tmp_path):
@@ -251,3 +312,54 @@ def test_second_pass_names_numbers_and_places(default_export, tmp_path):
              for p in [repo, *repo.rglob("*")]}
     assert {m for p, m in modes.items() if (repo / p).is_dir()} == {0o755}, modes
     assert {m for p, m in modes.items() if (repo / p).is_file()} == {0o644}, modes
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+def test_sigterm_during_a_bench_ends_benchmark_app_and_keeps_the_points(default_export, tmp_path):
+    """SIGTERM used to end `xaiserve bench` on the spot: benchmark_app, its child, ran on
+    alone for its whole window and the points measured in the minutes before were lost."""
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "bench", "--model-path",
+         str(default_export.path.parent), "--works", "predict", "--batch", "1,2",
+         "--concurrency", "1", "--warmup", "0.2", "--window", "0.3", "--max-windows", "3",
+         "--reference-seconds", "60", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    benchmark_app = []
+    assert wait_for(lambda: benchmark_app.extend(_children(process.pid)) or benchmark_app,
+                    timeout=120), "benchmark_app never started"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert not Path(f"/proc/{benchmark_app[0]}").exists(), "benchmark_app outlived the bench"
+    assert stderr.strip().splitlines()[-1] == (
+        "xaiserve bench: SIGTERM; what was measured before it is written")
+    data = json.loads((out / "bench.json").read_text())
+    assert data["interrupted"] == "SIGTERM"
+    assert [(p["work"], p["batch"]) for p in data["points"]] == [("predict", 1)]
+    assert "interrupted (SIGTERM) after 1 of 2 points" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["bench.json", "bench.csv", "summary.txt", "throughput.png", "latency.png", "split.png"])
+
+
+def test_an_output_file_is_replaced_whole_or_not_at_all(tmp_path):
+    """A report rewritten in place could be read half-written by a pipeline, and a failure in
+    the middle lost the previous one."""
+    report = tmp_path / "report.json"
+    atomic_file.write_text(report, '{"status": "ok"}\n')
+    try:
+        with atomic_file.replacing(report) as handle:
+            handle.write('{"status": ')
+            raise KeyboardInterrupt("SIGTERM")
+    except KeyboardInterrupt:
+        pass
+    assert report.read_text() == '{"status": "ok"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # nothing partial left
+    atomic_file.write_bytes(report, b"{}\n")
+    assert report.read_bytes() == b"{}\n"

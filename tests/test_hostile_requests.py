@@ -231,6 +231,29 @@ def test_an_abandoned_black_box_request_stops(served, stubs, photos):
     assert explain.Explain(small, timeout=30).maps[0].method == "rise"
 
 
+def test_abandoned_faithfulness_metrics_stop(served, stubs, photos):
+    """Deletion and insertion curves of 256 steps each are over 500 inferences; their batches
+    went on for a client that had given up, holding the black-box slot."""
+    server, _, _ = served
+    _, explain = stubs
+
+    def ended(code: str) -> float:
+        return server.telemetry.registry.get_sample_value(
+            "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
+                                        "code": code}) or 0.0
+    before = ended("DEADLINE_EXCEEDED"), ended("OK")
+    request = explain_request(jpeg(photos["coffee"]), MODEL, metrics=["faithfulness"],
+                              metric_options={"steps": 256})
+    expect_error(lambda: explain.Explain(request, timeout=0.4), grpc.StatusCode.DEADLINE_EXCEEDED)
+    # without the fix the curves run to their end and the call is counted OK
+    assert wait_for(lambda: ended("DEADLINE_EXCEEDED") == before[0] + 1, timeout=60)
+    assert ended("OK") == before[1]
+    quick = explain_request(jpeg(photos["coffee"]), MODEL, metrics=["faithfulness"],
+                            metric_options={"steps": 4})
+    names = {m.name for m in explain.Explain(quick, timeout=60).metrics}
+    assert {"deletion_auc", "insertion_auc"} <= names, names
+
+
 def test_odd_and_half_copied_versions(served, stubs, photos):
     """A directory whose name only looks numeric ("²" passes str.isdigit) must not stop the
     scans; a version caught half-copied is loaded once its copy completes."""

@@ -1,0 +1,52 @@
+"""SIGTERM and SIGINT as KeyboardInterrupt, raised where it is safe to raise one.
+
+A pipeline's timeout, `kill` and Kubernetes send SIGTERM, whose default action ends the process
+on the spot: an export's staging folder stays behind and a bench's child benchmark_app runs on.
+Raised as KeyboardInterrupt instead, the `finally` blocks clean up. But an exception raised in
+the middle of an import (torch's take seconds) can reach C++ code that cannot pass it on: the
+process aborted (SIGABRT), or CPython marked it as killed by SIGINT whatever exit code it
+chose (2 of 40 SIGTERMs during an export here). So a signal that arrives inside an import is
+raised again once the import is over.
+"""
+
+from __future__ import annotations
+
+import _thread
+import signal
+import threading
+from contextlib import contextmanager
+from types import FrameType
+from typing import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RETRY_S = 0.05
+
+
+def inside_import(frame: FrameType | None) -> bool:
+    """Whether Python is executing a module's import (its frames run under importlib's)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextmanager
+def interrupts_raised() -> Iterator[None]:
+    """Within the block SIGTERM and SIGINT raise KeyboardInterrupt("SIGTERM" or "SIGINT");
+    later signals are ignored, so that they cannot cut the clean-up short. A signal put off by
+    an import that the block outlives is dropped: the work it would have stopped is done."""
+    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+        if inside_import(frame):  # deliver it again to the main thread a moment later
+            threading.Timer(RETRY_S, _thread.interrupt_main, args=(signum,)).start()
+            return
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, raise_interrupt) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
