@@ -30,6 +30,13 @@ JPEG_HEADER_BYTES = 2 << 20
 MAX_JPEG_SCANS = 100
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks a decoder to RGB needs: the critical ones (an upper-case first letter) and tRNS.
+# libpng prints a warning on stderr for each broken ancillary chunk (a bad CRC, a short iCCP),
+# so a PNG of thousands of them wrote thousands of log lines per request.
+PNG_KEPT_ANCILLARY = (b"tRNS",)
+
+
 class ImageError(ValueError):
     """An image cannot be decoded or has the wrong shape."""
 
@@ -62,6 +69,30 @@ def declared_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
+def without_png_ancillary_chunks(data: bytes) -> bytes:
+    """A PNG with only the chunks that decoding to pixels needs (see PNG_KEPT_ANCILLARY);
+    other bytes are returned as they are, as is a PNG whose chunk structure is broken (its
+    decoder then refuses it)."""
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    kept, position, size = [PNG_SIGNATURE], len(PNG_SIGNATURE), len(data)
+    view, dropped = memoryview(data), False
+    while position + 12 <= size:
+        length = int.from_bytes(view[position:position + 4], "big")
+        end = position + 12 + length
+        if end > size:
+            return data
+        kind = bytes(view[position + 4:position + 8])
+        if kind[:1].isupper() or kind in PNG_KEPT_ANCILLARY:
+            kept.append(view[position:end])
+        else:
+            dropped = True
+        position = end
+        if kind == b"IEND":
+            break
+    return b"".join(kept) if dropped else data  # no copy of a PNG that has nothing to drop
+
+
 def decode_image(data: bytes, flags: int = cv2.IMREAD_COLOR_RGB) -> np.ndarray:
     """Encoded JPEG/PNG/... bytes -> RGB u8 [H, W, 3] (or what `flags` ask for), refused
     before decoding when its header declares more pixels than MAX_IMAGE_PIXELS."""
@@ -70,7 +101,8 @@ def decode_image(data: bytes, flags: int = cv2.IMREAD_COLOR_RGB) -> np.ndarray:
     check_image_size(*declared_size(data))
     try:
         # decoded straight to RGB: no BGR array to swap (about 50 us less per request)
-        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+        array = cv2.imdecode(np.frombuffer(without_png_ancillary_chunks(data), dtype=np.uint8),
+                             flags)
     except cv2.error:  # OpenCV rejects some malformed headers by raising, not returning None
         array = None
     if array is None:
