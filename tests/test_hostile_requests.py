@@ -208,7 +208,8 @@ def png_chunk(kind: bytes, data: bytes, crc: bool = True) -> bytes:
 
 def test_broken_png_metadata_does_not_flood_the_log(stubs, photos, capfd):
     """libpng printed a warning on stderr for each broken ancillary chunk: 3 MB of them
-    wrote 200000 lines per request. The pixels are the same without them."""
+    wrote 200000 lines per request. The pixels are the same without them, and a large ICC
+    profile no longer gets a photo refused."""
     _, explain = stubs
     image = png(cv2.cvtColor(photos["coffee"], cv2.COLOR_RGB2BGR))
     header, end = 33, image.rindex(b"IEND") - 4  # after IHDR; before IEND
@@ -221,6 +222,13 @@ def test_broken_png_metadata_does_not_flood_the_log(stubs, photos, capfd):
     assert "libpng" not in capfd.readouterr().err
     assert response.predictions[0].class_id == plain.predictions[0].class_id == 967
     assert response.maps[0].values == plain.maps[0].values
+    # Pillow, which reads the size first, refused a PNG with an ICC profile over 1 MB
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(photos["coffee"]).save(
+        buffer, "PNG", icc_profile=np.random.default_rng(0).bytes(2_000_000))
+    profiled = explain.Explain(explain_request(buffer.getvalue(), MODEL, map_format="float"),
+                               timeout=60)
+    assert profiled.maps[0].values == plain.maps[0].values
 
 
 def test_a_malformed_message_is_invalid_argument(served, stubs, photos):
