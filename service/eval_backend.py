@@ -33,7 +33,7 @@ class Backend(Protocol):
 
 class LocalBackend:
     def __init__(self, model_path: str, device: str = "CPU"):
-        from .cli import resolve_version_dir
+        from .layout import resolve_version_dir
         from .model import ClassifierModel, ModelLoadError, error_reason
 
         try:

@@ -22,6 +22,7 @@ import openvino as ov
 
 from .config import ServerSettings
 from .errors import NotServed, shown
+from .layout import version_dirs, version_number
 from .model import ClassifierModel, error_reason
 from .statistics import VersionStatistics
 
@@ -41,21 +42,6 @@ class VersionState:
     @property
     def ready(self) -> bool:
         return self.model is not None
-
-
-def version_number(text: str) -> int | None:
-    """A version directory's or a request's version as a number: up to 18 ASCII digits (an
-    int64, as OVMS), so that "+1", " 1" or other scripts' digits (which int() reads) are not
-    taken for version 1."""
-    return int(text) if len(text) <= 18 and text.isascii() and text.isdigit() else None
-
-
-def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """{version: directory} for one model's numeric sub-directories (the OVMS layout)."""
-    if not model_dir.is_dir():
-        return {}
-    return {number: p for p in model_dir.iterdir()
-            if p.is_dir() and (number := version_number(p.name)) is not None}
 
 
 def files_signature(version_dir: Path) -> tuple:

@@ -125,7 +125,8 @@ def test_the_wheel_builds_from_what_the_dockerfiles_copy(tmp_path):
         names = set(archive.namelist())
         metadata = archive.read(f"xaiserve-{VERSION}.dist-info/METADATA").decode()
     for module in ("service/server.py", "service/health.py", "service/cli.py",
-                   "service/proto/grpc_predict_v2_pb2.py", "export/pipeline.py"):
+                   "service/commands/serve.py", "service/proto/grpc_predict_v2_pb2.py",
+                   "export/pipeline.py"):
         assert f"xaiserve/{module}" in names, module
     runtime = [line for line in metadata.splitlines()
                if line.startswith("Requires-Dist:") and "extra ==" not in line]

@@ -4,15 +4,58 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from .common import bounded_int, fail, floats, prepared_out
 
 VERB = "evaluate"
 
 
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="explanation quality on a labelled image folder: "
+                                        "HTML report + JSON/CSV")
+    p.add_argument("dataset", type=Path, help="DATASET/<class>/<image>, optional "
+                   "<image>.mask.png beside each image or DATASET/boxes.json")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    where.add_argument("--model-path", help="in-process: models/<name> or models/<name>/<v>")
+    p.add_argument("--model", help="model name on the server")
+    p.add_argument("--version", default="")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate a sample of N images only (drawn with --seed, all classes)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-faithfulness", action="store_true",
+                   help="skip deletion/insertion and the other perturbation metrics")
+    p.add_argument("--steps", type=int, default=196,
+                   help="deletion/insertion steps (at most one per map cell)")
+    p.add_argument("--substrate", choices=["default", "black", "blur", "mean"],
+                   default="default", help="what removed pixels become (default: deletion and "
+                   "the single-step metrics black, insertion blur)")
+    p.add_argument("--binarization", default="std", choices=["std", "threshold", "percentile"],
+                   help="how a map becomes the saliency set S for Shared Interest")
+    p.add_argument("--binarization-value", type=float, default=None,
+                   help="k of mean + k std (1), the cut (0.5) or the percentile (90)")
+    p.add_argument("--pattern-cutoffs", type=floats, default=None, metavar="IOU,GTC,SC",
+                   help="high/low cut-offs of the Shared Interest patterns (0.5,0.5,0.5)")
+    p.add_argument("--grid-mosaics", type=int, default=40,
+                   help="2x2 mosaics for the grid pointing game (0: skip)")
+    p.add_argument("--grid-methods", default="saliency_map",
+                   help="comma-separated: saliency_map (the model's map), rise (black-box, "
+                        "in-process only)")
+    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run on Ray: local | auto | ray://HOST:PORT (needs xaiserve[scale])")
+    p.add_argument("--ray-workers", type=int, default=2, help="Ray workers, one model each")
+    p.set_defaults(run=run_evaluate)
+
+
 def settings_from_args(args):
     """EvaluationSettings from the options; ValueError names the option to fix."""
-    from .evaluation import GRID_METHODS, EvaluationSettings
-    from .faithfulness import FaithfulnessSettings
-    from .shared_interest import Binarization, PatternCutoffs
+    from ..evaluation import GRID_METHODS, EvaluationSettings
+    from ..faithfulness import FaithfulnessSettings
+    from ..shared_interest import Binarization, PatternCutoffs
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -53,7 +96,7 @@ def settings_from_args(args):
                               seed=args.seed)
 
 
-def evaluate_command(args, fail) -> int:
+def run_evaluate(args) -> int:
     import grpc
     from tqdm import tqdm
 
@@ -61,14 +104,12 @@ def evaluate_command(args, fail) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         return fail(VERB, "the report needs matplotlib: pip install 'xaiserve[evaluate]'")
-    from .dataset import DatasetError, scan_dataset
-    from .eval_backend import BackendError, BackendSpec
-    from .eval_report import write_report
-    from .evaluate_runner import evaluate_local, evaluate_ray
-    from .evaluation import play_grid_game
-    from .model import error_reason
-
-    from .cli import prepared_out
+    from ..dataset import DatasetError, scan_dataset
+    from ..eval_backend import BackendError, BackendSpec
+    from ..eval_report import write_report
+    from ..evaluate_runner import evaluate_local, evaluate_ray
+    from ..evaluation import play_grid_game
+    from ..model import error_reason
 
     try:
         settings = settings_from_args(args)

@@ -1,0 +1,65 @@
+"""What every command shares: exit codes, one-line errors, option types and the checks of
+where results go, made before any work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+
+
+def fail(verb: str, message: str) -> int:
+    print(f"xaiserve {verb}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high] (argparse names the option when not)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: expected {low}..{high}")
+        return value
+    return parse
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.replace(",", " ").split()]
+
+
+def prepared_out(path: Path) -> Path:
+    """--out made before the work starts: a file in its place fails now, not after a run
+    whose results would then be lost."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path}: is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {path}: not writable; give a folder this user can write")
+    return path
+
+
+def check_outputs(images: list[Path], out: Path) -> None:
+    """Results are written as <out>/<stem>.json and <stem>_overlay.png: two inputs with one
+    stem would overwrite each other's, and an input that is one of those files itself."""
+    seen: dict[str, Path] = {}
+    written: set[Path] = set()
+    for path in images:
+        if path.stem in seen:
+            raise ValueError(f"{seen[path.stem]} and {path} would write the same results "
+                             f"({path.stem}.json); rename one or explain them in two runs")
+        seen[path.stem] = path
+        written |= {(out / f"{path.stem}{suffix}").resolve()
+                    for suffix in (".json", "_overlay.png")}
+    for path in images:
+        if path.resolve() in written:
+            raise ValueError(f"{path}: the results would be written over it; give another --out")

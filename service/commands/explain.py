@@ -1,0 +1,253 @@
+"""`xaiserve explain`: images to predictions, maps and metrics, through a server or in-process;
+PNG overlays and JSON per image."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .. import atomic_file, json_values
+from ..layout import resolve_version_dir
+from .common import bounded_int, check_outputs, fail, floats, prepared_out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("explain", help="predict and explain images, write PNG overlays + JSON")
+    p.add_argument("images", nargs="+", type=Path)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    where.add_argument("--model-path", type=Path,
+                       help="in-process: models/<name> (newest version) or models/<name>/<v>")
+    p.add_argument("--model", help="model name on the server")
+    p.add_argument("--version", default="")
+    p.add_argument("--top-k", type=bounded_int(1, 20), default=3)
+    p.add_argument("--method", default="auto", choices=["auto", "white-box", "black-box"])
+    p.add_argument("--masks", type=bounded_int(0, 2**32 - 1), default=0,
+                   help="black-box masks (0: server default)")
+    p.add_argument("--seed", type=bounded_int(0, 2**64 - 1), default=0)
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--out", type=Path, default=Path("out"))
+    add_quality_options(p)
+    add_client_security(p)
+    p.set_defaults(run=run_explain)
+
+
+def add_quality_options(p) -> None:
+    """Ground truth and explanation-quality metrics for `explain` (Shared Interest, pointing game,
+    faithfulness); every metric in the JSON carries its parameters."""
+    g = p.add_argument_group("explanation quality")
+    g.add_argument("--label", type=int, help="true class id: adds the Shared Interest pattern")
+    g.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
+                   help="ground-truth box in image pixels (repeatable; union with --mask)")
+    g.add_argument("--mask", type=Path, help="ground-truth mask PNG, the image's size")
+    g.add_argument("--metrics", default="",
+                   help="extra metrics: all, faithfulness, shared_interest or names, comma "
+                        "separated (deletion_auc, insertion_auc, average_drop, ...)")
+    g.add_argument("--substrate", choices=["black", "blur", "mean"],
+                   help="faithfulness substrate (default: deletion black, insertion blur)")
+    g.add_argument("--steps", type=bounded_int(0, 2**32 - 1), default=0,
+                   help="deletion/insertion steps (0: 196)")
+    g.add_argument("--binarization", choices=["std", "threshold", "percentile"], default="std")
+    g.add_argument("--binarization-value", type=float,
+                   help="k of mean + k std (1), threshold 0..1 (0.5) or percentile (90)")
+
+
+def quality_arguments(args) -> dict:
+    """--box/--mask/--metrics/... -> XaiClient.explain keyword arguments; ValueError names the
+    option."""
+    from ..explanation_quality import resolve_names
+
+    boxes = []
+    for text in args.box:
+        try:
+            box = floats(text)
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"--box {text!r}: expected X0,Y0,X1,Y1 in pixels")
+        boxes.append(tuple(box))
+    names = [n for n in args.metrics.split(",") if n.strip()]
+    try:
+        resolve_names(names)
+    except ValueError as exc:
+        raise ValueError(f"--metrics: {str(exc).split(': ', 1)[1]}") from None
+    if args.mask is not None and not args.mask.is_file():
+        raise ValueError(f"--mask {args.mask}: no such file")
+    options = {"steps": args.steps, "binarization": args.binarization}
+    if args.substrate:
+        options["substrate"] = args.substrate
+    if args.binarization_value is not None:
+        options["binarization_value"] = args.binarization_value
+    return {"label": args.label, "boxes": boxes, "metrics": names, "metric_options": options,
+            "mask": args.mask}
+
+
+def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
+    """The same metrics as the server's, computed in-process for `explain --model-path`."""
+    import cv2
+
+    from .. import faithfulness as fm
+    from ..explanation_quality import (QualityRequest, model_scorer, quality_metrics,
+                                      resolve_names)
+    from ..images import ImageError, decode_image
+    from ..shared_interest import Binarization
+
+    options = quality["metric_options"]
+    mask = None
+    if quality["mask"] is not None:
+        try:  # bytes to OpenCV, never the path: a non-UTF-8 name crashed it
+            mask = decode_image(Path(quality["mask"]).read_bytes(), cv2.IMREAD_GRAYSCALE)
+        except (OSError, ImageError) as exc:
+            raise ValueError(f"--mask {quality['mask']}: not a readable image ({exc})") \
+                from None
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"--mask {quality['mask']}: {mask.shape[1]}x{mask.shape[0]} does "
+                             f"not match the image's {image.shape[1]}x{image.shape[0]}")
+    if not (quality["metrics"] or quality["boxes"] or mask is not None):
+        return []
+    settings = fm.FaithfulnessSettings(steps=options["steps"] or fm.FaithfulnessSettings.steps)
+    if "substrate" in options:
+        settings = settings.with_substrate(options["substrate"])
+    request = QualityRequest(
+        names=quality["metrics"], boxes=quality["boxes"], mask=mask, label=quality["label"],
+        binarization=Binarization(options["binarization"], options.get("binarization_value")),
+        faithfulness=settings)
+    top = result.predictions[0].class_id
+    if top not in result.maps:
+        raise ValueError("this model has no saliency map; explanation-quality metrics need one")
+    resolve_names(request.names)
+    values = quality_metrics(request, image, model.preprocess(image), result.maps[top], top,
+                             top, model_scorer(model), model.info)
+    return [{"name": v.name, "value": v.value, "text": v.text,
+             "parameters": v.parameters} for v in values]
+
+
+def add_client_security(p) -> None:
+    """How a client reaches a TLS server and proves who it is."""
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="PEM CA that signed the server's certificate: connect over TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file with the server's bearer token (or set $XAISERVE_TOKEN)")
+
+
+def run_explain_remote(args) -> int:
+    import grpc
+
+    from ..client import XaiClient
+    from ..config import ConfigError
+
+    if not args.model:
+        return fail("explain", "--model NAME is needed with --server")
+    try:
+        quality = quality_arguments(args)
+        client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                   tls_key=args.tls_key, token_file=args.token_file)
+    except (ValueError, ConfigError) as exc:
+        return fail("explain", str(exc))
+    from tqdm import tqdm
+
+    failures = 0
+    for path in tqdm(args.images, desc="explain", unit="image",
+                     disable=not quality["metrics"] or len(args.images) < 2):
+        try:
+            response = client.explain(path, args.model, version=args.version, top_k=1,
+                                      method=args.method, num_masks=args.masks, seed=args.seed,
+                                      **quality)
+        except OSError as exc:
+            print(f"xaiserve explain: error: {path}: {exc.strerror}", file=sys.stderr)
+            failures += 1
+            continue
+        except grpc.RpcError as exc:
+            print(f"xaiserve explain: error: {path}: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)
+            failures += 1
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                break
+            continue
+        record = {
+            "image": str(path), "id": response.id, "model": response.model_name,
+            "version": response.model_version,
+            "predictions": [{"class_id": p.class_id, "label": p.label, "score": p.score}
+                            for p in response.predictions[:args.top_k]],
+            "maps": [{"class_id": m.class_id, "label": m.label, "method": m.method,
+                      "shape": list(m.shape)} for m in response.maps],
+            "metrics": [{"name": m.name, "value": m.value, "text": m.text,
+                         "parameters": dict(m.parameters)} for m in response.metrics],
+            "timings_ms": dict(response.timings_ms),
+        }
+        if response.maps:
+            atomic_file.write_bytes(args.out / f"{path.stem}_overlay.png", response.maps[0].data)
+            record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
+        atomic_file.write_text(args.out / f"{path.stem}.json",
+                               json_values.dumps(record, indent=2) + "\n")
+        print(f"{path.name}: " + ", ".join(
+            f"{p['label']} ({p['class_id']}) {p['score']:.3f}" for p in record["predictions"])
+            + f"  [{response.maps[0].method if response.maps else 'no map'}, "
+              f"{response.timings_ms['total']:.0f} ms]")
+    client.close()
+    return 1 if failures else 0
+
+
+def run_explain(args) -> int:
+    if args.server is None and (args.method == "black-box" or args.masks):
+        return fail("explain", "--method black-box and --masks need --server: in-process "
+                                "explain computes the model's own saliency_map")
+    try:  # where the results go, in both modes, before any work
+        check_outputs(args.images, args.out)
+        prepared_out(args.out)
+    except ValueError as exc:
+        return fail("explain", str(exc))
+    if args.server is not None:
+        return run_explain_remote(args)
+    from ..images import ImageError, read_image
+    from ..model import ClassifierModel, ModelLoadError, error_reason
+    from ..overlay import overlay, write_png
+
+    try:
+        quality = quality_arguments(args)
+        model = ClassifierModel(resolve_version_dir(args.model_path), args.device).load()
+    except (ValueError, FileNotFoundError, ModelLoadError) as exc:
+        return fail("explain", str(exc))
+    except RuntimeError as exc:  # OpenVINO: a device that is not here, or cannot compile it
+        return fail("explain", f"--device {args.device}: {error_reason(exc)}")
+    if args.label is not None and not 0 <= args.label < len(model.info.labels):
+        return fail("explain", f"--label {args.label}: out of range [0, "
+                                f"{len(model.info.labels)})")
+    failures = 0
+    for path in args.images:
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            print(f"xaiserve explain: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        result = model.explain(image, top_k=args.top_k)
+        try:
+            metrics = local_quality_metrics(model, image, result, quality)
+        except ValueError as exc:
+            print(f"xaiserve explain: error: {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        top = result.predictions[0]
+        record = {
+            "image": str(path),
+            "predictions": [vars(p) for p in result.predictions],
+            "saliency": {str(c): {"label": model.label(c), "shape": list(m.shape)}
+                         for c, m in result.maps.items()},
+            "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+        }
+        if metrics:
+            record["metrics"] = metrics
+        if top.class_id in result.maps:
+            legend = [f"map: {top.label} ({top.score:.2f})"] + [
+                f"{p.label}: {p.score:.2f}" for p in result.predictions[1:]]
+            picture = overlay(image, result.maps[top.class_id], legend)
+            write_png(args.out / f"{path.stem}_overlay.png", picture)
+            record["overlay"] = str(args.out / f"{path.stem}_overlay.png")
+        atomic_file.write_text(args.out / f"{path.stem}.json",
+                               json_values.dumps(record, indent=2) + "\n")
+        print(f"{path.name}: " + ", ".join(
+            f"{p.label} ({p.class_id}) {p.score:.3f}" for p in result.predictions))
+    return 1 if failures else 0

@@ -1,0 +1,93 @@
+"""`xaiserve serve`: options and the YAML config to ServerSettings, then serve until SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .common import fail
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over gRPC (KServe v2 + explain)")
+    p.add_argument("--repository", type=Path, default=None, help="default: models")
+    p.add_argument("--port", type=int, default=None, help="default: 9000")
+    p.add_argument("--host", default=None, help="default: 0.0.0.0")
+    p.add_argument("--config", type=Path, default=None, help="YAML: defaults, models, server")
+    p.add_argument("--device", default=None, help="CPU, GPU, NPU, AUTO, HETERO:...")
+    p.add_argument("--performance-hint", default=None,
+                   choices=["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"])
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--inference-precision", default=None,
+                   choices=["default", "f32", "bf16", "f16"],
+                   help="arithmetic of the layers that are not INT8 (default: the device's "
+                        "choice, bf16 on CPUs with AMX; f32 keeps f32's classes, slower)")
+    p.add_argument("--max-black-box-masks", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--log-level", default="INFO")
+    add_serve_operations(p)
+    p.set_defaults(run=run_serve)
+
+
+def add_serve_operations(p) -> None:
+    """Operations and security options of `serve` (metrics, logs, shutdown, TLS, token, limits)."""
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one object per line with request_id, model, version, code, ms")
+    p.add_argument("--shutdown-grace", type=float, default=None,
+                   help="seconds in-flight requests get after SIGTERM (default: 10)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="require 'authorization: Bearer <token>' with the token in this file "
+                        "(or in $XAISERVE_TOKEN); health checks are exempt")
+    p.add_argument("--max-concurrent-requests", type=int, default=None,
+                   help="beyond it requests get RESOURCE_EXHAUSTED (default: 32)")
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="largest request or response (default: 32 MiB)")
+    p.add_argument("--poll-seconds", type=float, default=None,
+                   help="how often the repository is compared with the disk (default: 2)")
+
+
+SERVE_OPERATION_KEYS = ("metrics_port", "shutdown_grace", "tls_cert", "tls_key",
+                        "tls_client_ca", "token_file", "max_concurrent_requests",
+                        "max_message_bytes", "poll_seconds")
+
+
+def run_serve(args) -> int:
+    import logging
+
+    from ..config import ConfigError, load_settings
+    from ..server import Server
+
+    from .. import logs
+
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:
+        return fail("serve", f"--log-level {args.log_level}: {exc}")
+    try:
+        settings = load_settings(args.config, repository=args.repository, port=args.port,
+                                 host=args.host, workers=args.workers, device=args.device,
+                                 performance_hint=args.performance_hint,
+                                 num_requests=args.num_requests,
+                                 inference_precision=args.inference_precision,
+                                 max_black_box_masks=args.max_black_box_masks,
+                                 **{k: getattr(args, k) for k in SERVE_OPERATION_KEYS})
+        server = Server(settings).start()
+    except (ConfigError, ValueError, OSError) as exc:
+        return fail("serve", str(exc))
+    print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+    if server.metrics_port:
+        print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
+              flush=True)
+    server.serve_forever()
+    # In-flight requests have had their grace period and gRPC has cancelled the rest; a
+    # handler thread still finishing cancelled work, or model teardown, must not hold the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

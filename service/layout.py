@@ -1,0 +1,32 @@
+"""The OpenVINO Model Server layout, `<repository>/<name>/<version>/model.xml`: which folders
+are versions. Plain paths, no OpenVINO, so that the command line reads it without loading the
+runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def version_number(text: str) -> int | None:
+    """A version directory's or a request's version as a number: up to 18 ASCII digits (an
+    int64, as OVMS), so that "+1", " 1" or other scripts' digits (which int() reads) are not
+    taken for version 1."""
+    return int(text) if len(text) <= 18 and text.isascii() and text.isdigit() else None
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """{version: directory} for one model's numeric sub-directories (the OVMS layout)."""
+    if not model_dir.is_dir():
+        return {}
+    return {number: p for p in model_dir.iterdir()
+            if p.is_dir() and (number := version_number(p.name)) is not None}
+
+
+def resolve_version_dir(path: Path) -> Path:
+    """models/<name> -> its highest numeric version directory; a version dir stays as is."""
+    if (path / "model.xml").is_file() or path.suffix == ".xml":
+        return path
+    numbered = version_dirs(path)
+    if not numbered:
+        raise FileNotFoundError(f"--model-path {path}: no model.xml and no version directories")
+    return numbered[max(numbered)]
