@@ -240,6 +240,8 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
              f"{_fmt(s['accuracy'])}; saliency: "
              f"{html.escape(str(s['model'].get('saliency_method')))}"
              f"; maps of the predicted class.</p>",
+             *([f"<p><b>Interrupted: {html.escape(s['interrupted'])}</b>; the figures cover "
+                "the images evaluated before it.</p>"] if s.get("interrupted") else []),
              *([f"<p><b>{len(s['failed'])} images could not be read</b> (listed in "
                 "summary.json): " + html.escape(", ".join(r["image"] for r in s["failed"][:10]))
                 + "</p>"] if s.get("failed") else []),
@@ -293,15 +295,18 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
 
 
 def write_report(results: list[ImageResult], items: list[DatasetItem], game: GridGame | None,
-                 info: ModelInfo, model: dict, settings: dict, out: Path) -> dict:
+                 info: ModelInfo, model: dict, settings: dict, out: Path,
+                 interrupted: str = "") -> dict:
     """All files of the report into `out`; returns the summary. Rows with an `error` (images
-    that could not be read) are listed in the summary, not averaged."""
+    that could not be read) are listed in the summary, not averaged. `interrupted` says why
+    the results cover only part of the data set."""
     failed = [r.row for r in results if "error" in r.row]
     results = [r for r in results if "error" not in r.row]
     out.mkdir(parents=True, exist_ok=True)
     figures_dir = out / "figures"
     figures_dir.mkdir(exist_ok=True)
-    summary = {**summarise(results, game, settings, model), "failed": failed}
+    summary = {**summarise(results, game, settings, model), "failed": failed,
+               "interrupted": interrupted or None}
     by_id = {item.relative: item for item in items}
     figures: dict = {}
     if histograms(results, figures_dir / "histograms.png"):

@@ -19,15 +19,27 @@ from .evaluation import EvaluationSettings, ImageResult, evaluate_items
 Progress = Callable[[int], None]  # called with the number of images just finished
 
 
+class EvaluationInterrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C during a run: the images evaluated before it, by their index in the
+    items, so that a report of them can still be written."""
+
+    def __init__(self, reason: str, results: dict[int, ImageResult]):
+        super().__init__(reason)
+        self.reason, self.results = reason, results
+
+
 def evaluate_local(spec: BackendSpec, items: list[DatasetItem], settings: EvaluationSettings,
                    batch_size: int = 16, progress: Progress = lambda _: None,
                    backend=None) -> list[ImageResult]:
     backend = backend or spec.open()
     results: list[ImageResult] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        results.extend(evaluate_items(backend, chunk, settings))
-        progress(len(chunk))
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            results.extend(evaluate_items(backend, chunk, settings))
+            progress(len(chunk))
+    except KeyboardInterrupt as exc:
+        raise EvaluationInterrupted(str(exc) or "SIGINT", dict(enumerate(results))) from None
     return results
 
 
@@ -65,7 +77,10 @@ def evaluate_ray(spec: BackendSpec, items: list[DatasetItem], settings: Evaluati
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
         batch_format="numpy", num_cpus=1)
     by_index: dict[int, ImageResult] = {}
-    for row in evaluated.iter_rows():
-        by_index[int(row["index"])] = ImageResult.from_json(json.loads(row["result"]))
-        progress(1)
+    try:
+        for row in evaluated.iter_rows():
+            by_index[int(row["index"])] = ImageResult.from_json(json.loads(row["result"]))
+            progress(1)
+    except KeyboardInterrupt as exc:
+        raise EvaluationInterrupted(str(exc) or "SIGINT", by_index) from None
     return [by_index[i] for i in range(len(items))]

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 
 import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli, wait_for
 from tests.synthetic import CLASSES4, make_dataset, train_small_cnn, write_image_folder
 from xaiserve.service.faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from xaiserve.service.model import ClassifierModel
@@ -256,6 +262,36 @@ def test_an_unreadable_image_is_reported_and_the_rest_evaluated(shapes, tmp_path
 
 
 CHROMIUM = "/usr/bin/chromium"
+
+
+def test_sigterm_writes_a_report_of_the_images_evaluated_before_it(shapes, tmp_path):
+    """A pipeline's timeout during a long evaluation used to lose every image's results."""
+    out = tmp_path / "report"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "evaluate", str(shapes["data"]),
+         "--model-path", str(shapes["model"]), "--out", str(out), "--batch-size", "1",
+         "--steps", "256", "--grid-mosaics", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, "")))
+    reader.start()
+    some_done = re.compile(rf"evaluate: +\d+%.*\b([1-9]|1\d)/{COUNT}\b")
+    assert wait_for(lambda: some_done.search("".join(stderr)), timeout=300), "".join(stderr)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130, "".join(stderr)[-2000:]
+    reader.join()
+    summary = json.loads((out / "summary.json").read_text())
+    done = summary["images"]
+    assert 0 < done < COUNT
+    assert summary["interrupted"] == f"SIGTERM after {done} of {COUNT} images"
+    assert summary["grid_pointing_game"] is None  # not played on part of the data
+    assert "Interrupted: SIGTERM" in (out / "report.html").read_text()
+    with (out / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == done
+    assert "".join(stderr).strip().splitlines()[-1] == (
+        f"xaiserve evaluate: interrupted (SIGTERM after {done} of {COUNT} images); the report "
+        "covers those")
 
 
 def test_report_renders_in_headless_chromium(report):

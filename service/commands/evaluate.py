@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import bounded_int, fail, floats, prepared_out
+from ..interrupts import interrupts_raised
+from .common import EXIT_INTERRUPTED, bounded_int, fail, floats, prepared_out
 
 VERB = "evaluate"
 
@@ -107,7 +108,7 @@ def run_evaluate(args) -> int:
     from ..dataset import DatasetError, scan_dataset
     from ..eval_backend import BackendError, BackendSpec
     from ..eval_report import write_report
-    from ..evaluate_runner import evaluate_local, evaluate_ray
+    from ..evaluate_runner import EvaluationInterrupted, evaluate_local, evaluate_ray
     from ..evaluation import play_grid_game
     from ..model import error_reason
 
@@ -140,45 +141,62 @@ def run_evaluate(args) -> int:
         keep = np.random.default_rng(args.seed).choice(len(items), args.limit, replace=False)
         items = [items[i] for i in sorted(keep)]
     bar = tqdm(total=len(items), desc="evaluate", unit="image", file=sys.stderr)
+    interrupted = ""
     try:
-        if args.ray is not None:
+        with interrupts_raised():  # SIGTERM too: a report of the images evaluated before it
             try:
-                results = evaluate_ray(spec, items, settings, args.ray,
-                                       workers=args.ray_workers, batch_size=args.batch_size,
-                                       progress=bar.update)
-            except Exception as exc:  # noqa: BLE001 - a worker's failure: one line, not a trace
-                bar.close()
-                return fail(VERB, f"--ray {args.ray}: {type(exc).__name__}: {error_reason(exc)}")
-        else:
-            results = evaluate_local(spec, items, settings, args.batch_size, bar.update, backend)
-        bar.close()
-        failed = [i for i, r in enumerate(results) if "error" in r.row]
-        for i in failed:
-            print(f"xaiserve evaluate: error: {results[i].row['error']}", file=sys.stderr)
-        game = (play_grid_game(backend, items, settings, unreadable=tuple(failed))
-                if settings.grid_mosaics else None)
-        if game is not None and not game.mosaics:
-            print("xaiserve evaluate: note: no grid pointing game: it needs images of 4 "
-                  "classes (--grid-mosaics 0 skips it)", file=sys.stderr)
+                if args.ray is not None:
+                    try:
+                        results = evaluate_ray(spec, items, settings, args.ray,
+                                               workers=args.ray_workers,
+                                               batch_size=args.batch_size, progress=bar.update)
+                    except Exception as exc:  # noqa: BLE001 - a worker's failure: one line
+                        bar.close()
+                        return fail(VERB, f"--ray {args.ray}: {type(exc).__name__}: "
+                                          f"{error_reason(exc)}")
+                else:
+                    results = evaluate_local(spec, items, settings, args.batch_size, bar.update,
+                                             backend)
+            except EvaluationInterrupted as exc:
+                done = sorted(exc.results)
+                if not done:
+                    raise KeyboardInterrupt(f"{exc.reason}; nothing was evaluated") from None
+                interrupted = f"{exc.reason} after {len(done)} of {len(items)} images"
+                items, results = [items[i] for i in done], [exc.results[i] for i in done]
+            bar.close()
+            failed = [i for i, r in enumerate(results) if "error" in r.row]
+            for i in failed:
+                print(f"xaiserve evaluate: error: {results[i].row['error']}", file=sys.stderr)
+            game = (play_grid_game(backend, items, settings, unreadable=tuple(failed))
+                    if settings.grid_mosaics and not interrupted else None)
+            if game is not None and not game.mosaics:
+                print("xaiserve evaluate: note: no grid pointing game: it needs images of 4 "
+                      "classes (--grid-mosaics 0 skips it)", file=sys.stderr)
+            if len(failed) == len(items):
+                return fail(VERB, "no image could be read; see the errors above")
+            model = {"name": args.model or str(args.model_path),
+                     "source": args.server or "in-process",
+                     "saliency_method": backend.info.saliency_method,
+                     "saliency_settings": backend.info.saliency_settings,
+                     "execution": f"ray ({args.ray})" if args.ray is not None else "local"}
+            summary = write_report(results, items, game, backend.info, model,
+                                   json.loads(json.dumps(settings.as_dict(), default=str)),
+                                   args.out, interrupted)
     except (BackendError, DatasetError) as exc:
         bar.close()
         return fail(VERB, str(exc))
     except grpc.RpcError as exc:
         bar.close()
         return fail(VERB, f"--server {args.server}: {exc.code().name}: {exc.details()}")
-    if len(failed) == len(items):
-        return fail(VERB, "no image could be read; see the errors above")
-    model = {"name": args.model or str(args.model_path), "source": args.server or "in-process",
-             "saliency_method": backend.info.saliency_method,
-             "saliency_settings": backend.info.saliency_settings,
-             "execution": f"ray ({args.ray})" if args.ray is not None else "local"}
-    summary = write_report(results, items, game, backend.info, model,
-                           json.loads(json.dumps(settings.as_dict(), default=str)), args.out)
     means = summary["means"]
     shown = {k: means.get(k) for k in ("iou", "gtc", "sc", "deletion_auc", "insertion_auc")}
     print(f"{summary['images']} images, accuracy {summary['accuracy']:.3f}, "
           + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None)
           + f"; report: {args.out / 'report.html'}"
           + (f"; {len(failed)} images could not be read" if failed else ""))
+    if interrupted:
+        print(f"xaiserve evaluate: interrupted ({interrupted}); the report covers those",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 1 if failed else 0
 
