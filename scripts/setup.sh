@@ -15,7 +15,8 @@ install() {
   .venv/bin/pip install --disable-pip-version-check -e ".[export,evaluate,scale,test]" \
     >"$LOG" 2>&1 || true
 }
-ready() { .venv/bin/python -c "import xaiserve.service.cli, openvino, torch, timm" 2>/dev/null; }
+ready() { .venv/bin/python -c "import xaiserve.service.cli, xaiserve.service.server, torch, timm" \
+  2>/dev/null; }
 install
 if ! ready; then
   echo "setup: the install is incomplete; trying once more (log: $LOG)" >&2

@@ -231,7 +231,8 @@ defaults:
     assert (settings.shutdown_grace, settings.metrics_port) == (2.5, 9191)
     assert settings.defaults.max_black_box_masks == 500
     config.write_text("server:\n  max_concurrent_requests: 0\n")
-    with pytest.raises(ConfigError, match="max_concurrent_requests 0"):
+    with pytest.raises(ConfigError, match=r"server\.max_concurrent_requests: 0; input should be "
+                                          r"greater than or equal to 1"):
         load_settings(config)
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)

@@ -101,7 +101,8 @@ def test_inference_precision_from_the_config_file_and_the_flag(tmp_path):
     assert settings.for_model("plain").compile_config()["INFERENCE_PRECISION_HINT"] == "f32"
     assert "INFERENCE_PRECISION_HINT" not in load_settings(None).defaults.compile_config()
     config.write_text("models:\n  plain:\n    inference_precision: fp32\n")
-    with pytest.raises(ConfigError, match=r"models\.plain\.inference_precision: 'fp32'; one of"):
+    with pytest.raises(ConfigError, match=r"models\.plain\.inference_precision: 'fp32'; input "
+                                          r"should be 'default', 'f32', 'bf16' or 'f16'"):
         load_settings(config)
 
 
@@ -114,11 +115,50 @@ def test_black_box_batch_from_the_config_file(tmp_path):
     assert settings.for_model("other").routes().black_box_batch == 32
     assert settings.for_model("plain").routes().black_box_batch == 1
     assert load_settings(None).defaults.routes().black_box_batch == 8
-    for bad in ("0", "257", "eight", "2.5"):
+    for bad, why in (("0", "greater than or equal to 1"), ("257", "less than or equal to 256"),
+                     ("eight", "a valid integer"), ("2.5", "a valid integer"),
+                     ("'8'", "a valid integer"), ("true", "a valid integer")):
         config.write_text(f"models:\n  plain: {{black_box_batch: {bad}}}\n")
-        with pytest.raises(ConfigError, match=r"models\.plain\.black_box_batch: .*; must be an "
-                                              r"integer in \[1, 256\]"):
+        with pytest.raises(ConfigError, match=rf"models\.plain\.black_box_batch: .*; input "
+                                              rf"should be {why}"):
             load_settings(config)
+
+
+CARELESS_CONFIGS = [  # (file, what the one line must say); each started a server or crashed
+    ("defaults:\n  black_box_masks: many\n",
+     "defaults.black_box_masks: 'many'; input should be a valid integer"),  # was a traceback
+    ("defaults:\n  black_box_masks: -5\n",
+     "defaults.black_box_masks: -5; input should be greater than or equal to 1"),  # served
+    ("defaults:\n  scores_only_copy: 'no'\n",  # a string: was taken as true
+     "defaults.scores_only_copy: 'no'; input should be a valid boolean"),
+    ("models:\n  - lite0\n", "models: a mapping of keys to values expected, not list"),
+    ("server:\n  prot: 9001\n", "server: unknown keys ['prot']"),  # was ignored
+    ("defualts:\n  device: GPU\n", "unknown sections ['defualts']"),  # was ignored
+    ("server:\n  port: true\n", "server.port: True; input should be a valid integer"),
+    ("server:\n  shutdown_grace: .inf\n", "server.shutdown_grace: inf; input should be a finite"),
+    ("server:\n  max_message_bytes: 3000000000\n", "less than or equal to 2147483647"),
+]
+
+
+def test_a_careless_config_file_fails_in_one_line_naming_the_key(tmp_path):
+    from xaiserve.service.config import ConfigError, load_settings
+
+    config = tmp_path / "serve.yaml"
+    for text, words in CARELESS_CONFIGS:
+        config.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(config, repository=tmp_path)
+        assert words in str(info.value) and "\n" not in str(info.value), (text, info.value)
+    config.write_bytes(b"\xff\xfe defaults")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_settings(config)
+    # a flag's value is named by the flag
+    with pytest.raises(ConfigError, match=r"^--workers 0: input should be greater than or"):
+        load_settings(None, repository=tmp_path, workers=0)
+    config.write_text("server:\n  repository: %s\n  tls_key: null\ndefaults:\n  num_requests: 2\n"
+                      % tmp_path)
+    settings = load_settings(config)
+    assert settings.repository == tmp_path and settings.defaults.num_requests == 2
 
 
 # --- the explanation service -----------------------------------------------------------------
