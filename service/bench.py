@@ -27,7 +27,7 @@ from . import bench_works as works
 from .bench_reference import ReferenceRun, run_benchmark_app
 from .config import HINTS
 from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
-from .images import ImageError, decode_image
+from .images import ImageError, decode_image, read_image_file
 from .layer_profile import LayerProfile, measure_layers, profile
 from .model import ClassifierModel, ModelLoadError, error_reason
 
@@ -115,7 +115,7 @@ class BenchSettings:
         for option, ok in checks:
             if not ok:
                 raise BenchError(f"{option}: out of range (see xaiserve bench --help)")
-        if self.image is not None and not self.image.is_file():
+        if self.image is not None and not self.image.exists():
             raise BenchError(f"--image {self.image}: no such file")
         return self
 
@@ -432,11 +432,11 @@ class Bench:
         self.settings = settings.validate()
         self.progress = progress or Progress()
         self.core = core or ov.Core()
-        if settings.image is not None:
-            self.jpeg, what = settings.image.read_bytes(), str(settings.image)
-        else:
-            self.jpeg, what = works.sample_jpeg()
         try:
+            if settings.image is not None:
+                self.jpeg, what = read_image_file(settings.image), str(settings.image)
+            else:
+                self.jpeg, what = works.sample_jpeg()
             self.rgb = decode_image(self.jpeg)  # for --layers; the works decode their own
         except ImageError as exc:
             raise BenchError(f"--image {settings.image}: {exc}") from None

@@ -103,11 +103,14 @@ class XaiClient:
                 mask: bytes | Path | None = None, metrics: list[str] = (),
                 metric_options: dict | None = None,
                 thresholds: dict[str, float] | None = None) -> pb.ExplainResponse:
-        data = Path(image).read_bytes() if isinstance(image, Path) else image
-        mask_png = Path(mask).read_bytes() if isinstance(mask, Path) else mask
-        request = explain_request(data, model, version=version, targets=targets, top_k=top_k,
+        if isinstance(image, Path) or isinstance(mask, Path):
+            from .images import read_image_file  # OpenCV and Pillow only when files are read
+
+            image = read_image_file(image) if isinstance(image, Path) else image
+            mask = read_image_file(mask) if isinstance(mask, Path) else mask
+        request = explain_request(image, model, version=version, targets=targets, top_k=top_k,
                                   method=method, map_format=map_format, num_masks=num_masks,
-                                  seed=seed, label=label, boxes=boxes, mask=mask_png,
+                                  seed=seed, label=label, boxes=boxes, mask=mask,
                                   metrics=metrics, metric_options=metric_options,
                                   thresholds=thresholds)
         return self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .images import ImageError, decode_image, read_image
+from .images import ImageError, decode_image, read_image, read_image_file
 from .shared_interest import ground_truth_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -142,7 +142,7 @@ def load_ground_truth(item: DatasetItem, height: int, width: int) -> np.ndarray 
     """The object's pixels as bool [height, width] (the image's own size), or None."""
     if item.mask_path is not None:
         try:  # bytes to OpenCV, never the path: a non-UTF-8 name crashed it
-            mask = decode_image(Path(item.mask_path).read_bytes(), cv2.IMREAD_GRAYSCALE)
+            mask = decode_image(read_image_file(item.mask_path), cv2.IMREAD_GRAYSCALE)
         except (OSError, ImageError):
             raise DatasetError(f"{item.mask_path}: not a decodable mask image (PNG expected)") \
                 from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,9 @@ from .model_info import ModelInfo
 # memory. 40 megapixels is larger than any camera photo a classifier needs.
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_IMAGE_SIDE = 16_384
+# An encoded image file larger than this holds no photo within those bounds (40 megapixels
+# as an uncompressed 16-bit TIFF are 240 MB); it is refused before it is read.
+MAX_IMAGE_FILE_BYTES = 256 << 20
 FORMATS = "JPEG, PNG, BMP, TIFF or WebP"
 # The same, as Pillow names them (its JPEG reader takes multi-picture JPEGs too). Others are
 # refused: Pillow reads an AVIF's size from a box the decoder does not obey.
@@ -112,11 +116,25 @@ def decode_image(data: bytes, flags: int = cv2.IMREAD_COLOR_RGB) -> np.ndarray:
     return array
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image_file(path: str | Path) -> bytes:
+    """An image file's bytes; ImageError when it is not a regular file (a FIFO blocked the
+    read for ever, /dev/zero filled the memory) or is over MAX_IMAGE_FILE_BYTES (a 3 GB file
+    was read whole, 3.3 GB and 12 s, before its header was looked at)."""
+    path = Path(path)
     try:
-        data = Path(path).read_bytes()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: not a regular file; give an image file")
+        if info.st_size > MAX_IMAGE_FILE_BYTES:
+            raise ImageError(f"{path}: {info.st_size} bytes, over {MAX_IMAGE_FILE_BYTES}: not "
+                             f"an image ({FORMATS}) of at most {MAX_IMAGE_PIXELS} pixels")
+        return path.read_bytes()
     except OSError as exc:
         raise ImageError(f"{path}: cannot read it ({exc.strerror})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    data = read_image_file(path)
     try:
         return decode_image(data)
     except ImageError as exc:

@@ -89,14 +89,14 @@ def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
     from .. import faithfulness as fm
     from ..explanation_quality import (QualityRequest, model_scorer, quality_metrics,
                                       resolve_names)
-    from ..images import ImageError, decode_image
+    from ..images import ImageError, decode_image, read_image_file
     from ..shared_interest import Binarization
 
     options = quality["metric_options"]
     mask = None
     if quality["mask"] is not None:
         try:  # bytes to OpenCV, never the path: a non-UTF-8 name crashed it
-            mask = decode_image(Path(quality["mask"]).read_bytes(), cv2.IMREAD_GRAYSCALE)
+            mask = decode_image(read_image_file(quality["mask"]), cv2.IMREAD_GRAYSCALE)
         except (OSError, ImageError) as exc:
             raise ValueError(f"--mask {quality['mask']}: not a readable image ({exc})") \
                 from None
@@ -155,8 +155,8 @@ def run_explain_remote(args) -> int:
             response = client.explain(path, args.model, version=args.version, top_k=1,
                                       method=args.method, num_masks=args.masks, seed=args.seed,
                                       **quality)
-        except OSError as exc:
-            print(f"xaiserve explain: error: {path}: {exc.strerror}", file=sys.stderr)
+        except ValueError as exc:  # ImageError: not a regular file, too large, unreadable
+            print(f"xaiserve explain: error: {exc}", file=sys.stderr)
             failures += 1
             continue
         except grpc.RpcError as exc:
