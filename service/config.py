@@ -88,7 +88,7 @@ class ServerSettings:
     workers: POSITIVE = 16
     # gRPC takes a signed 32-bit size
     max_message_bytes: Annotated[int, Field(ge=1, le=2**31 - 1)] = 32 * 1024 * 1024
-    # 0: a busy loop
+    # over 0 (0 would be a busy loop), at most a day
     poll_seconds: Annotated[float, Field(gt=0, le=86400)] = 2.0
     max_black_box_in_flight: POSITIVE = 2  # server-wide cap on concurrent black-box explanations
     max_concurrent_requests: POSITIVE = 32  # beyond it a request gets RESOURCE_EXHAUSTED at once
@@ -113,8 +113,8 @@ def _invalid(exc: ValidationError, where: str, flags: dict) -> ConfigError:
     key = ".".join(str(part) for part in problem["loc"])
     message = problem["msg"][:1].lower() + problem["msg"][1:]
     if key in flags:
-        return ConfigError(f"--{key.replace('_', '-')} {problem['input']!r}: {message}")
-    return ConfigError(f"{where}{key}: {problem['input']!r}; {message}")
+        return ConfigError(f"--{key.replace('_', '-')} {problem['input']!r:.80}: {message}")
+    return ConfigError(f"{where}{key}: {problem['input']!r:.80}; {message}")
 
 
 def _mapping(value, where: str) -> dict:
