@@ -118,21 +118,31 @@ class ModelRepository:
             except Exception:  # noqa: BLE001 - the watcher must survive a bad scan
                 log.exception("repository scan failed")
 
+    def served_versions(self, name: str, on_disk: dict[int, Path]) -> dict[int, Path]:
+        """The versions on disk that the model's `latest_versions` asks to serve: the newest N
+        (OVMS's and Triton's version policy "latest"), or all of them for 0."""
+        keep = self.settings.for_model(name).latest_versions
+        return dict(sorted(on_disk.items())[-keep:]) if keep else dict(on_disk)
+
     def refresh(self, wait: bool = False) -> None:
         on_disk = scan(Path(self.settings.repository))
+        wanted = {name: self.served_versions(name, versions) for name, versions in on_disk.items()}
         loaders = []
         with self._lock:
             for name in list(self._table):
-                for version in list(self._table[name]):
+                loaded = self._table[name]
+                # an older version stays until every version that replaces it is ready, so
+                # that unversioned requests always find one
+                replaced = all(v in loaded and loaded[v].ready for v in wanted.get(name, {}))
+                for version in list(loaded):
                     if version not in on_disk.get(name, {}):
-                        log.info("unloading %s version %d", name, version)
-                        unloaded = self._table[name].pop(version)
-                        self.history.append((time.monotonic(), name, version, "unloaded"))
-                        if unloaded.model is not None:
-                            unloaded.model.close()
-                if not self._table[name]:
+                        self._unload(name, version, "removed from disk")
+                    elif version not in wanted[name] and replaced:
+                        self._unload(name, version, "older than the latest_versions "
+                                     f"{self.settings.for_model(name).latest_versions}")
+                if not loaded:
                     del self._table[name]
-            for name, versions in on_disk.items():
+            for name, versions in wanted.items():
                 for version, path in versions.items():
                     known = self._table.get(name, {}).get(version)
                     if known is None or self._worth_retrying(known):
@@ -148,6 +158,14 @@ class ModelRepository:
         if wait:
             for thread in loaders:
                 thread.join()
+
+    def _unload(self, name: str, version: int, why: str) -> None:
+        """Drop a version from the table (the lock held); requests holding it finish on it."""
+        log.info("unloading %s version %d: %s", name, version, why)
+        unloaded = self._table[name].pop(version)
+        self.history.append((time.monotonic(), name, version, "unloaded"))
+        if unloaded.model is not None:
+            unloaded.model.close()
 
     @staticmethod
     def _worth_retrying(state: VersionState) -> bool:

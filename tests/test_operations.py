@@ -247,6 +247,49 @@ def test_versions_added_and_removed_under_load(served, small_export):
     assert server.repository.versions("shapes") == [3]
 
 
+def test_latest_versions_bounds_what_is_loaded_and_hands_over_without_a_gap(small_export,
+                                                                           tmp_path):
+    """Every version on disk was compiled (up to six copies each): a repository that keeps
+    each daily export grows the server without bound. With `latest_versions` only the newest
+    N load, and an older one goes once its replacement is ready, not before."""
+    for version in (1, 2, 3):
+        shutil.copytree(small_export.path, tmp_path / "shapes" / str(version))
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0, poll_seconds=0.2,
+                              defaults=ModelSettings(latest_versions=1))
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    try:
+        assert server.repository.versions("shapes") == [3]  # 1 and 2 never compiled
+        answers, failures, stop = [], [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    answers.append(int(kserve.ModelInfer(infer_request(), timeout=30)
+                                       .model_version))
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            add_version(tmp_path, small_export.path, 4)
+            assert wait_until(lambda: server.repository.versions("shapes") == [4])
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            thread.join()
+        assert failures == [] and answers[-1] == 4 and set(answers) == {3, 4}
+        unloaded = [v for _, _, v, what in server.repository.history if what == "unloaded"]
+        ready = {v: t for t, _, v, what in server.repository.history if what == "ready"}
+        assert unloaded == [3]
+        gone = next(t for t, _, v, what in server.repository.history if what == "unloaded")
+        assert ready[4] <= gone  # 3 went only after 4 was ready
+    finally:
+        channel.close()
+        server.stop(grace=1)
+
+
 # --- graceful shutdown of the `xaiserve serve` process ------------------------------------------
 
 def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
