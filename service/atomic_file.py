@@ -19,6 +19,8 @@ def replacing(path: Path | str, mode: str = "w", **open_options) -> Iterator[IO]
     """An open file that replaces `path` when the block ends without an exception; on any
     exception (KeyboardInterrupt included) the partial file is removed and `path` untouched."""
     path = Path(path)
+    if path.is_symlink():  # replace the file it names, not the link
+        path = path.resolve()
     staged = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(staged, mode, **open_options) as handle:

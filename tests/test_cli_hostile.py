@@ -364,6 +364,10 @@ def test_an_output_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # nothing partial left
     atomic_file.write_bytes(report, b"{}\n")
     assert report.read_bytes() == b"{}\n"
+    link = tmp_path / "latest.json"  # a pipeline's link to its report: the link stays
+    link.symlink_to(report)
+    atomic_file.write_text(link, "[]\n")
+    assert link.is_symlink() and report.read_text() == "[]\n"
 
 
 def test_files_that_are_not_images_fail_fast_and_alone(default_export, tmp_path, photos):
