@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 from pathlib import Path
 
@@ -117,20 +118,26 @@ def decode_image(data: bytes, flags: int = cv2.IMREAD_COLOR_RGB) -> np.ndarray:
 
 
 def read_image_file(path: str | Path) -> bytes:
-    """An image file's bytes; ImageError when it is not a regular file (a FIFO blocked the
-    read for ever, /dev/zero filled the memory) or is over MAX_IMAGE_FILE_BYTES (a 3 GB file
-    was read whole, 3.3 GB and 12 s, before its header was looked at)."""
+    """An image file's bytes, refused (ImageError) over MAX_IMAGE_FILE_BYTES: a regular file
+    by its size before it is read (a 3 GB file was read whole, 3.3 GB and 12 s, before its
+    header was looked at), a pipe or device (`<(curl ...)`, /dev/zero, which filled the
+    memory) once that much has been read."""
     path = Path(path)
+    too_large = ImageError(f"{path}: over {MAX_IMAGE_FILE_BYTES} bytes: not an image "
+                           f"({FORMATS}) of at most {MAX_IMAGE_PIXELS} pixels")
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{path}: not a regular file; give an image file")
-        if info.st_size > MAX_IMAGE_FILE_BYTES:
-            raise ImageError(f"{path}: {info.st_size} bytes, over {MAX_IMAGE_FILE_BYTES}: not "
-                             f"an image ({FORMATS}) of at most {MAX_IMAGE_PIXELS} pixels")
-        return path.read_bytes()
+        if path.is_dir():
+            raise ImageError(f"{path}: a folder; give image files")
+        with path.open("rb") as handle:
+            info = os.fstat(handle.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size > MAX_IMAGE_FILE_BYTES:
+                raise too_large
+            data = handle.read(MAX_IMAGE_FILE_BYTES + 1)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read it ({exc.strerror})") from None
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise too_large
+    return data
 
 
 def read_image(path: str | Path) -> np.ndarray:
