@@ -77,6 +77,9 @@ def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: 
     info = state.model.info
     if len(request.inputs) != 1:
         raise invalid(f"inputs: {len(request.inputs)} given; send exactly one image input")
+    if len(request.raw_input_contents) > 1:  # the protocol: one per input, in their order
+        raise invalid(f"raw_input_contents: {len(request.raw_input_contents)} given for 1 "
+                      "input; send one")
     tensor = request.inputs[0]
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     shape = list(tensor.shape)

@@ -241,6 +241,12 @@ def test_a_malformed_message_is_invalid_argument(served, stubs, photos):
         expect_error(lambda: raw(b"\x12\x05ab", timeout=10),  # truncated field
                      grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf message")
     assert still_serving(stubs, photos)
+    # a second raw buffer for the one input was ignored: the protocol has one per input
+    kserve, _ = stubs
+    request = bytes_request(jpeg(photos["coffee"]))
+    request.raw_input_contents.append(b"another")
+    expect_error(lambda: kserve.ModelInfer(request, timeout=10),
+                 grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents: 2 given for 1 input")
 
 
 def test_an_abandoned_black_box_request_stops(served, stubs, photos):
