@@ -25,14 +25,13 @@ import openvino as ov
 
 from . import bench_works as works
 from .bench_reference import ReferenceRun, run_benchmark_app
-from .config import HINTS
+from .config import HINTS, PRECISIONS
 from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image, read_image_file
 from .layer_profile import LayerProfile, measure_layers, profile
 from .model import ClassifierModel, ModelLoadError, error_reason
 
 MODES = ("in-process", "server")
-PRECISIONS = ("default", "f32", "bf16", "f16")
 # OPTIMIZATION_CAPABILITIES a device must list for an inference precision.
 PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
 META_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")

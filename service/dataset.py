@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .images import ImageError, decode_image, read_image, read_image_file
+from .images import ImageError, read_image
 from .shared_interest import ground_truth_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -141,9 +141,9 @@ def load_image(item: DatasetItem) -> np.ndarray:
 def load_ground_truth(item: DatasetItem, height: int, width: int) -> np.ndarray | None:
     """The object's pixels as bool [height, width] (the image's own size), or None."""
     if item.mask_path is not None:
-        try:  # bytes to OpenCV, never the path: a non-UTF-8 name crashed it
-            mask = decode_image(read_image_file(item.mask_path), cv2.IMREAD_GRAYSCALE)
-        except (OSError, ImageError):
+        try:
+            mask = read_image(item.mask_path, cv2.IMREAD_GRAYSCALE)
+        except ImageError:
             raise DatasetError(f"{item.mask_path}: not a decodable mask image (PNG expected)") \
                 from None
         if mask.shape != (height, width):

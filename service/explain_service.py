@@ -22,7 +22,7 @@ from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
 from .request_context import ClientGone, ClientWait, new_request_id, note_forward_passes
-from .rise import RiseAborted, RiseExplainer, RiseSettings
+from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
 from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
 
@@ -245,9 +245,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                                    deadline=client.deadline, cancel=client.ended)
         except ValueError as exc:  # settings that do not fit this model, e.g. cells
             raise invalid(f"black_box: {exc}") from None
-        except RiseAborted:
-            raise client_gone(client.gone() or "cancelled", "the black-box explanation") \
-                from None
+        except ClientGone as exc:  # RiseAborted
+            raise client_gone(exc.reason, "the black-box explanation") from None
         finally:
             self.black_box_slots.release()
         note_forward_passes(result.forward_passes)

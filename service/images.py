@@ -140,10 +140,12 @@ def read_image_file(path: str | Path) -> bytes:
     return data
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR_RGB) -> np.ndarray:
+    """An image file decoded as `decode_image` does; errors name the file. The bytes go to
+    OpenCV, never the path: a name that is not valid UTF-8 crashed it."""
     data = read_image_file(path)
     try:
-        return decode_image(data)
+        return decode_image(data, flags)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
 

@@ -53,11 +53,9 @@ def files_signature(version_dir: Path) -> tuple:
         return ()
 
 
-_UNREADABLE: set[Path] = set()
-
-
-def scan(repository: Path) -> dict[str, dict[int, Path]]:
-    """{name: {version: dir}} for every `<name>/<int>/model.xml` (hidden staging dirs skipped)."""
+def scan(repository: Path, unreadable: set[Path]) -> dict[str, dict[int, Path]]:
+    """{name: {version: dir}} for every `<name>/<int>/model.xml` (hidden staging dirs skipped);
+    folders it may not read are warned about once, kept in `unreadable`."""
     found: dict[str, dict[int, Path]] = {}
     if not repository.is_dir():
         return found
@@ -68,8 +66,8 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
             complete = {v: d for v, d in version_dirs(model_dir).items()
                         if (d / "model.xml").is_file()}
         except OSError as exc:  # a folder this server may not read: the others still count
-            if model_dir not in _UNREADABLE:  # once, not at every poll
-                _UNREADABLE.add(model_dir)
+            if model_dir not in unreadable:  # once, not at every poll
+                unreadable.add(model_dir)
                 log.warning("skipping %s: %s", model_dir, exc.strerror or exc)
             continue
         if complete:
@@ -85,6 +83,7 @@ class ModelRepository:
         self._lock = threading.Lock()  # guards the table's structure only, never inference
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._unreadable: set[Path] = set()  # model folders warned about (scan)
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
@@ -125,7 +124,7 @@ class ModelRepository:
         return dict(sorted(on_disk.items())[-keep:]) if keep else dict(on_disk)
 
     def refresh(self, wait: bool = False) -> None:
-        on_disk = scan(Path(self.settings.repository))
+        on_disk = scan(Path(self.settings.repository), self._unreadable)
         wanted = {name: self.served_versions(name, versions) for name, versions in on_disk.items()}
         loaders = []
         with self._lock:

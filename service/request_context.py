@@ -99,10 +99,11 @@ class ClientWait:
 
 
 class ClientGone(RuntimeError):
-    """Raised by work that `ClientWait.watching` wraps once the client no longer waits."""
+    """Long work stopped because its client no longer waits; `reason` is abort_reason's
+    ("cancelled", "deadline passed")."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(message or reason)
         self.reason = reason
 
 

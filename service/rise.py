@@ -29,7 +29,7 @@ import openvino as ov
 
 from .model import queued_requests
 from .request_metrics import softmax
-from .request_context import abort_reason
+from .request_context import ClientGone, abort_reason
 from .rise_graph import IMAGE as GRAPH_IMAGE
 from .rise_graph import MASKS as GRAPH_MASKS
 from .rise_graph import TARGETS as GRAPH_TARGETS
@@ -45,7 +45,7 @@ IMAGE_INPUT = "image"
 ACCUMULATE_CHUNK = 256
 
 
-class RiseAborted(RuntimeError):
+class RiseAborted(ClientGone):
     """The deadline passed or the caller cancelled before all masked images were scored."""
 
 
@@ -378,7 +378,8 @@ def _infer_batches(compiled: ov.CompiledModel, n: int, batch: int, feed: Feed,
     for request_id, (start, count) in pending.items():
         collect(queue[request_id], start, count)
     if aborted:
-        raise RiseAborted(f"RISE {aborted} after {min(requests * batch, n)} of {n} masks")
+        raise RiseAborted(aborted, f"RISE {aborted} after {min(requests * batch, n)} of {n} "
+                                   "masks")
     return requests
 
 

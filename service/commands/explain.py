@@ -89,17 +89,16 @@ def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
     from .. import faithfulness as fm
     from ..explanation_quality import (QualityRequest, model_scorer, quality_metrics,
                                       resolve_names)
-    from ..images import ImageError, decode_image, read_image_file
+    from ..images import ImageError, read_image
     from ..shared_interest import Binarization
 
     options = quality["metric_options"]
     mask = None
     if quality["mask"] is not None:
-        try:  # bytes to OpenCV, never the path: a non-UTF-8 name crashed it
-            mask = decode_image(read_image_file(quality["mask"]), cv2.IMREAD_GRAYSCALE)
-        except (OSError, ImageError) as exc:
-            raise ValueError(f"--mask {quality['mask']}: not a readable image ({exc})") \
-                from None
+        try:
+            mask = read_image(quality["mask"], cv2.IMREAD_GRAYSCALE)
+        except ImageError as exc:  # it names the file
+            raise ValueError(f"--mask {exc}") from None
         if mask.shape != image.shape[:2]:
             raise ValueError(f"--mask {quality['mask']}: {mask.shape[1]}x{mask.shape[0]} does "
                              f"not match the image's {image.shape[1]}x{image.shape[0]}")
