@@ -1,12 +1,14 @@
 """The served model repository (OpenVINO Model Server layout), kept in step with the disk.
 
 A watcher thread compares `<repository>/<name>/<version>/model.xml` with what is loaded: new
-versions are compiled in the background (a slow compile never blocks requests to other models),
-removed ones are dropped from the table; requests already holding a version keep it alive until
-they finish, since they hold a reference. A version that fails to load stays listed, not ready,
-with the reason, and is loaded again once its files change (a copy that was caught half-way).
-Loaded models own their weights (`model.read_ir`), so files changing under a served version
-cannot take the process down.
+versions are compiled in the background (a slow compile never blocks requests to other models).
+A version leaves the table once the versions that replace it are ready (older than
+`latest_versions`, or removed from disk: its weights are in memory), so unversioned requests
+always find one; requests already holding a version finish on it. A version that fails to load
+stays listed, not ready, with the reason, takes no place among the `latest_versions` (the one
+before it serves instead), and is loaded again once its files change (a copy that was caught
+half-way). Loaded models own their weights (`model.read_ir`), so files changing under a served
+version cannot take the process down.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class VersionState:
     error: str | None = None
     statistics: VersionStatistics = field(default_factory=VersionStatistics)
     files: tuple = ()  # files_signature() when its load began
+    removed: bool = False  # its directory is gone; still served until replaced
 
     @property
     def ready(self) -> bool:
@@ -75,6 +78,22 @@ def scan(repository: Path, unreadable: set[Path]) -> dict[str, dict[int, Path]]:
     return found
 
 
+def plan_versions(on_disk: dict[int, Path], latest: int,
+                  failed: set[int]) -> tuple[dict[int, Path], dict[int, Path]]:
+    """(versions to serve, failed versions to list) of one model: the newest `latest` versions
+    on disk (every one for 0; OVMS's and Triton's policy "latest") that have not failed to load.
+    A failed version takes no place: the one before it serves instead, so a broken newest
+    export falls back to the last good one. Failed versions newer than the oldest one served
+    stay listed, not ready, with their reason."""
+    serve: dict[int, Path] = {}
+    listed: dict[int, Path] = {}
+    for version in sorted(on_disk, reverse=True):
+        if latest and len(serve) == latest:
+            break
+        (listed if version in failed else serve)[version] = on_disk[version]
+    return serve, listed
+
+
 class ModelRepository:
     def __init__(self, settings: ServerSettings, core: ov.Core | None = None):
         self.settings = settings
@@ -103,7 +122,12 @@ class ModelRepository:
                                  f"{', '.join(present)} (or AUTO)")
 
     def start(self, wait: bool = True) -> None:
-        self.refresh(wait=wait)
+        # a version that fails to load hands its place to the one before it at the next
+        # refresh; at start that refresh comes at once, so the server starts with a fallback
+        for _ in range(64):
+            started = self.refresh(wait=wait)
+            if not wait or not any(state.error for state in started):
+                break
         self._watcher = threading.Thread(target=self._watch, name="repository-watch", daemon=True)
         self._watcher.start()
 
@@ -117,32 +141,18 @@ class ModelRepository:
             except Exception:  # noqa: BLE001 - the watcher must survive a bad scan
                 log.exception("repository scan failed")
 
-    def served_versions(self, name: str, on_disk: dict[int, Path]) -> dict[int, Path]:
-        """The versions on disk that the model's `latest_versions` asks to serve: the newest N
-        (OVMS's and Triton's version policy "latest"), or all of them for 0."""
-        keep = self.settings.for_model(name).latest_versions
-        return dict(sorted(on_disk.items())[-keep:]) if keep else dict(on_disk)
-
-    def refresh(self, wait: bool = False) -> None:
+    def refresh(self, wait: bool = False) -> list[VersionState]:
+        """Bring the table in step with the disk; the versions whose load it started."""
         on_disk = scan(Path(self.settings.repository), self._unreadable)
-        wanted = {name: self.served_versions(name, versions) for name, versions in on_disk.items()}
         loaders = []
         with self._lock:
+            plans = {name: plan_versions(versions, self.settings.for_model(name).latest_versions,
+                                         self._failed(name))
+                     for name, versions in on_disk.items()}
             for name in list(self._table):
-                loaded = self._table[name]
-                # an older version stays until every version that replaces it is ready, so
-                # that unversioned requests always find one
-                replaced = all(v in loaded and loaded[v].ready for v in wanted.get(name, {}))
-                for version in list(loaded):
-                    if version not in on_disk.get(name, {}):
-                        self._unload(name, version, "removed from disk")
-                    elif version not in wanted[name] and replaced:
-                        self._unload(name, version, "older than the latest_versions "
-                                     f"{self.settings.for_model(name).latest_versions}")
-                if not loaded:
-                    del self._table[name]
-            for name, versions in wanted.items():
-                for version, path in versions.items():
+                self._retire(name, on_disk.get(name, {}), *plans.get(name, ({}, {})))
+            for name, (serve, _) in plans.items():
+                for version, path in serve.items():
                     known = self._table.get(name, {}).get(version)
                     if known is None or self._worth_retrying(known):
                         if known is not None:
@@ -150,13 +160,42 @@ class ModelRepository:
                                      version)
                         state = VersionState(name, version, path, files=files_signature(path))
                         self._table.setdefault(name, {})[version] = state
-                        loaders.append(threading.Thread(target=self._load, args=(state,),
-                                                        daemon=True))
-        for thread in loaders:
+                        loaders.append(state)
+        threads = [threading.Thread(target=self._load, args=(state,), daemon=True)
+                   for state in loaders]
+        for thread in threads:
             thread.start()
         if wait:
-            for thread in loaders:
+            for thread in threads:
                 thread.join()
+        return loaders
+
+    def _failed(self, name: str) -> set[int]:
+        """Versions of `name` that failed to load and whose files have not changed since."""
+        return {v for v, state in self._table.get(name, {}).items()
+                if state.error is not None and not self._worth_retrying(state)}
+
+    def _retire(self, name: str, on_disk: dict[int, Path], serve: dict[int, Path],
+                listed: dict[int, Path]) -> None:
+        """Unload the versions of `name` outside its plan (the lock held). They go only once
+        every version to serve is ready, so unversioned requests always find one: an older
+        version outlives `latest_versions` and a removed one its directory (its weights are in
+        memory) until the versions replacing it are compiled."""
+        loaded = self._table[name]
+        for version, state in list(loaded.items()):
+            if state.removed and version in on_disk:  # its directory came back: new files
+                self._unload(name, version, "its directory was put back; loading it anew")
+            elif version not in on_disk:
+                state.removed = True
+        replaced = all(v in loaded and loaded[v].ready for v in serve)
+        for version, state in list(loaded.items()):
+            if version in serve or version in listed or not replaced:
+                continue
+            self._unload(name, version, "removed from disk" if state.removed else
+                         f"older than the latest_versions "
+                         f"{self.settings.for_model(name).latest_versions}")
+        if not loaded:
+            del self._table[name]
 
     def _unload(self, name: str, version: int, why: str) -> None:
         """Drop a version from the table (the lock held); requests holding it finish on it."""

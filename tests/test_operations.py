@@ -5,6 +5,7 @@ removed while clients send requests without pause."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
+from xaiserve.service.repository import plan_versions
 from xaiserve.service.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +249,47 @@ def test_versions_added_and_removed_under_load(served, small_export):
     assert server.repository.versions("shapes") == [3]
 
 
+@contextlib.contextmanager
+def unversioned_requests(channel):
+    """One client sending ModelInfer without a version back to back while the body runs:
+    yields (answers: the versions that answered, failures: the gRPC errors)."""
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    answers: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answers.append(int(kserve.ModelInfer(infer_request(), timeout=30).model_version))
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        yield answers, failures
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def server_on(repo: Path, latest_versions: int):
+    settings = ServerSettings(repository=repo, host="127.0.0.1", port=0, poll_seconds=0.2,
+                              defaults=ModelSettings(latest_versions=latest_versions))
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, channel
+    finally:
+        channel.close()
+        server.stop(grace=1)
+
+
+def when(history, version: int, what: str) -> float:
+    return next(t for t, _, v, w in history if v == version and w == what)
+
+
 def test_latest_versions_bounds_what_is_loaded_and_hands_over_without_a_gap(small_export,
                                                                            tmp_path):
     """Every version on disk was compiled (up to six copies each): a repository that keeps
@@ -254,40 +297,95 @@ def test_latest_versions_bounds_what_is_loaded_and_hands_over_without_a_gap(smal
     N load, and an older one goes once its replacement is ready, not before."""
     for version in (1, 2, 3):
         shutil.copytree(small_export.path, tmp_path / "shapes" / str(version))
-    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0, poll_seconds=0.2,
-                              defaults=ModelSettings(latest_versions=1))
-    server = Server(settings).start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    kserve = kgrpc.GRPCInferenceServiceStub(channel)
-    try:
+    with server_on(tmp_path, latest_versions=1) as (server, channel):
         assert server.repository.versions("shapes") == [3]  # 1 and 2 never compiled
-        answers, failures, stop = [], [], threading.Event()
-
-        def client():
-            while not stop.is_set():
-                try:
-                    answers.append(int(kserve.ModelInfer(infer_request(), timeout=30)
-                                       .model_version))
-                except grpc.RpcError as exc:
-                    failures.append(f"{exc.code().name}: {exc.details()}")
-        thread = threading.Thread(target=client)
-        thread.start()
-        try:
+        with unversioned_requests(channel) as (answers, failures):
             add_version(tmp_path, small_export.path, 4)
             assert wait_until(lambda: server.repository.versions("shapes") == [4])
             time.sleep(0.3)
-        finally:
-            stop.set()
-            thread.join()
         assert failures == [] and answers[-1] == 4 and set(answers) == {3, 4}
-        unloaded = [v for _, _, v, what in server.repository.history if what == "unloaded"]
-        ready = {v: t for t, _, v, what in server.repository.history if what == "ready"}
-        assert unloaded == [3]
-        gone = next(t for t, _, v, what in server.repository.history if what == "unloaded")
-        assert ready[4] <= gone  # 3 went only after 4 was ready
-    finally:
-        channel.close()
-        server.stop(grace=1)
+        history = list(server.repository.history)
+        assert [v for _, _, v, what in history if what == "unloaded"] == [3]
+        assert when(history, 4, "ready") <= when(history, 3, "unloaded")  # 3 went after 4
+
+
+def test_removing_the_served_version_keeps_it_until_the_one_before_is_ready(small_export,
+                                                                          tmp_path):
+    """Rolling back by deleting the newest version: with `latest_versions: 1` the one before
+    it was never compiled, and dropping the deleted one at once left unversioned requests
+    UNAVAILABLE for the seconds its predecessor took to compile. Its weights are in memory,
+    so it answers until then."""
+    for version in (1, 2):
+        shutil.copytree(small_export.path, tmp_path / "shapes" / str(version))
+    with server_on(tmp_path, latest_versions=1) as (server, channel):
+        assert server.repository.versions("shapes") == [2]
+        with unversioned_requests(channel) as (answers, failures):
+            assert wait_until(lambda: len(answers) > 5)
+            remove_version(tmp_path, 2)
+            assert wait_until(lambda: server.repository.versions("shapes") == [1])
+            time.sleep(0.3)
+        assert failures == [] and answers[0] == 2 and answers[-1] == 1
+        history = list(server.repository.history)
+        assert when(history, 1, "ready") <= when(history, 2, "unloaded")
+        assert server.repository.state("shapes").ready
+
+
+def break_weights(version_dir: Path) -> None:
+    weights = version_dir / "model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def test_a_newest_version_that_fails_to_load_falls_back_to_the_one_before(small_export,
+                                                                        tmp_path):
+    """A broken newest export (weights cut short) left nothing served with `latest_versions:
+    1` when the server started: the version before it was never compiled. It now takes the
+    broken one's place; the broken one stays listed with its reason, and takes over once its
+    files are mended."""
+    for version in (1, 2, 3):
+        shutil.copytree(small_export.path, tmp_path / "shapes" / str(version))
+    break_weights(tmp_path / "shapes" / "3")
+    with server_on(tmp_path, latest_versions=1) as (server, channel):
+        assert server.repository.versions("shapes") == [2, 3]  # 1 never compiled
+        broken = server.repository.state("shapes", 3)
+        assert not broken.ready and "weights" in broken.error.lower()
+        kserve = kgrpc.GRPCInferenceServiceStub(channel)
+        assert kserve.ModelReady(kpb.ModelReadyRequest(name="shapes")).ready
+        assert not kserve.ModelReady(kpb.ModelReadyRequest(name="shapes", version="3")).ready
+        with unversioned_requests(channel) as (answers, failures):
+            assert wait_until(lambda: len(answers) > 5)
+            shutil.copy(small_export.path / "model.bin", tmp_path / "shapes" / "3")  # mended
+            assert wait_until(lambda: server.repository.versions("shapes") == [3])
+            time.sleep(0.3)
+        assert failures == [] and answers[0] == 2 and answers[-1] == 3
+        history = list(server.repository.history)
+        assert when(history, 3, "ready") <= when(history, 2, "unloaded")
+
+
+def test_a_version_that_fails_while_serving_leaves_the_served_one_in_place(small_export,
+                                                                         tmp_path):
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    with server_on(tmp_path, latest_versions=1) as (server, channel):
+        staging = tmp_path / "shapes" / ".staging-2"
+        shutil.copytree(small_export.path, staging)
+        break_weights(staging)
+        os.rename(staging, tmp_path / "shapes" / "2")
+        assert wait_until(lambda: any(s.error for s in server.repository.states("shapes")))
+        time.sleep(1.0)  # several polls: 2 is not compiled again, 1 stays
+        assert server.repository.versions("shapes") == [1, 2]
+        assert server.repository.state("shapes").version == 1
+        loads = [v for _, _, v, what in server.repository.history if what == "ready"]
+        assert loads == [1]
+
+
+def test_version_plan_is_the_newest_that_did_not_fail():
+    disk = {v: Path(str(v)) for v in (1, 2, 3, 4)}
+    assert plan_versions(disk, 0, set()) == (disk, {})
+    assert plan_versions(disk, 2, set()) == ({4: disk[4], 3: disk[3]}, {})
+    assert plan_versions(disk, 1, {4}) == ({3: disk[3]}, {4: disk[4]})
+    assert plan_versions(disk, 1, {4, 3}) == ({2: disk[2]}, {4: disk[4], 3: disk[3]})
+    assert plan_versions(disk, 2, {3}) == ({4: disk[4], 2: disk[2]}, {3: disk[3]})
+    assert plan_versions(disk, 0, {2}) == ({4: disk[4], 3: disk[3], 1: disk[1]}, {2: disk[2]})
+    assert plan_versions(disk, 1, {1, 2, 3, 4}) == ({}, disk)
 
 
 # --- graceful shutdown of the `xaiserve serve` process ------------------------------------------
