@@ -92,7 +92,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         model = pin_first_layers(model, target_layer, keep_f32_first)
     pinned = kept_in_f32(model)
 
-    with staged_version(request.repository, request.name, request.version) as (staging, version):
+    with staged_version(request.repository, request.name, request.version,
+                        size_hint=ir_bytes(model)) as (staging, version):
         t = time.perf_counter()
         progress("writing the IR")
         ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
@@ -134,6 +135,12 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         }
         (staging / CARD_NAME).write_text(json_values.dumps(card, indent=2) + "\n")
     return ExportResult(Path(request.repository) / request.name / str(version), version, card)
+
+
+def ir_bytes(model: ov.Model) -> int:
+    """About what the IR takes on disk: its constants (model.bin) and a MiB for the rest."""
+    return sum(op.get_byte_size() for op in model.get_ordered_ops()
+               if op.get_type_name() == "Constant") + 2**20
 
 
 def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,

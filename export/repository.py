@@ -4,6 +4,7 @@ at all, because it is written under a hidden temporary name and renamed into pla
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -63,12 +64,35 @@ def check_target(repository: Path, name: str, version: int | None) -> None:
                               "--version or leave it out")
 
 
+def free_bytes(path: Path) -> int:
+    """Free space on the file system that holds `path` (or would: its nearest existing folder)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def out_of_space(repository: Path, needed: int) -> RepositoryError:
+    free = free_bytes(repository)
+    why = (f"{free / 2**20:.1f} MiB free on its file system, it needs about "
+           f"{needed / 2**20:.1f} MiB" if free < needed else
+           "its file system is full: no free inodes?")
+    return RepositoryError(f"--repository {repository}: no room for the version ({why}); free "
+                           "some space or give another --repository")
+
+
 @contextmanager
-def staged_version(repository: Path, name: str, version: int | None) -> Iterator[tuple[Path, int]]:
+def staged_version(repository: Path, name: str, version: int | None,
+                   size_hint: int = 0) -> Iterator[tuple[Path, int]]:
     """Yield a temporary directory to fill; on success it becomes `<name>/<version>`.
 
-    On any error the temporary directory goes, and so does `<name>/` if this call created it."""
+    On any error the temporary directory goes, and so do `<name>/` and the repository if this
+    call created them. `size_hint` (bytes the version will take) refuses a file system without
+    room before anything is written, and names the cause when a write fails for want of it
+    (OpenVINO's writer reports only "iostream error")."""
     check_target(repository, name, version)
+    if size_hint and free_bytes(repository) < size_hint:
+        raise out_of_space(repository, size_hint)
     model_dir = Path(repository) / name
     created = not model_dir.exists()
     new_repository = not Path(repository).exists()
@@ -99,8 +123,12 @@ def staged_version(repository: Path, name: str, version: int | None) -> Iterator
                 raise InterruptedAfterWriting(str(exc) or "interrupted", final) from None
             raise
         shutil.rmtree(staging, ignore_errors=True)
-        if created and model_dir.exists() and not any(model_dir.iterdir()):
-            model_dir.rmdir()
+        for folder in [model_dir] * created + [Path(repository)] * new_repository:
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or isinstance(exc, Exception) and free_bytes(repository) < size_hint:
+            raise out_of_space(repository, size_hint) from exc
         raise
 
 

@@ -28,6 +28,11 @@ def replacing(path: Path | str, mode: str = "w", **open_options) -> Iterator[IO]
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staged, path)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write or fsync names no file: name the output
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         staged.unlink(missing_ok=True)
         raise

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .commands import COMMANDS
-from .commands.common import EXIT_INTERRUPTED
+from .commands.common import EXIT_INTERRUPTED, os_error_line
 
 DESCRIPTION = ("Export image classifiers to OpenVINO with an in-graph saliency map, serve them "
                "over gRPC (KServe v2 and explanations), explain, evaluate and benchmark them. "
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xaiserve {args.verb}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:  # a file the command could not read or write: one line, not a trace
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"xaiserve {args.verb}: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"xaiserve {args.verb}: error: {os_error_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
+from xaiserve.export.repository import RepositoryError, staged_version
 from xaiserve.service import atomic_file
 from xaiserve.service.json_values import dumps, finite
 
@@ -398,3 +400,47 @@ def test_files_too_large_to_be_images_fail_fast_and_alone(default_export, tmp_pa
     one_line_error(run_cli("bench", "--model-path", str(default_export.path.parent), "--image",
                            str(huge), "--out", str(tmp_path / "bench")),
                    "--image", "over 268435456 bytes")
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 4 MiB tmpfs: a disk that fills (this project's machine lets root mount one)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_named_with_what_to_do_and_leaves_nothing(default_export, tmp_path,
+                                                                 small_file_system, photos):
+    """A full disk gave `explain: error:: No space left on device` (no file, no advice) and an
+    export `RuntimeError: basic_ios::clear: iostream error` after all its work."""
+    repository = small_file_system / "models"
+    result = run_cli("export", "default", "--repository", str(repository), "--name", "lite0")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"xaiserve export: error: --repository {repository}: no room")
+    assert "MiB free" in line and "give another --repository" in line
+    assert list(small_file_system.iterdir()) == []  # not even the repository folder
+
+    # a write that runs out of room half-way: the version and the folders it made go
+    with pytest.raises(RepositoryError, match="no room for the version"):
+        with staged_version(repository, "big", None) as (staging, _):
+            (staging / "model.bin").write_bytes(bytes(8 * 2**20))
+    assert list(small_file_system.iterdir()) == []
+
+    (small_file_system / "filler").write_bytes(bytes(4 * 2**20 - 64 * 1024))
+    image = tmp_path / "chelsea.png"
+    cv2.imwrite(str(image), cv2.cvtColor(photos["chelsea"], cv2.COLOR_RGB2BGR))
+    out = small_file_system / "out"
+    result = run_cli("explain", str(image), "--model-path", str(default_export.path.parent),
+                     "--out", str(out))
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"xaiserve explain: error: {out}/chelsea")
+    assert line.endswith("No space left on device; free some space or write elsewhere")
+    assert [p.name for p in out.iterdir()] in ([], ["chelsea.json"])  # no partial file

@@ -4,6 +4,7 @@ where results go, made before any work."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,19 @@ EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 def fail(verb: str, message: str) -> int:
     print(f"xaiserve {verb}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+_WHAT_TO_DO = {errno.ENOSPC: "free some space or write elsewhere",
+               errno.EDQUOT: "free some space or write elsewhere",
+               errno.EROFS: "write elsewhere",
+               errno.EACCES: "give a path this user may use"}
+
+
+def os_error_line(exc: OSError) -> str:
+    """'<file>: <reason>; <what to do>' for a file a command could not read or write."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    advice = _WHAT_TO_DO.get(exc.errno)
+    return f"{where}{exc.strerror or exc}" + (f"; {advice}" if advice else "")
 
 
 def bounded_int(low: int, high: int):
