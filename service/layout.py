@@ -15,11 +15,17 @@ def version_number(text: str) -> int | None:
 
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """{version: directory} for one model's numeric sub-directories (the OVMS layout)."""
+    """{version: directory} for one model's numeric sub-directories (the OVMS layout). Version
+    0 is not one (a request's 0 or empty version means the newest); where "1" and "01" both
+    exist, "1" is version 1 on every scan (directory order would pick either)."""
     if not model_dir.is_dir():
         return {}
-    return {number: p for p in model_dir.iterdir()
-            if p.is_dir() and (number := version_number(p.name)) is not None}
+    found: dict[int, Path] = {}
+    for path in sorted(model_dir.iterdir(), key=lambda p: (len(p.name), p.name), reverse=True):
+        number = version_number(path.name)
+        if number and path.is_dir():
+            found[number] = path  # the shortest name, the canonical one, comes last
+    return found
 
 
 def resolve_version_dir(path: Path) -> Path:

@@ -31,6 +31,7 @@ from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
+from xaiserve.service.layout import version_dirs
 from xaiserve.service.repository import plan_versions
 from xaiserve.service.server import Server
 
@@ -375,6 +376,17 @@ def test_a_version_that_fails_while_serving_leaves_the_served_one_in_place(small
         assert server.repository.state("shapes").version == 1
         loads = [v for _, _, v, what in server.repository.history if what == "ready"]
         assert loads == [1]
+
+
+def test_version_folders_are_positive_and_one_per_number(tmp_path):
+    """"0" was served as a version no request can name (0 means the newest), and of "1" and
+    "01" the directory order picked one, so a restart could serve the other."""
+    for name in ("0", "01", "1", "001", "2", "x", "-3", "+4"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "5").write_text("a file")
+    assert version_dirs(tmp_path) == {1: tmp_path / "1", 2: tmp_path / "2"}
+    (tmp_path / "1").rmdir()
+    assert version_dirs(tmp_path)[1] == tmp_path / "01"
 
 
 def test_version_plan_is_the_newest_that_did_not_fail():
