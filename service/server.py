@@ -79,6 +79,7 @@ class Server:
                 raise OSError(f"--metrics-port {self.settings.metrics_port}: cannot bind "
                               f"({exc.strerror})") from None
         self.repository.start(wait=True)
+        self._warn_about_configured_names()
         self.grpc.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d (%s)", ", ".join(self.repository.names()) or "nothing",
@@ -86,6 +87,16 @@ class Server:
         if self.metrics_port:
             log.info("metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
+
+    def _warn_about_configured_names(self) -> None:
+        """A config's `models:` entry whose name no folder has (a typo: `efficientnet_lite`)
+        is not an error, since the model may arrive later, but its settings silently did not
+        apply to the model meant: say so at start."""
+        served = self.repository.names()
+        for name in sorted(set(self.settings.models) - set(served)):
+            log.warning("the config sets models.%s, but the repository has no model of that "
+                        "name (it has: %s); its settings apply once a folder %s/ appears",
+                        name, ", ".join(served) or "none", name)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking requests (health NOT_SERVING, new RPCs refused), let in-flight ones

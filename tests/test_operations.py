@@ -378,6 +378,21 @@ def test_a_version_that_fails_while_serving_leaves_the_served_one_in_place(small
         assert loads == [1]
 
 
+def test_a_config_entry_for_a_model_not_in_the_repository_is_warned_about(small_export,
+                                                                          tmp_path, caplog):
+    """`models: {shape: {latest_versions: 1}}` meant for `shapes` was ignored without a word."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                              models={"shape": ModelSettings(latest_versions=1),
+                                      "shapes": ModelSettings()})
+    with caplog.at_level(logging.WARNING, logger="xaiserve.server"):
+        server = Server(settings).start()
+    server.stop(grace=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "models.shape," in warnings[0]
+    assert "(it has: shapes)" in warnings[0]
+
+
 def test_version_folders_are_positive_and_one_per_number(tmp_path):
     """"0" was served as a version no request can name (0 means the newest), and of "1" and
     "01" the directory order picked one, so a restart could serve the other."""
