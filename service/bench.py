@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
 import openvino as ov
 
 from . import bench_works as works
+from .bench_load import Measurement, Window, describe_error, measure, request_split
 from .bench_reference import ReferenceRun, run_benchmark_app
-from .config import HINTS, PRECISIONS
+from .bench_settings import BenchError, BenchSettings
 from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image, read_image_file
 from .layer_profile import LayerProfile, measure_layers, profile
@@ -36,217 +35,6 @@ MODES = ("in-process", "server")
 PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
 META_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
 HINT_SHORT = {"LATENCY": "lat", "THROUGHPUT": "tput", "CUMULATIVE_THROUGHPUT": "ctput"}
-# The request split, in the order a request goes through them.
-STAGES = ("decode", "preprocess", "queue", "inference", "explanation", "encode_maps", "metrics",
-          "other", "transport")
-
-
-class BenchError(ValueError):
-    """Bad settings or an unusable target; the message names the option and the fix."""
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """Everything a bench run does. `model_paths` are version directories (or model.xml)."""
-
-    model_paths: tuple[Path, ...] = ()
-    server: str | None = None
-    model: str | None = None
-    version: str = ""
-    works: tuple[str, ...] = ("predict", "explain-white")
-    batch_sizes: tuple[int, ...] = (1,)
-    concurrency: tuple[int, ...] = (1,)
-    devices: tuple[str, ...] = ("CPU",)
-    precisions: tuple[str, ...] = ("default",)
-    hints: tuple[str, ...] = ("THROUGHPUT",)
-    streams: tuple[str, ...] = ("auto",)
-    warmup_s: float = 2.0
-    window_s: float = 3.0
-    window_count: int = 0  # > 0: windows of this many requests instead of window_s
-    stability: float = 0.10
-    stable_windows: int = 3
-    max_windows: int = 10
-    masks: int = 500
-    seed: int = 0
-    image: Path | None = None
-    reference: bool = True
-    reference_seconds: int = 10
-    layers: bool = False  # per-layer counters of each in-process configuration and batch
-    layer_iterations: int = 100
-
-    def validate(self) -> "BenchSettings":
-        if not self.model_paths and not self.server:
-            raise BenchError("give --model-path (in-process) or --server HOST:PORT --model NAME")
-        if self.server and not self.model:
-            raise BenchError("--model NAME is needed with --server")
-        if self.layers and not self.model_paths:
-            raise BenchError("--layers reads the IR's per-layer counters in-process: give "
-                             "--model-path (with --server: the IR the server serves)")
-        for path in self.model_paths:
-            xml = path if path.suffix == ".xml" else path / "model.xml"
-            if not xml.is_file():
-                raise BenchError(f"--model-path {path}: no model.xml there")
-        unknown = [w for w in self.works if w not in works.WORKS]
-        if unknown or not self.works:
-            raise BenchError(f"--works {','.join(unknown) or '(none)'}: choose from "
-                             f"{','.join(works.WORKS)}")
-        for option, values in (("--batch", self.batch_sizes), ("--concurrency", self.concurrency)):
-            if not values or any(v < 1 for v in values):
-                raise BenchError(f"{option} {list(values)}: give positive integers, e.g. 1,4,8")
-        bad = [p for p in self.precisions if p not in PRECISIONS]
-        if bad:
-            raise BenchError(f"--precision {','.join(bad)}: choose from {','.join(PRECISIONS)}")
-        bad = [h for h in self.hints if h not in HINTS]
-        if bad:
-            raise BenchError(f"--hint {','.join(bad)}: choose from {','.join(HINTS)}")
-        bad = [s for s in self.streams if s != "auto" and not (s.isdigit() and int(s) > 0)]
-        if bad:
-            raise BenchError(f"--streams {','.join(bad)}: 'auto' or positive integers")
-        day = 86400.0  # inf would never end
-        checks = (("--warmup", 0 <= self.warmup_s <= day), ("--window", 0 < self.window_s <= day),
-                  ("--window-count", self.window_count >= 0),
-                  ("--stability", 0 < self.stability < 1),
-                  ("--stable-windows", self.stable_windows >= 2),
-                  ("--max-windows", self.max_windows >= self.stable_windows),
-                  ("--masks", self.masks >= 1),
-                  ("--reference-seconds", self.reference_seconds >= 1),
-                  ("--layer-iterations", self.layer_iterations >= 1))
-        for option, ok in checks:
-            if not ok:
-                raise BenchError(f"{option}: out of range (see xaiserve bench --help)")
-        if self.image is not None and not self.image.exists():
-            raise BenchError(f"--image {self.image}: no such file")
-        return self
-
-
-# --- measuring one point -----------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    end: float
-    latency_ms: float
-    stages: dict[str, float]
-
-
-@dataclass
-class Window:
-    seconds: float
-    requests: int
-    throughput: float  # images/s
-    p50_ms: float
-
-
-def is_stable(windows: list[Window], tolerance: float, count: int) -> bool:
-    """perf_analyzer's rule: the last `count` windows' throughput and p50 each lie within
-    +-tolerance of their mean."""
-    if len(windows) < count:
-        return False
-    last = windows[-count:]
-    for values in ([w.throughput for w in last], [w.p50_ms for w in last]):
-        mean = float(np.mean(values))
-        if not np.isfinite(mean) or mean <= 0:
-            return False
-        if max(values) > mean * (1 + tolerance) or min(values) < mean * (1 - tolerance):
-            return False
-    return True
-
-
-@dataclass
-class Measurement:
-    windows: list[Window]
-    samples: list[Sample]  # those of the accepted windows
-    seconds: float  # their length
-    stable: bool
-    errors: int
-    first_error: str
-
-
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {error_reason(exc) if str(exc).strip() else ''}"
-
-
-def measure(calls: list[works.Call], batch: int, settings: BenchSettings,
-            on_window: Callable[[Window, int], None] | None = None) -> Measurement:
-    """One client thread per call, back to back, until the windows are stable or capped."""
-    samples: list[Sample] = []
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def client(call: works.Call) -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            try:
-                stages = call()
-            except Exception as exc:  # noqa: BLE001 - counted and reported, the load goes on
-                errors.append(describe_error(exc))
-                time.sleep(0.05)
-                continue
-            end = time.perf_counter()
-            samples.append(Sample(end, (end - t) * 1e3, stages))
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in calls]
-    for th in threads:
-        th.start()
-
-    def wait(until: Callable[[], bool]) -> None:
-        while not until():
-            if errors and not samples and len(errors) >= len(calls):
-                stop.set()
-                raise BenchError(f"every request failed: {errors[0]}")
-            time.sleep(0.005)
-
-    try:
-        t_warm = time.perf_counter()
-        # The warm-up lasts warmup_s and until every client has finished one request.
-        wait(lambda: time.perf_counter() - t_warm >= settings.warmup_s
-             and len(samples) >= len(calls))
-        windows: list[Window] = []
-        bounds: list[tuple[int, int, float]] = []
-        while len(windows) < settings.max_windows:
-            start, first = time.perf_counter(), len(samples)
-            if settings.window_count:
-                wait(lambda: len(samples) - first >= settings.window_count)
-            else:  # a time window, stretched until each client can have finished one request
-                wait(lambda: time.perf_counter() - start >= settings.window_s
-                     and len(samples) - first >= len(calls))
-            last, seconds = len(samples), time.perf_counter() - start
-            latencies = [s.latency_ms for s in samples[first:last]]
-            windows.append(Window(seconds, last - first, (last - first) * batch / seconds,
-                                  float(np.percentile(latencies, 50))))
-            bounds.append((first, last, seconds))
-            stable = is_stable(windows, settings.stability, settings.stable_windows)
-            if on_window:
-                on_window(windows[-1], len(windows))
-            if stable:
-                break
-    finally:
-        stop.set()
-        for th in threads:
-            th.join(timeout=600)
-    kept = bounds[-settings.stable_windows:]
-    return Measurement(windows, samples[kept[0][0]:kept[-1][1]], sum(b[2] for b in kept),
-                       stable, len(errors), errors[0] if errors else "")
-
-
-def request_split(samples: list[Sample], remote: bool) -> dict[str, float]:
-    """Mean ms per stage, so the parts add up to the mean latency. Remote: the server's total
-    against the client's latency gives `transport`; in-process the unaccounted rest is `other`."""
-    split: dict[str, float] = {}
-    for sample in samples:
-        stages = dict(sample.stages)
-        total = stages.pop("total", None)
-        inside = sum(stages.values())
-        if remote and total is not None:
-            stages["other"] = max(0.0, total - inside)
-            stages["transport"] = sample.latency_ms - total
-        else:
-            stages["other"] = max(0.0, sample.latency_ms - inside)
-        for name, ms in stages.items():
-            split[name] = split.get(name, 0.0) + ms
-    order = {name: i for i, name in enumerate(STAGES)}
-    return {k: split[k] / len(samples) for k in sorted(split, key=lambda k: order.get(k, 99))}
 
 
 # --- results -----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import csv
 from pathlib import Path
 
 from . import atomic_file, json_values
-from .bench import HINT_SHORT, STAGES, BenchResult, Point
+from .bench import HINT_SHORT, BenchResult, Point
+from .bench_load import STAGES
 from .bench_works import WORKS
 from .layer_profile import LayerProfile, relative_times, times
 

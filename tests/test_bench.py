@@ -12,8 +12,8 @@ import openvino as ov
 import pytest
 
 from tests.conftest import run_cli
-from xaiserve.service.bench import (Point, Sample, Window, attach_reference, is_stable,
-                                    request_split)
+from xaiserve.service.bench import Point, attach_reference
+from xaiserve.service.bench_load import Sample, Window, is_stable, request_split
 from xaiserve.service.bench_reference import ReferenceRun, parse_benchmark_app
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.cpu_int8 import cpu_flags, int8_dot_product

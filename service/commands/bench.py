@@ -94,7 +94,8 @@ class BenchBar:
 
 
 def run_bench(args) -> int:
-    from ..bench import BenchError, BenchSettings, Bench
+    from ..bench import Bench
+    from ..bench_settings import BenchError, BenchSettings
     from ..bench_report import write_all
 
     try:

@@ -1,0 +1,88 @@
+"""What a `xaiserve bench` run does, checked before any work: each bad option fails in one
+line naming it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bench_works as works
+from .config import HINTS, PRECISIONS
+
+
+class BenchError(ValueError):
+    """Bad settings or an unusable target; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything a bench run does. `model_paths` are version directories (or model.xml)."""
+
+    model_paths: tuple[Path, ...] = ()
+    server: str | None = None
+    model: str | None = None
+    version: str = ""
+    works: tuple[str, ...] = ("predict", "explain-white")
+    batch_sizes: tuple[int, ...] = (1,)
+    concurrency: tuple[int, ...] = (1,)
+    devices: tuple[str, ...] = ("CPU",)
+    precisions: tuple[str, ...] = ("default",)
+    hints: tuple[str, ...] = ("THROUGHPUT",)
+    streams: tuple[str, ...] = ("auto",)
+    warmup_s: float = 2.0
+    window_s: float = 3.0
+    window_count: int = 0  # > 0: windows of this many requests instead of window_s
+    stability: float = 0.10
+    stable_windows: int = 3
+    max_windows: int = 10
+    masks: int = 500
+    seed: int = 0
+    image: Path | None = None
+    reference: bool = True
+    reference_seconds: int = 10
+    layers: bool = False  # per-layer counters of each in-process configuration and batch
+    layer_iterations: int = 100
+
+    def validate(self) -> "BenchSettings":
+        if not self.model_paths and not self.server:
+            raise BenchError("give --model-path (in-process) or --server HOST:PORT --model NAME")
+        if self.server and not self.model:
+            raise BenchError("--model NAME is needed with --server")
+        if self.layers and not self.model_paths:
+            raise BenchError("--layers reads the IR's per-layer counters in-process: give "
+                             "--model-path (with --server: the IR the server serves)")
+        for path in self.model_paths:
+            xml = path if path.suffix == ".xml" else path / "model.xml"
+            if not xml.is_file():
+                raise BenchError(f"--model-path {path}: no model.xml there")
+        unknown = [w for w in self.works if w not in works.WORKS]
+        if unknown or not self.works:
+            raise BenchError(f"--works {','.join(unknown) or '(none)'}: choose from "
+                             f"{','.join(works.WORKS)}")
+        for option, values in (("--batch", self.batch_sizes), ("--concurrency", self.concurrency)):
+            if not values or any(v < 1 for v in values):
+                raise BenchError(f"{option} {list(values)}: give positive integers, e.g. 1,4,8")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise BenchError(f"--precision {','.join(bad)}: choose from {','.join(PRECISIONS)}")
+        bad = [h for h in self.hints if h not in HINTS]
+        if bad:
+            raise BenchError(f"--hint {','.join(bad)}: choose from {','.join(HINTS)}")
+        bad = [s for s in self.streams if s != "auto" and not (s.isdigit() and int(s) > 0)]
+        if bad:
+            raise BenchError(f"--streams {','.join(bad)}: 'auto' or positive integers")
+        day = 86400.0  # inf would never end
+        checks = (("--warmup", 0 <= self.warmup_s <= day), ("--window", 0 < self.window_s <= day),
+                  ("--window-count", self.window_count >= 0),
+                  ("--stability", 0 < self.stability < 1),
+                  ("--stable-windows", self.stable_windows >= 2),
+                  ("--max-windows", self.max_windows >= self.stable_windows),
+                  ("--masks", self.masks >= 1),
+                  ("--reference-seconds", self.reference_seconds >= 1),
+                  ("--layer-iterations", self.layer_iterations >= 1))
+        for option, ok in checks:
+            if not ok:
+                raise BenchError(f"{option}: out of range (see xaiserve bench --help)")
+        if self.image is not None and not self.image.exists():
+            raise BenchError(f"--image {self.image}: no such file")
+        return self
