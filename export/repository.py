@@ -73,10 +73,10 @@ def free_bytes(path: Path) -> int:
 
 
 def out_of_space(repository: Path, needed: int) -> RepositoryError:
-    free = free_bytes(repository)
-    why = (f"{free / 2**20:.1f} MiB free on its file system, it needs about "
-           f"{needed / 2**20:.1f} MiB" if free < needed else
-           "its file system is full: no free inodes?")
+    free = free_bytes(repository) / 2**20
+    why = (f"{free:.1f} MiB free on its file system, it needs about {needed / 2**20:.1f} MiB"
+           if free * 2**20 < needed else f"a write found its file system full; {free:.1f} MiB "
+           "free now")
     return RepositoryError(f"--repository {repository}: no room for the version ({why}); free "
                            "some space or give another --repository")
 
