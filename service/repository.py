@@ -56,26 +56,32 @@ def files_signature(version_dir: Path) -> tuple:
         return ()
 
 
-def scan(repository: Path, unreadable: set[Path]) -> dict[str, dict[int, Path]]:
-    """{name: {version: dir}} for every `<name>/<int>/model.xml` (hidden staging dirs skipped);
-    folders it may not read are warned about once, kept in `unreadable`."""
+class RepositoryUnreadable(OSError):
+    """The repository folder itself is gone or cannot be listed (a volume remounting, a folder
+    swapped by two renames): what is loaded keeps serving until it is back."""
+
+
+def scan(repository: Path) -> tuple[dict[str, dict[int, Path]], dict[str, str]]:
+    """({name: {version: dir}} for every `<name>/<int>/model.xml`, hidden staging dirs skipped;
+    {name: reason} for model folders it could not read, which are neither loaded nor dropped)."""
     found: dict[str, dict[int, Path]] = {}
-    if not repository.is_dir():
-        return found
-    for model_dir in sorted(repository.iterdir()):
+    unreadable: dict[str, str] = {}
+    try:
+        model_dirs = sorted(repository.iterdir())
+    except OSError as exc:
+        raise RepositoryUnreadable(exc.errno, exc.strerror, str(repository)) from None
+    for model_dir in model_dirs:
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
         try:
             complete = {v: d for v, d in version_dirs(model_dir).items()
                         if (d / "model.xml").is_file()}
         except OSError as exc:  # a folder this server may not read: the others still count
-            if model_dir not in unreadable:  # once, not at every poll
-                unreadable.add(model_dir)
-                log.warning("skipping %s: %s", model_dir, exc.strerror or exc)
+            unreadable[model_dir.name] = exc.strerror or str(exc)
             continue
         if complete:
             found[model_dir.name] = complete
-    return found
+    return found, unreadable
 
 
 def plan_versions(on_disk: dict[int, Path], latest: int,
@@ -102,7 +108,8 @@ class ModelRepository:
         self._lock = threading.Lock()  # guards the table's structure only, never inference
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._unreadable: set[Path] = set()  # model folders warned about (scan)
+        self._unreadable: dict[str, str] = {}  # model folders scan could not read, warned about
+        self._repository_unreadable = False  # warned about
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
@@ -143,14 +150,17 @@ class ModelRepository:
 
     def refresh(self, wait: bool = False) -> list[VersionState]:
         """Bring the table in step with the disk; the versions whose load it started."""
-        on_disk = scan(Path(self.settings.repository), self._unreadable)
+        on_disk = self._scan()
+        if on_disk is None:
+            return []
         loaders = []
         with self._lock:
             plans = {name: plan_versions(versions, self.settings.for_model(name).latest_versions,
                                          self._failed(name))
                      for name, versions in on_disk.items()}
             for name in list(self._table):
-                self._retire(name, on_disk.get(name, {}), *plans.get(name, ({}, {})))
+                if name not in self._unreadable:  # unreadable for now: left as it is
+                    self._retire(name, on_disk.get(name, {}), *plans.get(name, ({}, {})))
             for name, (serve, _) in plans.items():
                 for version, path in serve.items():
                     known = self._table.get(name, {}).get(version)
@@ -169,6 +179,28 @@ class ModelRepository:
             for thread in threads:
                 thread.join()
         return loaders
+
+    def _scan(self) -> dict[str, dict[int, Path]] | None:
+        """scan(), warning once per spell of each folder that cannot be read; None while the
+        repository itself cannot be: unloading everything on a volume's hiccup would turn it
+        into an outage."""
+        repository = Path(self.settings.repository)
+        try:
+            on_disk, unreadable = scan(repository)
+        except RepositoryUnreadable as exc:
+            if not self._repository_unreadable:
+                self._repository_unreadable = True
+                log.warning("cannot read the repository %s (%s); the loaded versions keep "
+                            "serving until it is back", repository, exc.strerror)
+            return None
+        if self._repository_unreadable:
+            self._repository_unreadable = False
+            log.info("the repository %s can be read again", repository)
+        for name in unreadable.keys() - self._unreadable.keys():
+            log.warning("cannot read %s (%s); its loaded versions keep serving until it can be",
+                        repository / name, unreadable[name])
+        self._unreadable = unreadable
+        return on_disk
 
     def _failed(self, name: str) -> set[int]:
         """Versions of `name` that failed to load and whose files have not changed since."""

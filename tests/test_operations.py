@@ -378,6 +378,28 @@ def test_a_version_that_fails_while_serving_leaves_the_served_one_in_place(small
         assert loads == [1]
 
 
+def test_a_repository_folder_that_is_gone_for_a_while_keeps_what_is_loaded(small_export,
+                                                                           tmp_path, caplog):
+    """A volume remounting, or a folder swapped by two renames, made a scan find nothing, and
+    every model was unloaded: an outage until they compiled again."""
+    repo = tmp_path / "models"
+    shutil.copytree(small_export.path, repo / "shapes" / "1")
+    with server_on(repo, latest_versions=0) as (server, channel):
+        with caplog.at_level(logging.INFO, logger="xaiserve.repository"), \
+                unversioned_requests(channel) as (answers, failures):
+            os.rename(repo, tmp_path / "models.old")
+            time.sleep(1.0)  # five polls
+            os.rename(tmp_path / "models.old", repo)
+            time.sleep(0.5)
+        assert failures == [] and len(answers) > 10
+        assert [w for _, _, _, w in server.repository.history] == ["ready"]  # never unloaded
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("cannot read the repository" in m for m in messages) == 1  # once, not per poll
+        assert any("can be read again" in m for m in messages)
+        remove_version(repo, 1)  # what is removed inside a readable repository still goes
+        assert wait_until(lambda: server.repository.names() == [])
+
+
 def test_a_config_entry_for_a_model_not_in_the_repository_is_warned_about(small_export,
                                                                           tmp_path, caplog):
     """`models: {shape: {latest_versions: 1}}` meant for `shapes` was ignored without a word."""
