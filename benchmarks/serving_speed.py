@@ -208,7 +208,7 @@ def run_benchmark_app(xml: Path, hint: str, batch: int, seconds: int) -> BenchAp
 
 def channel(address: str) -> grpc.Channel:
     """A channel with its own TCP connection (8 'clients' must not be 8 streams on one socket)."""
-    return open_channel(address, MAX_MESSAGE, own_connection=True)
+    return open_channel(address, MAX_MESSAGE, own_connection=True, retries=0)
 
 
 @dataclass

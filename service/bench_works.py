@@ -157,7 +157,7 @@ def local_explain_black(model: ClassifierModel, work: WorkInput, batch: int) -> 
 def _explain_call(target: RemoteTarget, work: WorkInput, method: str,
                   metrics: tuple[str, ...] = ()) -> Call:
     """One Explain per call on the client's own connection; the server's timings_ms come back."""
-    client = XaiClient(target.address, timeout=600, own_connection=True)
+    client = XaiClient(target.address, timeout=600, own_connection=True, retries=0)
     request = explain_request(work.jpeg, target.model, version=target.version, method=method,
                               map_format="float", num_masks=work.masks, seed=work.seed,
                               metrics=list(metrics))
@@ -177,7 +177,7 @@ def remote_predict(target: RemoteTarget, work: WorkInput, batch: int) -> Call:
     request.inputs.add(name="image", datatype="UINT8", shape=list(tensor.shape))
     request.outputs.add(name="logits")
     request.raw_input_contents.append(tensor.tobytes())
-    client = XaiClient(target.address, own_connection=True)
+    client = XaiClient(target.address, own_connection=True, retries=0)
     stub = kgrpc.GRPCInferenceServiceStub(client.channel)
 
     def call() -> Stages:

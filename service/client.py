@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -26,15 +27,37 @@ def check_port(address: str) -> None:
         raise ValueError(f"--server {address}: port {port} is outside 1..65535")
 
 
+SERVICES = ("xaiserve.v1.ExplanationService", "inference.GRPCInferenceService")
+
+
+def retry_config(retries: int) -> str:
+    """gRPC's own retry policy as a service config: UNAVAILABLE (a server restarting or
+    draining, a version still compiling, a connection refused) is tried again `retries` times
+    with exponential backoff, within the call's deadline. Every call of both services is
+    stateless, so a repeat is safe; other codes are answers and come back at once."""
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": service} for service in SERVICES],
+        "retryPolicy": {"maxAttempts": retries + 1, "initialBackoff": "0.5s",
+                        "maxBackoff": "5s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
 def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024,
                  own_connection: bool = False,
-                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-    """A channel with large message limits, TLS when `credentials` are given. `own_connection`:
-    its own TCP connection; gRPC otherwise shares one connection between channels with equal
-    arguments, so N load clients would be N streams on one socket."""
+                 credentials: grpc.ChannelCredentials | None = None,
+                 retries: int = 4) -> grpc.Channel:
+    """A channel with large message limits, TLS when `credentials` are given, and `retries`
+    of UNAVAILABLE calls (0: none; a benchmark's load must count failures, not hide them).
+    `own_connection`: its own TCP connection; gRPC otherwise shares one connection between
+    channels with equal arguments, so N load clients would be N streams on one socket."""
     check_port(address)
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
+    if retries:  # gRPC allows at most 5 attempts
+        options += [("grpc.enable_retries", 1),
+                    ("grpc.service_config", retry_config(min(retries, 4)))]
+    else:
+        options.append(("grpc.enable_retries", 0))
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
     if credentials is not None:
@@ -73,8 +96,10 @@ def explain_request(image: bytes, model: str, *, version: str = "",
 class XaiClient:
     def __init__(self, address: str, timeout: float = 120.0,
                  max_message_bytes: int = 64 * 1024 * 1024, own_connection: bool = False,
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
-        self.channel = open_channel(address, max_message_bytes, own_connection, credentials)
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 retries: int = 4):
+        self.channel = open_channel(address, max_message_bytes, own_connection, credentials,
+                                    retries)
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()

@@ -437,6 +437,51 @@ def test_version_plan_is_the_newest_that_did_not_fail():
     assert plan_versions(disk, 1, {1, 2, 3, 4}) == ({}, disk)
 
 
+# --- the client across a server's restart --------------------------------------------------------
+
+class FlakyExplanationService(xgrpc.ExplanationServiceServicer):
+    """A real gRPC server that answers ModelInfo with `code` for its first `failures` calls:
+    what a client meets while a server restarts, drains or compiles a version."""
+
+    def __init__(self, failures: int, code: grpc.StatusCode):
+        self.failures, self.code, self.calls = failures, code, 0
+
+    def ModelInfo(self, request, context):
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(self.code, "not now")
+        return xpb.ModelInfoResponse(model_name=request.model_name)
+
+
+@pytest.mark.parametrize("failures, code, retries, answered, calls", [
+    (2, grpc.StatusCode.UNAVAILABLE, 4, True, 3),  # retried until answered
+    (9, grpc.StatusCode.UNAVAILABLE, 4, False, 5),  # gRPC's cap: five attempts
+    (2, grpc.StatusCode.UNAVAILABLE, 0, False, 1),  # a benchmark's load: failures counted
+    (2, grpc.StatusCode.INVALID_ARGUMENT, 4, False, 1),  # an answer, not a hiccup
+])
+def test_the_client_retries_unavailable_calls(failures, code, retries, answered, calls):
+    """An edge device's call during a server's restart failed at once with UNAVAILABLE."""
+    from concurrent import futures
+
+    service = FlakyExplanationService(failures, code)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    xgrpc.add_ExplanationServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = XaiClient(f"127.0.0.1:{port}", timeout=30, retries=retries)
+    try:
+        if answered:
+            assert client.model_info("shapes").model_name == "shapes"
+        else:
+            with pytest.raises(grpc.RpcError) as error:
+                client.model_info("shapes")
+            assert error.value.code() == code
+        assert service.calls == calls
+    finally:
+        client.close()
+        server.stop(0)
+
+
 # --- graceful shutdown of the `xaiserve serve` process ------------------------------------------
 
 def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):

@@ -144,11 +144,11 @@ def test_tls_and_token(repo, pki, tmp_path):
         assert health_status(no_token.channel) == health_pb2.HealthCheckResponse.SERVING
 
         # a plaintext client cannot talk to a TLS server
-        plain = XaiClient(address, timeout=10)
+        plain = XaiClient(address, timeout=10, retries=0)  # refusals: no retries
         refused(lambda: plain.model_info("shapes"), grpc.StatusCode.UNAVAILABLE)
         # nor can a client that does not trust the server's CA
         untrusting = XaiClient.connect(address, tls_ca=pki / "stranger.pem",
-                                       token_file=pki / "token", timeout=10)
+                                       token_file=pki / "token", timeout=10, retries=0)
         refused(lambda: untrusting.model_info("shapes"), grpc.StatusCode.UNAVAILABLE)
 
         # the CLI's client options, end to end
@@ -178,9 +178,9 @@ def test_mutual_tls(repo, pki):
         with_cert = XaiClient.connect(address, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
                                       tls_key=pki / "client.key")
         assert with_cert.model_info("shapes").ready
-        without = XaiClient.connect(address, tls_ca=pki / "ca.pem", timeout=10)
+        without = XaiClient.connect(address, tls_ca=pki / "ca.pem", timeout=10, retries=0)
         refused(lambda: without.model_info("shapes"), grpc.StatusCode.UNAVAILABLE)
-        stranger = XaiClient.connect(address, tls_ca=pki / "ca.pem", timeout=10,
+        stranger = XaiClient.connect(address, tls_ca=pki / "ca.pem", timeout=10, retries=0,
                                      tls_cert=pki / "stranger.pem", tls_key=pki / "stranger.key")
         refused(lambda: stranger.model_info("shapes"), grpc.StatusCode.UNAVAILABLE)
         assert with_cert.model_info("shapes").ready  # still serving

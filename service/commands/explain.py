@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
                    help="black-box masks (0: server default)")
     p.add_argument("--seed", type=bounded_int(0, 2**64 - 1), default=0)
     p.add_argument("--device", default="CPU")
+    p.add_argument("--retries", type=bounded_int(0, 4), default=4,
+                   help="with --server: times an UNAVAILABLE call (a server restarting, a version "
+                        "compiling) is tried again, with backoff (0.5 s doubling; default 4)")
     p.add_argument("--out", type=Path, default=Path("out"))
     add_quality_options(p)
     add_client_security(p)
@@ -142,7 +145,8 @@ def run_explain_remote(args) -> int:
     try:
         quality = quality_arguments(args)
         client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                                   tls_key=args.tls_key, token_file=args.token_file)
+                                   tls_key=args.tls_key, token_file=args.token_file,
+                                   retries=args.retries)
     except (ValueError, ConfigError) as exc:
         return fail("explain", str(exc))
     from tqdm import tqdm
@@ -159,7 +163,9 @@ def run_explain_remote(args) -> int:
             failures += 1
             continue
         except grpc.RpcError as exc:
-            print(f"xaiserve explain: error: {path}: {exc.code().name}: {exc.details()}",
+            tried = (f" (tried {args.retries + 1} times)"
+                     if exc.code() == grpc.StatusCode.UNAVAILABLE and args.retries else "")
+            print(f"xaiserve explain: error: {path}: {exc.code().name}{tried}: {exc.details()}",
                   file=sys.stderr)
             failures += 1
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
