@@ -105,11 +105,20 @@ def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def __init__(self, repository: ModelRepository, settings: ServerSettings):
         self.repository = repository
-        self.settings = settings
-        self.rise = RiseExplainer(max_masks=max(
-            [settings.defaults.max_black_box_masks]
-            + [m.max_black_box_masks for m in settings.models.values()]))
+        self.rise = RiseExplainer()
+        self.raise_black_box_cap(settings)
         self.black_box_slots = threading.BoundedSemaphore(settings.max_black_box_in_flight)
+
+    @property
+    def settings(self) -> ServerSettings:
+        """The repository's: per-model settings change when the config is reloaded."""
+        return self.repository.settings
+
+    def raise_black_box_cap(self, settings: ServerSettings) -> None:
+        """RISE's own cap: the largest per-model `max_black_box_masks` (each request is checked
+        against its model's)."""
+        self.rise.max_masks = max([settings.defaults.max_black_box_masks]
+                                  + [m.max_black_box_masks for m in settings.models.values()])
 
     @rpc
     def ModelInfo(self, request, context):

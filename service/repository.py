@@ -22,7 +22,7 @@ from pathlib import Path
 
 import openvino as ov
 
-from .config import ServerSettings
+from .config import ModelSettings, ServerSettings
 from .errors import NotServed, shown
 from .layout import version_dirs, version_number
 from .model import ClassifierModel, error_reason
@@ -41,6 +41,7 @@ class VersionState:
     statistics: VersionStatistics = field(default_factory=VersionStatistics)
     files: tuple = ()  # files_signature() when its load began
     removed: bool = False  # its directory is gone; still served until replaced
+    settings: ModelSettings | None = None  # what its model was compiled with
 
     @property
     def ready(self) -> bool:
@@ -116,10 +117,11 @@ class ModelRepository:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def check_devices(self) -> None:
+    def check_devices(self, settings: ServerSettings | None = None) -> None:
         """Fail early, naming the devices present, when a configured device is missing."""
+        settings = settings or self.settings
         present = self.core.available_devices
-        wanted = {self.settings.defaults.device} | {m.device for m in self.settings.models.values()}
+        wanted = {settings.defaults.device} | {m.device for m in settings.models.values()}
         for device in wanted:
             base = device.split(":")[0].split(".")[0]
             if base in ("AUTO", "HETERO", "MULTI"):
@@ -241,23 +243,73 @@ class ModelRepository:
     def _worth_retrying(state: VersionState) -> bool:
         return state.error is not None and files_signature(state.path) != state.files
 
-    def _load(self, state: VersionState) -> None:
+    def _compile(self, state: VersionState) -> ClassifierModel | None:
+        """The version's IR compiled with its model's current settings (kept in `state`), or
+        None with the reason in `state.error`."""
         settings = self.settings.for_model(state.name)
         try:
             model = ClassifierModel(state.path, settings.device, settings.compile_config(),
                                     self.core, settings.routes()).load()
-            self.history.append((time.monotonic(), state.name, state.version, "ready"))
-            state.model = model
-            with self._lock:
-                removed = self._table.get(state.name, {}).get(state.version) is not state
-            if removed:  # unloaded while it compiled
-                model.close()
-            log.info("loaded %s version %d on %s", state.name, state.version, settings.device)
-            for warning in model.warnings:
-                log.warning("%s version %d: %s", state.name, state.version, warning)
         except Exception as exc:  # noqa: BLE001 - reported through ModelReady / ModelInfo
             state.error = error_reason(exc)
+            return None
+        for warning in model.warnings:
+            log.warning("%s version %d: %s", state.name, state.version, warning)
+        state.settings = settings
+        return model
+
+    def _load(self, state: VersionState) -> None:
+        model = self._compile(state)
+        if model is None:
             log.error("failed to load %s version %d: %s", state.name, state.version, state.error)
+            return
+        self.history.append((time.monotonic(), state.name, state.version, "ready"))
+        state.model = model
+        log.info("loaded %s version %d on %s", state.name, state.version, state.settings.device)
+        with self._lock:
+            removed = self._table.get(state.name, {}).get(state.version) is not state
+            stale = state.settings != self.settings.for_model(state.name)
+        if removed:  # unloaded while it compiled
+            state.model.close()
+        elif stale:  # the settings were reloaded while it compiled
+            self._recompile(state)
+
+    # --- settings reloaded ------------------------------------------------------------------
+
+    def apply_settings(self, settings: ServerSettings) -> list[str]:
+        """Take reloaded per-model settings. A loaded version whose model's settings changed is
+        compiled again with them and swapped in once ready, answering on the old ones
+        meanwhile; a version that failed to load is tried again; `latest_versions` takes
+        effect at the refresh this ends with. The names of the models recompiled."""
+        with self._lock:
+            self.settings = settings
+            stale = [s for versions in self._table.values() for s in versions.values()
+                     if s.ready and s.settings != settings.for_model(s.name)]
+            for versions in self._table.values():
+                for state in versions.values():
+                    if state.error is not None:
+                        state.files = ()  # so that the refresh tries it again
+        for state in stale:
+            threading.Thread(target=self._recompile, args=(state,), daemon=True).start()
+        self.refresh()
+        return sorted({s.name for s in stale})
+
+    def _recompile(self, old: VersionState) -> None:
+        fresh = VersionState(old.name, old.version, old.path, statistics=old.statistics,
+                             files=old.files)
+        fresh.model = self._compile(fresh)
+        if fresh.model is None:
+            log.error("%s version %d keeps its previous settings: compiling it with the "
+                      "reloaded ones failed: %s", old.name, old.version, fresh.error)
+            return
+        with self._lock:
+            current = self._table.get(old.name, {}).get(old.version) is old
+            if current:
+                self._table[old.name][old.version] = fresh
+        (old if current else fresh).model.close()
+        if current:
+            log.info("%s version %d now runs with the reloaded settings (%s)", old.name,
+                     old.version, fresh.settings.device)
 
     # --- lookups --------------------------------------------------------------------------
 

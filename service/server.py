@@ -3,16 +3,18 @@ Prometheus metrics on another."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 from concurrent import futures
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import ServerSettings, check_server
+from .config import ConfigError, ServerSettings, check_server
 from .explain_service import ExplanationServicer
 from .interceptor import RequestInterceptor
 from .kserve import KServeServicer
@@ -50,8 +52,8 @@ class Server:
                                 interceptors=[interceptor], options=options)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.repository), self.grpc)
-        xai_grpc.add_ExplanationServiceServicer_to_server(
-            ExplanationServicer(self.repository, settings), self.grpc)
+        self.explanation = ExplanationServicer(self.repository, settings)
+        xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         services = (kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                     xai_pb.DESCRIPTOR.services_by_name["ExplanationService"].full_name,
@@ -107,12 +109,49 @@ class Server:
         self.grpc.stop(grace).wait()
         self.telemetry.stop_http()
 
-    def serve_forever(self, grace: float | None = None) -> None:
-        """Block until SIGTERM or SIGINT, then stop gracefully."""
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        done.wait()
+    def reload_settings(self, settings: ServerSettings) -> list[str]:
+        """Apply a reloaded config's `defaults` and `models` (the models whose settings changed
+        are compiled again and swapped in, answering meanwhile); the server's own settings
+        (port, TLS, limits...) take effect only at a restart, and a change to them is logged.
+        The models recompiled; ValueError (a device not present) leaves everything as it was."""
+        self.repository.check_devices(settings)
+        at_restart = [f.name for f in dataclasses.fields(ServerSettings)
+                      if f.name not in ("defaults", "models")
+                      and getattr(settings, f.name) != getattr(self.settings, f.name)]
+        if at_restart:
+            log.warning("reloaded config: %s take effect only at a restart; kept as they were",
+                        ", ".join(at_restart))
+        self.settings = dataclasses.replace(self.settings, defaults=settings.defaults,
+                                            models=settings.models)
+        self.explanation.raise_black_box_cap(self.settings)
+        changed = self.repository.apply_settings(self.settings)
+        log.info("config reloaded; %s", f"recompiling {', '.join(changed)}" if changed
+                 else "no loaded model's settings changed")
+        self._warn_about_configured_names()
+        return changed
+
+    def serve_forever(self, grace: float | None = None,
+                      reload: Callable[[], ServerSettings] | None = None) -> None:
+        """Block until SIGTERM or SIGINT, then stop gracefully. With `reload` (the config read
+        again), SIGHUP applies it (`reload_settings`); a config that does not load is logged
+        and the server goes on with the one it has."""
+        wake = threading.Event()
+        received: list[int] = []
+
+        def on_signal(number, _frame) -> None:
+            received.append(number)
+            wake.set()
+        for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload else ()):
+            signal.signal(sig, on_signal)
+        while not {signal.SIGTERM, signal.SIGINT} & set(received):
+            wake.wait()
+            wake.clear()
+            while signal.SIGHUP in received:
+                received.remove(signal.SIGHUP)
+                try:
+                    self.reload_settings(reload())
+                except (ConfigError, ValueError) as exc:
+                    log.error("config not reloaded, serving on with the one before: %s", exc)
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("shutting down: no new requests, %.1f s for the ones in flight", grace)
         self.stop(grace)

@@ -499,7 +499,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
         assert "serving" in line, process.stderr.read()
         port = int(line.rsplit("on port ", 1)[1])
         metrics_port = int(process.stdout.readline().rsplit(":", 1)[1].split("/")[0])
-        client = XaiClient(f"127.0.0.1:{port}")
+        client = XaiClient(f"127.0.0.1:{port}", retries=0)  # the refusal below, at once
         results: dict[int, object] = {}
         finished: dict[int, float] = {}
 
@@ -538,3 +538,63 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- the config reloaded on SIGHUP ----------------------------------------------------------------
+
+def test_sighup_reloads_the_config_without_a_failed_request(small_export, tmp_path):
+    """Changing a model's settings meant a restart (SIGHUP killed the server outright). Now the
+    config is read again: changed models are compiled anew while their old copies answer,
+    `latest_versions` applies, server settings wait for a restart, and a broken config leaves
+    the server on the one it had."""
+    repo = tmp_path / "models"
+    for version in (1, 2):
+        shutil.copytree(small_export.path, repo / "shapes" / str(version))
+    config = tmp_path / "serve.yaml"
+    config.write_text("models:\n  shapes: {performance_hint: LATENCY}\n")
+    log_file = tmp_path / "server.log"
+    with open(log_file, "w") as log:  # a pipe would fill with the request lines and block it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository", str(repo),
+             "--host", "127.0.0.1", "--port", "0", "--config", str(config), "--log-format",
+             "json", "--poll-seconds", "0.2"],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        line = process.stdout.readline()
+        assert "serving" in line, log_file.read_text()
+        channel = grpc.insecure_channel(f"127.0.0.1:{int(line.rsplit('on port ', 1)[1])}")
+        kserve = kgrpc.GRPCInferenceServiceStub(channel)
+
+        def infer_requests() -> int:
+            return kserve.ModelConfig(kpb.ModelConfigRequest(name="shapes"), timeout=10) \
+                .config.instance_group[0].count
+
+        def versions() -> list[str]:
+            return list(kserve.ModelMetadata(kpb.ModelMetadataRequest(name="shapes"),
+                                             timeout=10).versions)
+        latency_requests = infer_requests()  # what the LATENCY hint compiled
+        assert versions() == ["1", "2"]
+        with unversioned_requests(channel) as (answers, failures):
+            config.write_text("models:\n  shapes: {performance_hint: THROUGHPUT, latest_versions: 1}\n"
+                              "server: {max_concurrent_requests: 8}\n")
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: infer_requests() > latency_requests
+                              and versions() == ["2"])
+            config.write_text("models: [not, a, mapping]\n")
+            process.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+        assert failures == [] and len(answers) > 10
+        assert infer_requests() > latency_requests and process.poll() is None
+        channel.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    messages = [json.loads(line)["message"] for line in log_file.read_text().splitlines()
+                if line.startswith("{")]
+    assert any("config reloaded; recompiling shapes" in m for m in messages)
+    assert any("max_concurrent_requests take effect only at a restart" in m for m in messages)
+    assert any(m.startswith("config not reloaded, serving on with the one before: ")
+               and "models" in m for m in messages)

@@ -1,4 +1,5 @@
-"""`xaiserve serve`: options and the YAML config to ServerSettings, then serve until SIGTERM."""
+"""`xaiserve serve`: options and the YAML config to ServerSettings, then serve until SIGTERM
+(SIGHUP: the config read again)."""
 
 from __future__ import annotations
 
@@ -70,14 +71,19 @@ def run_serve(args) -> int:
         logs.configure(args.log_level, args.log_format)
     except ValueError as exc:
         return fail("serve", f"--log-level {args.log_level}: {exc}")
+    def settings_now():
+        """The config file as it is now, under the flags (which always win): read at start
+        and again on SIGHUP."""
+        return load_settings(args.config, repository=args.repository, port=args.port,
+                             host=args.host, workers=args.workers, device=args.device,
+                             performance_hint=args.performance_hint,
+                             num_requests=args.num_requests,
+                             inference_precision=args.inference_precision,
+                             max_black_box_masks=args.max_black_box_masks,
+                             **{k: getattr(args, k) for k in SERVE_OPERATION_KEYS})
+
     try:
-        settings = load_settings(args.config, repository=args.repository, port=args.port,
-                                 host=args.host, workers=args.workers, device=args.device,
-                                 performance_hint=args.performance_hint,
-                                 num_requests=args.num_requests,
-                                 inference_precision=args.inference_precision,
-                                 max_black_box_masks=args.max_black_box_masks,
-                                 **{k: getattr(args, k) for k in SERVE_OPERATION_KEYS})
+        settings = settings_now()
         server = Server(settings).start()
     except (ConfigError, ValueError, OSError) as exc:
         return fail("serve", str(exc))
@@ -85,7 +91,7 @@ def run_serve(args) -> int:
     if server.metrics_port:
         print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
               flush=True)
-    server.serve_forever()
+    server.serve_forever(reload=settings_now)
     # In-flight requests have had their grace period and gRPC has cancelled the rest; a
     # handler thread still finishing cancelled work, or model teardown, must not hold the exit.
     logging.shutdown()
