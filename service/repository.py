@@ -306,10 +306,14 @@ class ModelRepository:
             current = self._table.get(old.name, {}).get(old.version) is old
             if current:
                 self._table[old.name][old.version] = fresh
+            # reloaded again while it compiled (a second recompile of `old` is dropped below)
+            stale = current and fresh.settings != self.settings.for_model(old.name)
         (old if current else fresh).model.close()
         if current:
             log.info("%s version %d now runs with the reloaded settings (%s)", old.name,
                      old.version, fresh.settings.device)
+        if stale:
+            self._recompile(fresh)
 
     # --- lookups --------------------------------------------------------------------------
 
