@@ -150,8 +150,10 @@ class Server:
                 received.remove(signal.SIGHUP)
                 try:
                     self.reload_settings(reload())
-                except (ConfigError, ValueError) as exc:
-                    log.error("config not reloaded, serving on with the one before: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - a reload must not end the server
+                    log.error("config not reloaded, serving on with the one before: %s",
+                              exc if isinstance(exc, (ConfigError, ValueError))
+                              else f"{type(exc).__name__}: {exc}")
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("shutting down: no new requests, %.1f s for the ones in flight", grace)
         self.stop(grace)
