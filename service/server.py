@@ -7,7 +7,9 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -131,10 +133,12 @@ class Server:
         return changed
 
     def serve_forever(self, grace: float | None = None,
-                      reload: Callable[[], ServerSettings] | None = None) -> None:
+                      reload: Callable[[], ServerSettings] | None = None,
+                      watch: Path | None = None) -> None:
         """Block until SIGTERM or SIGINT, then stop gracefully. With `reload` (the config read
-        again), SIGHUP applies it (`reload_settings`); a config that does not load is logged
-        and the server goes on with the one it has."""
+        again), SIGHUP applies it (`reload_settings`), and so does a change to the file
+        `watch` (as OVMS watches its config; a Kubernetes ConfigMap update lands this way); a
+        config that does not load is logged and the server goes on with the one it has."""
         wake = threading.Event()
         received: list[int] = []
 
@@ -143,6 +147,9 @@ class Server:
             wake.set()
         for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload else ()):
             signal.signal(sig, on_signal)
+        if reload and watch:
+            threading.Thread(target=self._watch_file, args=(watch, on_signal), daemon=True,
+                             name="config-watch").start()
         while not {signal.SIGTERM, signal.SIGINT} & set(received):
             wake.wait()
             wake.clear()
@@ -154,7 +161,29 @@ class Server:
                     log.error("config not reloaded, serving on with the one before: %s",
                               exc if isinstance(exc, (ConfigError, ValueError))
                               else f"{type(exc).__name__}: {exc}")
+        self._watching = False
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("shutting down: no new requests, %.1f s for the ones in flight", grace)
         self.stop(grace)
         log.info("stopped")
+
+    def _watch_file(self, path: Path, on_signal: Callable[[int, object], None]) -> None:
+        """Every poll, the file's identity (inode, size, mtime; through symlinks, which is how
+        a ConfigMap volume swaps it). A change that has held for one poll is handled as a
+        SIGHUP: an editor's truncate-then-write must not apply the empty file between."""
+        def identity():
+            try:
+                st = path.stat()
+                return st.st_ino, st.st_size, st.st_mtime_ns
+            except OSError:
+                return None  # removed for a moment: compared again at the next poll
+        self._watching = True
+        applied = seen = identity()
+        while self._watching:
+            time.sleep(self.settings.poll_seconds)
+            now = identity()
+            if now is not None and now == seen and now != applied:
+                log.info("%s changed; reading it again", path)
+                applied = now
+                on_signal(signal.SIGHUP, None)
+            seen = now

@@ -542,11 +542,14 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
 
 # --- the config reloaded on SIGHUP ----------------------------------------------------------------
 
-def test_sighup_reloads_the_config_without_a_failed_request(small_export, tmp_path):
+@pytest.mark.parametrize("signalled", [True, False], ids=["SIGHUP", "file-changed"])
+def test_a_changed_config_is_applied_without_a_failed_request(small_export, tmp_path,
+                                                              signalled):
     """Changing a model's settings meant a restart (SIGHUP killed the server outright). Now the
-    config is read again: changed models are compiled anew while their old copies answer,
-    `latest_versions` applies, server settings wait for a restart, and a broken config leaves
-    the server on the one it had."""
+    config is read again on SIGHUP or when the file changes (a ConfigMap update): changed
+    models are compiled anew while their old copies answer, `latest_versions` applies, server
+    settings wait for a restart, and a broken config leaves the server on the one it had."""
+    watching = ["--no-watch-config"] if signalled else []
     repo = tmp_path / "models"
     for version in (1, 2):
         shutil.copytree(small_export.path, repo / "shapes" / str(version))
@@ -557,7 +560,7 @@ def test_sighup_reloads_the_config_without_a_failed_request(small_export, tmp_pa
         process = subprocess.Popen(
             [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository", str(repo),
              "--host", "127.0.0.1", "--port", "0", "--config", str(config), "--log-format",
-             "json", "--poll-seconds", "0.2"],
+             "json", "--poll-seconds", "0.2", *watching],
             stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         line = process.stdout.readline()
@@ -577,11 +580,13 @@ def test_sighup_reloads_the_config_without_a_failed_request(small_export, tmp_pa
         with unversioned_requests(channel) as (answers, failures):
             config.write_text("models:\n  shapes: {performance_hint: THROUGHPUT, latest_versions: 1}\n"
                               "server: {max_concurrent_requests: 8}\n")
-            process.send_signal(signal.SIGHUP)
+            if signalled:
+                process.send_signal(signal.SIGHUP)
             assert wait_until(lambda: infer_requests() > latency_requests
                               and versions() == ["2"])
             config.write_text("models: [not, a, mapping]\n")
-            process.send_signal(signal.SIGHUP)
+            if signalled:
+                process.send_signal(signal.SIGHUP)
             time.sleep(1.0)
         assert failures == [] and len(answers) > 10
         assert infer_requests() > latency_requests and process.poll() is None

@@ -15,7 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("--repository", type=Path, default=None, help="default: models")
     p.add_argument("--port", type=int, default=None, help="default: 9000")
     p.add_argument("--host", default=None, help="default: 0.0.0.0")
-    p.add_argument("--config", type=Path, default=None, help="YAML: defaults, models, server")
+    p.add_argument("--config", type=Path, default=None, help="YAML: defaults, models, server "
+                   "(read again on SIGHUP and when the file changes)")
+    p.add_argument("--no-watch-config", dest="watch_config", action="store_false",
+                   help="read --config again on SIGHUP only, not when the file changes")
     p.add_argument("--device", default=None, help="CPU, GPU, NPU, AUTO, HETERO:...")
     p.add_argument("--performance-hint", default=None,
                    choices=["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"])
@@ -91,7 +94,7 @@ def run_serve(args) -> int:
     if server.metrics_port:
         print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
               flush=True)
-    server.serve_forever(reload=settings_now)
+    server.serve_forever(reload=settings_now, watch=args.config if args.watch_config else None)
     # In-flight requests have had their grace period and gRPC has cancelled the rest; a
     # handler thread still finishing cancelled work, or model teardown, must not hold the exit.
     logging.shutdown()
