@@ -41,6 +41,9 @@ class Server:
         self.repository = ModelRepository(settings)
         self.health = health.HealthServicer()
         self.telemetry = Telemetry()
+        self.telemetry.watch_versions(lambda: [
+            (s.name, s.version, "ready" if s.ready else "failed" if s.error else "loading")
+            for s in self.repository.states()])
         credentials = server_credentials(settings)
         token = read_token(settings.token_file)
         repository = self.repository
@@ -157,7 +160,9 @@ class Server:
                 received.remove(signal.SIGHUP)
                 try:
                     self.reload_settings(reload())
+                    self.telemetry.config_reloads.labels("applied").inc()
                 except Exception as exc:  # noqa: BLE001 - a reload must not end the server
+                    self.telemetry.config_reloads.labels("failed").inc()
                     log.error("config not reloaded, serving on with the one before: %s",
                               exc if isinstance(exc, (ConfigError, ValueError))
                               else f"{type(exc).__name__}: {exc}")

@@ -5,7 +5,13 @@ ovms_current_requests), but ours and in base units (seconds)."""
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+# (model, version, "ready" | "loading" | "failed") of every listed version
+VersionStates = Callable[[], Iterable[tuple[str, int, str]]]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0)
@@ -35,7 +41,15 @@ class Telemetry:
         self.forward_passes = Histogram(
             "xaiserve_black_box_forward_passes", "Forward passes (masked images) per black-box "
             "explanation", ["model", "version"], buckets=PASSES_BUCKETS, registry=r)
+        self.config_reloads = Counter(
+            "xaiserve_config_reloads", "Config reloads (SIGHUP or a changed file), by result: "
+            "applied, or failed and the config before kept", ["result"], registry=r)
         self._http = None
+
+    def watch_versions(self, states: VersionStates) -> None:
+        """Export `xaiserve_model_versions` from `states`, read at each scrape: a version that
+        failed to load while the one before serves in its place must be visible to alerts."""
+        self.registry.register(_VersionCollector(states))
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on its own thread; returns the bound port."""
@@ -47,3 +61,16 @@ class Telemetry:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _VersionCollector:
+    def __init__(self, states: VersionStates):
+        self.states = states
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "xaiserve_model_versions", "Listed model versions by state (1): ready, loading, or "
+            "failed (the reason is in ModelInfo and the log)", labels=["model", "version", "state"])
+        for model, version, state in self.states():
+            family.add_metric([model, str(version), state], 1)
+        yield family

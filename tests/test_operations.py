@@ -277,6 +277,7 @@ def unversioned_requests(channel):
 @contextlib.contextmanager
 def server_on(repo: Path, latest_versions: int):
     settings = ServerSettings(repository=repo, host="127.0.0.1", port=0, poll_seconds=0.2,
+                              metrics_port=0,
                               defaults=ModelSettings(latest_versions=latest_versions))
     server = Server(settings).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -352,6 +353,11 @@ def test_a_newest_version_that_fails_to_load_falls_back_to_the_one_before(small_
         kserve = kgrpc.GRPCInferenceServiceStub(channel)
         assert kserve.ModelReady(kpb.ModelReadyRequest(name="shapes")).ready
         assert not kserve.ModelReady(kpb.ModelReadyRequest(name="shapes", version="3")).ready
+        # serving the one before hides the broken export from clients, not from alerts
+        versions = {labels: value for (name, labels), value
+                    in scrape(server.metrics_port)["xaiserve_model_versions"].items()}
+        assert versions == {(("model", "shapes"), ("state", "ready"), ("version", "2")): 1,
+                            (("model", "shapes"), ("state", "failed"), ("version", "3")): 1}
         with unversioned_requests(channel) as (answers, failures):
             assert wait_until(lambda: len(answers) > 5)
             shutil.copy(small_export.path / "model.bin", tmp_path / "shapes" / "3")  # mended
@@ -560,12 +566,13 @@ def test_a_changed_config_is_applied_without_a_failed_request(small_export, tmp_
         process = subprocess.Popen(
             [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository", str(repo),
              "--host", "127.0.0.1", "--port", "0", "--config", str(config), "--log-format",
-             "json", "--poll-seconds", "0.2", *watching],
+             "json", "--poll-seconds", "0.2", "--metrics-port", "0", *watching],
             stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         line = process.stdout.readline()
         assert "serving" in line, log_file.read_text()
         channel = grpc.insecure_channel(f"127.0.0.1:{int(line.rsplit('on port ', 1)[1])}")
+        metrics_port = int(process.stdout.readline().rsplit(":", 1)[1].split("/")[0])
         kserve = kgrpc.GRPCInferenceServiceStub(channel)
 
         def infer_requests() -> int:
@@ -590,6 +597,9 @@ def test_a_changed_config_is_applied_without_a_failed_request(small_export, tmp_
             time.sleep(1.0)
         assert failures == [] and len(answers) > 10
         assert infer_requests() > latency_requests and process.poll() is None
+        reloads = scrape(metrics_port)["xaiserve_config_reloads"]
+        assert reloads[("xaiserve_config_reloads_total", (("result", "applied"),))] >= 1
+        assert reloads[("xaiserve_config_reloads_total", (("result", "failed"),))] >= 1
         channel.close()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
