@@ -8,7 +8,6 @@ import errno
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -81,6 +80,29 @@ def out_of_space(repository: Path, needed: int) -> RepositoryError:
                            "some space or give another --repository")
 
 
+def claim_version(model_dir: Path, version: int | None) -> tuple[Path, int]:
+    """Make `<model_dir>/.staging-<N>` for the version (the next free one when None) and return
+    it with N. mkdir either makes the folder or fails, so two exports running at once never
+    choose the same number (both took the next one and the second lost its work to a failed
+    rename); a staging folder left by a killed export is skipped over."""
+    chosen = version if version is not None else next_version(model_dir)
+    for _ in range(1000):
+        final, staging = model_dir / str(chosen), model_dir / f".staging-{chosen}"
+        if final.exists() and version is not None:
+            raise RepositoryError(f"{final} exists; give another --version or leave it out")
+        if not final.exists():
+            try:
+                staging.mkdir(mode=0o700)  # private until whole (the rename makes it 0755)
+                return staging, chosen
+            except FileExistsError:
+                if version is not None:
+                    raise RepositoryError(
+                        f"{staging}: another export of version {version} is under way (or one "
+                        "was killed: remove that folder), or leave --version out") from None
+        chosen += 1
+    raise RepositoryError(f"{model_dir}: no free version number found after {chosen}")
+
+
 @contextmanager
 def staged_version(repository: Path, name: str, version: int | None,
                    size_hint: int = 0) -> Iterator[tuple[Path, int]]:
@@ -100,17 +122,14 @@ def staged_version(repository: Path, name: str, version: int | None,
     # made here: readable by a server running as another user, even under umask 077
     for folder in [model_dir] * created + [Path(repository)] * new_repository:
         folder.chmod(0o755)
-    chosen = version if version is not None else next_version(model_dir)
+    staging, chosen = claim_version(model_dir, version)
     final = model_dir / str(chosen)
-    if final.exists():
-        raise RepositoryError(f"{final} exists; give another --version or leave it out")
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{chosen}-", dir=model_dir))
     try:
         yield staging, chosen
         for item in staging.iterdir():
             with open(item, "rb") as fh:
                 os.fsync(fh.fileno())
-        # mkdtemp makes the folder private (0700); servers run as other users (the runtime
+        # the staging folder is private (0700); servers run as other users (the runtime
         # image's uid 10001, systemd's DynamicUser) and must read it, as they read its files.
         staging.chmod(0o755)
         for item in staging.iterdir():  # under umask 077 they would be 0600

@@ -444,3 +444,26 @@ def test_a_full_disk_is_named_with_what_to_do_and_leaves_nothing(default_export,
     assert line.startswith(f"xaiserve explain: error: {out}/chelsea")
     assert line.endswith("No space left on device; free some space or write elsewhere")
     assert [p.name for p in out.iterdir()] in ([], ["chelsea.json"])  # no partial file
+
+
+def test_exports_running_at_once_never_take_the_same_version(tmp_path):
+    """Two pipeline jobs exporting one model at once both chose the next version; the second's
+    rename failed (`Directory not empty`) and its work was lost."""
+    first = staged_version(tmp_path, "m", None)
+    second = staged_version(tmp_path, "m", None)
+    (a, version_a), (b, version_b) = first.__enter__(), second.__enter__()
+    (a / "model.xml").write_text("a")
+    (b / "model.xml").write_text("b")
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert (version_a, version_b) == (1, 2)
+    assert [(tmp_path / "m" / v / "model.xml").read_text() for v in ("1", "2")] == ["a", "b"]
+
+    (tmp_path / "m" / ".staging-3").mkdir()  # left by an export killed with SIGKILL
+    with staged_version(tmp_path, "m", None) as (_, version):
+        pass
+    assert version == 4
+    with pytest.raises(RepositoryError, match=r"\.staging-3: another export of version 3"):
+        with staged_version(tmp_path, "m", 3):
+            pass
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".staging-3", "1", "2", "4"]
