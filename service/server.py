@@ -34,6 +34,12 @@ log = logging.getLogger("xaiserve.server")
 SPARE_THREADS = 4
 
 
+def settings_changes(before, after) -> list[str]:
+    """'key: old -> new' for each field of two settings dataclasses that differs."""
+    return [f"{f.name} {old!r} -> {new!r}" for f in dataclasses.fields(before)
+            if (old := getattr(before, f.name)) != (new := getattr(after, f.name))]
+
+
 class Server:
     def __init__(self, settings: ServerSettings):
         check_server(settings)
@@ -126,8 +132,13 @@ class Server:
         if at_restart:
             log.warning("reloaded config: %s take effect only at a restart; kept as they were",
                         ", ".join(at_restart))
+        before = self.settings
         self.settings = dataclasses.replace(self.settings, defaults=settings.defaults,
                                             models=settings.models)
+        for name in self.repository.names():
+            changes = settings_changes(before.for_model(name), self.settings.for_model(name))
+            if changes:
+                log.info("config reloaded: %s: %s", name, "; ".join(changes))
         self.explanation.raise_black_box_cap(self.settings)
         changed = self.repository.apply_settings(self.settings)
         log.info("config reloaded; %s", f"recompiling {', '.join(changed)}" if changed
@@ -137,11 +148,14 @@ class Server:
 
     def serve_forever(self, grace: float | None = None,
                       reload: Callable[[], ServerSettings] | None = None,
-                      watch: Path | None = None) -> None:
+                      watch: Path | None = None,
+                      announce: Callable[[], None] = lambda: None) -> None:
         """Block until SIGTERM or SIGINT, then stop gracefully. With `reload` (the config read
         again), SIGHUP applies it (`reload_settings`), and so does a change to the file
         `watch` (as OVMS watches its config; a Kubernetes ConfigMap update lands this way); a
-        config that does not load is logged and the server goes on with the one it has."""
+        config that does not load is logged and the server goes on with the one it has.
+        `announce` runs once the handlers are in place: a SIGHUP sent on reading "serving"
+        must find one (before, it was lost, or ended the process)."""
         wake = threading.Event()
         received: list[int] = []
 
@@ -153,8 +167,12 @@ class Server:
         if reload and watch:
             threading.Thread(target=self._watch_file, args=(watch, on_signal), daemon=True,
                              name="config-watch").start()
+        announce()
         while not {signal.SIGTERM, signal.SIGINT} & set(received):
-            wake.wait()
+            # Python runs a handler in the main thread once it is back in bytecode; a signal
+            # the kernel gave to another thread (gRPC's, OpenVINO's) does not end a wait
+            # without a timeout, so a SIGHUP could wait for the next one
+            wake.wait(timeout=0.2)
             wake.clear()
             while signal.SIGHUP in received:
                 received.remove(signal.SIGHUP)

@@ -567,7 +567,8 @@ def test_a_changed_config_is_applied_without_a_failed_request(small_export, tmp_
             [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository", str(repo),
              "--host", "127.0.0.1", "--port", "0", "--config", str(config), "--log-format",
              "json", "--poll-seconds", "0.2", "--metrics-port", "0", *watching],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            stdout=subprocess.PIPE, stderr=log, text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         line = process.stdout.readline()
         assert "serving" in line, log_file.read_text()
@@ -585,7 +586,8 @@ def test_a_changed_config_is_applied_without_a_failed_request(small_export, tmp_
         latency_requests = infer_requests()  # what the LATENCY hint compiled
         assert versions() == ["1", "2"]
         with unversioned_requests(channel) as (answers, failures):
-            config.write_text("models:\n  shapes: {performance_hint: THROUGHPUT, latest_versions: 1}\n"
+            config.write_text("models:\n"
+                              "  shapes: {performance_hint: THROUGHPUT, latest_versions: 1}\n"
                               "server: {max_concurrent_requests: 8}\n")
             if signalled:
                 process.send_signal(signal.SIGHUP)
@@ -610,6 +612,8 @@ def test_a_changed_config_is_applied_without_a_failed_request(small_export, tmp_
     messages = [json.loads(line)["message"] for line in log_file.read_text().splitlines()
                 if line.startswith("{")]
     assert any("config reloaded; recompiling shapes" in m for m in messages)
+    assert "config reloaded: shapes: performance_hint 'LATENCY' -> 'THROUGHPUT'; " \
+           "latest_versions 0 -> 1" in messages
     assert any("max_concurrent_requests take effect only at a restart" in m for m in messages)
     assert any(m.startswith("config not reloaded, serving on with the one before: ")
                and "models" in m for m in messages)

@@ -90,11 +90,13 @@ def run_serve(args) -> int:
         server = Server(settings).start()
     except (ConfigError, ValueError, OSError) as exc:
         return fail("serve", str(exc))
-    print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
-    if server.metrics_port:
-        print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
-              flush=True)
-    server.serve_forever(reload=settings_now, watch=args.config if args.watch_config else None)
+    def announce() -> None:
+        print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+        if server.metrics_port:
+            print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
+                  flush=True)
+    server.serve_forever(reload=settings_now, watch=args.config if args.watch_config else None,
+                         announce=announce)
     # In-flight requests have had their grace period and gRPC has cancelled the rest; a
     # handler thread still finishing cancelled work, or model teardown, must not hold the exit.
     logging.shutdown()
