@@ -99,6 +99,10 @@ class ServerSettings:
     max_concurrent_requests: POSITIVE = 32  # beyond it a request gets RESOURCE_EXHAUSTED at once
     # seconds in-flight requests get after SIGTERM
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # > 0: a client connection is closed (GOAWAY, in-flight calls finish) after this long, so
+    # clients connect again and spread over replicas added since (gRPC keeps one connection
+    # to one pod otherwise); 0: never
+    max_connection_age: Annotated[float, Field(ge=0, le=86400)] = 0.0
     metrics_port: PORT | None = None  # Prometheus text over HTTP; None: off, 0: any free port
     tls_cert: MAYBE_PATH = None  # PEM server certificate (chain); with tls_key: TLS
     tls_key: MAYBE_PATH = None

@@ -58,6 +58,10 @@ class Server:
                                          served=lambda name: name in repository.names())
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes)]
+        if settings.max_connection_age:
+            options += [("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+                        ("grpc.max_connection_age_grace_ms",
+                         int(max(settings.shutdown_grace, 1) * 1000))]
         threads = max(settings.workers, settings.max_concurrent_requests + SPARE_THREADS)
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                                 interceptors=[interceptor], options=options)

@@ -443,6 +443,33 @@ def test_version_plan_is_the_newest_that_did_not_fail():
     assert plan_versions(disk, 1, {1, 2, 3, 4}) == ({}, disk)
 
 
+def test_connections_are_closed_after_their_max_age_and_calls_go_on(small_export, tmp_path):
+    """gRPC keeps one connection to one pod, so replicas an autoscaler adds got no traffic from
+    clients already connected. With `max_connection_age` the server closes a connection once
+    it is that old (GOAWAY; in-flight calls finish) and the client connects again."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                              max_connection_age=0.5)
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    states: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(states.append)
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    try:
+        answered = 0
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            kserve.ModelInfer(infer_request(), timeout=30)  # raises if one is lost
+            answered += 1
+            time.sleep(0.05)
+        ready = [s for s in states if s is grpc.ChannelConnectivity.READY]
+        assert answered > 10 and len(ready) >= 3, states  # connected anew at least twice
+    finally:
+        channel.unsubscribe(states.append)
+        channel.close()
+        server.stop(grace=0)
+
+
 # --- the client across a server's restart --------------------------------------------------------
 
 class FlakyExplanationService(xgrpc.ExplanationServiceServicer):

@@ -55,11 +55,14 @@ def add_serve_operations(p) -> None:
                    help="largest request or response (default: 32 MiB)")
     p.add_argument("--poll-seconds", type=float, default=None,
                    help="how often the repository is compared with the disk (default: 2)")
+    p.add_argument("--max-connection-age", type=float, default=None,
+                   help="seconds after which a client connection is closed so that clients "
+                        "reconnect and spread over new replicas (default: 0, never)")
 
 
 SERVE_OPERATION_KEYS = ("metrics_port", "shutdown_grace", "tls_cert", "tls_key",
                         "tls_client_ca", "token_file", "max_concurrent_requests",
-                        "max_message_bytes", "poll_seconds")
+                        "max_message_bytes", "poll_seconds", "max_connection_age")
 
 
 def run_serve(args) -> int:
