@@ -35,7 +35,7 @@ SPARE_THREADS = 4
 
 
 def settings_changes(before, after) -> list[str]:
-    """'key: old -> new' for each field of two settings dataclasses that differs."""
+    """'key old -> new' for each field of two settings dataclasses that differs."""
     return [f"{f.name} {old!r} -> {new!r}" for f in dataclasses.fields(before)
             if (old := getattr(before, f.name)) != (new := getattr(after, f.name))]
 
