@@ -1,11 +1,15 @@
 """TLS / mutual TLS credentials and the bearer token, for the server and its clients.
 
-The token never comes from the command line (it would show in `ps`): a file or an env var."""
+The token never comes from the command line (it would show in `ps`): a file or an env var.
+Certificates and the token file are read again once they change (rotation without a restart)."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -13,6 +17,10 @@ import grpc
 from .config import ConfigError, ServerSettings
 
 TOKEN_ENV = "XAISERVE_TOKEN"
+# Rotated files (a Kubernetes Secret, cert-manager's certificates) are looked at no more often
+RECHECK_SECONDS = 1.0
+
+log = logging.getLogger("xaiserve.security")
 
 
 def _read(path: Path, flag: str) -> bytes:
@@ -23,15 +31,87 @@ def _read(path: Path, flag: str) -> bytes:
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    """None for plaintext; TLS with cert + key; mutual TLS when a client CA is given."""
+    """None for plaintext; TLS with cert + key; mutual TLS when a client CA is given. The files
+    are read again at a handshake after they change (certificates are rotated, by
+    cert-manager every few weeks): new connections get the new ones without a restart."""
     if settings.tls_cert is None:
         return None
-    cert = _pem(settings.tls_cert, "--tls-cert", b"CERTIFICATE")
-    key = _pem(settings.tls_key, "--tls-key", b"PRIVATE KEY")
-    ca = (_pem(settings.tls_client_ca, "--tls-client-ca", b"CERTIFICATE")
-          if settings.tls_client_ca else None)
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    files = RotatedFiles([settings.tls_cert, settings.tls_key]
+                         + ([settings.tls_client_ca] if settings.tls_client_ca else []))
+
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        cert = _pem(settings.tls_cert, "--tls-cert", b"CERTIFICATE")
+        key = _pem(settings.tls_key, "--tls-key", b"PRIVATE KEY")
+        ca = (_pem(settings.tls_client_ca, "--tls-client-ca", b"CERTIFICATE")
+              if settings.tls_client_ca else None)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:  # at each handshake
+        if not files.changed():
+            return None
+        try:
+            renewed = configuration()
+        except ConfigError as exc:  # half-written: the next change is looked at again
+            log.warning("TLS files changed but cannot be used (%s); keeping the ones before",
+                        exc)
+            return None
+        log.info("TLS files changed; new connections use them")
+        return renewed
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=settings.tls_client_ca is not None)
+
+
+class RotatedFiles:
+    """Whether any of some files changed (inode, size, mtime; through symlinks, as a
+    Kubernetes Secret volume swaps them) since the last call, looked at once a second."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+        self._lock = threading.Lock()
+        self._seen = self._identity()
+        self._next = time.monotonic() + RECHECK_SECONDS
+
+    def _identity(self) -> tuple:
+        def one(path: Path):
+            try:
+                st = path.stat()
+                return st.st_ino, st.st_size, st.st_mtime_ns
+            except OSError:
+                return None
+        return tuple(one(p) for p in self.paths)
+
+    def changed(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + RECHECK_SECONDS
+            identity = self._identity()
+            if identity == self._seen:
+                return False
+            self._seen = identity
+            return True
+
+
+class BearerToken:
+    """The token calls must carry: from `--token-file` (read again once it changes, so a
+    rotated Secret needs no restart; an empty or unreadable new file keeps the token before),
+    else from $XAISERVE_TOKEN, else none (no check)."""
+
+    def __init__(self, token_file: Path | None):
+        self.token_file = token_file
+        self._token = read_token(token_file)
+        self._files = RotatedFiles([token_file]) if token_file is not None else None
+
+    def current(self) -> str | None:
+        if self._files is not None and self._files.changed():
+            try:
+                self._token = read_token(self.token_file)
+                log.info("%s changed; calls need the new token", self.token_file)
+            except ConfigError as exc:
+                log.warning("the token file changed but cannot be used (%s); keeping the "
+                            "token before", exc)
+        return self._token
 
 
 def read_token(token_file: Path | None, flag: str = "--token-file") -> str | None:

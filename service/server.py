@@ -25,7 +25,7 @@ from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as xai_pb
 from .proto import xaiserve_pb2_grpc as xai_grpc
 from .repository import ModelRepository
-from .security import read_token, server_credentials
+from .security import BearerToken, server_credentials
 from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.server")
@@ -51,9 +51,9 @@ class Server:
             (s.name, s.version, "ready" if s.ready else "failed" if s.error else "loading")
             for s in self.repository.states()])
         credentials = server_credentials(settings)
-        token = read_token(settings.token_file)
         repository = self.repository
-        interceptor = RequestInterceptor(self.telemetry, settings.max_concurrent_requests, token,
+        interceptor = RequestInterceptor(self.telemetry, settings.max_concurrent_requests,
+                                         BearerToken(settings.token_file).current,
                                          max_response_bytes=settings.max_message_bytes,
                                          served=lambda name: name in repository.names())
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),

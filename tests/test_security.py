@@ -170,6 +170,64 @@ def test_tls_and_token(repo, pki, tmp_path):
         server.stop(grace=1)
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """As a Secret volume or cert-manager does: the new file appears whole."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.write_bytes(data)
+    staged.replace(path)
+
+
+def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_path):
+    """Certificates (cert-manager renews them every few weeks) and the token (a rotated
+    Secret) were read once at start: rotating them meant restarting every server."""
+    for name in ("server.pem", "server.key", "token"):
+        shutil.copy(pki / name, tmp_path / name)
+    server = start(repo, tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key",
+                   token_file=tmp_path / "token")
+    address = f"127.0.0.1:{server.port}"
+    clients = []
+
+    def client(ca: Path) -> XaiClient:
+        clients.append(XaiClient.connect(address, tls_ca=ca, token_file=tmp_path / "token",
+                                         retries=0, timeout=10))
+        return clients[-1]
+    try:
+        before = client(pki / "ca.pem")
+        assert before.model_info("shapes").ready
+        replace_file(tmp_path / "token", b"a-rotated-token\n")
+        time.sleep(1.2)  # the files are looked at once a second
+        refused(lambda: before.model_info("shapes"), grpc.StatusCode.UNAUTHENTICATED)
+        connected = client(pki / "ca.pem")  # the new token, on the first certificate
+        assert connected.model_info("shapes").ready
+
+        ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), \
+            ec.generate_private_key(ec.SECP256R1())
+        _write(tmp_path, "new-ca", _certificate("renewed CA", ca_key, "renewed CA", ca_key,
+                                                ca=True), ca_key)
+        renewed = _certificate("localhost", server_key, "renewed CA", ca_key, server=True)
+        replace_file(tmp_path / "server.key", server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        replace_file(tmp_path / "server.pem", renewed.public_bytes(serialization.Encoding.PEM))
+        time.sleep(1.2)
+        assert client(tmp_path / "new-ca.pem").model_info("shapes").ready  # a new handshake
+        refused(lambda: client(pki / "ca.pem").model_info("shapes"),
+                grpc.StatusCode.UNAVAILABLE)  # the old CA no longer vouches for the server
+        assert connected.model_info("shapes").ready  # connections made before go on
+
+        # a rotation caught half-way (an empty token file, no PEM): the ones before stay
+        later = client(tmp_path / "new-ca.pem")  # it connects at its first call, below
+        replace_file(tmp_path / "token", b"")
+        replace_file(tmp_path / "server.pem", b"not yet")
+        time.sleep(1.2)
+        assert connected.model_info("shapes").ready
+        assert later.model_info("shapes").ready
+    finally:
+        for c in clients:
+            c.close()
+        server.stop(grace=1)
+
+
 def test_mutual_tls(repo, pki):
     server = start(repo, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
                    tls_client_ca=pki / "ca.pem")
