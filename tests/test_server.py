@@ -161,6 +161,33 @@ def test_a_careless_config_file_fails_in_one_line_naming_the_key(tmp_path):
     assert settings.repository == tmp_path and settings.defaults.num_requests == 2
 
 
+def test_check_config_says_what_would_serve_or_what_to_fix(small_export, tmp_path):
+    """A pipeline could only learn that a config change breaks the server by rolling it out;
+    `serve --check-config` checks it (settings, files, devices, repository) and exits."""
+    from .conftest import run_cli
+
+    for version in (1, 2):
+        shutil.copytree(small_export.path, tmp_path / "models" / "shapes" / str(version))
+    config = tmp_path / "serve.yaml"
+    config.write_text("models:\n  shapes: {latest_versions: 1}\n  shape: {device: CPU}\n")
+    result = run_cli("serve", "--repository", str(tmp_path / "models"), "--config", str(config),
+                     "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("xaiserve serve: config ok; would load shapes versions "
+                                     "[2] on CPU")
+    assert "models.shape, but the repository has no model of that name" in result.stderr
+    for text, flags, words in (
+            ("models:\n  shapes: {devic: CPU}\n", (), "unknown keys ['devic']"),
+            ("", ("--device", "NPU.7"), "device 'NPU.7' is not present"),
+            ("", ("--token-file", str(tmp_path / "absent")), "--token-file"),
+            ("server: {tls_cert: %s, tls_key: %s}\n" % (config, config), (), "no PEM")):
+        config.write_text(text)
+        result = run_cli("serve", "--repository", str(tmp_path / "models"), "--config",
+                         str(config), "--check-config", *flags)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+
+
 # --- the explanation service -----------------------------------------------------------------
 
 def test_triton_model_config(kserve):

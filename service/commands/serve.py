@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
                    "(read again on SIGHUP and when the file changes)")
     p.add_argument("--no-watch-config", dest="watch_config", action="store_false",
                    help="read --config again on SIGHUP only, not when the file changes")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the settings (config, flags, TLS and token files, devices) and "
+                        "list the repository's models, then exit: 0 when they would serve, 2 "
+                        "with one line naming what to fix; nothing is compiled")
     p.add_argument("--device", default=None, help="CPU, GPU, NPU, AUTO, HETERO:...")
     p.add_argument("--performance-hint", default=None,
                    choices=["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"])
@@ -77,6 +81,7 @@ def run_serve(args) -> int:
         logs.configure(args.log_level, args.log_format)
     except ValueError as exc:
         return fail("serve", f"--log-level {args.log_level}: {exc}")
+
     def settings_now():
         """The config file as it is now, under the flags (which always win): read at start
         and again on SIGHUP."""
@@ -90,9 +95,12 @@ def run_serve(args) -> int:
 
     try:
         settings = settings_now()
+        if args.check_config:
+            return check_config(settings)
         server = Server(settings).start()
     except (ConfigError, ValueError, OSError) as exc:
         return fail("serve", str(exc))
+
     def announce() -> None:
         print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
         if server.metrics_port:
@@ -105,3 +113,28 @@ def run_serve(args) -> int:
     logging.shutdown()
     sys.stdout.flush()
     os._exit(0)
+
+
+def check_config(settings) -> int:
+    """What `serve` checks before it compiles anything, for a pipeline to run before a rollout
+    (as `nginx -t`): raises what serve would fail with; prints the models it would load."""
+    from ..repository import ModelRepository, plan_versions, scan
+    from ..security import BearerToken, server_credentials
+
+    server_credentials(settings)
+    BearerToken(settings.token_file)
+    ModelRepository(settings).check_devices()
+    on_disk, unreadable = scan(settings.repository)
+    for name, reason in sorted(unreadable.items()):
+        print(f"xaiserve serve: warning: cannot read {settings.repository / name} ({reason})",
+              file=sys.stderr)
+    for name in sorted(set(settings.models) - set(on_disk)):
+        print(f"xaiserve serve: warning: the config sets models.{name}, but the repository has "
+              "no model of that name", file=sys.stderr)
+    models = []
+    for name, versions in sorted(on_disk.items()):
+        model = settings.for_model(name)
+        served, _ = plan_versions(versions, model.latest_versions, failed=set())
+        models.append(f"{name} versions {sorted(served)} on {model.device}")
+    print(f"xaiserve serve: config ok; would load {'; '.join(models) or 'no model'}")
+    return 0
