@@ -115,6 +115,15 @@ class ServerSettings:
         return self.models.get(name, self.defaults)
 
 
+def unmatched_model_names(settings: ServerSettings, names: list[str]) -> list[str]:
+    """A warning per `models:` entry that no model folder has (a typo: `efficientnet_lite`):
+    not an error, since the model may arrive later, but its settings do not apply to the
+    model meant."""
+    return [f"the config sets models.{name}, but the repository has no model of that name "
+            f"(it has: {', '.join(names) or 'none'}); its settings apply once a folder "
+            f"{name}/ appears" for name in sorted(set(settings.models) - set(names))]
+
+
 def _invalid(exc: ValidationError, where: str, flags: dict) -> ConfigError:
     """The first problem pydantic found, in one line naming the flag that gave the value, or
     else the file's key (`defaults.black_box_masks: 'many'; input should be ...`)."""

@@ -41,7 +41,7 @@ class VersionState:
     statistics: VersionStatistics = field(default_factory=VersionStatistics)
     files: tuple = ()  # files_signature() when its load began
     removed: bool = False  # its directory is gone; still served until replaced
-    settings: ModelSettings | None = None  # what its model was compiled with
+    settings: ModelSettings | None = None  # what its model was compiled (or tried) with
 
     @property
     def ready(self) -> bool:
@@ -168,8 +168,8 @@ class ModelRepository:
                     known = self._table.get(name, {}).get(version)
                     if known is None or self._worth_retrying(known):
                         if known is not None:
-                            log.info("loading %s version %d again: its files changed", name,
-                                     version)
+                            log.info("loading %s version %d again: its files or settings "
+                                     "changed", name, version)
                         state = VersionState(name, version, path, files=files_signature(path))
                         self._table.setdefault(name, {})[version] = state
                         loaders.append(state)
@@ -239,14 +239,17 @@ class ModelRepository:
         if unloaded.model is not None:
             unloaded.model.close()
 
-    @staticmethod
-    def _worth_retrying(state: VersionState) -> bool:
-        return state.error is not None and files_signature(state.path) != state.files
+    def _worth_retrying(self, state: VersionState) -> bool:
+        """A failed version is loaded again once its files (a copy caught half-way) or its
+        model's settings (a reloaded config) are not those it failed with."""
+        return state.error is not None and (
+            files_signature(state.path) != state.files
+            or state.settings != self.settings.for_model(state.name))
 
     def _compile(self, state: VersionState) -> ClassifierModel | None:
         """The version's IR compiled with its model's current settings (kept in `state`), or
         None with the reason in `state.error`."""
-        settings = self.settings.for_model(state.name)
+        settings = state.settings = self.settings.for_model(state.name)
         try:
             model = ClassifierModel(state.path, settings.device, settings.compile_config(),
                                     self.core, settings.routes()).load()
@@ -255,7 +258,6 @@ class ModelRepository:
             return None
         for warning in model.warnings:
             log.warning("%s version %d: %s", state.name, state.version, warning)
-        state.settings = settings
         return model
 
     def _load(self, state: VersionState) -> None:
@@ -279,16 +281,13 @@ class ModelRepository:
     def apply_settings(self, settings: ServerSettings) -> list[str]:
         """Take reloaded per-model settings. A loaded version whose model's settings changed is
         compiled again with them and swapped in once ready, answering on the old ones
-        meanwhile; a version that failed to load is tried again; `latest_versions` takes
-        effect at the refresh this ends with. The names of the models recompiled."""
+        meanwhile; one that failed to load is tried with them (`_worth_retrying`), and
+        `latest_versions` takes effect, at the refresh this ends with. The names of the
+        models recompiled."""
         with self._lock:
             self.settings = settings
             stale = [s for versions in self._table.values() for s in versions.values()
                      if s.ready and s.settings != settings.for_model(s.name)]
-            for versions in self._table.values():
-                for state in versions.values():
-                    if state.error is not None:
-                        state.files = ()  # so that the refresh tries it again
         for state in stale:
             threading.Thread(target=self._recompile, args=(state,), daemon=True).start()
         self.refresh()

@@ -8,17 +8,14 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import threading
-import time
 from pathlib import Path
 
 import grpc
 
 from .config import ConfigError, ServerSettings
+from .file_changes import RotatedFiles
 
 TOKEN_ENV = "XAISERVE_TOKEN"
-# Rotated files (a Kubernetes Secret, cert-manager's certificates) are looked at no more often
-RECHECK_SECONDS = 1.0
 
 log = logging.getLogger("xaiserve.security")
 
@@ -59,38 +56,6 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
         return renewed
     return grpc.dynamic_ssl_server_credentials(
         configuration(), fetch, require_client_authentication=settings.tls_client_ca is not None)
-
-
-class RotatedFiles:
-    """Whether any of some files changed (inode, size, mtime; through symlinks, as a
-    Kubernetes Secret volume swaps them) since the last call, looked at once a second."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = [Path(p) for p in paths]
-        self._lock = threading.Lock()
-        self._seen = self._identity()
-        self._next = time.monotonic() + RECHECK_SECONDS
-
-    def _identity(self) -> tuple:
-        def one(path: Path):
-            try:
-                st = path.stat()
-                return st.st_ino, st.st_size, st.st_mtime_ns
-            except OSError:
-                return None
-        return tuple(one(p) for p in self.paths)
-
-    def changed(self) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            if now < self._next:
-                return False
-            self._next = now + RECHECK_SECONDS
-            identity = self._identity()
-            if identity == self._seen:
-                return False
-            self._seen = identity
-            return True
 
 
 class BearerToken:

@@ -16,8 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import ConfigError, ServerSettings, check_server
+from .config import ConfigError, ServerSettings, check_server, unmatched_model_names
 from .explain_service import ExplanationServicer
+from .file_changes import file_identity
 from .interceptor import RequestInterceptor
 from .kserve import KServeServicer
 from .proto import grpc_predict_v2_pb2 as kserve_pb
@@ -43,7 +44,6 @@ def settings_changes(before, after) -> list[str]:
 class Server:
     def __init__(self, settings: ServerSettings):
         check_server(settings)
-        self.settings = settings
         self.repository = ModelRepository(settings)
         self.health = health.HealthServicer()
         self.telemetry = Telemetry()
@@ -105,15 +105,14 @@ class Server:
             log.info("metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
 
+    @property
+    def settings(self) -> ServerSettings:
+        """The repository's: one copy, replaced when the config is reloaded."""
+        return self.repository.settings
+
     def _warn_about_configured_names(self) -> None:
-        """A config's `models:` entry whose name no folder has (a typo: `efficientnet_lite`)
-        is not an error, since the model may arrive later, but its settings silently did not
-        apply to the model meant: say so at start."""
-        served = self.repository.names()
-        for name in sorted(set(self.settings.models) - set(served)):
-            log.warning("the config sets models.%s, but the repository has no model of that "
-                        "name (it has: %s); its settings apply once a folder %s/ appears",
-                        name, ", ".join(served) or "none", name)
+        for warning in unmatched_model_names(self.settings, self.repository.names()):
+            log.warning(warning)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking requests (health NOT_SERVING, new RPCs refused), let in-flight ones
@@ -137,14 +136,13 @@ class Server:
             log.warning("reloaded config: %s take effect only at a restart; kept as they were",
                         ", ".join(at_restart))
         before = self.settings
-        self.settings = dataclasses.replace(self.settings, defaults=settings.defaults,
-                                            models=settings.models)
+        applied = dataclasses.replace(before, defaults=settings.defaults, models=settings.models)
         for name in self.repository.names():
-            changes = settings_changes(before.for_model(name), self.settings.for_model(name))
+            changes = settings_changes(before.for_model(name), applied.for_model(name))
             if changes:
                 log.info("config reloaded: %s: %s", name, "; ".join(changes))
-        self.explanation.raise_black_box_cap(self.settings)
-        changed = self.repository.apply_settings(self.settings)
+        self.explanation.raise_black_box_cap(applied)
+        changed = self.repository.apply_settings(applied)
         log.info("config reloaded; %s", f"recompiling {', '.join(changed)}" if changed
                  else "no loaded model's settings changed")
         self._warn_about_configured_names()
@@ -195,20 +193,13 @@ class Server:
         log.info("stopped")
 
     def _watch_file(self, path: Path, on_signal: Callable[[int, object], None]) -> None:
-        """Every poll, the file's identity (inode, size, mtime; through symlinks, which is how
-        a ConfigMap volume swaps it). A change that has held for one poll is handled as a
-        SIGHUP: an editor's truncate-then-write must not apply the empty file between."""
-        def identity():
-            try:
-                st = path.stat()
-                return st.st_ino, st.st_size, st.st_mtime_ns
-            except OSError:
-                return None  # removed for a moment: compared again at the next poll
+        """Every poll, the file's identity: a change that has held for one poll is handled as
+        a SIGHUP (an editor's truncate-then-write must not apply the empty file between)."""
         self._watching = True
-        applied = seen = identity()
+        applied = seen = file_identity(path)
         while self._watching:
             time.sleep(self.settings.poll_seconds)
-            now = identity()
+            now = file_identity(path)
             if now is not None and now == seen and now != applied:
                 log.info("%s changed; reading it again", path)
                 applied = now

@@ -118,19 +118,19 @@ def run_serve(args) -> int:
 def check_config(settings) -> int:
     """What `serve` checks before it compiles anything, for a pipeline to run before a rollout
     (as `nginx -t`): raises what serve would fail with; prints the models it would load."""
+    from ..config import unmatched_model_names
     from ..repository import ModelRepository, plan_versions, scan
-    from ..security import BearerToken, server_credentials
+    from ..security import read_token, server_credentials
 
     server_credentials(settings)
-    BearerToken(settings.token_file)
+    read_token(settings.token_file)
     ModelRepository(settings).check_devices()
     on_disk, unreadable = scan(settings.repository)
     for name, reason in sorted(unreadable.items()):
         print(f"xaiserve serve: warning: cannot read {settings.repository / name} ({reason})",
               file=sys.stderr)
-    for name in sorted(set(settings.models) - set(on_disk)):
-        print(f"xaiserve serve: warning: the config sets models.{name}, but the repository has "
-              "no model of that name", file=sys.stderr)
+    for warning in unmatched_model_names(settings, sorted(on_disk)):
+        print(f"xaiserve serve: warning: {warning}", file=sys.stderr)
     models = []
     for name, versions in sorted(on_disk.items()):
         model = settings.for_model(name)
