@@ -127,7 +127,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             model_name=request.model_name, model_version=str(state.version),
             versions=[str(v) for v in self.repository.versions(request.model_name)],
             ready=state.ready, reason=state.error or ("" if state.ready else "loading"),
-            device=self.settings.for_model(request.model_name).device)
+            device=(state.settings or self.settings.for_model(state.name)).device)
         if state.ready:
             info = state.model.info
             response.labels.extend(info.labels)

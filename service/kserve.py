@@ -163,7 +163,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's configuration view, which Triton's clients and perf_analyzer read: the
         dims leave out the batch dimension, bounded by max_batch_size."""
         state = served_version(self.repository, request.name, request.version)
-        settings = self.repository.settings.for_model(state.name)
+        settings = state.settings  # what this copy was compiled with (a reload may have failed)
         inputs, outputs = served_tensors(state.model)
         config = pb.ModelConfig(
             name=state.name, platform=PLATFORM, backend="openvino",

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import openvino as ov
 
@@ -114,6 +115,9 @@ class ModelRepository:
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
+        # called (no lock held) after the table changed: a load ended, a scan added or dropped
+        # versions; the server's per-model health follows it
+        self.listeners: list[Callable[[], None]] = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -177,10 +181,15 @@ class ModelRepository:
                    for state in loaders]
         for thread in threads:
             thread.start()
+        self._changed()
         if wait:
             for thread in threads:
                 thread.join()
         return loaders
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def _scan(self) -> dict[str, dict[int, Path]] | None:
         """scan(), warning once per spell of each folder that cannot be read; None while the
@@ -264,10 +273,12 @@ class ModelRepository:
         model = self._compile(state)
         if model is None:
             log.error("failed to load %s version %d: %s", state.name, state.version, state.error)
+            self._changed()
             return
         self.history.append((time.monotonic(), state.name, state.version, "ready"))
         state.model = model
         log.info("loaded %s version %d on %s", state.name, state.version, state.settings.device)
+        self._changed()
         with self._lock:
             removed = self._table.get(state.name, {}).get(state.version) is not state
             stale = state.settings != self.settings.for_model(state.name)

@@ -20,6 +20,7 @@ from .config import ConfigError, ServerSettings, check_server, unmatched_model_n
 from .explain_service import ExplanationServicer
 from .file_changes import file_identity
 from .interceptor import RequestInterceptor
+from .model_health import ModelHealth
 from .kserve import KServeServicer
 from .proto import grpc_predict_v2_pb2 as kserve_pb
 from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
@@ -46,6 +47,7 @@ class Server:
         check_server(settings)
         self.repository = ModelRepository(settings)
         self.health = health.HealthServicer()
+        self.repository.listeners.append(ModelHealth(self.health, self.repository.states).sync)
         self.telemetry = Telemetry()
         self.telemetry.watch_versions(lambda: [
             (s.name, s.version, "ready" if s.ready else "failed" if s.error else "loading")

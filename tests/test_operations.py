@@ -6,6 +6,7 @@ removed while clients send requests without pause."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -22,11 +23,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from xaiserve.service import logs
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.health import check_health
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
@@ -366,6 +369,62 @@ def test_a_newest_version_that_fails_to_load_falls_back_to_the_one_before(small_
         assert failures == [] and answers[0] == 2 and answers[-1] == 3
         history = list(server.repository.history)
         assert when(history, 3, "ready") <= when(history, 2, "unloaded")
+
+
+def health_of(channel, service: str) -> str:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_each_model_has_a_health_status_of_its_own(small_export, tmp_path):
+    """The health service answered for the whole server only, so a probe or a load balancer
+    could not tell that one model had nothing ready. The model's name is now a service name:
+    SERVING with a ready version, NOT_SERVING without, SERVICE_UNKNOWN once removed; a Watch
+    gets each change."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    shutil.copytree(small_export.path, tmp_path / "broken" / "1")
+    break_weights(tmp_path / "broken" / "1")
+    with server_on(tmp_path, latest_versions=0) as (server, channel):
+        assert [health_of(channel, s) for s in ("", "shapes", "broken", "nope")] == [
+            "SERVING", "SERVING", "NOT_SERVING", "NOT_FOUND"]
+        assert check_health(f"127.0.0.1:{server.port}", "shapes") == "SERVING"  # `xaiserve health`
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="broken"), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        shutil.copy(small_export.path / "model.bin", tmp_path / "broken" / "1")  # mended
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        shutil.rmtree(tmp_path / "shapes")
+        assert wait_until(lambda: health_of(channel, "shapes") == "SERVICE_UNKNOWN")
+        assert health_of(channel, "broken") == "SERVING"
+        server.health.enter_graceful_shutdown()  # what stop() does first: every status goes
+        assert health_of(channel, "broken") == "NOT_SERVING"
+
+
+def test_a_reload_that_fails_to_compile_reports_the_settings_still_served(small_export,
+                                                                        tmp_path, caplog):
+    """A reloaded config whose compile failed kept the old copy serving, but ModelConfig and
+    ModelInfo reported the new settings: a client read a device the model was not on."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    with server_on(tmp_path, latest_versions=0) as (server, channel), \
+            caplog.at_level(logging.ERROR, logger="xaiserve.repository"):
+        unknown = ModelSettings(device="HETERO:NOPE", performance_hint="LATENCY")
+        server.reload_settings(dataclasses.replace(server.settings, defaults=unknown))
+        assert wait_until(lambda: any("keeps its previous settings" in r.getMessage()
+                                      for r in caplog.records))
+        config = kgrpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            kpb.ModelConfigRequest(name="shapes")).config
+        assert config.parameters["device"].string_value == "CPU"
+        assert config.parameters["performance_hint"].string_value == "THROUGHPUT"
+        info = xgrpc.ExplanationServiceStub(channel).ModelInfo(
+            xpb.ModelInfoRequest(model_name="shapes"))
+        assert info.ready and info.device == "CPU"
+        answer = kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request())
+        assert answer.model_version == "1"
 
 
 def test_a_version_that_fails_while_serving_leaves_the_served_one_in_place(small_export,
