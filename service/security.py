@@ -5,10 +5,14 @@ Certificates and the token file are read again once they change (rotation withou
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
+import ssl
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -39,6 +43,7 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     def configuration() -> grpc.ServerCertificateConfiguration:
         cert = _pem(settings.tls_cert, "--tls-cert", b"CERTIFICATE")
         key = _pem(settings.tls_key, "--tls-key", b"PRIVATE KEY")
+        check_key_pair(cert, key, settings.tls_cert, settings.tls_key)
         ca = (_pem(settings.tls_client_ca, "--tls-client-ca", b"CERTIFICATE")
               if settings.tls_client_ca else None)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
@@ -48,7 +53,8 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
             return None
         try:
             renewed = configuration()
-        except ConfigError as exc:  # half-written: the next change is looked at again
+        except ConfigError as exc:  # half-written, or the key not there yet: the next
+            # change is looked at again
             log.warning("TLS files changed but cannot be used (%s); keeping the ones before",
                         exc)
             return None
@@ -109,6 +115,43 @@ def channel_credentials(ca: Path | None = None, cert: Path | None = None,
         root_certificates=_pem(ca, "--tls-ca", b"CERTIFICATE") if ca else None,
         private_key=_pem(key, "--tls-key", b"PRIVATE KEY") if key else None,
         certificate_chain=_pem(cert, "--tls-cert", b"CERTIFICATE") if cert else None)
+
+
+def check_key_pair(cert: bytes, key: bytes, cert_path: Path, key_path: Path) -> None:
+    """ConfigError unless `key` is an unencrypted private key of `cert`'s first certificate.
+    gRPC takes any pair and then fails at start with "cannot bind" (its add_port fails); after
+    a rotation that replaced one file and not yet the other it keeps the pair before, with C++
+    error lines that name no file: the warning below names them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with _memory_file(cert) as cert_file, _memory_file(key) as key_file:
+        try:  # an empty password: an encrypted key fails here instead of prompting on a tty
+            context.load_cert_chain(cert_file, key_file, password=b"")
+        except ssl.SSLError as exc:
+            why = ("the key is not the certificate's; give the key it was issued for"
+                   if exc.reason == "KEY_VALUES_MISMATCH" else
+                   "the key is encrypted; gRPC needs it unencrypted (openssl pkey -in KEY)"
+                   if b"ENCRYPTED" in key else
+                   "OpenSSL cannot read them as a certificate chain and its private key")
+            raise ConfigError(f"--tls-cert {cert_path} and --tls-key {key_path}: {why}"
+                              ) from None
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path to `data` for OpenSSL, which reads only files: in memory where Linux allows
+    (memfd), so key material is not written to disk, else a private temporary file."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("xaiserve-pem", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "pem"
+        path.write_bytes(data)
+        yield str(path)
 
 
 def _pem(path: Path, flag: str, kind: bytes) -> bytes:

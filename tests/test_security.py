@@ -228,6 +228,58 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
         server.stop(grace=1)
 
 
+def test_a_key_that_is_not_the_certificates_is_refused_and_waited_out(repo, pki, tmp_path):
+    """A key that does not belong to the certificate (or an encrypted one): at start gRPC
+    failed with "cannot bind" the port, and --check-config said ok. A rotation that has
+    replaced the certificate and not yet the key keeps the pair before until both are there."""
+    with pytest.raises(ConfigError, match="client.key: the key is not the certificate's"):
+        start(repo, tls_cert=pki / "server.pem", tls_key=pki / "client.key")
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass")))
+    with pytest.raises(ConfigError, match="the key is encrypted; gRPC needs it unencrypted"):
+        start(repo, tls_cert=pki / "server.pem", tls_key=encrypted)
+
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki / name, tmp_path / name)
+    server = start(repo, tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key")
+    address, clients = f"127.0.0.1:{server.port}", []
+
+    def fresh_client(ca: Path) -> XaiClient:
+        clients.append(XaiClient.connect(address, tls_ca=ca, retries=0, timeout=10))
+        return clients[-1]
+    try:
+        ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), \
+            ec.generate_private_key(ec.SECP256R1())
+        _write(tmp_path, "new-ca", _certificate("renewed CA", ca_key, "renewed CA", ca_key,
+                                                ca=True), ca_key)
+        renewed = _certificate("localhost", server_key, "renewed CA", ca_key, server=True)
+        replace_file(tmp_path / "server.pem", renewed.public_bytes(serialization.Encoding.PEM))
+        time.sleep(1.2)  # the certificate is there, its key not yet: the pair before serves
+        assert fresh_client(pki / "ca.pem").model_info("shapes").ready
+        replace_file(tmp_path / "server.key", server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        time.sleep(1.2)  # now both: the new pair
+        assert fresh_client(tmp_path / "new-ca.pem").model_info("shapes").ready
+        refused(lambda: fresh_client(pki / "ca.pem").model_info("shapes"),
+                grpc.StatusCode.UNAVAILABLE)
+    finally:
+        for client in clients:
+            client.close()
+        server.stop(grace=1)
+
+    bad = tmp_path / "pair"
+    bad.mkdir()
+    shutil.copy(pki / "server.pem", bad / "server.pem")
+    shutil.copy(pki / "client.key", bad / "server.key")
+    (bad / "repository").mkdir()
+    result = run_cli("serve", "--repository", bad / "repository", "--tls-cert",
+                     bad / "server.pem", "--tls-key", bad / "server.key", "--check-config")
+    assert result.returncode == 2 and "the key is not the certificate's" in result.stderr
+
+
 def test_mutual_tls(repo, pki):
     server = start(repo, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
                    tls_client_ca=pki / "ca.pem")
