@@ -5,11 +5,13 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 import numpy as np
 
 from . import __version__
-from .errors import invalid, rpc, shown, unavailable
+from .errors import NotServed, RequestError, invalid, rpc, shown, unavailable
 from .images import ImageError, decode_image, resize_for_model
 from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as pb
@@ -21,7 +23,9 @@ INPUT_NAME = "image"
 PLATFORM = "openvino_ir"
 # Triton's names for the protocol extensions this server answers (ModelConfig, ModelStatistics);
 # clients such as perf_analyzer look for them before they call those RPCs.
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
+# RepositoryModelLoad without a deadline waits this long for a compile at most
+LOAD_WAIT_SECONDS = 600.0
 TRITON_TYPES = {"UINT8": pb.TYPE_UINT8, "FP32": pb.TYPE_FP32}
 
 
@@ -203,6 +207,66 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 getattr(stats.inference_stats, bucket).CopyFrom(
                     pb.StatisticDuration(count=duration.count, ns=duration.ns))
         return response
+
+    # --- Triton's model repository extension ------------------------------------------------
+
+    def _check_repository_name(self, given: str) -> None:
+        folder = Path(self.repository.settings.repository)
+        if given not in ("", folder.name, str(folder)):
+            raise invalid(f"repository_name {shown(given)}: this server has one repository "
+                          f"({folder.name}); leave it empty")
+
+    @rpc
+    def RepositoryIndex(self, request, context):
+        """Every version on disk or loaded, READY, LOADING or UNAVAILABLE with the reason (a
+        failed load, not among the latest_versions)."""
+        self._check_repository_name(request.repository_name)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=str(e.version),
+                                                  state=e.state, reason=e.reason)
+            for e in self.repository.index() if e.state == "READY" or not request.ready])
+
+    @rpc
+    def RepositoryModelLoad(self, request, context):
+        """The repository is polled, so a model is loaded by writing its folder; this makes the
+        poll happen now and answers once the model's versions are ready: OK when its newest
+        version serves, FAILED_PRECONDITION with the reason when that one failed to load."""
+        self._check_repository_name(request.repository_name)
+        name = request.model_name
+        if request.parameters:
+            raise invalid(f"parameters {sorted(request.parameters)}: this server loads the files "
+                          f"in its repository folder; write them under {name or 'NAME'}/VERSION/ "
+                          "and send no parameters")
+        remaining = context.time_remaining()
+        try:
+            states = self.repository.load_now(name, min(remaining or LOAD_WAIT_SECONDS,
+                                                        LOAD_WAIT_SECONDS))
+        except NotServed:
+            raise NotServed(f"model_name {shown(name)}: no version of it in the repository "
+                            f"{self.repository.settings.repository} (a folder "
+                            f"{name or 'NAME'}/<version>/ with model.xml); export it there "
+                            "first") from None
+        newest = ([s for s in states if not s.removed] or states)[-1]
+        if newest.ready:
+            return pb.RepositoryModelLoadResponse()
+        serving = [s.version for s in states if s.ready]
+        fallback = f"; version {serving[-1]} serves" if serving else ""
+        if newest.error:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {name!r} version {newest.version} failed to load: "
+                               f"{newest.error}{fallback}")
+        raise unavailable(f"model {name!r} version {newest.version} is still loading{fallback}")
+
+    @rpc
+    def RepositoryModelUnload(self, request, context):
+        self._check_repository_name(request.repository_name)
+        name = request.model_name
+        self.repository.states(name)  # NOT_FOUND for a model not served, listing those that are
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"model_name {name!r}: this server serves what its repository holds "
+                           f"(looked at every {self.repository.settings.poll_seconds:g} s); to "
+                           f"unload it remove {Path(self.repository.settings.repository) / name}"
+                           ", or a version folder, or bound latest_versions in its config")
 
     def max_batch_size(self, state: VersionState) -> int:
         """The configured bound, or the IR's own batch size where it is static."""

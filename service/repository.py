@@ -102,6 +102,37 @@ def plan_versions(on_disk: dict[int, Path], latest: int,
     return serve, listed
 
 
+@dataclass(frozen=True)
+class IndexEntry:
+    """One version in the repository index (Triton's RepositoryIndex states)."""
+
+    name: str
+    version: int
+    state: str  # READY, LOADING, UNAVAILABLE
+    reason: str = ""
+
+
+def index_entries(on_disk: dict[str, dict[int, Path]], listed: list[VersionState],
+                  latest_versions: Callable[[str], int]) -> list[IndexEntry]:
+    """Every version on disk or in the table, by name and version: what it is doing and why
+    it is not served (failed, not among the newest `latest_versions`, removed)."""
+    table = {(s.name, s.version): s for s in listed}
+    entries = []
+    for key in sorted(table.keys() | {(n, v) for n, vs in on_disk.items() for v in vs}):
+        state = table.get(key)
+        if state is None:
+            entries.append(IndexEntry(*key, "UNAVAILABLE", "not loaded: older than the "
+                                      f"latest_versions {latest_versions(key[0])}"))
+        elif state.ready:
+            entries.append(IndexEntry(*key, "READY", "removed from disk; served until the "
+                                      "versions replacing it are ready" if state.removed else ""))
+        elif state.error:
+            entries.append(IndexEntry(*key, "UNAVAILABLE", state.error))
+        else:
+            entries.append(IndexEntry(*key, "LOADING"))
+    return entries
+
+
 class ModelRepository:
     def __init__(self, settings: ServerSettings, core: ov.Core | None = None):
         self.settings = settings
@@ -361,6 +392,27 @@ class ModelRepository:
         with self._lock:
             return [self._table[n][v] for n in sorted(self._table) if not name or n == name
                     for v in sorted(self._table[n])]
+
+    def index(self) -> list[IndexEntry]:
+        """Every version on disk or loaded, with its state (the repository as it is now: a
+        folder that cannot be read lists what is loaded)."""
+        try:
+            on_disk, _ = scan(Path(self.settings.repository))
+        except RepositoryUnreadable:
+            on_disk = {}
+        return index_entries(on_disk, self.states(),
+                             lambda name: self.settings.for_model(name).latest_versions)
+
+    def load_now(self, name: str, timeout: float) -> list[VersionState]:
+        """Scan now instead of at the next poll, and wait (up to `timeout` seconds) until
+        `name`'s versions have loaded or failed: a pipeline that has just exported a version
+        learns when it serves. Its listed versions; NotServed when none is on disk."""
+        self.refresh(wait=True)
+        end = time.monotonic() + timeout
+        while any(not s.ready and not s.error for s in self.states(name)) \
+                and time.monotonic() < end:
+            time.sleep(0.05)
+        return self.states(name)
 
     def all_ready(self) -> bool:
         with self._lock:

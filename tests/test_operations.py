@@ -427,6 +427,66 @@ def test_a_reload_that_fails_to_compile_reports_the_settings_still_served(small_
         assert answer.model_version == "1"
 
 
+def test_the_repository_index_lists_every_version_and_load_does_not_wait_for_the_poll(
+        small_export, tmp_path):
+    """Triton's repository extension: an operator sees what is on disk and why a version is
+    not served; a pipeline that has just exported a version asks to load it and is answered
+    once it serves (or why it does not) instead of guessing at the poll."""
+    for version in (1, 2):
+        shutil.copytree(small_export.path, tmp_path / "shapes" / str(version))
+    shutil.copytree(small_export.path, tmp_path / "broken" / "1")
+    break_weights(tmp_path / "broken" / "1")
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0, poll_seconds=3600,
+                              defaults=ModelSettings(latest_versions=1))
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    try:
+        index = [(m.name, m.version, m.state, m.reason) for m in
+                 kserve.RepositoryIndex(kpb.RepositoryIndexRequest()).models]
+        assert index[0][:3] == ("broken", "1", "UNAVAILABLE") and "weights" in index[0][3]
+        assert index[1:] == [
+            ("shapes", "1", "UNAVAILABLE", "not loaded: older than the latest_versions 1"),
+            ("shapes", "2", "READY", "")]
+        ready = kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=True)).models
+        assert [(m.name, m.version) for m in ready] == [("shapes", "2")]
+
+        shutil.copytree(small_export.path, tmp_path / "shapes" / "3")  # the poll is an hour off
+        kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="shapes"),
+                                   timeout=120)
+        assert kserve.ModelReady(kpb.ModelReadyRequest(name="shapes", version="3")).ready
+        assert kserve.ModelInfer(infer_request()).model_version == "3"
+
+        refusals = {
+            "broken": (kserve.RepositoryModelLoad,
+                       kpb.RepositoryModelLoadRequest(model_name="broken")),
+            "nope": (kserve.RepositoryModelLoad,
+                     kpb.RepositoryModelLoadRequest(model_name="nope")),
+            "parameters": (kserve.RepositoryModelLoad, kpb.RepositoryModelLoadRequest(
+                model_name="shapes",
+                parameters={"config": kpb.ModelRepositoryParameter(string_param="{}")})),
+            "repository": (kserve.RepositoryIndex,
+                           kpb.RepositoryIndexRequest(repository_name="other")),
+            "unload": (kserve.RepositoryModelUnload,
+                       kpb.RepositoryModelUnloadRequest(model_name="shapes")),
+        }
+        seen = {}
+        for case, (call, request) in refusals.items():
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=60)
+            seen[case] = (info.value.code().name, info.value.details())
+        assert seen["broken"][0] == "FAILED_PRECONDITION" and "weights" in seen["broken"][1]
+        assert seen["nope"][0] == "NOT_FOUND" and "export it there first" in seen["nope"][1]
+        assert seen["parameters"][0] == "INVALID_ARGUMENT" and "'config'" in seen["parameters"][1]
+        assert seen["repository"][0] == "INVALID_ARGUMENT"
+        assert seen["unload"][0] == "FAILED_PRECONDITION"
+        assert str(tmp_path / "shapes") in seen["unload"][1]
+        assert kserve.ModelReady(kpb.ModelReadyRequest(name="shapes")).ready  # still serving
+    finally:
+        channel.close()
+        server.stop(grace=1)
+
+
 def test_a_version_that_fails_while_serving_leaves_the_served_one_in_place(small_export,
                                                                          tmp_path):
     shutil.copytree(small_export.path, tmp_path / "shapes" / "1")

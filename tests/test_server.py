@@ -193,7 +193,7 @@ def test_check_config_says_what_would_serve_or_what_to_fix(small_export, tmp_pat
 def test_triton_model_config(kserve):
     """The configuration view Triton's clients and perf_analyzer read before they send."""
     meta = kserve.ServerMetadata(kpb.ServerMetadataRequest())
-    assert {"model_configuration", "statistics"} <= set(meta.extensions)
+    assert {"model_configuration", "statistics", "model_repository"} <= set(meta.extensions)
     config = kserve.ModelConfig(kpb.ModelConfigRequest(name="efficientnet_lite0")).config
     assert config.name == "efficientnet_lite0" and config.max_batch_size == 32
     (image,) = config.input

@@ -56,6 +56,10 @@ def test_tritonclient_grpc_works_unchanged(address, photo_files):
     assert seen["uint8"]["outputs"] == ["logits"]
     (stats,) = seen["statistics"]["model_stats"]
     assert int(stats["inference_count"]) >= 4 and int(stats["execution_count"]) >= 2
+    entries = [(m["name"], m["state"]) for m in seen["index"]["models"]]
+    assert ("efficientnet_lite0", "READY") in entries
+    assert seen["unload"]["status"] == "StatusCode.FAILED_PRECONDITION"
+    assert "remove" in seen["unload"]["message"]
     assert seen["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
     assert "efficientnet_lite0" in seen["unknown_model"]["message"]
 

@@ -51,6 +51,13 @@ def main(url: str, model: str, paths: list[str]) -> dict:
                      "outputs": [o.name for o in result.get_response().outputs]}
 
     seen["statistics"] = client.get_inference_statistics(model, as_json=True)
+    seen["index"] = client.get_model_repository_index(as_json=True)
+    client.load_model(model)  # served already: the repository is scanned, answered at once
+    try:
+        client.unload_model(model)
+        seen["unload"] = None
+    except InferenceServerException as exc:
+        seen["unload"] = {"status": exc.status(), "message": exc.message()}
     try:
         client.infer("nonexistent", [tensor])
         seen["unknown_model"] = None
