@@ -57,11 +57,11 @@ def _model_name(request) -> str:
 
 class RequestInterceptor(grpc.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, max_concurrent: int,
-                 token: Callable[[], str | None] = lambda: None,
+                 tokens: Callable[[], tuple[str, ...]] = lambda: (),
                  max_response_bytes: int | None = None,
                  served: Callable[[str], bool] = lambda name: False):
         self.telemetry = telemetry
-        self.token = token  # the token calls must carry now (None: no check)
+        self.tokens = tokens  # the tokens a call may carry now (none: no check)
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.served = served  # is a model name served? (untrusted names stay out of labels)
@@ -76,8 +76,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         if service == HEALTH_SERVICE:
             return handler
-        token = self.token()
-        if token and not bearer_matches(details.invocation_metadata, token):
+        tokens = self.tokens()
+        if tokens and not bearer_matches(details.invocation_metadata, tokens):
             self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong token: send metadata 'authorization: Bearer "

@@ -65,43 +65,61 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
 
 
 class BearerToken:
-    """The token calls must carry: from `--token-file` (read again once it changes, so a
-    rotated Secret needs no restart; an empty or unreadable new file keeps the token before),
-    else from $XAISERVE_TOKEN, else none (no check)."""
+    """The tokens calls may carry: from `--token-file` (read again once it changes, so a
+    rotated Secret needs no restart; an empty or unreadable new file keeps the ones before),
+    else from $XAISERVE_TOKEN, else none (no check). The file holds one token a line: during a
+    rotation the old and the new one are both accepted, so edge devices can be moved over one
+    by one, and the old line is removed when the last has moved."""
 
     def __init__(self, token_file: Path | None):
         self.token_file = token_file
-        self._token = read_token(token_file)
+        self._tokens = read_tokens(token_file)
         self._files = RotatedFiles([token_file]) if token_file is not None else None
 
-    def current(self) -> str | None:
+    def current(self) -> tuple[str, ...]:
         if self._files is not None and self._files.changed():
             try:
-                self._token = read_token(self.token_file)
-                log.info("%s changed; calls need the new token", self.token_file)
+                before, self._tokens = self._tokens, read_tokens(self.token_file)
+                log.info("%s changed; %d token(s) accepted (%d new, %d no longer)",
+                         self.token_file, len(self._tokens),
+                         len(set(self._tokens) - set(before)), len(set(before) - set(self._tokens)))
             except ConfigError as exc:
                 log.warning("the token file changed but cannot be used (%s); keeping the "
-                            "token before", exc)
-        return self._token
+                            "tokens before", exc)
+        return self._tokens
+
+
+def read_tokens(token_file: Path | None, flag: str = "--token-file") -> tuple[str, ...]:
+    """The tokens in `token_file` (one a line; blank lines and lines starting with # are
+    skipped), else $XAISERVE_TOKEN, else none: no check."""
+    if token_file is not None:
+        lines = _read(token_file, flag).decode("utf-8", "replace").splitlines()
+        tokens = tuple(dict.fromkeys(t for line in lines
+                                     if (t := line.strip()) and not t.startswith("#")))
+        if not tokens:
+            raise ConfigError(f"{flag} {token_file}: no token in it (one a line)")
+        bad = [i + 1 for i, line in enumerate(lines)
+               if not line.strip().startswith("#") and any(c.isspace() for c in line.strip())]
+        if bad:
+            raise ConfigError(f"{flag} {token_file}: line {bad[0]} holds a space; one token a "
+                              "line, nothing else")
+        return tokens
+    return tuple(filter(None, [os.environ.get(TOKEN_ENV)]))
 
 
 def read_token(token_file: Path | None, flag: str = "--token-file") -> str | None:
-    """The token from `token_file`, else from $XAISERVE_TOKEN, else None (no check)."""
-    if token_file is not None:
-        token = _read(token_file, flag).decode("utf-8", "replace").strip()
-        if not token:
-            raise ConfigError(f"{flag} {token_file}: the file is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+    """A client's token: the first in `token_file`, else $XAISERVE_TOKEN, else None."""
+    return next(iter(read_tokens(token_file, flag)), None)
 
 
-def bearer_matches(metadata, token: str) -> bool:
-    """True when the call carries `authorization: Bearer <token>` (constant-time compare)."""
-    expected = f"Bearer {token}".encode()
+def bearer_matches(metadata, tokens: tuple[str, ...]) -> bool:
+    """True when the call carries `authorization: Bearer <token>` with one of `tokens`
+    (each compared in constant time, all of them: the time says nothing of which matched)."""
     for key, value in metadata or ():
         if key == "authorization":
             given = value.encode() if isinstance(value, str) else value
-            return hmac.compare_digest(given, expected)
+            matches = [hmac.compare_digest(given, f"Bearer {t}".encode()) for t in tokens]
+            return any(matches)
     return False
 
 

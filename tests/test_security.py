@@ -215,6 +215,28 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
                 grpc.StatusCode.UNAVAILABLE)  # the old CA no longer vouches for the server
         assert connected.model_info("shapes").ready  # connections made before go on
 
+        # a rotation with an overlap: the old token and the new one both accepted, until the
+        # old line goes (a comment line, a blank one and a repeated token are fine)
+        replace_file(tmp_path / "token", b"# rotating\nthe-next-token\n\na-rotated-token\n"
+                                         b"the-next-token\n")
+        time.sleep(1.2)
+        assert connected.model_info("shapes").ready  # still on "a-rotated-token"
+        (tmp_path / "next").write_text("the-next-token\n")
+        moved = XaiClient.connect(address, tls_ca=tmp_path / "new-ca.pem",
+                                  token_file=tmp_path / "next",
+                                  retries=0, timeout=10)
+        clients.append(moved)
+        assert moved.model_info("shapes").ready
+        replace_file(tmp_path / "token", b"the-next-token\n")
+        time.sleep(1.2)
+        refused(lambda: connected.model_info("shapes"), grpc.StatusCode.UNAUTHENTICATED)
+        assert moved.model_info("shapes").ready
+        # the client's file is the server's: it sends the first token
+        replace_file(tmp_path / "token", b"the-next-token\na-rotated-token\n")
+        time.sleep(1.2)
+        connected = client(tmp_path / "new-ca.pem")
+        assert connected.model_info("shapes").ready
+
         # a rotation caught half-way (an empty token file, no PEM): the ones before stay
         later = client(tmp_path / "new-ca.pem")  # it connects at its first call, below
         replace_file(tmp_path / "token", b"")
@@ -318,7 +340,7 @@ def test_bad_security_settings_name_the_flag(repo, pki, tmp_path):
 
 def test_config_file_keys_and_token_sources(pki, tmp_path, monkeypatch):
     from xaiserve.service.config import load_settings
-    from xaiserve.service.security import TOKEN_ENV, read_token
+    from xaiserve.service.security import TOKEN_ENV, read_token, read_tokens
 
     config = tmp_path / "serve.yaml"
     config.write_text(f"""
@@ -350,9 +372,15 @@ defaults:
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     assert read_token(None) == "from-env"
     assert read_token(pki / "token") == TOKEN  # the file wins, its newline stripped
-    (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ConfigError, match="empty"):
+    (tmp_path / "empty").write_text("\n# only a comment\n")
+    with pytest.raises(ConfigError, match="no token in it"):
         read_token(tmp_path / "empty")
+    (tmp_path / "two").write_text("# old one goes on Friday\nold-token\n  new-token  \n")
+    assert read_tokens(tmp_path / "two") == ("old-token", "new-token")
+    assert read_token(tmp_path / "two") == "old-token"
+    (tmp_path / "spaced").write_text("old-token new-token\n")
+    with pytest.raises(ConfigError, match="line 1 holds a space; one token a line"):
+        read_tokens(tmp_path / "spaced")
 
 
 # --- limits and paths ---------------------------------------------------------------------------

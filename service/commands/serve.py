@@ -51,8 +51,9 @@ def add_serve_operations(p) -> None:
     p.add_argument("--tls-client-ca", type=Path, default=None,
                    help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--token-file", type=Path, default=None,
-                   help="require 'authorization: Bearer <token>' with the token in this file "
-                        "(or in $XAISERVE_TOKEN); health checks are exempt")
+                   help="require 'authorization: Bearer <token>' with a token in this file "
+                        "(one a line: old and new during a rotation; or $XAISERVE_TOKEN); "
+                        "health checks are exempt")
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="beyond it requests get RESOURCE_EXHAUSTED (default: 32)")
     p.add_argument("--max-message-bytes", type=int, default=None,
@@ -120,10 +121,10 @@ def check_config(settings) -> int:
     (as `nginx -t`): raises what serve would fail with; prints the models it would load."""
     from ..config import unmatched_model_names
     from ..repository import ModelRepository, plan_versions, scan
-    from ..security import read_token, server_credentials
+    from ..security import read_tokens, server_credentials
 
     server_credentials(settings)
-    read_token(settings.token_file)
+    read_tokens(settings.token_file)
     ModelRepository(settings).check_devices()
     on_disk, unreadable = scan(settings.repository)
     for name, reason in sorted(unreadable.items()):
