@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 
+from .proto import grpc_predict_v2_pb2 as kpb
+from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .security import channel_credentials, read_token
@@ -101,6 +103,7 @@ class XaiClient:
         self.channel = open_channel(address, max_message_bytes, own_connection, credentials,
                                     retries)
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
+        self.kserve = kserve_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -139,6 +142,18 @@ class XaiClient:
                                   metrics=metrics, metric_options=metric_options,
                                   thresholds=thresholds)
         return self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
+
+    def repository_index(self, ready_only: bool = False) -> list:
+        """Every version the server's repository holds (name, version, state, reason)."""
+        return list(self.kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=ready_only),
+                                                timeout=self.timeout,
+                                                metadata=self.metadata).models)
+
+    def load_model(self, model: str) -> None:
+        """Ask the server to scan its repository now; returns once the model's newest version
+        serves (grpc.RpcError with the reason otherwise)."""
+        self.kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=model),
+                                        timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -38,6 +38,8 @@ from xaiserve.service.layout import version_dirs
 from xaiserve.service.repository import plan_versions
 from xaiserve.service.server import Server
 
+from tests.conftest import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -482,6 +484,21 @@ def test_the_repository_index_lists_every_version_and_load_does_not_wait_for_the
         assert seen["unload"][0] == "FAILED_PRECONDITION"
         assert str(tmp_path / "shapes") in seen["unload"][1]
         assert kserve.ModelReady(kpb.ModelReadyRequest(name="shapes")).ready  # still serving
+
+        # the same from a pipeline's shell: `xaiserve models`
+        address = f"127.0.0.1:{server.port}"
+        table = run_cli("models", "--server", address)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[0].split() == ["NAME", "VERSION", "STATE", "REASON"]
+        assert table.stdout.splitlines()[-1].split() == ["shapes", "3", "READY"]
+        listed = json.loads(run_cli("models", "--server", address, "--json", "--ready").stdout)
+        assert listed == [{"name": "shapes", "version": 3, "state": "READY", "reason": ""}]
+        shutil.copytree(small_export.path, tmp_path / "shapes" / "4")
+        loaded = run_cli("models", "--server", address, "--load", "shapes")
+        assert (loaded.returncode, loaded.stdout) == (0, "shapes version 4 serves\n")
+        failed = run_cli("models", "--server", address, "--load", "broken")
+        assert failed.returncode == 1 and "FAILED_PRECONDITION" in failed.stderr
+        assert run_cli("models", "--server", "127.0.0.1:99999").returncode == 2
     finally:
         channel.close()
         server.stop(grace=1)

@@ -77,3 +77,16 @@ def check_outputs(images: list[Path], out: Path) -> None:
     for path in images:
         if path.resolve() in written:
             raise ValueError(f"{path}: the results would be written over it; give another --out")
+
+
+def add_client_options(p) -> None:
+    """How a client reaches a server (TLS, its token) and how often it tries."""
+    p.add_argument("--retries", type=bounded_int(0, 4), default=4,
+                   help="with --server: times an UNAVAILABLE call (a server restarting, a version "
+                        "compiling) is tried again, with backoff (0.5 s doubling; default 4)")
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="PEM CA that signed the server's certificate: connect over TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file with the server's bearer token (or set $XAISERVE_TOKEN)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import atomic_file, json_values
 from ..layout import resolve_version_dir
-from .common import bounded_int, check_outputs, fail, floats, prepared_out
+from .common import add_client_options, bounded_int, check_outputs, fail, floats, prepared_out
 
 
 def add_parser(sub) -> None:
@@ -26,12 +26,9 @@ def add_parser(sub) -> None:
                    help="black-box masks (0: server default)")
     p.add_argument("--seed", type=bounded_int(0, 2**64 - 1), default=0)
     p.add_argument("--device", default="CPU")
-    p.add_argument("--retries", type=bounded_int(0, 4), default=4,
-                   help="with --server: times an UNAVAILABLE call (a server restarting, a version "
-                        "compiling) is tried again, with backoff (0.5 s doubling; default 4)")
     p.add_argument("--out", type=Path, default=Path("out"))
     add_quality_options(p)
-    add_client_security(p)
+    add_client_options(p)
     p.set_defaults(run=run_explain)
 
 
@@ -122,16 +119,6 @@ def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
                              top, model_scorer(model), model.info)
     return [{"name": v.name, "value": v.value, "text": v.text,
              "parameters": v.parameters} for v in values]
-
-
-def add_client_security(p) -> None:
-    """How a client reaches a TLS server and proves who it is."""
-    p.add_argument("--tls-ca", type=Path, default=None,
-                   help="PEM CA that signed the server's certificate: connect over TLS")
-    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
-    p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="file with the server's bearer token (or set $XAISERVE_TOKEN)")
 
 
 def run_explain_remote(args) -> int:
