@@ -105,6 +105,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
 
     def _handle(self, method: str, inner, request, context):
         record = RequestRecord(method, self._request_id(request), _model_name(request))
+        record.trace_id, record.span_id = request_context.trace_context(
+            context.invocation_metadata())
         if not self.slots.acquire(blocking=False):
             self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -171,7 +173,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
         log.log(level, "%s %s", record.method, code.name, extra={
             "request_id": record.request_id, "model": record.model,
             "version": record.version, "method": record.method, "code": code.name,
-            "ms": round(seconds * 1e3, 3)})
+            "ms": round(seconds * 1e3, 3), "trace_id": record.trace_id,
+            "span_id": record.span_id})
 
     def _count(self, record: RequestRecord, model: str, code: grpc.StatusCode,
                seconds: float) -> None:

@@ -1,7 +1,9 @@
 """Log set-up for `xaiserve serve`: readable text, or one JSON object per line for collectors.
 
 Lines logged while a request is handled carry its request id, model and method even when the
-code that logs them knows nothing of the request (the request context fills them in)."""
+code that logs them knows nothing of the request (the request context fills them in), and the
+client's trace id and span id when it sent a W3C `traceparent` (OpenTelemetry's gRPC
+instrumentation does), so that a tracing backend's span leads to the server's lines."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from datetime import datetime, timezone
 from . import request_context
 
 FORMATS = ("text", "json")
-REQUEST_FIELDS = ("request_id", "model", "version", "method", "code", "ms")
+REQUEST_FIELDS = ("request_id", "model", "version", "method", "code", "ms", "trace_id",
+                  "span_id")
 
 
 class RequestFields(logging.Filter):
@@ -22,7 +25,7 @@ class RequestFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         current = request_context.current()
         if current is not None:
-            for name in ("request_id", "model", "version", "method"):
+            for name in ("request_id", "model", "version", "method", "trace_id", "span_id"):
                 if not hasattr(record, name):
                     setattr(record, name, getattr(current, name))
         return True

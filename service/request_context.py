@@ -22,6 +22,8 @@ class RequestRecord:
     model: str = ""
     version: str = ""
     forward_passes: int | None = None  # set by a black-box explanation
+    trace_id: str = ""  # from the client's W3C `traceparent`, to join its traces to our logs
+    span_id: str = ""  # the client's span that made the call
 
 
 _CURRENT: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -32,6 +34,28 @@ def new_request_id() -> str:
     """32 random hex digits, as unique as a UUID4's: the uuid module builds an object per call,
     which took 68 against 17 us on a request here."""
     return os.urandom(16).hex()
+
+
+def trace_context(metadata) -> tuple[str, str]:
+    """(trace id, parent span id) of a W3C `traceparent` in the call's metadata
+    ("00-<32 hex>-<16 hex>-<2 hex>", as OpenTelemetry's gRPC instrumentation sends it), or
+    ("", "") when there is none or it is malformed (the spec: ignore it then)."""
+    for key, value in metadata or ():
+        if key != "traceparent":
+            continue
+        parts = value.split("-") if isinstance(value, str) else []
+        if (len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff"
+                and len(parts[1]) == 32 and len(parts[2]) == 16 and len(parts[3]) == 2
+                and all(_is_lower_hex(p) for p in parts[:4])
+                and parts[1].strip("0") and parts[2].strip("0")
+                and (parts[0] != "00" or len(parts) == 4)):
+            return parts[1], parts[2]
+        return "", ""
+    return "", ""
+
+
+def _is_lower_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def current() -> RequestRecord | None:

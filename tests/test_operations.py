@@ -161,10 +161,13 @@ def test_json_logs_carry_the_request_id(served):
     try:
         kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(request_id="req-42"))
         answer = xgrpc.ExplanationServiceStub(channel).Explain(explain_request())
+        for request_id, parent in (("traced", TRACEPARENT), ("badly-traced", "00-xyz-01")):
+            kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                infer_request(request_id=request_id), metadata=(("traceparent", parent),))
         with pytest.raises(grpc.RpcError):
             XaiClient(f"127.0.0.1:{server.port}").explain(b"not an image", "shapes")
         # the access log is written just after each response leaves
-        assert wait_until(lambda: stream.getvalue().count('"xaiserve.access"') >= 3, 10)
+        assert wait_until(lambda: stream.getvalue().count('"xaiserve.access"') >= 5, 10)
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
@@ -181,6 +184,30 @@ def test_json_logs_carry_the_request_id(served):
     assert any(e["request_id"] == answer.id and e["method"] == "Explain" for e in access)
     failed = [e for e in access if e["code"] == "INVALID_ARGUMENT"]
     assert failed and failed[0]["model"] == "shapes" and failed[0]["request_id"]
+    # a client's W3C trace context joins its traces to these lines; a malformed one is ignored
+    traced = next(e for e in access if e["request_id"] == "traced")
+    assert (traced["trace_id"], traced["span_id"]) == tuple(TRACEPARENT.split("-")[1:3])
+    untraced = next(e for e in access if e["request_id"] == "badly-traced")
+    assert "trace_id" not in untraced and "trace_id" not in first
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize("value, expected", [
+    (TRACEPARENT, ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
+    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later",  # a later version's
+     ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more", ("", "")),
+    ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", ("", "")),  # zero trace id
+    ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", ("", "")),  # upper case
+    ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", ("", "")),
+    ("00-4bf92f35-00f067aa0ba902b7-01", ("", "")),
+])
+def test_trace_context_follows_the_w3c_rules(value, expected):
+    from xaiserve.service.request_context import trace_context
+
+    assert trace_context([("other", "x"), ("traceparent", value)]) == expected
 
 
 # --- hot reload under load --------------------------------------------------------------------
