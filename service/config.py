@@ -103,6 +103,16 @@ class ServerSettings:
     # clients connect again and spread over replicas added since (gRPC keeps one connection
     # to one pod otherwise); 0: never
     max_connection_age: Annotated[float, Field(ge=0, le=86400)] = 0.0
+    # Keepalive. Clients' pings (edge devices keep a connection open through a NAT's idle
+    # timeout with them) are accepted this often, with or without calls in flight; gRPC's
+    # default (one ping in 2 hours on an idle connection, 5 minutes with calls) answers a
+    # client pinging every 30 s with GOAWAY "too_many_pings" after three of them.
+    min_client_ping_interval: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    # > 0: the server pings a connection idle this long and closes it when the ping is not
+    # answered within keepalive_timeout, so devices that vanished (power cut, network gone)
+    # do not hold connections for hours; 0: never (gRPC's 2 hours)
+    keepalive_time: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    keepalive_timeout: Annotated[float, Field(gt=0, le=3600)] = 20.0
     metrics_port: PORT | None = None  # Prometheus text over HTTP; None: off, 0: any free port
     tls_cert: MAYBE_PATH = None  # PEM server certificate (chain); with tls_key: TLS
     tls_key: MAYBE_PATH = None

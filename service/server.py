@@ -59,7 +59,15 @@ class Server:
                                          max_response_bytes=settings.max_message_bytes,
                                          served=lambda name: name in repository.names())
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
-                   ("grpc.max_send_message_length", settings.max_message_bytes)]
+                   ("grpc.max_send_message_length", settings.max_message_bytes),
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_ping_interval_without_data_ms",
+                    int(settings.min_client_ping_interval * 1000))]
+        if settings.keepalive_time:
+            options += [("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+                        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+                        ("grpc.http2.max_pings_without_data", 0),
+                        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout * 1000))]
         if settings.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms",

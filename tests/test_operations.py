@@ -606,15 +606,19 @@ def test_version_plan_is_the_newest_that_did_not_fail():
     assert plan_versions(disk, 1, {1, 2, 3, 4}) == ({}, disk)
 
 
-def client_ports(server_port: int) -> set[int]:
-    """Local ports of the TCP connections now established to `server_port` on 127.0.0.1 (from
-    /proc/net/tcp; not gRPC's connectivity subscriptions, which can crash a closing channel)."""
+def client_ports(server_port: int, side: str = "client") -> set[int]:
+    """Client ports of the TCP connections to `server_port` on 127.0.0.1 now established on
+    the client's side (or the server's) (from /proc/net/tcp; not gRPC's connectivity
+    subscriptions, which can crash a closing channel)."""
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC's sockets may be IPv4-mapped v6
         for line in Path(table).read_text().splitlines()[1:]:
             local, remote, state = line.split()[1:4]
-            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == server_port:
-                ports.add(int(local.rsplit(":", 1)[1], 16))
+            ours, theirs = (int(a.rsplit(":", 1)[1], 16) for a in (local, remote))
+            if side == "server":
+                ours, theirs = theirs, ours
+            if state == "01" and theirs == server_port:
+                ports.add(ours)
     return ports
 
 
@@ -639,6 +643,45 @@ def test_connections_are_closed_after_their_max_age_and_calls_go_on(small_export
         assert answered > 10 and len(connections) >= 3, connections  # connected anew twice
     finally:
         channel.close()
+        server.stop(grace=0)
+
+
+KEEPALIVE_CLIENT = """
+import sys, time, grpc
+from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb, grpc_predict_v2_pb2_grpc as kgrpc
+channel = grpc.insecure_channel(sys.argv[1], options=[
+    ("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0)])
+kgrpc.GRPCInferenceServiceStub(channel).ServerLive(kpb.ServerLiveRequest(), timeout=10)
+print("connected", flush=True)
+time.sleep(60)
+"""
+
+
+def test_keepalive_pings_are_accepted_and_vanished_clients_let_go(tmp_path):
+    """An edge device pinging to keep its connection through a NAT was sent GOAWAY
+    "too_many_pings" after three idle pings (gRPC's default allows one in two hours without
+    calls), and a device that vanished held its connection for hours. Client pings are now
+    accepted as often as `min_client_ping_interval`, and the server pings idle connections
+    (`keepalive_time`), closing those that do not answer."""
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                              min_client_ping_interval=0.5, keepalive_time=1.0,
+                              keepalive_timeout=1.0)
+    server = Server(settings).start()
+    client = subprocess.Popen([sys.executable, "-c", KEEPALIVE_CLIENT, f"127.0.0.1:{server.port}"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert client.stdout.readline().strip() == "connected"
+        first = client_ports(server.port)
+        time.sleep(5)  # five idle pings each way
+        assert len(first) == 1 and client_ports(server.port) == first  # never sent away
+        assert client_ports(server.port, side="server") == first
+        client.send_signal(signal.SIGSTOP)  # the device vanishes: nothing answers pings
+        assert wait_until(lambda: not client_ports(server.port, side="server"), timeout=10)
+    finally:
+        client.kill()
+        client.wait()
         server.stop(grace=0)
 
 
