@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import openvino
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               PlatformCollector, ProcessCollector, start_http_server)
+
+from . import __version__
 from prometheus_client.core import GaugeMetricFamily
 
 # (model, version, "ready" | "loading" | "failed") of every listed version
@@ -44,6 +48,12 @@ class Telemetry:
         self.config_reloads = Counter(
             "xaiserve_config_reloads", "Config reloads (SIGHUP or a changed file), by result: "
             "applied, or failed and the config before kept", ["result"], registry=r)
+        # the process (resident memory, CPU seconds, open files, start time) and what runs
+        # (a rollout's versions side by side on a dashboard; OpenVINO decides the speed)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("xaiserve_build", "xaiserve and OpenVINO versions of this server",
+             registry=r).info({"version": __version__, "openvino": openvino.get_version()})
         self._http = None
 
     def watch_versions(self, states: VersionStates) -> None:

@@ -150,6 +150,14 @@ def test_metrics_scraped_over_http(served):
     assert sample(m, "xaiserve_request_seconds", "xaiserve_request_seconds_count",
                   method="ModelInfer") == 5
     assert sample(m, "xaiserve_requests_in_flight", "xaiserve_requests_in_flight") == 0
+    # the process, and what runs: memory grows with every compiled copy, so it must be seen
+    import openvino
+
+    from xaiserve.service import __version__
+    assert sample(m, "process_resident_memory_bytes", "process_resident_memory_bytes") > 50e6
+    assert sample(m, "process_open_fds", "process_open_fds") > 0
+    assert sample(m, "xaiserve_build_info", "xaiserve_build_info", version=__version__,
+                  openvino=openvino.get_version()) == 1
 
 
 def test_json_logs_carry_the_request_id(served):
