@@ -68,6 +68,16 @@ class ModelSettings:
     # version is up to six compiled copies, so a repository that keeps every daily export
     # wants a bound.
     latest_versions: Annotated[int, Field(ge=0)] = 0
+    # Triton's version policy "specific": serve exactly these versions (those on disk), newest
+    # first for requests without a version; over latest_versions. A rollback without deleting
+    # the newer export: pin the version before, and reload the config.
+    versions: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, strict=False)
+                        ] | None = None
+
+    def version_policy(self) -> str:
+        """What chooses the served versions, for messages."""
+        return (f"versions {list(self.versions)} pinned by the config" if self.versions
+                else f"latest_versions {self.latest_versions}")
 
     def compile_config(self) -> dict:
         config = {"PERFORMANCE_HINT": self.performance_hint}

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2
 
 from .repository import VersionState
 
+
 def model_statuses(states: Iterable[VersionState]) -> dict[str, int]:
     """{model name: SERVING if any version of it is ready, else NOT_SERVING}."""
     ready: dict[str, bool] = {}

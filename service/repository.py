@@ -86,17 +86,21 @@ def scan(repository: Path) -> tuple[dict[str, dict[int, Path]], dict[str, str]]:
     return found, unreadable
 
 
-def plan_versions(on_disk: dict[int, Path], latest: int,
+def plan_versions(on_disk: dict[int, Path], policy: ModelSettings,
                   failed: set[int]) -> tuple[dict[int, Path], dict[int, Path]]:
-    """(versions to serve, failed versions to list) of one model: the newest `latest` versions
-    on disk (every one for 0; OVMS's and Triton's policy "latest") that have not failed to load.
-    A failed version takes no place: the one before it serves instead, so a broken newest
-    export falls back to the last good one. Failed versions newer than the oldest one served
+    """(versions to serve, failed versions to list) of one model. With `policy.versions`
+    (Triton's "specific"), those of them on disk; else the newest `latest_versions` on disk
+    (every one for 0; OVMS's and Triton's "latest") that have not failed to load: a failed
+    version takes no place, the one before it serves instead, so a broken newest export falls
+    back to the last good one. Failed versions newer than the oldest one served (or pinned)
     stay listed, not ready, with their reason."""
     serve: dict[int, Path] = {}
     listed: dict[int, Path] = {}
     for version in sorted(on_disk, reverse=True):
-        if latest and len(serve) == latest:
+        if policy.versions is not None and version not in policy.versions:
+            continue
+        if policy.latest_versions and len(serve) == policy.latest_versions \
+                and policy.versions is None:
             break
         (listed if version in failed else serve)[version] = on_disk[version]
     return serve, listed
@@ -113,16 +117,21 @@ class IndexEntry:
 
 
 def index_entries(on_disk: dict[str, dict[int, Path]], listed: list[VersionState],
-                  latest_versions: Callable[[str], int]) -> list[IndexEntry]:
-    """Every version on disk or in the table, by name and version: what it is doing and why
-    it is not served (failed, not among the newest `latest_versions`, removed)."""
+                  settings: Callable[[str], ModelSettings]) -> list[IndexEntry]:
+    """Every version on disk, in the table or pinned by the config, by name and version: what
+    it is doing and why it is not served (failed, outside the version policy, removed, pinned
+    but not on disk)."""
     table = {(s.name, s.version): s for s in listed}
+    pinned = {(n, v) for n in on_disk.keys() | {s.name for s in listed}
+              for v in settings(n).versions or ()}
     entries = []
-    for key in sorted(table.keys() | {(n, v) for n, vs in on_disk.items() for v in vs}):
+    for key in sorted(table.keys() | pinned | {(n, v) for n, vs in on_disk.items() for v in vs}):
         state = table.get(key)
-        if state is None:
-            entries.append(IndexEntry(*key, "UNAVAILABLE", "not loaded: older than the "
-                                      f"latest_versions {latest_versions(key[0])}"))
+        if state is None and key[1] not in on_disk.get(key[0], {}):
+            entries.append(IndexEntry(*key, "UNAVAILABLE", "pinned by the config, not on disk"))
+        elif state is None:
+            entries.append(IndexEntry(*key, "UNAVAILABLE", "not loaded: outside the "
+                                      f"{settings(key[0]).version_policy()}"))
         elif state.ready:
             entries.append(IndexEntry(*key, "READY", "removed from disk; served until the "
                                       "versions replacing it are ready" if state.removed else ""))
@@ -143,6 +152,7 @@ class ModelRepository:
         self._watcher: threading.Thread | None = None
         self._unreadable: dict[str, str] = {}  # model folders scan could not read, warned about
         self._repository_unreadable = False  # warned about
+        self._missing_pins: dict[str, tuple[int, ...]] = {}  # warned about
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
@@ -192,9 +202,10 @@ class ModelRepository:
             return []
         loaders = []
         with self._lock:
-            plans = {name: plan_versions(versions, self.settings.for_model(name).latest_versions,
+            plans = {name: plan_versions(versions, self.settings.for_model(name),
                                          self._failed(name))
                      for name, versions in on_disk.items()}
+            self._warn_about_missing_pins(on_disk)
             for name in list(self._table):
                 if name not in self._unreadable:  # unreadable for now: left as it is
                     self._retire(name, on_disk.get(name, {}), *plans.get(name, ({}, {})))
@@ -244,6 +255,17 @@ class ModelRepository:
         self._unreadable = unreadable
         return on_disk
 
+    def _warn_about_missing_pins(self, on_disk: dict[str, dict[int, Path]]) -> None:
+        """Once per model and set: pinned versions that are not on disk (a typo in a rollback
+        must not pass unseen; what serves goes on serving)."""
+        missing = {name: tuple(v for v in self.settings.for_model(name).versions or ()
+                               if v not in versions) for name, versions in on_disk.items()}
+        for name, versions in missing.items():
+            if versions and self._missing_pins.get(name) != versions:
+                log.warning("%s: the config pins versions %s, not on disk (has %s)", name,
+                            list(versions), sorted(on_disk[name]))
+        self._missing_pins = {name: v for name, v in missing.items() if v}
+
     def _failed(self, name: str) -> set[int]:
         """Versions of `name` that failed to load and whose files have not changed since."""
         return {v for v, state in self._table.get(name, {}).items()
@@ -254,20 +276,22 @@ class ModelRepository:
         """Unload the versions of `name` outside its plan (the lock held). They go only once
         every version to serve is ready, so unversioned requests always find one: an older
         version outlives `latest_versions` and a removed one its directory (its weights are in
-        memory) until the versions replacing it are compiled."""
+        memory) until the versions replacing it are compiled. A plan with nothing to serve
+        while the model has versions on disk (every one failed, or the config pins versions
+        that are not there) unloads nothing: what serves goes on, the index says why."""
         loaded = self._table[name]
         for version, state in list(loaded.items()):
             if state.removed and version in on_disk:  # its directory came back: new files
                 self._unload(name, version, "its directory was put back; loading it anew")
             elif version not in on_disk:
                 state.removed = True
-        replaced = all(v in loaded and loaded[v].ready for v in serve)
+        replaced = all(v in loaded and loaded[v].ready for v in serve) and (
+            bool(serve) or not on_disk)
         for version, state in list(loaded.items()):
             if version in serve or version in listed or not replaced:
                 continue
             self._unload(name, version, "removed from disk" if state.removed else
-                         f"older than the latest_versions "
-                         f"{self.settings.for_model(name).latest_versions}")
+                         f"outside the {self.settings.for_model(name).version_policy()}")
         if not loaded:
             del self._table[name]
 
@@ -400,8 +424,7 @@ class ModelRepository:
             on_disk, _ = scan(Path(self.settings.repository))
         except RepositoryUnreadable:
             on_disk = {}
-        return index_entries(on_disk, self.states(),
-                             lambda name: self.settings.for_model(name).latest_versions)
+        return index_entries(on_disk, self.states(), self.settings.for_model)
 
     def load_now(self, name: str, timeout: float) -> list[VersionState]:
         """Scan now instead of at the next poll, and wait (up to `timeout` seconds) until

@@ -372,6 +372,49 @@ def test_removing_the_served_version_keeps_it_until_the_one_before_is_ready(smal
         assert server.repository.state("shapes").ready
 
 
+def test_a_pinned_version_rolls_back_without_deleting_and_a_missing_pin_serves_on(
+        small_export, tmp_path, caplog):
+    """Rolling back meant deleting the bad export (lost for the post-mortem). `versions: [2]`
+    in the config pins the one before: compiled while 3 answers, then alone. A pin naming a
+    version that is not there must not leave the model unserved."""
+    for version in (1, 2, 3):
+        shutil.copytree(small_export.path, tmp_path / "shapes" / str(version))
+
+    def pin(*versions):
+        models = {"shapes": ModelSettings(latest_versions=1, versions=versions or None)}
+        server.reload_settings(dataclasses.replace(server.settings, models=models))
+    with server_on(tmp_path, latest_versions=1) as (server, channel):
+        kserve = kgrpc.GRPCInferenceServiceStub(channel)
+        assert server.repository.versions("shapes") == [3]
+        with unversioned_requests(channel) as (answers, failures):
+            assert wait_until(lambda: len(answers) > 5)
+            pin(2)
+            assert wait_until(lambda: server.repository.versions("shapes") == [2])
+            time.sleep(0.3)
+        assert failures == [] and answers[0] == 3 and answers[-1] == 2
+        history = list(server.repository.history)
+        assert when(history, 2, "ready") <= when(history, 3, "unloaded")
+        index = {m.version: (m.state, m.reason)
+                 for m in kserve.RepositoryIndex(kpb.RepositoryIndexRequest()).models}
+        assert index["3"] == ("UNAVAILABLE", "not loaded: outside the versions [2] pinned by "
+                                             "the config")
+        assert index["2"] == ("READY", "")
+
+        with caplog.at_level(logging.WARNING, logger="xaiserve.repository"):
+            pin(7)  # a typo
+            time.sleep(1.0)  # five polls: warned once, 2 serves on
+        assert server.repository.versions("shapes") == [2]
+        assert kserve.ModelInfer(infer_request()).model_version == "2"
+        warnings = [r.getMessage() for r in caplog.records if "not on disk" in r.getMessage()]
+        assert warnings == ["shapes: the config pins versions [7], not on disk (has [1, 2, 3])"]
+        index = {m.version: (m.state, m.reason)
+                 for m in kserve.RepositoryIndex(kpb.RepositoryIndexRequest()).models}
+        assert index["7"] == ("UNAVAILABLE", "pinned by the config, not on disk")
+
+        pin()  # unpinned: latest_versions 1 again
+        assert wait_until(lambda: server.repository.versions("shapes") == [3])
+
+
 def break_weights(version_dir: Path) -> None:
     weights = version_dir / "model.bin"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -483,7 +526,7 @@ def test_the_repository_index_lists_every_version_and_load_does_not_wait_for_the
                  kserve.RepositoryIndex(kpb.RepositoryIndexRequest()).models]
         assert index[0][:3] == ("broken", "1", "UNAVAILABLE") and "weights" in index[0][3]
         assert index[1:] == [
-            ("shapes", "1", "UNAVAILABLE", "not loaded: older than the latest_versions 1"),
+            ("shapes", "1", "UNAVAILABLE", "not loaded: outside the latest_versions 1"),
             ("shapes", "2", "READY", "")]
         ready = kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=True)).models
         assert [(m.name, m.version) for m in ready] == [("shapes", "2")]
@@ -603,15 +646,23 @@ def test_version_folders_are_positive_and_one_per_number(tmp_path):
     assert version_dirs(tmp_path)[1] == tmp_path / "01"
 
 
-def test_version_plan_is_the_newest_that_did_not_fail():
+def test_version_plan_is_the_newest_that_did_not_fail_or_the_pinned():
     disk = {v: Path(str(v)) for v in (1, 2, 3, 4)}
-    assert plan_versions(disk, 0, set()) == (disk, {})
-    assert plan_versions(disk, 2, set()) == ({4: disk[4], 3: disk[3]}, {})
-    assert plan_versions(disk, 1, {4}) == ({3: disk[3]}, {4: disk[4]})
-    assert plan_versions(disk, 1, {4, 3}) == ({2: disk[2]}, {4: disk[4], 3: disk[3]})
-    assert plan_versions(disk, 2, {3}) == ({4: disk[4], 2: disk[2]}, {3: disk[3]})
-    assert plan_versions(disk, 0, {2}) == ({4: disk[4], 3: disk[3], 1: disk[1]}, {2: disk[2]})
-    assert plan_versions(disk, 1, {1, 2, 3, 4}) == ({}, disk)
+
+    def plan(failed, latest=0, pinned=None):
+        return plan_versions(disk, ModelSettings(latest_versions=latest, versions=pinned),
+                             failed)
+    assert plan(set()) == (disk, {})
+    assert plan(set(), latest=2) == ({4: disk[4], 3: disk[3]}, {})
+    assert plan({4}, latest=1) == ({3: disk[3]}, {4: disk[4]})
+    assert plan({4, 3}, latest=1) == ({2: disk[2]}, {4: disk[4], 3: disk[3]})
+    assert plan({3}, latest=2) == ({4: disk[4], 2: disk[2]}, {3: disk[3]})
+    assert plan({2}) == ({4: disk[4], 3: disk[3], 1: disk[1]}, {2: disk[2]})
+    assert plan({1, 2, 3, 4}, latest=1) == ({}, disk)
+    # pinned versions: exactly those on disk, whatever latest_versions says; no fallback
+    assert plan(set(), latest=1, pinned=[2]) == ({2: disk[2]}, {})
+    assert plan(set(), pinned=[1, 3, 7]) == ({3: disk[3], 1: disk[1]}, {})
+    assert plan({3}, pinned=[3]) == ({}, {3: disk[3]})
 
 
 def client_ports(server_port: int, side: str = "client") -> set[int]:

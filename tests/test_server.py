@@ -176,8 +176,14 @@ def test_check_config_says_what_would_serve_or_what_to_fix(small_export, tmp_pat
     assert result.stdout.strip() == ("xaiserve serve: config ok; would load shapes versions "
                                      "[2] on CPU")
     assert "models.shape, but the repository has no model of that name" in result.stderr
+    config.write_text("models:\n  shapes: {versions: [1, 9]}\n")  # a pin, with a typo
+    result = run_cli("serve", "--repository", str(tmp_path / "models"), "--config", str(config),
+                     "--check-config")
+    assert result.returncode == 0 and "would load shapes versions [1] on CPU" in result.stdout
+    assert "pins versions [9] of shapes, not on disk (has [1, 2])" in result.stderr
     for text, flags, words in (
             ("models:\n  shapes: {devic: CPU}\n", (), "unknown keys ['devic']"),
+            ("models:\n  shapes: {versions: []}\n", (), "models.shapes.versions: []"),
             ("", ("--device", "NPU.7"), "device 'NPU.7' is not present"),
             ("", ("--token-file", str(tmp_path / "absent")), "--token-file"),
             ("server: {tls_cert: %s, tls_key: %s}\n" % (config, config), (), "no PEM")):

@@ -42,8 +42,8 @@ def run_models(args) -> int:
     try:
         if args.load is not None:
             client.load_model(args.load)
-            (newest, *_) = sorted((m for m in client.repository_index(ready_only=True)
-                                   if m.name == args.load), key=lambda m: -int(m.version))
+            newest = max((m for m in client.repository_index(ready_only=True)
+                          if m.name == args.load), key=lambda m: int(m.version))
             print(f"{args.load} version {newest.version} serves")
             return 0
         listed = client.repository_index(ready_only=args.ready)

@@ -142,7 +142,11 @@ def check_config(settings) -> int:
     models = []
     for name, versions in sorted(on_disk.items()):
         model = settings.for_model(name)
-        served, _ = plan_versions(versions, model.latest_versions, failed=set())
+        served, _ = plan_versions(versions, model, failed=set())
+        missing = [v for v in model.versions or () if v not in versions]
+        if missing:
+            print(f"xaiserve serve: warning: the config pins versions {missing} of {name}, not "
+                  f"on disk (has {sorted(versions)})", file=sys.stderr)
         models.append(f"{name} versions {sorted(served)} on {model.device}")
     print(f"xaiserve serve: config ok; would load {'; '.join(models) or 'no model'}")
     return 0
