@@ -23,7 +23,7 @@ INPUT_NAME = "image"
 PLATFORM = "openvino_ir"
 # Triton's names for the protocol extensions this server answers (ModelConfig, ModelStatistics);
 # clients such as perf_analyzer look for them before they call those RPCs.
-EXTENSIONS = ("model_configuration", "statistics", "model_repository")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "classification")
 # RepositoryModelLoad without a deadline waits this long for a compile at most
 LOAD_WAIT_SECONDS = 600.0
 TRITON_TYPES = {"UINT8": pb.TYPE_UINT8, "FP32": pb.TYPE_FP32}
@@ -119,6 +119,42 @@ def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: 
         return np.stack(images)
     raise invalid(f"inputs[0].datatype {shown(tensor.datatype)}: send UINT8 [N, H, W, 3] or BYTES "
                   "(encoded JPEG/PNG images)")
+
+
+def classification_counts(request: pb.ModelInferRequest, classes: int | None
+                          ) -> dict[int, int]:
+    """{output index: k} for the outputs that ask for Triton's classification extension
+    (parameter `classification`: the top k classes as "score:index:label" instead of every
+    score, which tritonclient asks with `InferRequestedOutput(name, class_count=k)`)."""
+    counts = {}
+    for i, output in enumerate(request.outputs):
+        if "classification" not in output.parameters:
+            continue
+        parameter = output.parameters["classification"]
+        k = getattr(parameter, parameter.WhichOneof("parameter_choice") or "int64_param")
+        if output.name != SCORES_OUTPUT:
+            raise invalid(f"outputs[{i}].parameters.classification: only {SCORES_OUTPUT!r} "
+                          "holds class scores")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= (classes or k):
+            raise invalid(f"outputs[{i}].parameters.classification {shown(k)}: give the number "
+                          f"of top classes, 1 to {classes or 'the number of classes'}")
+        counts[i] = k
+    return counts
+
+
+def top_classes(scores: np.ndarray, k: int, labels: list[str]) -> list[list[bytes]]:
+    """Per image, its k best classes as Triton writes them: b"score:index:label", best first
+    (ties: the lower index first)."""
+    if k > scores.shape[1]:
+        raise invalid(f"parameters.classification {k}: this model has {scores.shape[1]} classes")
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[(f"{row[c]:f}:{c}:{labels[c]}" if c < len(labels) else f"{row[c]:f}:{c}").encode()
+             for c in best] for row, best in zip(scores, order)]
+
+
+def bytes_tensor(items: list[bytes]) -> bytes:
+    """KServe BYTES serialisation: each element as a 4-byte little-endian length + payload."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
 def check_batch(images: int, max_batch: int) -> None:
@@ -293,11 +329,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if name not in available:
                 raise invalid(f"outputs[{i}].name {shown(name)}: this model has "
                               f"{sorted(available)}")
+        top = classification_counts(request, len(model.info.labels) or None)
         results = model.predict(batch, tuple(wanted), timings)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=str(state.version), id=request.id)
-        for name in wanted:
+        for i, name in enumerate(wanted):
             array = np.ascontiguousarray(results[name], dtype=np.float32)
+            if i in top:
+                classes = top_classes(array, top[i], model.info.labels)
+                response.outputs.add(name=name, datatype="BYTES", shape=[len(classes), top[i]])
+                response.raw_output_contents.append(bytes_tensor(
+                    [text for row in classes for text in row]))
+                continue
             response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             response.raw_output_contents.append(array.tobytes())
         timings["total"] = (time.perf_counter() - started) * 1e3

@@ -91,6 +91,39 @@ def test_kserve_infer_raw_contents_and_bytes(kserve, photos):
     assert logits.argmax() == 967
 
 
+def test_kserve_classification_extension(kserve, photos):
+    """Triton's classification extension: an edge device asks for the top k classes as
+    "score:index:label" (a few dozen bytes) instead of every score (4 KB per image)."""
+    from xaiserve.service.kserve import split_bytes_tensor
+
+    def request(*parameters):
+        r = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+        r.inputs.add(name="image", datatype="BYTES", shape=[2])
+        photos_jpeg = (jpeg(photos["chelsea"]), jpeg(photos["coffee"]))
+        r.raw_input_contents.append(b"".join(struct.pack("<I", len(e)) + e for e in photos_jpeg))
+        for name, value in parameters:
+            r.outputs.add(name=name).parameters["classification"].CopyFrom(value)
+        return r
+    five = kpb.InferParameter(int64_param=5)
+    response = kserve.ModelInfer(request(("logits", five)))
+    (out,) = response.outputs
+    assert (out.datatype, list(out.shape)) == ("BYTES", [2, 5])
+    rows = [item.decode().split(":") for item in
+            split_bytes_tensor(response.raw_output_contents[0], 10)]
+    assert [r[1:] for r in rows[:1] + rows[5:6]] == [["285", "Egyptian_cat"], ["967", "espresso"]]
+    scores = [float(r[0]) for r in rows[:5]]
+    assert scores == sorted(scores, reverse=True)
+    for parameters, words in (
+            ((("saliency_map", five),), "only 'logits' holds class scores"),
+            ((("logits", kpb.InferParameter(int64_param=0)),), "1 to 1000"),
+            ((("logits", kpb.InferParameter(int64_param=1001)),), "1 to 1000"),
+            ((("logits", kpb.InferParameter(bool_param=True)),), "give the number"),
+            ((("logits", kpb.InferParameter(string_param="3")),), "give the number")):
+        expect_error(lambda: kserve.ModelInfer(request(*parameters)),
+                     grpc.StatusCode.INVALID_ARGUMENT, "classification", words)
+    assert_still_serving(kserve)
+
+
 def test_inference_precision_from_the_config_file_and_the_flag(tmp_path):
     from xaiserve.service.config import ConfigError, load_settings
 

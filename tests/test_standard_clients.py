@@ -56,6 +56,11 @@ def test_tritonclient_grpc_works_unchanged(address, photo_files):
     assert seen["uint8"]["outputs"] == ["logits"]
     (stats,) = seen["statistics"]["model_stats"]
     assert int(stats["inference_count"]) >= 4 and int(stats["execution_count"]) >= 2
+    top3 = seen["classification"]
+    assert [len(row) for row in top3] == [3, 3]
+    assert [row[0].split(":")[1:] for row in top3] == [["285", "Egyptian_cat"], ["967", "espresso"]]
+    scores = [float(item.split(":")[0]) for item in top3[0]]
+    assert scores == sorted(scores, reverse=True)
     entries = [(m["name"], m["state"]) for m in seen["index"]["models"]]
     assert ("efficientnet_lite0", "READY") in entries
     assert seen["unload"]["status"] == "StatusCode.FAILED_PRECONDITION"

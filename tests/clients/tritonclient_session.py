@@ -50,6 +50,12 @@ def main(url: str, model: str, paths: list[str]) -> dict:
     seen["uint8"] = {"top1": top1(result, len(paths)),
                      "outputs": [o.name for o in result.get_response().outputs]}
 
+    # Triton's classification extension: the top 3 as "score:index:label" per image
+    result = client.infer(model, [tensor],
+                          outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
+    seen["classification"] = [[item.decode() for item in row]
+                              for row in result.as_numpy("logits")]
+
     seen["statistics"] = client.get_inference_statistics(model, as_json=True)
     seen["index"] = client.get_model_repository_index(as_json=True)
     client.load_model(model)  # served already: the repository is scanned, answered at once
