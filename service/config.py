@@ -123,6 +123,10 @@ class ServerSettings:
     # do not hold connections for hours; 0: never (gRPC's 2 hours)
     keepalive_time: Annotated[float, Field(ge=0, le=86400)] = 60.0
     keepalive_timeout: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    # Responses over 16 KiB (saliency maps) compressed for clients that accept it, as Triton's
+    # --grpc-infer-response-compression-level: gzip halves Lite0's maps (196 KB of floats per
+    # image) for devices on metered links, at about 4 ms of CPU per image; none: as they are
+    response_compression: Literal["none", "gzip", "deflate"] = "none"
     metrics_port: PORT | None = None  # Prometheus text over HTTP; None: off, 0: any free port
     tls_cert: MAYBE_PATH = None  # PEM server certificate (chain); with tls_key: TLS
     tls_key: MAYBE_PATH = None

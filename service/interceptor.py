@@ -28,6 +28,7 @@ log = logging.getLogger("xaiserve.access")
 HEALTH_SERVICE = "grpc.health.v1.Health"
 QUIET_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes: logged at DEBUG
 MAX_ID_CHARS = 128
+COMPRESS_FROM = 16 * 1024  # bytes: a response smaller than this is sent as it is
 
 _HANDLER_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
                   ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -59,7 +60,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, max_concurrent: int,
                  tokens: Callable[[], tuple[str, ...]] = lambda: (),
                  max_response_bytes: int | None = None,
-                 served: Callable[[str], bool] = lambda name: False):
+                 served: Callable[[str], bool] = lambda name: False,
+                 compression: grpc.Compression = grpc.Compression.NoCompression):
         self.telemetry = telemetry
         self.tokens = tokens  # the tokens a call may carry now (none: no check)
         self.max_concurrent = max_concurrent
@@ -68,6 +70,9 @@ class RequestInterceptor(grpc.ServerInterceptor):
         # gRPC refuses a larger response after the work is done, with a message that names no
         # field, and the call would be counted as answered; checked here, it is a clear error.
         self.max_response_bytes = max_response_bytes
+        # for responses over COMPRESS_FROM bytes (maps: 196 KB of floats per image on Lite0,
+        # half that gzipped), when the client accepts it; small ones are not worth the CPU
+        self.compression = compression
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -118,7 +123,9 @@ class RequestInterceptor(grpc.ServerInterceptor):
         response, code = None, grpc.StatusCode.UNKNOWN
         try:
             response = inner(request, context)
-            self._check_size(method, response, context)
+            size = self._check_size(method, response, context)
+            if size >= COMPRESS_FROM and self.compression != grpc.Compression.NoCompression:
+                context.set_compression(self.compression)
             code = context.code() or grpc.StatusCode.OK
             return response
         except BaseException:
@@ -142,14 +149,16 @@ class RequestInterceptor(grpc.ServerInterceptor):
         if not context.add_callback(finish):
             finish()
 
-    def _check_size(self, method: str, response, context) -> None:
-        size = response.ByteSize() if self.max_response_bytes and response is not None else 0
-        if size > self.max_response_bytes:
+    def _check_size(self, method: str, response, context) -> int:
+        """The response's size; RESOURCE_EXHAUSTED when it is over the limit."""
+        size = response.ByteSize() if response is not None else 0
+        if self.max_response_bytes and size > self.max_response_bytes:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the {method} response would be {size} bytes, over the server's "
                           f"max_message_bytes of {self.max_response_bytes}: ask for less (fewer "
                           "images or target_classes, map_format FLOAT or a PNG) or raise "
                           "--max-message-bytes")
+        return size
 
     @staticmethod
     def _request_id(request) -> str:

@@ -20,8 +20,8 @@ from .config import ConfigError, ServerSettings, check_server, unmatched_model_n
 from .explain_service import ExplanationServicer
 from .file_changes import file_identity
 from .interceptor import RequestInterceptor
-from .model_health import ModelHealth
 from .kserve import KServeServicer
+from .model_health import ModelHealth
 from .proto import grpc_predict_v2_pb2 as kserve_pb
 from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as xai_pb
@@ -32,6 +32,8 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.server")
 
+COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
+               "deflate": grpc.Compression.Deflate}
 # Threads beyond the request limit: health probes, reflection and refusals never queue.
 SPARE_THREADS = 4
 
@@ -57,7 +59,8 @@ class Server:
         interceptor = RequestInterceptor(self.telemetry, settings.max_concurrent_requests,
                                          BearerToken(settings.token_file).current,
                                          max_response_bytes=settings.max_message_bytes,
-                                         served=lambda name: name in repository.names())
+                                         served=lambda name: name in repository.names(),
+                                         compression=COMPRESSION[settings.response_compression])
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.keepalive_permit_without_calls", 1),

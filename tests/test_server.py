@@ -4,7 +4,9 @@ health, reflection, the repository kept in step with the disk, and bad input."""
 from __future__ import annotations
 
 import shutil
+import socket
 import struct
+import threading
 
 import cv2
 import grpc
@@ -16,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from xaiserve.service.config import ModelSettings, ServerSettings
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
+from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.server import Server
 
@@ -122,6 +125,74 @@ def test_kserve_classification_extension(kserve, photos):
         expect_error(lambda: kserve.ModelInfer(request(*parameters)),
                      grpc.StatusCode.INVALID_ARGUMENT, "classification", words)
     assert_still_serving(kserve)
+
+
+class ByteCountingRelay:
+    """A TCP relay between a client and the server that counts what the server sends: what an
+    edge device pays for on a metered link."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.from_server = target_port, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if counted:
+                    self.from_server += len(chunk)
+                sink.sendall(chunk)
+        except OSError:  # the other side closed first
+            pass
+        finally:
+            sink.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_large_responses_are_compressed_when_asked(default_export, photos, tmp_path):
+    """Saliency maps are 196 KB of floats per image; a device on a metered link pays for each.
+    With `response_compression: gzip` the server sends them gzipped to clients that accept it
+    (gRPC's own negotiation), about half the bytes, the same values."""
+    from xaiserve.service.images import resize_for_model
+    from xaiserve.service.model_info import ModelInfo
+
+    shutil.copytree(default_export.path, tmp_path / "efficientnet_lite0" / "1")
+    info = ModelInfo(labels=[], input_height=224, input_width=224)
+    batch = np.stack([resize_for_model(photos[n], info) for n in ("chelsea", "coffee")] * 2)
+    request = kpb.ModelInferRequest(model_name="efficientnet_lite0")
+    request.inputs.add(name="image", datatype="UINT8", shape=list(batch.shape))
+    request.outputs.add(name="logits")
+    request.outputs.add(name="saliency_map")
+    request.raw_input_contents.append(batch.tobytes())
+    sent, maps = {}, {}
+    for compression in ("none", "gzip"):
+        server = Server(ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                                       response_compression=compression)).start()
+        relay = ByteCountingRelay(server.port)
+        channel = grpc.insecure_channel(f"127.0.0.1:{relay.port}")
+        try:
+            response = kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+            maps[compression] = response.raw_output_contents[1]
+            sent[compression] = relay.from_server
+        finally:
+            channel.close()
+            relay.close()
+            server.stop(grace=0)
+    assert len(maps["none"]) == 4 * 1000 * 7 * 7 * 4 and maps["gzip"] == maps["none"]
+    assert sent["none"] > len(maps["none"]) and sent["gzip"] < 0.65 * sent["none"], sent
 
 
 def test_inference_precision_from_the_config_file_and_the_flag(tmp_path):
