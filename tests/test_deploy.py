@@ -8,6 +8,8 @@
   field validation is); then the pieces must fit together (ports, names, probes, security).
 - docker compose: the Compose Specification schema (tests/data/compose-spec.json).
 - systemd: `systemd-analyze verify` (no warnings) and `systemd-analyze security` (exposure <= 2).
+- Prometheus alerting rules: every expression parsed by a PromQL parser (promql-parser, a port
+  of Prometheus's own), and every metric it names exported by a running server.
 Each validator is also shown a broken copy and must reject it, so these tests can fail.
 """
 
@@ -435,3 +437,68 @@ def test_systemd_unit_runs_the_entrypoint_with_known_settings():
     for key, value in (("DynamicUser", "yes"), ("NoNewPrivileges", "yes"),
                        ("ProtectSystem", "strict"), ("CapabilityBoundingSet", "")):
         assert values[key] == [value], key
+
+
+# --- Prometheus alerting rules --------------------------------------------------------------
+
+ALERTS = DEPLOY / "prometheus" / "xaiserve-alerts.yaml"
+
+
+def selected_metrics(expression: str) -> set[str]:
+    """The metric names an expression selects (PromQL syntax errors raise ValueError)."""
+    import promql_parser
+
+    names = set()
+
+    def visit(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+        for child in ("expr", "lhs", "rhs", "param", "vector_selector"):
+            value = getattr(node, child, None)
+            if isinstance(value, promql_parser.Expr):
+                visit(value)
+        for arg in getattr(node, "args", None) or ():
+            visit(arg)
+    visit(promql_parser.parse(expression))
+    return names
+
+
+def exported_metric_names(small_export, tmp_path) -> set[str]:
+    """Every sample name a running server's /metrics can carry (from its TYPE lines)."""
+    import urllib.request
+
+    from xaiserve.service.config import ServerSettings
+    from xaiserve.service.server import Server
+
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    server = Server(ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                                   metrics_port=0)).start()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                      timeout=10).read().decode()
+    finally:
+        server.stop(grace=0)
+    names = set()
+    for name, kind in re.findall(r"(?m)^# TYPE (\S+) (\S+)$", text):
+        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum"),
+                    "info": ("_info",)}.get(kind, ("",))
+        names |= {name + suffix for suffix in suffixes} | {name}
+    return names
+
+
+def test_alert_rules_parse_and_name_only_metrics_the_server_exports(small_export, tmp_path):
+    rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
+             for rule in group["rules"]]
+    assert len(rules) >= 5
+    exported = exported_metric_names(small_export, tmp_path)
+    for rule in rules:
+        assert rule["alert"].startswith("Xaiserve") and rule["labels"]["severity"] in (
+            "warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        named = selected_metrics(rule["expr"])
+        assert named and named <= exported, (rule["alert"], named - exported)
+    # the check can fail: a renamed metric and a syntax error are caught
+    assert not selected_metrics("rate(xaiserve_request_total[5m])") <= exported
+    with pytest.raises(ValueError):
+        selected_metrics("sum(rate(xaiserve_requests_total[5m])")
+
