@@ -1,6 +1,7 @@
-"""Triton's own clients against a running xaiserve, unchanged: tritonclient.grpc (as a user's
-program would call it) and perf_analyzer (Triton's C++ benchmark tool). Both live in
-environments of their own (scripts/setup_clients.sh): tritonclient pins protobuf below 7."""
+"""Standard clients against a running xaiserve, unchanged: tritonclient.grpc (as a user's
+program would call it), KServe's own SDK (InferenceGRPCClient) and perf_analyzer (Triton's C++
+benchmark tool). Each lives in an environment of its own (scripts/setup_clients.sh): the
+Python clients pin protobuf below 7."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from .conftest import ROOT
 
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 PERF_ANALYZER = ROOT / ".venv-perf" / "bin" / "perf_analyzer"
 SETUP_HINT = "run scripts/setup_clients.sh (scripts/setup.sh runs it)"
 
@@ -67,6 +69,21 @@ def test_tritonclient_grpc_works_unchanged(address, photo_files):
     assert "remove" in seen["unload"]["message"]
     assert seen["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
     assert "efficientnet_lite0" in seen["unknown_model"]["message"]
+
+
+def test_kserve_sdk_works_unchanged(address, photo_files):
+    """KServe's InferenceGRPCClient (asyncio), as an InferenceService's caller would use it."""
+    assert KSERVE_PYTHON.exists(), f"{KSERVE_PYTHON} is missing: {SETUP_HINT}"
+    run = subprocess.run([str(KSERVE_PYTHON), str(ROOT / "tests/clients/kserve_session.py"),
+                          address, "efficientnet_lite0", *map(str, photo_files)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout)
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert seen["uint8"] == {"id": "kserve-1", "top1": [285, 967],
+                             "saliency_shape": [2, 1000, 7, 7]}
+    assert seen["bytes"] == {"top1": [285, 967], "outputs": ["logits"]}
+    assert "NOT_FOUND" in seen["unknown_model"] and "'nonexistent'" in seen["unknown_model"]
 
 
 def test_perf_analyzer_measures_the_server(address, tmp_path):
