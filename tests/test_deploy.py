@@ -486,11 +486,15 @@ def exported_metric_names(small_export, tmp_path) -> set[str]:
     return names
 
 
-def test_alert_rules_parse_and_name_only_metrics_the_server_exports(small_export, tmp_path):
+@pytest.fixture(scope="module")
+def exported(small_export, tmp_path_factory) -> set[str]:
+    return exported_metric_names(small_export, tmp_path_factory.mktemp("metrics"))
+
+
+def test_alert_rules_parse_and_name_only_metrics_the_server_exports(exported):
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
              for rule in group["rules"]]
     assert len(rules) >= 5
-    exported = exported_metric_names(small_export, tmp_path)
     for rule in rules:
         assert rule["alert"].startswith("Xaiserve") and rule["labels"]["severity"] in (
             "warning", "critical")
@@ -501,4 +505,25 @@ def test_alert_rules_parse_and_name_only_metrics_the_server_exports(small_export
     assert not selected_metrics("rate(xaiserve_request_total[5m])") <= exported
     with pytest.raises(ValueError):
         selected_metrics("sum(rate(xaiserve_requests_total[5m])")
+
+
+DASHBOARD = DEPLOY / "grafana" / "xaiserve-dashboard.json"
+
+
+def test_grafana_dashboard_queries_parse_and_name_only_exported_metrics(exported):
+    """The dashboard people look at: every panel's query is valid PromQL (Grafana's
+    $__rate_interval as a duration) over metrics the server exports, filtered by the model
+    variable where the metric has a model label."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "model"} <= variables
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) >= 6
+    for panel in panels:
+        assert panel["title"] and panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            expression = target["expr"].replace("$__rate_interval", "5m")
+            named = selected_metrics(expression)
+            assert named and named <= exported, (panel["title"], named - exported)
+    assert any('model=~"$model"' in t["expr"] for p in panels for t in p["targets"])
 
