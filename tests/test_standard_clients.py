@@ -37,13 +37,18 @@ def photo_files(photos, tmp_path_factory) -> list[Path]:
     return paths
 
 
-def test_tritonclient_grpc_works_unchanged(address, photo_files):
-    assert TRITON_PYTHON.exists(), f"{TRITON_PYTHON} is missing: {SETUP_HINT}"
-    run = subprocess.run([str(TRITON_PYTHON), str(ROOT / "tests/clients/tritonclient_session.py"),
-                          address, "efficientnet_lite0", *map(str, photo_files)],
+def client_session(python: Path, script: str, address: str, photo_files: list[Path]) -> dict:
+    """What a client program in its own environment saw (its session script prints JSON)."""
+    assert python.exists(), f"{python} is missing: {SETUP_HINT}"
+    run = subprocess.run([str(python), str(ROOT / "tests/clients" / script), address,
+                          "efficientnet_lite0", *map(str, photo_files)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+def test_tritonclient_grpc_works_unchanged(address, photo_files):
+    seen = client_session(TRITON_PYTHON, "tritonclient_session.py", address, photo_files)
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["server"]["name"] == "xaiserve"
     assert [i["datatype"] for i in seen["metadata"]["inputs"]] == ["UINT8"]
@@ -73,12 +78,7 @@ def test_tritonclient_grpc_works_unchanged(address, photo_files):
 
 def test_kserve_sdk_works_unchanged(address, photo_files):
     """KServe's InferenceGRPCClient (asyncio), as an InferenceService's caller would use it."""
-    assert KSERVE_PYTHON.exists(), f"{KSERVE_PYTHON} is missing: {SETUP_HINT}"
-    run = subprocess.run([str(KSERVE_PYTHON), str(ROOT / "tests/clients/kserve_session.py"),
-                          address, "efficientnet_lite0", *map(str, photo_files)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout)
+    seen = client_session(KSERVE_PYTHON, "kserve_session.py", address, photo_files)
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["uint8"] == {"id": "kserve-1", "top1": [285, 967],
                              "saliency_shape": [2, 1000, 7, 7]}
