@@ -20,7 +20,7 @@ import grpc
 
 from . import request_context
 from .request_context import RequestRecord
-from .security import bearer_matches
+from .security import matching_token, token_id
 from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.access")
@@ -81,8 +81,11 @@ class RequestInterceptor(grpc.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         if service == HEALTH_SERVICE:
             return handler
-        tokens = self.tokens()
-        if tokens and not bearer_matches(details.invocation_metadata, tokens):
+        tokens, caller = self.tokens(), ""
+        if tokens:
+            token = matching_token(details.invocation_metadata, tokens)
+            caller = token_id(token) if token else ""
+        if tokens and not caller:
             self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong token: send metadata 'authorization: Bearer "
@@ -103,13 +106,14 @@ class RequestInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"the {method} request is not a valid protobuf message of its "
                               "type; build it with the stubs generated from protos/")
-            return self._handle(method, inner, request, context)
+            return self._handle(method, inner, request, context, caller)
 
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=None, response_serializer=handler.response_serializer)
 
-    def _handle(self, method: str, inner, request, context):
-        record = RequestRecord(method, self._request_id(request), _model_name(request))
+    def _handle(self, method: str, inner, request, context, caller: str):
+        record = RequestRecord(method, self._request_id(request), _model_name(request),
+                               token_id=caller)
         record.trace_id, record.span_id = request_context.trace_context(
             context.invocation_metadata())
         if not self.slots.acquire(blocking=False):
@@ -183,12 +187,14 @@ class RequestInterceptor(grpc.ServerInterceptor):
             "request_id": record.request_id, "model": record.model,
             "version": record.version, "method": record.method, "code": code.name,
             "ms": round(seconds * 1e3, 3), "trace_id": record.trace_id,
-            "span_id": record.span_id})
+            "span_id": record.span_id, "token_id": record.token_id})
 
     def _count(self, record: RequestRecord, model: str, code: grpc.StatusCode,
                seconds: float) -> None:
         t = self.telemetry
         t.request_seconds.labels(record.method).observe(seconds)
+        if record.token_id:
+            t.token_calls.labels(record.token_id).inc()
         # last: a scrape that sees a call in requests_total sees its other samples too
         t.requests.labels(model, record.version, record.method, code.name).inc()
 

@@ -24,6 +24,7 @@ class RequestRecord:
     forward_passes: int | None = None  # set by a black-box explanation
     trace_id: str = ""  # from the client's W3C `traceparent`, to join its traces to our logs
     span_id: str = ""  # the client's span that made the call
+    token_id: str = ""  # which of the server's tokens the call carried (security.token_id)
 
 
 _CURRENT: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(

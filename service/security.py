@@ -6,6 +6,7 @@ Certificates and the token file are read again once they change (rotation withou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 import os
@@ -112,15 +113,22 @@ def read_token(token_file: Path | None, flag: str = "--token-file") -> str | Non
     return next(iter(read_tokens(token_file, flag)), None)
 
 
-def bearer_matches(metadata, tokens: tuple[str, ...]) -> bool:
-    """True when the call carries `authorization: Bearer <token>` with one of `tokens`
-    (each compared in constant time, all of them: the time says nothing of which matched)."""
+def matching_token(metadata, tokens: tuple[str, ...]) -> str | None:
+    """The one of `tokens` the call carries as `authorization: Bearer <token>`, or None (each
+    compared in constant time, all of them: the time says nothing of which matched)."""
     for key, value in metadata or ():
         if key == "authorization":
             given = value.encode() if isinstance(value, str) else value
-            matches = [hmac.compare_digest(given, f"Bearer {t}".encode()) for t in tokens]
-            return any(matches)
-    return False
+            matches = [t for t in tokens if hmac.compare_digest(given, f"Bearer {t}".encode())]
+            return matches[0] if matches else None
+    return None
+
+
+def token_id(token: str) -> str:
+    """A token's name in logs and metrics: the first 8 hex digits of its SHA-256 (`printf %s
+    TOKEN | sha256sum | cut -c1-8`), which tells tokens apart without revealing them, so an
+    operator sees when no device uses the old one any more."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 def channel_credentials(ca: Path | None = None, cert: Path | None = None,

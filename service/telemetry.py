@@ -45,6 +45,10 @@ class Telemetry:
         self.forward_passes = Histogram(
             "xaiserve_black_box_forward_passes", "Forward passes (masked images) per black-box "
             "explanation", ["model", "version"], buckets=PASSES_BUCKETS, registry=r)
+        self.token_calls = Counter(
+            "xaiserve_token_calls", "Calls by the token they carried (its token_id: the first 8 "
+            "hex digits of its SHA-256), to see when an old token is no longer used",
+            ["token_id"], registry=r)
         self.config_reloads = Counter(
             "xaiserve_config_reloads", "Config reloads (SIGHUP or a changed file), by result: "
             "applied, or failed and the config before kept", ["result"], registry=r)

@@ -5,6 +5,7 @@ look like paths, and a fuzz test of request decoding (hypothesis)."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import shutil
 import threading
@@ -227,10 +228,19 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
                                   retries=0, timeout=10)
         clients.append(moved)
         assert moved.model_info("shapes").ready
+        # which token the calls carried, by its id: when the old one's count stops growing,
+        # its line can go
+        def calls_with(token: str) -> float:
+            token_id = hashlib.sha256(token.encode()).hexdigest()[:8]
+            return server.telemetry.registry.get_sample_value(
+                "xaiserve_token_calls_total", {"token_id": token_id}) or 0
+        assert calls_with("a-rotated-token") >= 2 and calls_with("the-next-token") >= 1
         replace_file(tmp_path / "token", b"the-next-token\n")
         time.sleep(1.2)
+        old_calls = calls_with("a-rotated-token")
         refused(lambda: connected.model_info("shapes"), grpc.StatusCode.UNAUTHENTICATED)
         assert moved.model_info("shapes").ready
+        assert calls_with("a-rotated-token") == old_calls
         # the client's file is the server's: it sends the first token
         replace_file(tmp_path / "token", b"the-next-token\na-rotated-token\n")
         time.sleep(1.2)
