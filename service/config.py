@@ -63,6 +63,9 @@ class ModelSettings:
     # Images one ModelInfer request may carry (ModelConfig's max_batch_size): bounds the memory
     # a request takes (its outputs grow with it: 196 KB of saliency maps per image on Lite0).
     max_batch_size: POSITIVE = 32
+    # Requests of this model in flight at once (0: only the server's max_concurrent_requests):
+    # beyond it RESOURCE_EXHAUSTED, so one model's flood leaves slots to the others.
+    max_requests_in_flight: Annotated[int, Field(ge=0)] = 0
     # How many of the model's newest versions are loaded (OVMS's and Triton's version policy
     # "latest", which defaults to 1 there); 0: every version on disk, as before. Each loaded
     # version is up to six compiled copies, so a repository that keeps every daily export

@@ -19,6 +19,7 @@ from typing import Callable
 import grpc
 
 from . import request_context
+from .model_slots import ModelSlots
 from .request_context import RequestRecord
 from .security import matching_token, token_id
 from .telemetry import Telemetry
@@ -61,12 +62,14 @@ class RequestInterceptor(grpc.ServerInterceptor):
                  tokens: Callable[[], tuple[str, ...]] = lambda: (),
                  max_response_bytes: int | None = None,
                  served: Callable[[str], bool] = lambda name: False,
-                 compression: grpc.Compression = grpc.Compression.NoCompression):
+                 compression: grpc.Compression = grpc.Compression.NoCompression,
+                 model_limit: Callable[[str], int] = lambda name: 0):
         self.telemetry = telemetry
         self.tokens = tokens  # the tokens a call may carry now (none: no check)
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.served = served  # is a model name served? (untrusted names stay out of labels)
+        self.model_slots = ModelSlots(model_limit, served)
         # gRPC refuses a larger response after the work is done, with a message that names no
         # field, and the call would be counted as answered; checked here, it is a clear error.
         self.max_response_bytes = max_response_bytes
@@ -121,6 +124,14 @@ class RequestInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server is handling its maximum of {self.max_concurrent} "
                           "concurrent requests (max_concurrent_requests); retry later")
+        release_model_slot = self.model_slots.take(record.model) if record.model else None
+        if record.model and release_model_slot is None:
+            self.slots.release()
+            self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"model {record.model!r} is handling its maximum of "
+                          f"{self.model_slots.limit(record.model)} concurrent requests (its "
+                          "max_requests_in_flight in the config); retry later")
         token = request_context.enter(record)
         self.telemetry.in_flight.inc()
         start = time.perf_counter()
@@ -138,6 +149,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
         finally:
             seconds = time.perf_counter() - start
             self.telemetry.in_flight.dec()
+            if release_model_slot is not None:
+                release_model_slot()
             self.slots.release()
             request_context.leave(token)
             self._after_response(context, record, code, seconds, response)

@@ -60,7 +60,9 @@ class Server:
                                          BearerToken(settings.token_file).current,
                                          max_response_bytes=settings.max_message_bytes,
                                          served=lambda name: name in repository.names(),
-                                         compression=COMPRESSION[settings.response_compression])
+                                         compression=COMPRESSION[settings.response_compression],
+                                         model_limit=lambda name: repository.settings.for_model(
+                                             name).max_requests_in_flight)
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.keepalive_permit_without_calls", 1),

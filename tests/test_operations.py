@@ -160,6 +160,39 @@ def test_metrics_scraped_over_http(served):
                   openvino=openvino.get_version()) == 1
 
 
+def test_a_model_cap_leaves_slots_to_the_other_models(small_export, tmp_path):
+    """Black-box explanations of one model (seconds each) could take every server slot and
+    leave the other models refused. With the model's `max_requests_in_flight` its share is
+    bounded: beyond it its own requests get RESOURCE_EXHAUSTED, the others are answered."""
+    for name in ("shapes", "other"):
+        shutil.copytree(small_export.path, tmp_path / name / "1")
+    capped = ModelSettings(max_requests_in_flight=1, max_black_box_masks=50_000)
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                              max_concurrent_requests=4, models={"shapes": capped})
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    explain = xgrpc.ExplanationServiceStub(channel)
+    kserve = kgrpc.GRPCInferenceServiceStub(channel)
+    try:
+        slow = explain.Explain.future(explain_request(xpb.METHOD_BLACK_BOX, masks=50_000),
+                                      timeout=120)
+        assert wait_until(lambda: server.telemetry.registry.get_sample_value(
+            "xaiserve_requests_in_flight") == 1, 10)
+        with pytest.raises(grpc.RpcError) as refused:
+            kserve.ModelInfer(infer_request(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "model 'shapes' is handling its maximum of 1" in refused.value.details()
+        other = infer_request()
+        other.model_name = "other"
+        assert kserve.ModelInfer(other, timeout=10).model_name == "other"
+        assert not slow.done()  # the refusal came while the slow one was in flight
+        assert len(slow.result().maps) == 1
+        assert kserve.ModelInfer(infer_request(), timeout=10).model_version == "1"  # freed
+    finally:
+        channel.close()
+        server.stop(grace=0)
+
+
 def test_json_logs_carry_the_request_id(served):
     server, _, channel = served
     stream = io.StringIO()
