@@ -22,8 +22,9 @@ from .rise import MAX_BATCH_SIZE as MAX_BLACK_BOX_BATCH
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PRECISIONS = ("default", "f32", "bf16", "f16")
 # Strict: YAML's "no" or "5" in quotes are strings, not a switch or a number; paths alone may
-# be given as text. No infinities: an infinite grace or poll period cannot be waited for.
-STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+# be given as text. No infinities: an infinite grace or poll period cannot be waited for. No
+# unknown fields: built in Python (tests, embedding programs) a misspelt setting was dropped.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 PORT = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port
 POSITIVE = Annotated[int, Field(ge=1)]
 A_PATH = Annotated[Path, Field(strict=False)]

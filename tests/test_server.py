@@ -263,6 +263,11 @@ def test_a_careless_config_file_fails_in_one_line_naming_the_key(tmp_path):
                       % tmp_path)
     settings = load_settings(config)
     assert settings.repository == tmp_path and settings.defaults.num_requests == 2
+    # built in Python (a test, a program embedding the server), a misspelt setting fails too
+    with pytest.raises(ValueError, match="max_concurent_requests"):
+        ServerSettings(max_concurent_requests=4)
+    with pytest.raises(ValueError, match="latest_version"):
+        ModelSettings(latest_version=1)
 
 
 def test_check_config_says_what_would_serve_or_what_to_fix(small_export, tmp_path):
