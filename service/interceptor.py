@@ -21,7 +21,7 @@ import grpc
 from . import request_context
 from .model_slots import ModelSlots
 from .request_context import RequestRecord
-from .security import matching_token, token_id
+from .security import matching_token
 from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.access")
@@ -59,13 +59,13 @@ def _model_name(request) -> str:
 
 class RequestInterceptor(grpc.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, max_concurrent: int,
-                 tokens: Callable[[], tuple[str, ...]] = lambda: (),
+                 tokens: Callable[[], dict[str, str]] = dict,
                  max_response_bytes: int | None = None,
                  served: Callable[[str], bool] = lambda name: False,
                  compression: grpc.Compression = grpc.Compression.NoCompression,
                  model_limit: Callable[[str], int] = lambda name: 0):
         self.telemetry = telemetry
-        self.tokens = tokens  # the tokens a call may carry now (none: no check)
+        self.tokens = tokens  # {token: token_id} a call may carry now (none: no check)
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.served = served  # is a model name served? (untrusted names stay out of labels)
@@ -86,8 +86,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
             return handler
         tokens, caller = self.tokens(), ""
         if tokens:
-            token = matching_token(details.invocation_metadata, tokens)
-            caller = token_id(token) if token else ""
+            caller = tokens.get(matching_token(details.invocation_metadata, tokens), "")
         if tokens and not caller:
             self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
@@ -120,18 +119,14 @@ class RequestInterceptor(grpc.ServerInterceptor):
         record.trace_id, record.span_id = request_context.trace_context(
             context.invocation_metadata())
         if not self.slots.acquire(blocking=False):
-            self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the server is handling its maximum of {self.max_concurrent} "
-                          "concurrent requests (max_concurrent_requests); retry later")
+            self._exhausted(context, record, f"the server is handling its maximum of "
+                            f"{self.max_concurrent} concurrent requests (max_concurrent_requests)")
         release_model_slot = self.model_slots.take(record.model) if record.model else None
         if record.model and release_model_slot is None:
             self.slots.release()
-            self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"model {record.model!r} is handling its maximum of "
-                          f"{self.model_slots.limit(record.model)} concurrent requests (its "
-                          "max_requests_in_flight in the config); retry later")
+            self._exhausted(context, record, f"model {record.model!r} is handling its maximum "
+                            f"of {self.model_slots.limit(record.model)} concurrent requests (its "
+                            "max_requests_in_flight in the config)")
         token = request_context.enter(record)
         self.telemetry.in_flight.inc()
         start = time.perf_counter()
@@ -154,6 +149,11 @@ class RequestInterceptor(grpc.ServerInterceptor):
             self.slots.release()
             request_context.leave(token)
             self._after_response(context, record, code, seconds, response)
+
+    def _exhausted(self, context, record: RequestRecord, what: str) -> None:
+        """Refuse a call over a concurrency cap at once (counted, logged), instead of queueing."""
+        self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}; retry later")
 
     def _after_response(self, context, record: RequestRecord, code: grpc.StatusCode,
                         seconds: float, response) -> None:

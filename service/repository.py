@@ -106,6 +106,11 @@ def plan_versions(on_disk: dict[int, Path], policy: ModelSettings,
     return serve, listed
 
 
+def missing_pins(policy: ModelSettings, on_disk: dict[int, Path]) -> list[int]:
+    """Versions the config pins for a model that are not on its disk."""
+    return [v for v in policy.versions or () if v not in on_disk]
+
+
 @dataclass(frozen=True)
 class IndexEntry:
     """One version in the repository index (Triton's RepositoryIndex states)."""
@@ -258,8 +263,8 @@ class ModelRepository:
     def _warn_about_missing_pins(self, on_disk: dict[str, dict[int, Path]]) -> None:
         """Once per model and set: pinned versions that are not on disk (a typo in a rollback
         must not pass unseen; what serves goes on serving)."""
-        missing = {name: tuple(v for v in self.settings.for_model(name).versions or ()
-                               if v not in versions) for name, versions in on_disk.items()}
+        missing = {name: tuple(missing_pins(self.settings.for_model(name), versions))
+                   for name, versions in on_disk.items()}
         for name, versions in missing.items():
             if versions and self._missing_pins.get(name) != versions:
                 log.warning("%s: the config pins versions %s, not on disk (has %s)", name,
@@ -385,6 +390,11 @@ class ModelRepository:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._table)
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` is in the table (per request: no list built, no sort)."""
+        with self._lock:
+            return name in self._table
 
     def versions(self, name: str) -> list[int]:
         with self._lock:

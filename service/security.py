@@ -13,7 +13,7 @@ import os
 import ssl
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import grpc
 
@@ -74,13 +74,14 @@ class BearerToken:
 
     def __init__(self, token_file: Path | None):
         self.token_file = token_file
-        self._tokens = read_tokens(token_file)
+        self._tokens = _with_ids(read_tokens(token_file))
         self._files = RotatedFiles([token_file]) if token_file is not None else None
 
-    def current(self) -> tuple[str, ...]:
+    def current(self) -> dict[str, str]:
+        """{token: its token_id} (hashed once, when the file is read, not per call)."""
         if self._files is not None and self._files.changed():
             try:
-                before, self._tokens = self._tokens, read_tokens(self.token_file)
+                before, self._tokens = self._tokens, _with_ids(read_tokens(self.token_file))
                 log.info("%s changed; %d token(s) accepted (%d new, %d no longer)",
                          self.token_file, len(self._tokens),
                          len(set(self._tokens) - set(before)), len(set(before) - set(self._tokens)))
@@ -88,6 +89,10 @@ class BearerToken:
                 log.warning("the token file changed but cannot be used (%s); keeping the "
                             "tokens before", exc)
         return self._tokens
+
+
+def _with_ids(tokens: tuple[str, ...]) -> dict[str, str]:
+    return {token: token_id(token) for token in tokens}
 
 
 def read_tokens(token_file: Path | None, flag: str = "--token-file") -> tuple[str, ...]:
@@ -113,7 +118,7 @@ def read_token(token_file: Path | None, flag: str = "--token-file") -> str | Non
     return next(iter(read_tokens(token_file, flag)), None)
 
 
-def matching_token(metadata, tokens: tuple[str, ...]) -> str | None:
+def matching_token(metadata, tokens: Iterable[str]) -> str | None:
     """The one of `tokens` the call carries as `authorization: Bearer <token>`, or None (each
     compared in constant time, all of them: the time says nothing of which matched)."""
     for key, value in metadata or ():

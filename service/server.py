@@ -59,7 +59,7 @@ class Server:
         interceptor = RequestInterceptor(self.telemetry, settings.max_concurrent_requests,
                                          BearerToken(settings.token_file).current,
                                          max_response_bytes=settings.max_message_bytes,
-                                         served=lambda name: name in repository.names(),
+                                         served=repository.serves,
                                          compression=COMPRESSION[settings.response_compression],
                                          model_limit=lambda name: repository.settings.for_model(
                                              name).max_requests_in_flight)
