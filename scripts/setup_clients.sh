@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The standard Triton/KServe clients, each in an environment of its own: tritonclient pins
 # protobuf below 7 while the server's grpcio-tools needs 7, so they cannot share .venv.
-# - .venv-triton: the current tritonclient[grpc], which the tests call the server with;
-# - .venv-kserve: KServe's own Python SDK (InferenceGRPCClient), the Open Inference Protocol's
-#   reference client, which pins protobuf below 7 too;
+# - .venv-triton: the current tritonclient[grpc,http], which the tests call both sides of the
+#   server with (gRPC, and REST with Triton's binary tensors);
+# - .venv-kserve: KServe's own Python SDK (InferenceGRPCClient, InferenceRESTClient), the Open
+#   Inference Protocol's reference clients, which pin protobuf below 7 too;
 # - .venv-perf: Triton's perf_analyzer, a C++ load generator, from the last tritonclient wheel
 #   that ships it (2.47.0), plus the two libraries it loads: libb64 (Debian's libb64-0d) and
 #   libcudart (NVIDIA's wheel; loaded at start, never used: no GPU is needed).
@@ -15,7 +16,7 @@ quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 if [ ! -x .venv-triton/bin/python ]; then
   "$PY" -m venv .venv-triton
 fi
-.venv-triton/bin/pip install --quiet --disable-pip-version-check "tritonclient[grpc]>=2.50,<3" \
+.venv-triton/bin/pip install --quiet --disable-pip-version-check "tritonclient[grpc,http]>=2.50,<3" \
   "numpy>=1.26,<3" "opencv-python-headless>=4.8,<5" 2>&1 | quiet
 if [ ! -x .venv-kserve/bin/python ]; then
   "$PY" -m venv .venv-kserve

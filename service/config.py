@@ -132,6 +132,8 @@ class ServerSettings:
     # image) for devices on metered links, at about 4 ms of CPU per image; none: as they are
     response_compression: Literal["none", "gzip", "deflate"] = "none"
     metrics_port: PORT | None = None  # Prometheus text over HTTP; None: off, 0: any free port
+    # the Open Inference Protocol's REST side (service.rest); None: off, 0: any free port
+    rest_port: PORT | None = None
     tls_cert: MAYBE_PATH = None  # PEM server certificate (chain); with tls_key: TLS
     tls_key: MAYBE_PATH = None
     tls_client_ca: MAYBE_PATH = None  # PEM CA bundle; set: clients must present a certificate
@@ -239,6 +241,12 @@ def check_server(settings: ServerSettings) -> None:
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+    ports = {"--port": settings.port, "--rest-port": settings.rest_port,
+             "--metrics-port": settings.metrics_port}
+    taken = [flag for flag, port in ports.items() if port and list(ports.values()).count(port) > 1]
+    if taken:
+        raise ConfigError(f"{' and '.join(taken)} are the same port {ports[taken[0]]}: give each "
+                          "its own")
     if not Path(settings.repository).is_dir():
         raise ConfigError(f"--repository {settings.repository}: no such folder; give the "
                           "folder that holds <name>/<version>/model.xml")

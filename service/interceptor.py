@@ -84,11 +84,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         if service == HEALTH_SERVICE:
             return handler
-        tokens, caller = self.tokens(), ""
-        if tokens:
-            caller = tokens.get(matching_token(details.invocation_metadata, tokens), "")
-        if tokens and not caller:
-            self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
+        caller = self.authenticate(method, details.invocation_metadata)
+        if caller is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong token: send metadata 'authorization: Bearer "
                             "<token>' (xaiserve explain --token-file FILE)")
@@ -103,19 +100,38 @@ class RequestInterceptor(grpc.ServerInterceptor):
             try:
                 request = deserialize(raw)
             except Exception:  # noqa: BLE001 - protobuf's DecodeError, bad UTF-8 in a string
-                self._after_response(context, RequestRecord(method),
-                                     grpc.StatusCode.INVALID_ARGUMENT, 0.0, None)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the {method} request is not a valid protobuf message of its "
-                              "type; build it with the stubs generated from protos/")
-            return self._handle(method, inner, request, context, caller)
+                self.refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {method} request is not a valid protobuf message of its "
+                            "type; build it with the stubs generated from protos/")
+            return self.handle(method, inner, request, context, caller)
 
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=None, response_serializer=handler.response_serializer)
 
-    def _handle(self, method: str, inner, request, context, caller: str):
+    def authenticate(self, method: str, metadata) -> str | None:
+        """The id of the server's token the call carries ("" when the server has none), or
+        None, counted as UNAUTHENTICATED, when the call must be refused."""
+        tokens = self.tokens()
+        if not tokens:
+            return ""
+        caller = tokens.get(matching_token(metadata, tokens), "")
+        if not caller:
+            self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            return None
+        return caller
+
+    def refuse(self, context, method: str, code: grpc.StatusCode, message: str,
+               protocol: str = "grpc") -> None:
+        """Answer a call whose request could not be read (counted and logged like any other)."""
+        self._after_response(context, RequestRecord(method, protocol=protocol), code, 0.0, None)
+        context.abort(code, message)
+
+    def handle(self, method: str, inner, request, context, caller: str,
+               protocol: str = "grpc"):
+        """Run `inner(request, context)` under the caps, with the request's record, metrics
+        and access log: for a gRPC call, and for a REST one (service.rest) alike."""
         record = RequestRecord(method, self._request_id(request), _model_name(request),
-                               token_id=caller)
+                               token_id=caller, protocol=protocol)
         record.trace_id, record.span_id = request_context.trace_context(
             context.invocation_metadata())
         if not self.slots.acquire(blocking=False):
@@ -200,7 +216,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
             "request_id": record.request_id, "model": record.model,
             "version": record.version, "method": record.method, "code": code.name,
             "ms": round(seconds * 1e3, 3), "trace_id": record.trace_id,
-            "span_id": record.span_id, "token_id": record.token_id})
+            "span_id": record.span_id, "token_id": record.token_id,
+            "protocol": record.protocol})
 
     def _count(self, record: RequestRecord, model: str, code: grpc.StatusCode,
                seconds: float) -> None:

@@ -16,7 +16,7 @@ from . import request_context
 
 FORMATS = ("text", "json")
 REQUEST_FIELDS = ("request_id", "model", "version", "method", "code", "ms", "trace_id",
-                  "span_id", "token_id")
+                  "span_id", "token_id", "protocol")
 
 
 class RequestFields(logging.Filter):

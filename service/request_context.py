@@ -25,6 +25,7 @@ class RequestRecord:
     trace_id: str = ""  # from the client's W3C `traceparent`, to join its traces to our logs
     span_id: str = ""  # the client's span that made the call
     token_id: str = ""  # which of the server's tokens the call carried (security.token_id)
+    protocol: str = "grpc"  # or "http": the REST side of the protocol (service.rest)
 
 
 _CURRENT: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(

@@ -65,6 +65,39 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
         configuration(), fetch, require_client_authentication=settings.tls_client_ca is not None)
 
 
+def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """The REST side's TLS (service.rest) from the same files as gRPC's: None for plaintext;
+    client certificates required when a client CA is given. A handshake after the files
+    changed gets a context read from them again (rotation without a restart, as on gRPC)."""
+    if settings.tls_cert is None:
+        return None
+    files = RotatedFiles([settings.tls_cert, settings.tls_key]
+                         + ([settings.tls_client_ca] if settings.tls_client_ca else []))
+
+    def build() -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            context.load_verify_locations(settings.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.sni_callback = on_hello
+        return context
+
+    def on_hello(connection: ssl.SSLObject, _server_name, _context) -> None:
+        if files.changed():
+            try:
+                latest[0] = build()
+                log.info("TLS files changed; new REST connections use them")
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("TLS files changed but cannot be used on REST (%s); keeping the "
+                            "ones before", exc)
+        if connection.context is not latest[0]:
+            connection.context = latest[0]
+
+    latest = [build()]
+    return latest[0]
+
+
 class BearerToken:
     """The tokens calls may carry: from `--token-file` (read again once it changes, so a
     rotated Secret needs no restart; an empty or unreadable new file keeps the ones before),

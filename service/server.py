@@ -27,13 +27,18 @@ from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as xai_pb
 from .proto import xaiserve_pb2_grpc as xai_grpc
 from .repository import ModelRepository
-from .security import BearerToken, server_credentials
+from .rest import RestApp, RestServer
+from .security import BearerToken, server_credentials, server_ssl_context
 from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.server")
 
 COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
                "deflate": grpc.Compression.Deflate}
+# the KServe servicer's methods the REST side answers (service.rest.endpoints)
+REST_KSERVE_METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata",
+                       "ModelReady", "ModelConfig", "ModelStatistics", "ModelInfer",
+                       "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 # Threads beyond the request limit: health probes, reflection and refusals never queue.
 SPARE_THREADS = 4
 
@@ -80,8 +85,8 @@ class Server:
         threads = max(settings.workers, settings.max_concurrent_requests + SPARE_THREADS)
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                                 interceptors=[interceptor], options=options)
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repository), self.grpc)
+        kserve = KServeServicer(self.repository)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
         self.explanation = ExplanationServicer(self.repository, settings)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -100,6 +105,18 @@ class Server:
             raise OSError(f"--host {settings.host} --port {settings.port}: cannot bind "
                           f"{settings.host}:{settings.port} (a local address, and a free port)")
         self.metrics_port: int | None = None
+        self.rest: RestServer | None = None
+        if settings.rest_port is not None:
+            handlers = {name: getattr(kserve, name) for name in REST_KSERVE_METHODS}
+            handlers["Explain"] = self.explanation.Explain
+            app = RestApp(handlers, interceptor, settings.max_message_bytes, threads)
+            try:
+                self.rest = RestServer(app, settings.host, settings.rest_port,
+                                       server_ssl_context(settings))
+            except OSError as exc:
+                self.grpc.stop(0)
+                raise OSError(f"--rest-port {settings.rest_port}: cannot bind "
+                              f"{settings.host}:{settings.rest_port} ({exc.strerror})") from None
 
     def start(self) -> "Server":
         self.repository.check_devices()
@@ -113,9 +130,14 @@ class Server:
         self.repository.start(wait=True)
         self._warn_about_configured_names()
         self.grpc.start()
+        if self.rest is not None:
+            self.rest.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d (%s)", ", ".join(self.repository.names()) or "nothing",
                  self.port, "TLS" if self.tls else "plaintext")
+        if self.rest is not None:
+            log.info("REST (Open Inference Protocol over HTTP%s) on port %d",
+                     "S" if self.tls else "", self.rest.port)
         if self.metrics_port:
             log.info("metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
@@ -135,7 +157,12 @@ class Server:
         grace = self.settings.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.repository.stop()
+        rest = threading.Thread(target=self.rest.stop, args=(grace,)) if self.rest else None
+        if rest is not None:  # both sides drain at once
+            rest.start()
         self.grpc.stop(grace).wait()
+        if rest is not None:
+            rest.join()
         self.telemetry.stop_http()
 
     def reload_settings(self, settings: ServerSettings) -> list[str]:

@@ -42,6 +42,10 @@ def add_serve_operations(p) -> None:
     """Operations and security options of `serve` (metrics, logs, shutdown, TLS, token, limits)."""
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--rest-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol over HTTP/JSON (KServe v2 REST,"
+                        " Triton's binary tensors) on this port, with the same token, TLS and "
+                        "limits (default: off)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one object per line with request_id, model, version, code, ms")
     p.add_argument("--shutdown-grace", type=float, default=None,
@@ -74,7 +78,7 @@ def add_serve_operations(p) -> None:
                         "(default: 10 s; more often gets GOAWAY too_many_pings)")
 
 
-SERVE_OPERATION_KEYS = ("metrics_port", "shutdown_grace", "tls_cert", "tls_key",
+SERVE_OPERATION_KEYS = ("metrics_port", "rest_port", "shutdown_grace", "tls_cert", "tls_key",
                         "tls_client_ca", "token_file", "max_concurrent_requests",
                         "max_message_bytes", "poll_seconds", "max_connection_age",
                         "keepalive_time", "min_client_ping_interval", "response_compression")
@@ -114,6 +118,9 @@ def run_serve(args) -> int:
 
     def announce() -> None:
         print(f"xaiserve: serving {settings.repository} on port {server.port}", flush=True)
+        if server.rest is not None:
+            print(f"xaiserve: REST at http{'s' if server.tls else ''}://{settings.host}:"
+                  f"{server.rest.port}/v2", flush=True)
         if server.metrics_port:
             print(f"xaiserve: metrics at http://{settings.host}:{server.metrics_port}/metrics",
                   flush=True)

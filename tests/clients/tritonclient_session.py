@@ -1,7 +1,9 @@
-"""A user's session with the standard client, run in .venv-triton (tritonclient and protobuf 6
-cannot share the server's environment). Prints one JSON object of what the client saw.
+"""A user's session with the standard client, tritonclient.grpc or tritonclient.http (the same
+calls), run in .venv-triton (tritonclient and protobuf 6 cannot share the server's
+environment). Prints one JSON object of what the client saw.
 
-    .venv-triton/bin/python tests/clients/tritonclient_session.py 127.0.0.1:9000 MODEL A.jpg B.jpg
+    .venv-triton/bin/python tests/clients/tritonclient_session.py grpc 127.0.0.1:9000 MODEL A.jpg
+    .venv-triton/bin/python tests/clients/tritonclient_session.py http 127.0.0.1:8000 MODEL A.jpg
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import sys
 
 import cv2
 import numpy as np
-import tritonclient.grpc as grpcclient
+import tritonclient.grpc
+import tritonclient.http
 from tritonclient.utils import InferenceServerException
 
 
@@ -19,24 +22,34 @@ def top1(result, count: int) -> list[int]:
     return [int(c) for c in result.as_numpy("logits").reshape(count, -1).argmax(1)]
 
 
-def main(url: str, model: str, paths: list[str]) -> dict:
-    client = grpcclient.InferenceServerClient(url)
+def main(protocol: str, url: str, model: str, paths: list[str]) -> dict:
+    grpc = protocol == "grpc"
+    client_module = tritonclient.grpc if grpc else tritonclient.http
+    client = client_module.InferenceServerClient(url)
+
+    def as_json(method, *args):  # tritonclient.http answers dicts, .grpc messages unless asked
+        return method(*args, as_json=True) if grpc else method(*args)
+
+    def response_of(result) -> dict:
+        return as_json(result.get_response)
+
+    config = as_json(client.get_model_config, model)
     seen: dict = {
         "live": client.is_server_live(), "ready": client.is_server_ready(),
         "model_ready": client.is_model_ready(model),
-        "server": client.get_server_metadata(as_json=True),
-        "metadata": client.get_model_metadata(model, as_json=True),
-        "config": client.get_model_config(model, as_json=True)["config"],
+        "server": as_json(client.get_server_metadata),
+        "metadata": as_json(client.get_model_metadata, model),
+        "config": config["config"] if grpc else config,
     }
     encoded = [open(p, "rb").read() for p in paths]
-    outputs = [grpcclient.InferRequestedOutput("logits"),
-               grpcclient.InferRequestedOutput("saliency_map")]
+    outputs = [client_module.InferRequestedOutput("logits"),
+               client_module.InferRequestedOutput("saliency_map")]
 
     # encoded JPEGs as BYTES: the server decodes and resizes them
-    jpegs = grpcclient.InferInput("image", [len(encoded)], "BYTES")
+    jpegs = client_module.InferInput("image", [len(encoded)], "BYTES")
     jpegs.set_data_from_numpy(np.array(encoded, dtype=np.object_))
     result = client.infer(model, [jpegs], outputs=outputs, request_id="bytes-1")
-    seen["bytes"] = {"top1": top1(result, len(encoded)), "id": result.get_response().id,
+    seen["bytes"] = {"top1": top1(result, len(encoded)), "id": response_of(result)["id"],
                      "saliency_shape": list(result.as_numpy("saliency_map").shape)}
 
     # the same photos as a u8 tensor at the model's size
@@ -44,20 +57,28 @@ def main(url: str, model: str, paths: list[str]) -> dict:
     pixels = np.stack([cv2.resize(cv2.cvtColor(cv2.imread(p), cv2.COLOR_BGR2RGB),
                                   (width, height), interpolation=cv2.INTER_LINEAR)
                        for p in paths])
-    tensor = grpcclient.InferInput("image", list(pixels.shape), "UINT8")
+    tensor = client_module.InferInput("image", list(pixels.shape), "UINT8")
     tensor.set_data_from_numpy(pixels)
     result = client.infer(model, [tensor], outputs=outputs[:1])
     seen["uint8"] = {"top1": top1(result, len(paths)),
-                     "outputs": [o.name for o in result.get_response().outputs]}
+                     "outputs": [o["name"] for o in response_of(result)["outputs"]]}
 
     # Triton's classification extension: the top 3 as "score:index:label" per image
     result = client.infer(model, [tensor],
-                          outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
+                          outputs=[client_module.InferRequestedOutput("logits", class_count=3)])
     seen["classification"] = [[item.decode() for item in row]
                               for row in result.as_numpy("logits")]
 
-    seen["statistics"] = client.get_inference_statistics(model, as_json=True)
-    seen["index"] = client.get_model_repository_index(as_json=True)
+    if not grpc:  # the body gzipped both ways (Content-Encoding, Accept-Encoding)
+        result = client.infer(model, [tensor], outputs=outputs,
+                              request_compression_algorithm="gzip",
+                              response_compression_algorithm="gzip")
+        seen["compressed"] = {"top1": top1(result, len(paths)),
+                              "saliency_shape": list(result.as_numpy("saliency_map").shape)}
+
+    seen["statistics"] = as_json(client.get_inference_statistics, model)
+    index = as_json(client.get_model_repository_index)
+    seen["index"] = index if grpc else {"models": index}  # REST: the list itself
     client.load_model(model)  # served already: the repository is scanned, answered at once
     try:
         client.unload_model(model)
@@ -73,4 +94,4 @@ def main(url: str, model: str, paths: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], sys.argv[3:])))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])))
