@@ -104,8 +104,8 @@ def repository(default_export, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repository):
     defaults = ModelSettings(black_box_masks=500, max_black_box_masks=2000)
-    settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, poll_seconds=0.5,
-                              max_message_bytes=MAX_MESSAGE, defaults=defaults,
+    settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, rest_port=0,
+                              poll_seconds=0.5, max_message_bytes=MAX_MESSAGE, defaults=defaults,
                               # asks for bf16, which a CPU without it computes in f32
                               models={"plain": replace(defaults, inference_precision="bf16")})
     srv = Server(settings).start()

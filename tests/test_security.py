@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import http.client
 import ipaddress
 import shutil
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -184,9 +186,17 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
     for name in ("server.pem", "server.key", "token"):
         shutil.copy(pki / name, tmp_path / name)
     server = start(repo, tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key",
-                   token_file=tmp_path / "token")
+                   token_file=tmp_path / "token", rest_port=0)
     address = f"127.0.0.1:{server.port}"
     clients = []
+
+    def https_ready(ca: Path) -> int:
+        """A new HTTPS connection to the REST side, trusting `ca`."""
+        connection = http.client.HTTPSConnection(
+            "localhost", server.rest.port, context=ssl.create_default_context(cafile=ca),
+            timeout=10)
+        connection.request("GET", "/v2/health/ready")
+        return connection.getresponse().status
 
     def client(ca: Path) -> XaiClient:
         clients.append(XaiClient.connect(address, tls_ca=ca, token_file=tmp_path / "token",
@@ -195,6 +205,7 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
     try:
         before = client(pki / "ca.pem")
         assert before.model_info("shapes").ready
+        assert https_ready(pki / "ca.pem") == 200
         replace_file(tmp_path / "token", b"a-rotated-token\n")
         time.sleep(1.2)  # the files are looked at once a second
         refused(lambda: before.model_info("shapes"), grpc.StatusCode.UNAUTHENTICATED)
@@ -215,6 +226,9 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
         refused(lambda: client(pki / "ca.pem").model_info("shapes"),
                 grpc.StatusCode.UNAVAILABLE)  # the old CA no longer vouches for the server
         assert connected.model_info("shapes").ready  # connections made before go on
+        assert https_ready(tmp_path / "new-ca.pem") == 200  # the REST side rotates too
+        with pytest.raises(ssl.SSLCertVerificationError):
+            https_ready(pki / "ca.pem")
 
         # a rotation with an overlap: the old token and the new one both accepted, until the
         # old line goes (a comment line, a blank one and a repeated token are fine)

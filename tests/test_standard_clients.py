@@ -1,7 +1,8 @@
-"""Standard clients against a running xaiserve, unchanged: tritonclient.grpc (as a user's
-program would call it), KServe's own SDK (InferenceGRPCClient) and perf_analyzer (Triton's C++
-benchmark tool). Each lives in an environment of its own (scripts/setup_clients.sh): the
-Python clients pin protobuf below 7."""
+"""Standard clients against a running xaiserve, unchanged, on both sides of the protocol
+(gRPC, and REST with Triton's binary tensors): tritonclient.grpc and .http (as a user's
+program would call them), KServe's own SDK (InferenceGRPCClient, InferenceRESTClient) and
+perf_analyzer (Triton's C++ benchmark tool). Each lives in an environment of its own
+(scripts/setup_clients.sh): the Python clients pin protobuf below 7."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ PERF_ANALYZER = ROOT / ".venv-perf" / "bin" / "perf_analyzer"
 SETUP_HINT = "run scripts/setup_clients.sh (scripts/setup.sh runs it)"
 
 
-@pytest.fixture(scope="module")
-def address(server) -> str:
-    return f"127.0.0.1:{server.port}"
+PROTOCOLS = ("grpc", "http")
+
+
+def address(server, protocol: str) -> str:
+    return f"127.0.0.1:{server.port if protocol == 'grpc' else server.rest.port}"
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +40,22 @@ def photo_files(photos, tmp_path_factory) -> list[Path]:
     return paths
 
 
-def client_session(python: Path, script: str, address: str, photo_files: list[Path]) -> dict:
+def client_session(python: Path, script: str, protocol: str, server,
+                   photo_files: list[Path]) -> dict:
     """What a client program in its own environment saw (its session script prints JSON)."""
     assert python.exists(), f"{python} is missing: {SETUP_HINT}"
-    run = subprocess.run([str(python), str(ROOT / "tests/clients" / script), address,
-                          "efficientnet_lite0", *map(str, photo_files)],
+    run = subprocess.run([str(python), str(ROOT / "tests/clients" / script), protocol,
+                          address(server, protocol), "efficientnet_lite0",
+                          *map(str, photo_files)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
 
 
-def test_tritonclient_grpc_works_unchanged(address, photo_files):
-    seen = client_session(TRITON_PYTHON, "tritonclient_session.py", address, photo_files)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_tritonclient_works_unchanged(server, protocol, photo_files):
+    seen = client_session(TRITON_PYTHON, "tritonclient_session.py", protocol, server,
+                          photo_files)
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["server"]["name"] == "xaiserve"
     assert [i["datatype"] for i in seen["metadata"]["inputs"]] == ["UINT8"]
@@ -70,30 +77,37 @@ def test_tritonclient_grpc_works_unchanged(address, photo_files):
     assert scores == sorted(scores, reverse=True)
     entries = [(m["name"], m["state"]) for m in seen["index"]["models"]]
     assert ("efficientnet_lite0", "READY") in entries
-    assert seen["unload"]["status"] == "StatusCode.FAILED_PRECONDITION"
+    grpc = protocol == "grpc"
+    assert seen["unload"]["status"] == ("StatusCode.FAILED_PRECONDITION" if grpc else "400")
     assert "remove" in seen["unload"]["message"]
-    assert seen["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
+    assert seen["unknown_model"]["status"] == ("StatusCode.NOT_FOUND" if grpc else "404")
+    if not grpc:  # gzip both ways
+        assert seen["compressed"] == {"top1": [285, 967], "saliency_shape": [2, 1000, 7, 7]}
     assert "efficientnet_lite0" in seen["unknown_model"]["message"]
 
 
-def test_kserve_sdk_works_unchanged(address, photo_files):
-    """KServe's InferenceGRPCClient (asyncio), as an InferenceService's caller would use it."""
-    seen = client_session(KSERVE_PYTHON, "kserve_session.py", address, photo_files)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_kserve_sdk_works_unchanged(server, protocol, photo_files):
+    """KServe's InferenceGRPCClient and InferenceRESTClient (asyncio), as an InferenceService's
+    caller would use them."""
+    seen = client_session(KSERVE_PYTHON, "kserve_session.py", protocol, server, photo_files)
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["uint8"] == {"id": "kserve-1", "top1": [285, 967],
                              "saliency_shape": [2, 1000, 7, 7]}
     assert seen["bytes"] == {"top1": [285, 967], "outputs": ["logits"]}
-    assert "NOT_FOUND" in seen["unknown_model"] and "'nonexistent'" in seen["unknown_model"]
+    assert ("NOT_FOUND" if protocol == "grpc" else "404 Not Found") in seen["unknown_model"]
+    assert "'nonexistent'" in seen["unknown_model"]
 
 
-def test_perf_analyzer_measures_the_server(address, tmp_path):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_perf_analyzer_measures_the_server(server, protocol, tmp_path):
     """perf_analyzer reads ModelMetadata and ModelConfig, sends random u8 batches of 2 from 2
     concurrent clients, and splits the server's time with ModelStatistics."""
     assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
     report = tmp_path / "perf.csv"
     run = subprocess.run(
         ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
-         "-i", "grpc", "-u", address, "-b", "2", "--concurrency-range", "2",
+         "-i", protocol, "-u", address(server, protocol), "-b", "2", "--concurrency-range", "2",
          "--measurement-mode", "count_windows", "--measurement-request-count", "20",
          "--max-trials", "4", "--stability-percentage", "100", "-f", str(report)],
         capture_output=True, text=True, timeout=300)
