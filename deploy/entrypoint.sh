@@ -18,6 +18,7 @@
 #   XAISERVE_LOG_LEVEL     DEBUG, INFO, WARNING, ERROR     (default INFO)
 #   XAISERVE_LOG_FORMAT    text or json (one object a line) (default text)
 #   XAISERVE_METRICS_PORT  Prometheus metrics port         (optional)
+#   XAISERVE_REST_PORT     REST port: KServe v2 over HTTP  (optional)
 #   XAISERVE_TOKEN_FILE    file with the bearer token clients must send (optional; the server
 #                          also reads XAISERVE_TOKEN itself); health checks need none
 #   XAISERVE_TLS_CERT, XAISERVE_TLS_KEY  PEM server certificate and key (both or neither)
@@ -133,6 +134,14 @@ if [ -n "${XAISERVE_METRICS_PORT:-}" ]; then
     [ "$XAISERVE_METRICS_PORT" != "$port" ] ||
         fail "XAISERVE_METRICS_PORT=$XAISERVE_METRICS_PORT is the gRPC port too; pick another"
     set -- "$@" --metrics-port "$XAISERVE_METRICS_PORT"
+fi
+if [ -n "${XAISERVE_REST_PORT:-}" ]; then
+    check_port XAISERVE_REST_PORT "$XAISERVE_REST_PORT"
+    [ "$XAISERVE_REST_PORT" != "$port" ] ||
+        fail "XAISERVE_REST_PORT=$XAISERVE_REST_PORT is the gRPC port too; pick another"
+    [ "$XAISERVE_REST_PORT" != "${XAISERVE_METRICS_PORT:-}" ] ||
+        fail "XAISERVE_REST_PORT=$XAISERVE_REST_PORT is the metrics port too; pick another"
+    set -- "$@" --rest-port "$XAISERVE_REST_PORT"
 fi
 if [ -n "$tls_cert" ]; then
     check_file XAISERVE_TLS_CERT "$tls_cert"

@@ -264,7 +264,8 @@ def test_deployment_probes_grpc_health_on_the_serving_port(cluster):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     variables = env(c)
     assert ports == {"grpc": int(variables["XAISERVE_PORT"]),
-                     "metrics": int(variables["XAISERVE_METRICS_PORT"])}
+                     "metrics": int(variables["XAISERVE_METRICS_PORT"]),
+                     "http": int(variables["XAISERVE_REST_PORT"])}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": ports["grpc"]}, probe  # grpc.health.v1, service ""
     assert set(variables) <= entrypoint_variables()

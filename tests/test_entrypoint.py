@@ -117,6 +117,10 @@ BAD_SETTINGS = [
     ({"XAISERVE_REPOSITORY": "/nonexistent/models"}, "XAISERVE_REPOSITORY=/nonexistent/models"),
     ({"XAISERVE_METRICS_PORT": "9000"}, "XAISERVE_METRICS_PORT=9000 is the gRPC port too"),
     ({"XAISERVE_METRICS_PORT": "-1"}, "XAISERVE_METRICS_PORT='-1' is not a port number"),
+    ({"XAISERVE_REST_PORT": "9000"}, "XAISERVE_REST_PORT=9000 is the gRPC port too"),
+    ({"XAISERVE_REST_PORT": "9090", "XAISERVE_METRICS_PORT": "9090"},
+     "XAISERVE_REST_PORT=9090 is the metrics port too"),
+    ({"XAISERVE_REST_PORT": "http"}, "XAISERVE_REST_PORT='http' is not a port number"),
     ({"XAISERVE_LOG_LEVEL": "LOUD"}, "XAISERVE_LOG_LEVEL='LOUD' is not a level"),
     ({"XAISERVE_LOG_FORMAT": "xml"}, "XAISERVE_LOG_FORMAT='xml' is not a format"),
     ({"XAISERVE_TOKEN_FILE": "/nonexistent/token"}, "XAISERVE_TOKEN_FILE=/nonexistent/token"),
@@ -160,21 +164,21 @@ def test_every_variable_maps_to_its_flag_and_extra_flags_come_last(tmp_path):
         XAISERVE_WORKERS="8", XAISERVE_LOG_LEVEL="debug", XAISERVE_METRICS_PORT="9091",
         XAISERVE_TLS_CERT=str(pem["cert"]), XAISERVE_TLS_KEY=str(pem["key"]),
         XAISERVE_TLS_CLIENT_CA=str(pem["ca"]), XAISERVE_LOG_FORMAT="json",
-        XAISERVE_TOKEN_FILE=str(pem["token"]))
+        XAISERVE_TOKEN_FILE=str(pem["token"]), XAISERVE_REST_PORT="8001")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "serve", "--repository", str(tmp_path), "--port", "9001", "--host", "127.0.0.1",
         "--config", str(config), "--device", "AUTO", "--workers", "8", "--log-level", "debug",
-        "--log-format", "json", "--token-file", str(pem["token"]), "--metrics-port", "9091", "--tls-cert", str(pem["cert"]), "--tls-key", str(pem["key"]),
+        "--log-format", "json", "--token-file", str(pem["token"]), "--metrics-port", "9091", "--rest-port", "8001", "--tls-cert", str(pem["cert"]), "--tls-key", str(pem["key"]),
         "--tls-client-ca", str(pem["ca"]), "--max-black-box-masks", "100", "--port", "7000"]
 
     # The server's own parser reads that argv; the last --port (the extra flag) wins.
     args = build_parser().parse_args(result.stdout.split())
     assert (args.repository, args.port, args.host, args.config, args.device, args.workers,
-            args.log_level, args.log_format, args.token_file, args.metrics_port, args.tls_cert,
-            args.tls_key, args.tls_client_ca, args.max_black_box_masks) == (
+            args.log_level, args.log_format, args.token_file, args.metrics_port, args.rest_port,
+            args.tls_cert, args.tls_key, args.tls_client_ca, args.max_black_box_masks) == (
         tmp_path, 7000, "127.0.0.1", config, "AUTO", 8, "debug", "json", pem["token"], 9091,
-        pem["cert"], pem["key"], pem["ca"], 100)
+        8001, pem["cert"], pem["key"], pem["ca"], 100)
 
     other = run_script("echo", "export", "default", XAISERVE_PORT="not checked here")
     assert other.returncode == 0 and other.stdout.strip() == "export default"
