@@ -257,7 +257,12 @@ class RestApp:
     def _endpoint(self, endpoint: Endpoint):
         async def respond(request: Request) -> Response:
             call = HttpCall(list(request.headers.items()))
-            body = await self._body(request)
+            # the token before the body: a caller without one cannot make the server read and
+            # hold max_message_bytes
+            caller = "" if endpoint.health else self.interceptor.authenticate(
+                endpoint.method, call.invocation_metadata())
+            body = (error_reply(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+                    if caller is None else await self._body(request))
             if isinstance(body, Reply):
                 reply = body
             else:
@@ -267,7 +272,7 @@ class RestApp:
                 try:
                     reply = await anyio.to_thread.run_sync(
                         self._serve, endpoint, request.path_params, body, request, call,
-                        limiter=self._limiter)
+                        caller, limiter=self._limiter)
                 finally:
                     watcher.cancel()
             return Response(reply.body, reply.status, reply.headers,
@@ -317,15 +322,12 @@ class RestApp:
         call.end()
 
     def _serve(self, endpoint: Endpoint, params: dict, body: bytes, request: Request,
-               call: HttpCall) -> Reply:
-        """On a worker thread: authenticate, read, run through the interceptor, write."""
+               call: HttpCall, caller: str) -> Reply:
+        """On a worker thread: read the request, run it through the interceptor, write."""
         handler = self.handlers[endpoint.method]
         try:
             if endpoint.health:
                 return endpoint.write(handler(endpoint.read(params, body, request), call), None)
-            caller = self.interceptor.authenticate(endpoint.method, call.invocation_metadata())
-            if caller is None:
-                return error_reply(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
             try:
                 read = endpoint.read(params, body, request)
             except RequestError as exc:

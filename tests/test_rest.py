@@ -249,6 +249,8 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
         assert "Authorization: Bearer" in json.loads(body)["error"]
         wrong = {"Authorization": "Bearer guess"}
         assert call(rest, "POST", f"{MODEL}/infer", json_infer(), wrong, auth=False)[0] == 401
+        # refused before its body is read: not 413, the server holds none of it
+        assert call(rest, "POST", f"{MODEL}/infer", b"x" * 1_100_000, auth=False)[0] == 401
         assert call(rest, "POST", f"{MODEL}/infer", json_infer(id="logged"),
                     {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
                     )[0] == 200
@@ -269,7 +271,7 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
                 - before.get("xaiserve_requests", {}).get(("xaiserve_requests_total",
                                                    tuple(sorted(labels.items()))), 0))
     assert wait_until(lambda: counted("OK", "shapes", "1") == 1, 10)
-    assert counted("UNAUTHENTICATED", "", "") == 2
+    assert counted("UNAUTHENTICATED", "", "") == 3
 
 
 def test_the_request_cap_is_shared_and_a_client_that_leaves_stops_its_work(rest):
