@@ -12,6 +12,7 @@ need no token and take no request slot: kubelet's httpGet probes must never be r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -65,6 +66,14 @@ class CallAborted(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+class BodyRefused(Exception):
+    """A request body that is not read: too large, or in an encoding the server cannot undo."""
+
+    def __init__(self, status: int, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 class HttpCall:
@@ -124,8 +133,8 @@ def json_reply(value, status: int = 200) -> Reply:
                  {"content-type": "application/json"})
 
 
-def error_reply(code: grpc.StatusCode, message: str) -> Reply:
-    reply = json_reply({"error": message}, HTTP_STATUS.get(code, 500))
+def error_reply(code: grpc.StatusCode, message: str, status: int | None = None) -> Reply:
+    reply = json_reply({"error": message}, status or HTTP_STATUS.get(code, 500))
     if code == grpc.StatusCode.UNAUTHENTICATED:
         reply.headers["www-authenticate"] = "Bearer"
     return reply
@@ -235,9 +244,12 @@ class RestApp:
     max_message_bytes), everything else (reading it, the model, writing the answer) on a
     worker thread, as many at once as the gRPC side's threads."""
 
-    def __init__(self, handlers: dict[str, Callable], interceptor: RequestInterceptor,
+    def __init__(self, servicers: tuple, interceptor: RequestInterceptor,
                  max_body_bytes: int, threads: int):
-        self.handlers = handlers  # gRPC method name -> servicer method (request, context)
+        # gRPC method name -> the servicer method that answers it (request, context)
+        self.handlers = {endpoint.method: next(getattr(s, endpoint.method) for s in servicers
+                                               if hasattr(s, endpoint.method))
+                         for _, _, endpoint in endpoints()}
         self.interceptor = interceptor
         self.max_body_bytes = max_body_bytes
         self.threads = threads
@@ -261,9 +273,15 @@ class RestApp:
             # hold max_message_bytes
             caller = "" if endpoint.health else self.interceptor.authenticate(
                 endpoint.method, call.invocation_metadata())
-            body = (error_reply(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
-                    if caller is None else await self._body(request))
-            if isinstance(body, Reply):
+            try:
+                body = None if caller is None else await self._body(request)
+            except BodyRefused as exc:
+                with contextlib.suppress(CallAborted):  # counted and logged as a gRPC refusal
+                    self.interceptor.refuse(call, endpoint.method, exc.code, exc.message, "http")
+                body = error_reply(exc.code, exc.message, exc.status)
+            if caller is None:
+                reply = error_reply(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+            elif isinstance(body, Reply):
                 reply = body
             else:
                 watcher = asyncio.ensure_future(self._watch_disconnect(request, call))
@@ -279,39 +297,40 @@ class RestApp:
                             background=BackgroundTask(call.end))
         return respond
 
-    async def _body(self, request: Request) -> bytes | Reply:
+    async def _body(self, request: Request) -> bytes:
         """The request body, inflated when the client compressed it (tritonclient.http's
-        request_compression_algorithm), or a 413 when it is over max_message_bytes."""
-        declared = request.headers.get("content-length", "")
-        too_large = error_reply(grpc.StatusCode.RESOURCE_EXHAUSTED,
+        request_compression_algorithm); BodyRefused (413) when it is over max_message_bytes."""
+        too_large = BodyRefused(413, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the request body is over the server's max_message_bytes of "
                                 f"{self.max_body_bytes}: send fewer images, or raise "
                                 "--max-message-bytes")
-        too_large = Reply(413, too_large.body, too_large.headers)
+        declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return too_large
+            raise too_large
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                return too_large
+                raise too_large
             chunks.append(chunk)
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return body
         if encoding not in ("gzip", "deflate"):
-            return error_reply(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"header Content-Encoding {encoding!r}: send gzip, deflate or "
-                               "an uncompressed body")
+            raise BodyRefused(400, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"header Content-Encoding {encoding!r}: send gzip, deflate or "
+                              "an uncompressed body")
         inflate = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
         try:
             body = inflate.decompress(body, self.max_body_bytes + 1)
         except zlib.error as exc:
-            return error_reply(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"the body is not {encoding} data ({exc}); compress it as the "
-                               "Content-Encoding header says")
-        return too_large if len(body) > self.max_body_bytes else body
+            raise BodyRefused(400, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the body is not {encoding} data ({exc}); compress it as the "
+                              "Content-Encoding header says") from None
+        if len(body) > self.max_body_bytes:
+            raise too_large
+        return body
 
     @staticmethod
     async def _watch_disconnect(request: Request, call: HttpCall) -> None:

@@ -35,10 +35,6 @@ log = logging.getLogger("xaiserve.server")
 
 COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
                "deflate": grpc.Compression.Deflate}
-# the KServe servicer's methods the REST side answers (service.rest.endpoints)
-REST_KSERVE_METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata",
-                       "ModelReady", "ModelConfig", "ModelStatistics", "ModelInfer",
-                       "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 # Threads beyond the request limit: health probes, reflection and refusals never queue.
 SPARE_THREADS = 4
 
@@ -107,12 +103,11 @@ class Server:
         self.metrics_port: int | None = None
         self.rest: RestServer | None = None
         if settings.rest_port is not None:
-            handlers = {name: getattr(kserve, name) for name in REST_KSERVE_METHODS}
-            handlers["Explain"] = self.explanation.Explain
-            app = RestApp(handlers, interceptor, settings.max_message_bytes, threads)
+            app = RestApp((kserve, self.explanation), interceptor, settings.max_message_bytes,
+                          threads)
+            ssl_context = server_ssl_context(settings)
             try:
-                self.rest = RestServer(app, settings.host, settings.rest_port,
-                                       server_ssl_context(settings))
+                self.rest = RestServer(app, settings.host, settings.rest_port, ssl_context)
             except OSError as exc:
                 self.grpc.stop(0)
                 raise OSError(f"--rest-port {settings.rest_port}: cannot bind "

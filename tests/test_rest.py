@@ -251,6 +251,7 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
         assert call(rest, "POST", f"{MODEL}/infer", json_infer(), wrong, auth=False)[0] == 401
         # refused before its body is read: not 413, the server holds none of it
         assert call(rest, "POST", f"{MODEL}/infer", b"x" * 1_100_000, auth=False)[0] == 401
+        assert call(rest, "POST", f"{MODEL}/infer", b"x" * 1_100_000)[0] == 413  # counted too
         assert call(rest, "POST", f"{MODEL}/infer", json_infer(id="logged"),
                     {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
                     )[0] == 200
@@ -272,6 +273,7 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
                                                    tuple(sorted(labels.items()))), 0))
     assert wait_until(lambda: counted("OK", "shapes", "1") == 1, 10)
     assert counted("UNAUTHENTICATED", "", "") == 3
+    assert counted("RESOURCE_EXHAUSTED", "", "") == 1
 
 
 def test_the_request_cap_is_shared_and_a_client_that_leaves_stops_its_work(rest):
