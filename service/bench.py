@@ -29,8 +29,9 @@ from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image, read_image_file
 from .layer_profile import LayerProfile, measure_layers, profile
 from .model import ClassifierModel, ModelLoadError, error_reason
+from .rest_client import RestClient, RestError, model_path, rest_address
 
-MODES = ("in-process", "server")
+MODES = ("in-process", "server", "server-rest")
 # OPTIMIZATION_CAPABILITIES a device must list for an inference precision.
 PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
 META_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
@@ -113,7 +114,7 @@ def point_from(measurement: Measurement, *, mode: str, model: str, device: str, 
                  len(latencies), measurement.seconds,
                  len(latencies) * batch / measurement.seconds, p50, p90, p95, p99,
                  float(np.mean(latencies)), measurement.stable, len(measurement.windows),
-                 measurement.errors, request_split(measurement.samples, mode == "server"),
+                 measurement.errors, request_split(measurement.samples, mode != "in-process"),
                  measurement.first_error,
                  window_log=[asdict(w) for w in measurement.windows])
 
@@ -335,11 +336,12 @@ class Bench:
             self.skip("skip benchmark_app for the server: give --model-path with the IR it serves")
         label = f"{s.model}/{served}"
         server_config = Config(Path(label), "server", "server", "server", "server")
+        mode = "server-rest" if target.protocol == "http" else "server"
         for work, batch, concurrency in jobs:
-            self.progress.begin(f"server {work} b{batch} c{concurrency}")
+            self.progress.begin(f"{mode} {work} b{batch} c{concurrency}")
             calls = [works.WORKS[work].remote(target, self.work_input, batch)
                      for _ in range(concurrency)]
-            point = self._measure(calls, "server", server_config, work, batch, concurrency)
+            point = self._measure(calls, mode, server_config, work, batch, concurrency)
             point.model = label
             if ref_config is not None:
                 attach_reference(point, self.reference(ref_config, batch), s.masks)
@@ -367,6 +369,9 @@ class Bench:
     def remote_target(self) -> tuple[works.RemoteTarget, str]:
         """The server's address and model, checked, and the version it serves."""
         s = self.settings
+        address = rest_address(s.server)
+        if address:
+            return self.rest_target(address)
         client = works.XaiClient(s.server, timeout=10)
         try:
             client.wait_ready(timeout=5)
@@ -382,6 +387,27 @@ class Bench:
             raise BenchError(f"--model {s.model}: not ready on the server ({info.reason})")
         return works.RemoteTarget(s.server, s.model, s.version, (
             int(info.input_height), int(info.input_width))), info.model_version
+
+    def rest_target(self, address: str) -> tuple[works.RemoteTarget, str]:
+        """The same over the REST side: the model's metadata and configuration (the version
+        that serves is among the configuration's parameters)."""
+        s = self.settings
+        client = RestClient(address, timeout=10)
+        try:
+            metadata = client.get(model_path(s.model, s.version))
+            config = client.get(model_path(s.model, s.version, "config"))
+        except OSError as exc:
+            raise BenchError(f"--server {s.server}: not reachable ({exc.strerror or exc}); "
+                             "start `xaiserve serve --rest-port PORT` or fix the address") \
+                from None
+        except RestError as exc:
+            raise BenchError(f"--model {s.model}: {exc.message}") from None
+        finally:
+            client.close()
+        _, height, width, _ = metadata["inputs"][0]["shape"]
+        return (works.RemoteTarget(address, s.model, s.version, (int(height), int(width)),
+                                   protocol="http"),
+                config["parameters"]["version"]["string_value"])
 
     def _measure(self, calls, mode: str, config: Config, work: str, batch: int,
                  concurrency: int) -> Point:

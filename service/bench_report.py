@@ -108,19 +108,19 @@ def summary_text(result: BenchResult) -> str:
                      f"the stability band ({100 * result.settings.get('stability', 0):.0f}%): "
                      "longer --window or more --max-windows")
     lines += result.skips
-    head = (f"{'mode':<10} {'model':<20} {'config':<28} {'work':<13} {'b':>2} {'c':>3} "
+    head = (f"{'mode':<11} {'model':<20} {'config':<28} {'work':<13} {'b':>2} {'c':>3} "
             f"{'img/s':>8} {'p50':>7} {'p90':>7} {'p95':>7} {'p99':>7}  {'fps/ba':>6} "
             f"{'p50/ba':>6}  stable")
     lines += [head, "-" * len(head)]
     for p in result.points:
-        config = "(as the server runs)" if p.mode == "server" else p.config
+        config = "(as the server runs)" if p.mode != "in-process" else p.config
         lines.append(
-            f"{p.mode:<10} {p.model[:20]:<20} {config[:28]:<28} {p.work:<13} {p.batch:>2} "
+            f"{p.mode:<11} {p.model[:20]:<20} {config[:28]:<28} {p.work:<13} {p.batch:>2} "
             f"{p.concurrency:>3} {p.throughput:8.1f} {p.p50_ms:7.2f} {p.p90_ms:7.2f} "
             f"{p.p95_ms:7.2f} {p.p99_ms:7.2f}  {_ratio(p.throughput_ratio):>6} "
             f"{_ratio(p.p50_ratio):>6}  {'yes' if p.stable else 'NO'}"
             + (f"  errors {p.errors}: {p.first_error[:60]}" if p.errors else ""))
-        lines.append(f"{'':<10} split ms: {split_text(p.split_ms)}")
+        lines.append(f"{'':<11} split ms: {split_text(p.split_ms)}")
     if result.references:
         lines.append("benchmark_app (same IR, same device/precision/hint/streams/batch):")
         for r in result.references:
@@ -174,13 +174,13 @@ def layers_text(profiles: list[LayerProfile]) -> list[str]:
 # --- plots -------------------------------------------------------------------------------------
 
 def _series_key(p: Point) -> str:
-    config = "server" if p.mode == "server" else f"{p.device} {p.precision} {p.hint.lower()}" + (
+    config = "server" if p.mode != "in-process" else f"{p.device} {p.precision} {p.hint.lower()}" + (
         f" s{p.streams}" if p.streams != "auto" else "")
     return f"{p.mode} {p.model} {config} {p.work} b{p.batch}"
 
 
 def _point_label(p: Point) -> str:
-    where = "srv" if p.mode == "server" else f"{p.device} {p.precision}"
+    where = {"server": "srv", "server-rest": "rest"}.get(p.mode, f"{p.device} {p.precision}")
     return f"{where} {p.work} b{p.batch} c{p.concurrency}"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import bench_works as works
 from .config import HINTS, PRECISIONS
+from .rest_client import rest_address
 
 
 class BenchError(ValueError):
@@ -48,6 +49,9 @@ class BenchSettings:
             raise BenchError("give --model-path (in-process) or --server HOST:PORT --model NAME")
         if self.server and not self.model:
             raise BenchError("--model NAME is needed with --server")
+        if self.server and "://" in self.server and not rest_address(self.server):
+            raise BenchError(f"--server {self.server}: give HOST:PORT (gRPC) or "
+                             "http://HOST:PORT (the REST side, `serve --rest-port`)")
         if self.layers and not self.model_paths:
             raise BenchError("--layers reads the IR's per-layer counters in-process: give "
                              "--model-path (with --server: the IR the server serves)")

@@ -21,6 +21,7 @@ from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as kpb
 from .proto import grpc_predict_v2_pb2_grpc as kgrpc
 from .request_metrics import softmax
+from .rest_client import RestClient
 from .rise import RiseExplainer, RiseSettings
 
 Stages = dict[str, float]
@@ -40,10 +41,11 @@ class WorkInput:
 
 @dataclass(frozen=True)
 class RemoteTarget:
-    address: str
+    address: str  # HOST:PORT
     model: str
     version: str = ""
     input_hw: tuple[int, int] = (224, 224)
+    protocol: str = "grpc"  # or "http": the server's REST side (service.rest)
 
 
 class Timer:
@@ -157,10 +159,13 @@ def local_explain_black(model: ClassifierModel, work: WorkInput, batch: int) -> 
 def _explain_call(target: RemoteTarget, work: WorkInput, method: str,
                   metrics: tuple[str, ...] = ()) -> Call:
     """One Explain per call on the client's own connection; the server's timings_ms come back."""
-    client = XaiClient(target.address, timeout=600, own_connection=True, retries=0)
     request = explain_request(work.jpeg, target.model, version=target.version, method=method,
                               map_format="float", num_masks=work.masks, seed=work.seed,
                               metrics=list(metrics))
+    if target.protocol == "http":
+        rest = RestClient(target.address)
+        return lambda: dict(rest.explain(request)["timings_ms"])
+    client = XaiClient(target.address, timeout=600, own_connection=True, retries=0)
 
     def call() -> Stages:
         return dict(client.stub.Explain(request, timeout=client.timeout).timings_ms)
@@ -177,6 +182,10 @@ def remote_predict(target: RemoteTarget, work: WorkInput, batch: int) -> Call:
     request.inputs.add(name="image", datatype="UINT8", shape=list(tensor.shape))
     request.outputs.add(name="logits")
     request.raw_input_contents.append(tensor.tobytes())
+    if target.protocol == "http":
+        rest = RestClient(target.address)
+        return lambda: {name[:-3]: value for name, value in rest.infer(request)["parameters"]
+                        .items() if name.endswith("_ms")}
     client = XaiClient(target.address, own_connection=True, retries=0)
     stub = kgrpc.GRPCInferenceServiceStub(client.channel)
 
@@ -237,7 +246,7 @@ NOT_THERE = {"faithfulness": "the faithfulness metrics are computed by the serve
                              "use --server"}
 
 WORKS: dict[str, WorkKind] = {w.name: w for w in (
-    WorkKind("predict", "class scores only (KServe ModelInfer over gRPC)",
+    WorkKind("predict", "class scores only (KServe ModelInfer over gRPC or REST)",
              local_predict, remote_predict),
     WorkKind("explain-white", "scores and the in-graph saliency map of the top class",
              local_explain_white, remote_explain_white, remote_batches=False),

@@ -133,16 +133,23 @@ def test_layer_counters_say_where_the_inference_goes_and_in_which_precision(defa
 @pytest.fixture(scope="module")
 def server(default_export):
     settings = ServerSettings(repository=default_export.path.parent.parent, host="127.0.0.1",
-                              port=0, poll_seconds=0.5,
+                              port=0, rest_port=0, poll_seconds=0.5,
                               defaults=ModelSettings(black_box_masks=50, max_black_box_masks=200))
     srv = Server(settings).start()
     yield srv
     srv.stop(grace=2)
 
 
-def test_server_mode_gives_the_split_with_queue_and_transport(server, tmp_path):
+def server_url(server, protocol: str) -> str:
+    """What `--server` takes: HOST:PORT for gRPC, http://HOST:PORT for the REST side."""
+    return (f"127.0.0.1:{server.port}" if protocol == "grpc"
+            else f"http://127.0.0.1:{server.rest.port}")
+
+
+@pytest.mark.parametrize("protocol, mode", [("grpc", "server"), ("http", "server-rest")])
+def test_server_mode_gives_the_split_with_queue_and_transport(server, protocol, mode, tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli("bench", "--server", f"127.0.0.1:{server.port}", "--model",
+    proc = run_cli("bench", "--server", server_url(server, protocol), "--model",
                    "efficientnet_lite0", "--works",
                    "predict,explain-white,explain-black,faithfulness", "--masks", "40",
                    "--batch", "1,2", "--concurrency", "1,2", "--no-reference", *SHORT,
@@ -154,7 +161,7 @@ def test_server_mode_gives_the_split_with_queue_and_transport(server, tmp_path):
     assert done == {("predict", 1), ("predict", 2), ("explain-white", 1), ("explain-black", 1),
                     ("faithfulness", 1)}
     for p in points:
-        assert p["mode"] == "server" and p["model"] == "efficientnet_lite0/1"
+        assert p["mode"] == mode and p["model"] == "efficientnet_lite0/1"
         assert p["errors"] == 0, p["first_error"]
         split = p["split_ms"]
         assert {"queue", "inference", "transport"} <= set(split), split
@@ -174,6 +181,7 @@ def test_server_mode_gives_the_split_with_queue_and_transport(server, tmp_path):
     assert "skip explain-white server batch 2: an Explain request takes one image " \
            "(use --batch 1)" in skips
     assert all(line in proc.stdout for line in skips)
+    assert f"{mode:<11} efficientnet_lite0/1" in proc.stdout  # the summary's rows
 
 
 def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
@@ -208,6 +216,8 @@ def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
     (("--model-path", "MODEL", "--image", __file__), "not a decodable image"),
     (("--server", "127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
     (("--server", "127.0.0.1:1", "--model", "m", "--layers"), "--layers"),
+    (("--server", "http://127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
+    (("--server", "https://127.0.0.1:1", "--model", "m"), "http://HOST:PORT"),
     (("--model-path", "MODEL", "--layers", "--layer-iterations", "0"), "--layer-iterations"),
 ])
 def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
@@ -215,10 +225,12 @@ def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
     assert words in _error_line(run_cli("bench", *args))
 
 
-def test_unknown_model_on_server_is_one_line(server):
-    line = _error_line(run_cli("bench", "--server", f"127.0.0.1:{server.port}", "--model",
+@pytest.mark.parametrize("protocol, words", [("grpc", "NOT_FOUND"),
+                                             ("http", "model_name 'nope' is not served")])
+def test_unknown_model_on_server_is_one_line(server, protocol, words):
+    line = _error_line(run_cli("bench", "--server", server_url(server, protocol), "--model",
                                "nope"))
-    assert "--model nope: NOT_FOUND" in line
+    assert f"--model nope: {words}" in line
 
 
 def test_layer_times_grouped_by_type_kernel_and_precision():

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model-path", type=Path, action="append", default=[],
                    help="models/<name> (newest version) or models/<name>/<v>; repeat to compare "
                         "IRs (f32, INT8); with --server: the IR it serves, for benchmark_app")
-    p.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
+    p.add_argument("--server", help="HOST:PORT of a running `xaiserve serve` (gRPC), or "
+                   "http://HOST:PORT for its REST side (`serve --rest-port`)")
     p.add_argument("--model", help="model name on the server")
     p.add_argument("--version", default="")
     p.add_argument("--works", default="predict,explain-white",
