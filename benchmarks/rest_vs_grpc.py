@@ -8,11 +8,11 @@ both (`--rest-port`), default model (EfficientNet-Lite0 with ReciproCAM):
 2. 8 concurrent clients, each on its own connection, ModelInfer u8 -> requests per second,
    gRPC against REST with binary tensors.
 
-Python clients on both sides (grpcio's stub; the standard library's http.client with
-keep-alive), on the same machine as the server: the client's own cost is in every figure, as
-it is for a user's. Rounds alternate the protocols (the machine's speed drifts); each ratio is
-the median of the per-round ratios, REST over gRPC (latency: > 1 is slower; throughput: < 1 is
-slower).
+Python clients on both sides (grpcio's stub; `service/rest_client.py`, the standard library's
+http.client with keep-alive, as `xaiserve bench --server http://...` uses it), on the same
+machine as the server: the client's own cost is in every figure, as it is for a user's.
+Rounds alternate the protocols (the machine's speed drifts); each ratio is the median of the
+per-round ratios, REST over gRPC (latency: > 1 is slower; throughput: < 1 is slower).
 
     .venv/bin/python benchmarks/rest_vs_grpc.py            # about 2 minutes
 """
@@ -20,8 +20,6 @@ slower).
 from __future__ import annotations
 
 import argparse
-import base64
-import http.client
 import json
 import re
 import statistics
@@ -41,56 +39,38 @@ from serving_speed import (SALIENCY_MODEL, ServerProcess, channel, ensure_models
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc  # noqa: E402
 from xaiserve.service.proto import xaiserve_pb2 as xpb  # noqa: E402
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc  # noqa: E402
+from xaiserve.service.rest_client import RestClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXELS = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
 
 
-class RestClient:
-    """One keep-alive connection to the REST port."""
-
-    def __init__(self, port: int):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-    def post(self, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-        self.connection.request("POST", path, body=body, headers=headers)
-        response = self.connection.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{path}: {response.status} {payload[:300]!r}")
-        return payload
-
-
-def rest_infer_binary(client: RestClient) -> Callable[[], bytes]:
-    header = json.dumps({"inputs": [{"name": "image", "shape": list(PIXELS.shape),
-                                     "datatype": "UINT8",
-                                     "parameters": {"binary_data_size": PIXELS.nbytes}}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]
-                         }).encode()
-    body, headers = header + PIXELS.tobytes(), {
-        "Inference-Header-Content-Length": str(len(header))}
-    return lambda: client.post(f"/v2/models/{SALIENCY_MODEL}/infer", body, headers)
+def rest_infer_binary(client: RestClient) -> Callable[[], dict]:
+    request = infer_request(SALIENCY_MODEL)
+    return lambda: client.infer(request)
 
 
 def rest_infer_json(client: RestClient) -> Callable[[], bytes]:
     body = json.dumps({"inputs": [{"name": "image", "shape": list(PIXELS.shape),
                                    "datatype": "UINT8", "data": PIXELS.ravel().tolist()}],
                        "outputs": [{"name": "logits"}]}).encode()
-    return lambda: client.post(f"/v2/models/{SALIENCY_MODEL}/infer", body,
+    return lambda: client.call("POST", f"/v2/models/{SALIENCY_MODEL}/infer", body,
                                {"Content-Type": "application/json"})
 
 
-def rest_explain(client: RestClient, jpeg: bytes) -> Callable[[], bytes]:
-    body = json.dumps({"image": {"encoded": base64.b64encode(jpeg).decode()},
-                       "method": "METHOD_WHITE_BOX", "map_format": "MAP_FORMAT_FLOAT"}).encode()
-    return lambda: client.post(f"/v2/models/{SALIENCY_MODEL}/explain", body,
-                               {"Content-Type": "application/json"})
+def explain_request(jpeg: bytes) -> xpb.ExplainRequest:
+    return xpb.ExplainRequest(model_name=SALIENCY_MODEL, image=xpb.Image(encoded=jpeg),
+                              method=xpb.METHOD_WHITE_BOX, map_format=xpb.MAP_FORMAT_FLOAT)
+
+
+def rest_explain(client: RestClient, jpeg: bytes) -> Callable[[], dict]:
+    request = explain_request(jpeg)
+    return lambda: client.explain(request)
 
 
 def grpc_explain(ch: grpc.Channel, jpeg: bytes) -> Callable[[], object]:
     stub = xgrpc.ExplanationServiceStub(ch)
-    request = xpb.ExplainRequest(model_name=SALIENCY_MODEL, image=xpb.Image(encoded=jpeg),
-                                 method=xpb.METHOD_WHITE_BOX, map_format=xpb.MAP_FORMAT_FLOAT)
+    request = explain_request(jpeg)
     return lambda: stub.Explain(request, timeout=60)
 
 
@@ -166,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, float]] = []
     try:
         ch = channel(server.address)
-        rest = RestClient(server.rest_port)
+        rest = RestClient(f"127.0.0.1:{server.rest_port}")
         figures = {
             "predict_grpc_ms": lambda: p50_ms(grpc_infer(ch), args.calls),
             "predict_rest_binary_ms": lambda: p50_ms(rest_infer_binary(rest), args.calls),
@@ -176,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "predict_grpc_rps": lambda: throughput(lambda: grpc_infer(channel(server.address)),
                                                    args.clients, args.seconds),
             "predict_rest_binary_rps": lambda: throughput(
-                lambda: rest_infer_binary(RestClient(server.rest_port)), args.clients,
-                args.seconds),
+                lambda: rest_infer_binary(RestClient(f"127.0.0.1:{server.rest_port}")),
+                args.clients, args.seconds),
         }
         for number in range(args.rounds):
             names = list(figures) if number % 2 == 0 else list(reversed(figures))
