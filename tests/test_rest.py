@@ -273,7 +273,7 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
                                                    tuple(sorted(labels.items()))), 0))
     assert wait_until(lambda: counted("OK", "shapes", "1") == 1, 10)
     assert counted("UNAUTHENTICATED", "", "") == 3
-    assert counted("RESOURCE_EXHAUSTED", "", "") == 1
+    assert wait_until(lambda: counted("RESOURCE_EXHAUSTED", "", "") == 1, 10)
 
 
 def test_the_request_cap_is_shared_and_a_client_that_leaves_stops_its_work(rest):

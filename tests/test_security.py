@@ -33,7 +33,7 @@ from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
 from xaiserve.service.server import Server
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 TOKEN = "s3cret-token-for-tests"
@@ -248,7 +248,9 @@ def test_rotated_token_and_certificate_apply_without_a_restart(repo, pki, tmp_pa
             token_id = hashlib.sha256(token.encode()).hexdigest()[:8]
             return server.telemetry.registry.get_sample_value(
                 "xaiserve_token_calls_total", {"token_id": token_id}) or 0
-        assert calls_with("a-rotated-token") >= 2 and calls_with("the-next-token") >= 1
+        # counted just after each response leaves, so a moment after the client has it
+        assert wait_for(lambda: calls_with("a-rotated-token") >= 2
+                        and calls_with("the-next-token") >= 1, 10)
         replace_file(tmp_path / "token", b"the-next-token\n")
         time.sleep(1.2)
         old_calls = calls_with("a-rotated-token")
