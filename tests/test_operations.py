@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,6 +37,7 @@ from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
 from xaiserve.service.layout import version_dirs
 from xaiserve.service.repository import plan_versions
+from xaiserve.service.rest_client import RestClient, RestError
 from xaiserve.service.server import Server
 
 from tests.conftest import run_cli
@@ -831,23 +833,30 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository", str(repo),
          "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--log-format", "json",
-         "--shutdown-grace", str(grace), "--max-black-box-masks", "20000"],
+         "--shutdown-grace", str(grace), "--max-black-box-masks", "20000", "--rest-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         line = process.stdout.readline()
         assert "serving" in line, process.stderr.read()
         port = int(line.rsplit("on port ", 1)[1])
+        rest_port = int(process.stdout.readline().rsplit(":", 1)[1].split("/")[0])
         metrics_port = int(process.stdout.readline().rsplit(":", 1)[1].split("/")[0])
         client = XaiClient(f"127.0.0.1:{port}", retries=0)  # the refusal below, at once
         results: dict[int, object] = {}
         finished: dict[int, float] = {}
 
         def slow(seed: int) -> None:
+            """Seed 1 over gRPC, seed 2 over the REST side: both drain."""
+            request = explain_request(xpb.METHOD_BLACK_BOX, masks=8000, seed=seed)
             try:
-                results[seed] = client.stub.Explain(
-                    explain_request(xpb.METHOD_BLACK_BOX, masks=8000, seed=seed), timeout=120)
-            except grpc.RpcError as exc:
+                if seed == 1:
+                    results[seed] = client.stub.Explain(request, timeout=120)
+                else:
+                    results[seed] = json_format.ParseDict(
+                        RestClient(f"127.0.0.1:{rest_port}").explain(request),
+                        xpb.ExplainResponse())
+            except (grpc.RpcError, RestError) as exc:
                 results[seed] = exc
             finished[seed] = time.monotonic()
 
@@ -862,6 +871,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
         with pytest.raises(grpc.RpcError) as refused:  # no new requests once stopping
             client.stub.Explain(explain_request(), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ConnectionRefusedError):
+            RestClient(f"127.0.0.1:{rest_port}").get("/v2/health/live")
         for t in threads:
             t.join()
         for seed in (1, 2):
@@ -874,6 +885,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(small_export, tmp_path):
                   if line.startswith("{")]
         assert any("shutting down" in e["message"] for e in events)
         assert sum(e.get("method") == "Explain" and e.get("code") == "OK" for e in events) == 2
+        assert sum(e.get("protocol") == "http" for e in events) == 1
     finally:
         if process.poll() is None:
             process.kill()
