@@ -174,8 +174,9 @@ def layers_text(profiles: list[LayerProfile]) -> list[str]:
 # --- plots -------------------------------------------------------------------------------------
 
 def _series_key(p: Point) -> str:
-    config = "server" if p.mode != "in-process" else f"{p.device} {p.precision} {p.hint.lower()}" + (
-        f" s{p.streams}" if p.streams != "auto" else "")
+    config = ("server" if p.mode != "in-process"
+              else f"{p.device} {p.precision} {p.hint.lower()}"
+              + (f" s{p.streams}" if p.streams != "auto" else ""))
     return f"{p.mode} {p.model} {config} {p.work} b{p.batch}"
 
 

@@ -392,8 +392,8 @@ class RestServer:
             self.socket.close()
             raise
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(app.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                server_header=False, timeout_keep_alive=75,
+        config = uvicorn.Config(app.app, log_config=None, log_level="warning", access_log=False,
+                                lifespan="off", server_header=False, timeout_keep_alive=75,
                                 ssl_context_factory=(lambda _config, _default: ssl_context)
                                 if ssl_context else None)
         self.uvicorn = uvicorn.Server(config)

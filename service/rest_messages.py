@@ -200,7 +200,8 @@ def _list(value, where: str) -> list:
 def json_tensor(data, datatype: str, content_type, where: str) -> bytes:
     """A tensor's JSON `data` (flat or nested, row-major) in the protocol's raw byte layout."""
     if datatype == "BYTES":
-        items = np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list) else [data]
+        items = (np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list)
+                 else [data])
         if not all(isinstance(item, str) for item in items):
             raise invalid(f"{where}: BYTES elements are strings (base64 with "
                           "parameters.content_type \"base64\")")

@@ -169,7 +169,8 @@ def test_every_variable_maps_to_its_flag_and_extra_flags_come_last(tmp_path):
     assert result.stdout.split() == [
         "serve", "--repository", str(tmp_path), "--port", "9001", "--host", "127.0.0.1",
         "--config", str(config), "--device", "AUTO", "--workers", "8", "--log-level", "debug",
-        "--log-format", "json", "--token-file", str(pem["token"]), "--metrics-port", "9091", "--rest-port", "8001", "--tls-cert", str(pem["cert"]), "--tls-key", str(pem["key"]),
+        "--log-format", "json", "--token-file", str(pem["token"]), "--metrics-port", "9091",
+        "--rest-port", "8001", "--tls-cert", str(pem["cert"]), "--tls-key", str(pem["key"]),
         "--tls-client-ca", str(pem["ca"]), "--max-black-box-masks", "100", "--port", "7000"]
 
     # The server's own parser reads that argv; the last --port (the extra flag) wins.
