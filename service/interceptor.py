@@ -108,7 +108,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=None, response_serializer=handler.response_serializer)
 
-    def authenticate(self, method: str, metadata) -> str | None:
+    def authenticate(self, method: str, metadata, protocol: str = "grpc") -> str | None:
         """The id of the server's token the call carries ("" when the server has none), or
         None, counted as UNAUTHENTICATED, when the call must be refused."""
         tokens = self.tokens()
@@ -116,7 +116,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
             return ""
         caller = tokens.get(matching_token(metadata, tokens), "")
         if not caller:
-            self._count(RequestRecord(method), "", grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            self._count(RequestRecord(method, protocol=protocol), "",
+                        grpc.StatusCode.UNAUTHENTICATED, 0.0)
             return None
         return caller
 
@@ -226,7 +227,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
         if record.token_id:
             t.token_calls.labels(record.token_id).inc()
         # last: a scrape that sees a call in requests_total sees its other samples too
-        t.requests.labels(model, record.version, record.method, code.name).inc()
+        t.requests.labels(model, record.version, record.method, code.name, record.protocol).inc()
 
     def _observe_success(self, record: RequestRecord, seconds: float, response) -> None:
         t = self.telemetry

@@ -272,7 +272,7 @@ class RestApp:
             # the token before the body: a caller without one cannot make the server read and
             # hold max_message_bytes
             caller = "" if endpoint.health else self.interceptor.authenticate(
-                endpoint.method, call.invocation_metadata())
+                endpoint.method, call.invocation_metadata(), "http")
             try:
                 body = None if caller is None else await self._body(request)
             except BodyRefused as exc:

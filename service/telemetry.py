@@ -27,8 +27,9 @@ class Telemetry:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "xaiserve_requests", "RPCs answered, by model, version, method and status code",
-            ["model", "version", "method", "code"], registry=r)
+            "xaiserve_requests", "RPCs answered, by model, version, method, status code and "
+            "protocol (grpc, or http: the REST side)",
+            ["model", "version", "method", "code", "protocol"], registry=r)
         self.request_seconds = Histogram(
             "xaiserve_request_seconds", "Time to answer an RPC (all methods, all outcomes)",
             ["method"], buckets=LATENCY_BUCKETS, registry=r)

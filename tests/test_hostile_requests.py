@@ -164,7 +164,7 @@ def test_responses_over_the_message_limit_are_refused_clearly(served, stubs, pho
     def refused(method: str) -> bool:  # counted as refused, not answered (after the status left)
         return server.telemetry.registry.get_sample_value(
             "xaiserve_requests_total", {"model": MODEL, "version": "", "method": method,
-                                        "code": "RESOURCE_EXHAUSTED"}) == 1
+                                        "code": "RESOURCE_EXHAUSTED", "protocol": "grpc"}) == 1
     assert wait_for(lambda: refused("Explain") and refused("ModelInfer"), timeout=5)
     assert still_serving(stubs, photos)
 
@@ -261,7 +261,7 @@ def test_an_abandoned_black_box_request_stops(served, stubs, photos):
     def stopped() -> bool:
         return server.telemetry.registry.get_sample_value(
             "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
-                                        "code": "DEADLINE_EXCEEDED"}) == 1
+                                        "code": "DEADLINE_EXCEEDED", "protocol": "grpc"}) == 1
     assert wait_for(stopped, timeout=30)  # without the fix it ends OK, never this code
     small = explain_request(jpeg(photos["coffee"]), MODEL, method="black-box", num_masks=64)
     assert explain.Explain(small, timeout=30).maps[0].method == "rise"
@@ -276,7 +276,7 @@ def test_abandoned_faithfulness_metrics_stop(served, stubs, photos):
     def ended(code: str) -> float:
         return server.telemetry.registry.get_sample_value(
             "xaiserve_requests_total", {"model": MODEL, "version": "", "method": "Explain",
-                                        "code": code}) or 0.0
+                                        "code": code, "protocol": "grpc"}) or 0.0
     before = ended("DEADLINE_EXCEEDED"), ended("OK")
     request = explain_request(jpeg(photos["coffee"]), MODEL, metrics=["faithfulness"],
                               metric_options={"steps": 256})

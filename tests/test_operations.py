@@ -127,14 +127,14 @@ def test_metrics_scraped_over_http(served):
     assert wait_until(lambda: calls_counted(server.metrics_port) == 8, 10)
     m = scrape(server.metrics_port)
     assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="1",
-                  method="ModelInfer", code="OK") == 3
+                  method="ModelInfer", code="OK", protocol="grpc") == 3
     assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="1",
-                  method="Explain", code="OK") == 3
+                  method="Explain", code="OK", protocol="grpc") == 3
     # an unserved name never becomes a label value: only served names do
     assert sample(m, requests, "xaiserve_requests_total", model="", version="",
-                  method="ModelInfer", code="NOT_FOUND") == 1
+                  method="ModelInfer", code="NOT_FOUND", protocol="grpc") == 1
     assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="",
-                  method="ModelInfer", code="INVALID_ARGUMENT") == 1
+                  method="ModelInfer", code="INVALID_ARGUMENT", protocol="grpc") == 1
     assert not any("passwd" in str(key) for key in m[requests])
     # inference: 3 ModelInfer + 3 Explain predictions; explanation: by explainer
     assert sample(m, "xaiserve_inference_seconds", "xaiserve_inference_seconds_count",

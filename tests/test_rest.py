@@ -266,7 +266,8 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
     assert entry["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736" and len(entry["token_id"]) == 8
 
     def counted(code: str, model: str, version: str) -> float:
-        labels = dict(model=model, version=version, method="ModelInfer", code=code)
+        labels = dict(model=model, version=version, method="ModelInfer", code=code,
+                      protocol="http")
         after = scrape(rest.metrics_port)
         return (sample(after, "xaiserve_requests", "xaiserve_requests_total", **labels)
                 - before.get("xaiserve_requests", {}).get(("xaiserve_requests_total",
