@@ -119,7 +119,7 @@ def read_header(body: bytes, header_length: str | None) -> tuple[dict, memoryvie
                           "body")
     try:
         header = json.loads(bytes(body[:size]))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise invalid(f"the request body is not JSON ({exc}); send a JSON object as the Open "
                       "Inference Protocol's REST side describes it (an inference request: "
                       "{\"inputs\": [...]}, with Inference-Header-Content-Length when binary "
@@ -218,8 +218,8 @@ def json_tensor(data, datatype: str, content_type, where: str) -> bytes:
     try:
         values = np.asarray(data)
     except ValueError:
-        raise invalid(f"{where}: nested lists of unequal lengths; send the tensor's values "
-                      "flat, in row-major order") from None
+        raise invalid(f"{where}: nested lists of unequal lengths, or nested deeper than an "
+                      "array can be; send the tensor's values flat, in row-major order") from None
     if values.dtype.kind not in "biuf":
         raise invalid(f"{where}: numbers expected for a {datatype} tensor")
     if dtype.kind in "iu":

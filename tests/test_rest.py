@@ -195,6 +195,7 @@ def test_explain_over_rest(rest):
 
 @pytest.mark.parametrize("body, headers, status, named", [
     (b"{not json", {}, 400, "not JSON"),
+    (b"[" * 100_000, {}, 400, "not JSON"),  # nested past Python's recursion limit
     (b"[1, 2]", {}, 400, "JSON object"),
     ({"inputs": []}, {}, 400, "inputs"),
     ({"inputs": [{"name": "image", "shape": [1, 64, 64], "datatype": "UINT8",
