@@ -58,6 +58,7 @@ ENDPOINTS = ("GET /v2, /v2/health/live, /v2/health/ready, /v2/models/stats; "
              "POST /v2/models/NAME[/versions/V]/infer|/explain; POST /v2/repository/index, "
              "/v2/repository/models/NAME/load|/unload")
 ENCODINGS = {grpc.Compression.Gzip: "gzip", grpc.Compression.Deflate: "deflate"}
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers; a longer head is refused (400)
 
 
 class CallAborted(Exception):
@@ -392,8 +393,11 @@ class RestServer:
             self.socket.close()
             raise
         self.port = self.socket.getsockname()[1]
+        # h11, whose request head is bounded (httptools, uvicorn's faster parser, read a
+        # 200 MB header line into memory)
         config = uvicorn.Config(app.app, log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", server_header=False, timeout_keep_alive=75,
+                                http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                 ssl_context_factory=(lambda _config, _default: ssl_context)
                                 if ssl_context else None)
         self.uvicorn = uvicorn.Server(config)

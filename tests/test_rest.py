@@ -228,6 +228,20 @@ def test_bad_requests_are_answered_naming_the_field(rest, body, headers, status,
     assert call(rest, "POST", f"{MODEL}/infer", json_infer())[0] == 200  # serving on
 
 
+def test_an_endless_request_head_is_cut_off(rest):
+    """A header line that never ends: the server answers 400 and closes once the head passes
+    64 KiB, instead of holding all of it (httptools' parser held 200 MB)."""
+    connection = socket.create_connection(("127.0.0.1", rest.rest.port), timeout=30)
+    connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Long: ")
+    sent_mb = 0
+    with pytest.raises(OSError):  # reset or broken pipe once the server has closed
+        for sent_mb in range(1, 101):
+            connection.sendall(b"a" * (1 << 20))
+    connection.close()
+    assert sent_mb < 20
+    assert call(rest, "GET", "/v2/health/live")[0] == 200  # serving on
+
+
 def test_unknown_paths_models_and_methods(rest):
     status, _, body = call(rest, "GET", "/v1/models/shapes")
     assert status == 404 and "/v2/models/NAME" in json.loads(body)["error"]
