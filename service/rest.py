@@ -59,6 +59,10 @@ ENDPOINTS = ("GET /v2, /v2/health/live, /v2/health/ready, /v2/models/stats; "
              "/v2/repository/models/NAME/load|/unload")
 ENCODINGS = {grpc.Compression.Gzip: "gzip", grpc.Compression.Deflate: "deflate"}
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers; a longer head is refused (400)
+# a request body must arrive within this long: a client trickling bytes would otherwise hold
+# its connection and up to max_message_bytes of memory for ever (a 150 KB image over a slow
+# edge link takes seconds)
+BODY_SECONDS = 60.0
 
 
 class CallAborted(Exception):
@@ -254,6 +258,7 @@ class RestApp:
         self.interceptor = interceptor
         self.max_body_bytes = max_body_bytes
         self.threads = threads
+        self.body_seconds = BODY_SECONDS
         self._limiter: anyio.CapacityLimiter | None = None
         routes = [Route(path, self._endpoint(endpoint), methods=[verb])
                   for verb, path, endpoint in endpoints()]
@@ -275,7 +280,7 @@ class RestApp:
             caller = "" if endpoint.health else self.interceptor.authenticate(
                 endpoint.method, call.invocation_metadata(), "http")
             try:
-                body = None if caller is None else await self._body(request)
+                body = None if caller is None else await self._timed_body(request)
             except BodyRefused as exc:
                 with contextlib.suppress(CallAborted):  # counted and logged as a gRPC refusal
                     self.interceptor.refuse(call, endpoint.method, exc.code, exc.message, "http")
@@ -297,6 +302,14 @@ class RestApp:
             return Response(reply.body, reply.status, reply.headers,
                             background=BackgroundTask(call.end))
         return respond
+
+    async def _timed_body(self, request: Request) -> bytes:
+        try:
+            return await asyncio.wait_for(self._body(request), self.body_seconds)
+        except asyncio.TimeoutError:
+            raise BodyRefused(408, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"the request body did not arrive within {self.body_seconds:g} s; "
+                              "send it whole, or a smaller one") from None
 
     async def _body(self, request: Request) -> bytes:
         """The request body, inflated when the client compressed it (tritonclient.http's
@@ -380,6 +393,7 @@ class RestServer:
     port in use is an error at start, and port 0 is known at once)."""
 
     def __init__(self, app: RestApp, host: str, port: int, ssl_context=None):
+        self.app = app
         # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP,
         # and without it a response's headers and body wait on the client's delayed ACK
         # (44 ms per call here, against 0.2)

@@ -242,6 +242,24 @@ def test_an_endless_request_head_is_cut_off(rest):
     assert call(rest, "GET", "/v2/health/live")[0] == 200  # serving on
 
 
+def test_a_body_that_trickles_in_is_cut_off(rest):
+    """A client that sends its headers and then its body a byte now and then would hold the
+    connection and its buffer for ever: after the body's time (60 s; 1 s here) it gets 408."""
+    app = rest.rest.app
+    app.body_seconds, saved = 1.0, app.body_seconds
+    try:
+        connection = socket.create_connection(("127.0.0.1", rest.rest.port), timeout=30)
+        connection.sendall(f"POST {MODEL}/infer HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                           f"{AUTH['Authorization']}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        started = time.monotonic()
+        reply = connection.recv(4096)
+        connection.close()
+    finally:
+        app.body_seconds = saved
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"did not arrive within 1 s" in reply and time.monotonic() - started < 10
+
+
 def test_unknown_paths_models_and_methods(rest):
     status, _, body = call(rest, "GET", "/v1/models/shapes")
     assert status == 404 and "/v2/models/NAME" in json.loads(body)["error"]
