@@ -30,6 +30,9 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 QUIET_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes: logged at DEBUG
 MAX_ID_CHARS = 128
 COMPRESS_FROM = 16 * 1024  # bytes: a response smaller than this is sent as it is
+# the settings' response_compression names (also HTTP's Content-Encoding names)
+COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
+               "deflate": grpc.Compression.Deflate}
 
 _HANDLER_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
                   ("unary_stream", grpc.unary_stream_rpc_method_handler),

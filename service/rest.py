@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import RequestError
-from .interceptor import COMPRESS_FROM, RequestInterceptor
+from .interceptor import COMPRESS_FROM, COMPRESSION, RequestInterceptor
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import xaiserve_pb2 as xai_pb
 from .rest_messages import (HEADER_LENGTH, InferCall, infer_body, message_json, parse_infer,
@@ -57,7 +57,8 @@ ENDPOINTS = ("GET /v2, /v2/health/live, /v2/health/ready, /v2/models/stats; "
              "GET /v2/models/NAME[/versions/V][/ready|/config|/stats]; "
              "POST /v2/models/NAME[/versions/V]/infer|/explain; POST /v2/repository/index, "
              "/v2/repository/models/NAME/load|/unload")
-ENCODINGS = {grpc.Compression.Gzip: "gzip", grpc.Compression.Deflate: "deflate"}
+# grpc.Compression -> the Content-Encoding it is over HTTP
+ENCODINGS = {algorithm: name for name, algorithm in COMPRESSION.items() if name != "none"}
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers; a longer head is refused (400)
 # a request body must arrive within this long: a client trickling bytes would otherwise hold
 # its connection and up to max_message_bytes of memory for ever (a 150 KB image over a slow
@@ -251,17 +252,18 @@ class RestApp:
 
     def __init__(self, servicers: tuple, interceptor: RequestInterceptor,
                  max_body_bytes: int, threads: int):
+        table = endpoints()
         # gRPC method name -> the servicer method that answers it (request, context)
         self.handlers = {endpoint.method: next(getattr(s, endpoint.method) for s in servicers
                                                if hasattr(s, endpoint.method))
-                         for _, _, endpoint in endpoints()}
+                         for _, _, endpoint in table}
         self.interceptor = interceptor
         self.max_body_bytes = max_body_bytes
         self.threads = threads
         self.body_seconds = BODY_SECONDS
         self._limiter: anyio.CapacityLimiter | None = None
         routes = [Route(path, self._endpoint(endpoint), methods=[verb])
-                  for verb, path, endpoint in endpoints()]
+                  for verb, path, endpoint in table]
         self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._no_route})
 
     @staticmethod
@@ -314,18 +316,14 @@ class RestApp:
     async def _body(self, request: Request) -> bytes:
         """The request body, inflated when the client compressed it (tritonclient.http's
         request_compression_algorithm); BodyRefused (413) when it is over max_message_bytes."""
-        too_large = BodyRefused(413, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the request body is over the server's max_message_bytes of "
-                                f"{self.max_body_bytes}: send fewer images, or raise "
-                                "--max-message-bytes")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise too_large
+            raise self._too_large()
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise too_large
+                raise self._too_large()
             chunks.append(chunk)
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -343,8 +341,14 @@ class RestApp:
                               f"the body is not {encoding} data ({exc}); compress it as the "
                               "Content-Encoding header says") from None
         if len(body) > self.max_body_bytes:
-            raise too_large
+            raise self._too_large()
         return body
+
+    def _too_large(self) -> BodyRefused:
+        return BodyRefused(413, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the request body is over the server's max_message_bytes of "
+                           f"{self.max_body_bytes}: send fewer images, or raise "
+                           "--max-message-bytes")
 
     @staticmethod
     async def _watch_disconnect(request: Request, call: HttpCall) -> None:

@@ -32,14 +32,19 @@ def _read(path: Path, flag: str) -> bytes:
         raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
 
 
+def tls_files(settings: ServerSettings) -> list[Path]:
+    """The server's certificate, key and (if given) client CA: what a rotation replaces."""
+    return [settings.tls_cert, settings.tls_key] + (
+        [settings.tls_client_ca] if settings.tls_client_ca else [])
+
+
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     """None for plaintext; TLS with cert + key; mutual TLS when a client CA is given. The files
     are read again at a handshake after they change (certificates are rotated, by
     cert-manager every few weeks): new connections get the new ones without a restart."""
     if settings.tls_cert is None:
         return None
-    files = RotatedFiles([settings.tls_cert, settings.tls_key]
-                         + ([settings.tls_client_ca] if settings.tls_client_ca else []))
+    files = RotatedFiles(tls_files(settings))
 
     def configuration() -> grpc.ServerCertificateConfiguration:
         cert = _pem(settings.tls_cert, "--tls-cert", b"CERTIFICATE")
@@ -71,8 +76,7 @@ def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     changed gets a context read from them again (rotation without a restart, as on gRPC)."""
     if settings.tls_cert is None:
         return None
-    files = RotatedFiles([settings.tls_cert, settings.tls_key]
-                         + ([settings.tls_client_ca] if settings.tls_client_ca else []))
+    files = RotatedFiles(tls_files(settings))
 
     def build() -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import ConfigError, ServerSettings, check_server, unmatched_model_names
 from .explain_service import ExplanationServicer
 from .file_changes import file_identity
-from .interceptor import RequestInterceptor
+from .interceptor import COMPRESSION, RequestInterceptor
 from .kserve import KServeServicer
 from .model_health import ModelHealth
 from .proto import grpc_predict_v2_pb2 as kserve_pb
@@ -33,8 +33,6 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.server")
 
-COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
-               "deflate": grpc.Compression.Deflate}
 # Threads beyond the request limit: health probes, reflection and refusals never queue.
 SPARE_THREADS = 4
 

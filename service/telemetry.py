@@ -10,9 +10,9 @@ from typing import Callable, Iterable
 import openvino
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
                                PlatformCollector, ProcessCollector, start_http_server)
+from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
-from prometheus_client.core import GaugeMetricFamily
 
 # (model, version, "ready" | "loading" | "failed") of every listed version
 VersionStates = Callable[[], Iterable[tuple[str, int, str]]]
