@@ -7,6 +7,7 @@ instrumentation does), so that a tracing backend's span leads to the server's li
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -17,15 +18,19 @@ from . import request_context
 FORMATS = ("text", "json")
 REQUEST_FIELDS = ("request_id", "model", "version", "method", "code", "ms", "trace_id",
                   "span_id", "token_id", "protocol")
+# the fields a request's record holds, copied onto lines logged while it is handled
+RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(request_context.RequestRecord)
+                      if field.name in REQUEST_FIELDS)
 
 
 class RequestFields(logging.Filter):
-    """Copy the current request's id, model and method onto records that lack them."""
+    """Copy the current request's fields (id, model, method, trace, token id, protocol) onto
+    records that lack them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         current = request_context.current()
         if current is not None:
-            for name in ("request_id", "model", "version", "method", "trace_id", "span_id"):
+            for name in RECORD_FIELDS:
                 if not hasattr(record, name):
                     setattr(record, name, getattr(current, name))
         return True

@@ -234,6 +234,33 @@ def test_json_logs_carry_the_request_id(served):
     assert "trace_id" not in untraced and "trace_id" not in first
 
 
+def test_lines_logged_inside_a_request_carry_all_its_fields():
+    """A warning logged deep in a handler (which knows nothing of the request) still says
+    which request, model, caller's token and protocol it came from."""
+    from xaiserve.service import request_context
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("INFO", "json", stream=stream)
+    record = request_context.RequestRecord(
+        method="Explain", request_id="r-7", model="shapes", version="2", trace_id="t" * 32,
+        span_id="s" * 16, token_id="ci-token", protocol="http")
+    token = request_context.enter(record)
+    try:
+        logging.getLogger("xaiserve.somewhere").warning("deep inside")
+    finally:
+        request_context.leave(token)
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert line["message"] == "deep inside"
+    for field in dataclasses.fields(request_context.RequestRecord):
+        if field.name in logs.REQUEST_FIELDS:
+            assert line[field.name] == getattr(record, field.name), field.name
+    assert {"token_id", "protocol"} <= set(line)
+
+
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
