@@ -53,10 +53,6 @@ HTTP_STATUS = {
 }
 UNAUTHENTICATED = ("missing or wrong token: send the header 'Authorization: Bearer <token>' "
                    "with a token of the server's --token-file")
-ENDPOINTS = ("GET /v2, /v2/health/live, /v2/health/ready, /v2/models/stats; "
-             "GET /v2/models/NAME[/versions/V][/ready|/config|/stats]; "
-             "POST /v2/models/NAME[/versions/V]/infer|/explain; POST /v2/repository/index, "
-             "/v2/repository/models/NAME/load|/unload")
 # grpc.Compression -> the Content-Encoding it is over HTTP
 ENCODINGS = {algorithm: name for name, algorithm in COMPRESSION.items() if name != "none"}
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers; a longer head is refused (400)
@@ -245,6 +241,17 @@ def endpoints() -> list[tuple[str, str, Endpoint]]:
     return [(verb, path, endpoint) for verb, paths, endpoint in table for path in paths]
 
 
+def describe(table: list[tuple[str, str, Endpoint]]) -> str:
+    """The endpoints in one line, for the answers to unknown paths and methods: each verb's
+    paths, NAME for a model, the /versions/V form of model paths said once."""
+    paths: dict[str, list[str]] = {}
+    for verb, path, _ in table:
+        if "{version}" not in path:
+            paths.setdefault(verb, []).append(path.replace("{name}", "NAME"))
+    return ("; ".join(f"{verb} {', '.join(listed)}" for verb, listed in paths.items())
+            + "; each /v2/models/NAME/... also as /v2/models/NAME/versions/V/...")
+
+
 class RestApp:
     """The endpoints as a Starlette app: the body is read on the event loop (bounded by
     max_message_bytes), everything else (reading it, the model, writing the answer) on a
@@ -264,15 +271,15 @@ class RestApp:
         self._limiter: anyio.CapacityLimiter | None = None
         routes = [Route(path, self._endpoint(endpoint), methods=[verb])
                   for verb, path, endpoint in table]
+        self.endpoint_list = describe(table)
         self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._no_route})
 
-    @staticmethod
-    async def _no_route(request: Request, exc: HTTPException) -> Response:
+    async def _no_route(self, request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 405:
             message = f"{request.method} {request.url.path}: not allowed here; the endpoints: "
         else:
             message = f"no endpoint {request.method} {request.url.path}; the endpoints: "
-        return JSONResponse({"error": message + ENDPOINTS}, exc.status_code)
+        return JSONResponse({"error": message + self.endpoint_list}, exc.status_code)
 
     def _endpoint(self, endpoint: Endpoint):
         async def respond(request: Request) -> Response:

@@ -31,6 +31,7 @@ from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
+from xaiserve.service.rest import endpoints
 from xaiserve.service.server import Server
 
 from tests.conftest import run_cli
@@ -275,7 +276,11 @@ def test_a_body_that_trickles_in_is_cut_off(rest):
 
 def test_unknown_paths_models_and_methods(rest):
     status, _, body = call(rest, "GET", "/v1/models/shapes")
-    assert status == 404 and "/v2/models/NAME" in json.loads(body)["error"]
+    listed = json.loads(body)["error"]
+    assert status == 404 and listed.startswith("no endpoint GET /v1/models/shapes")
+    for verb, path, _ in endpoints():  # every endpoint named, the versioned ones as a rule
+        assert verb in listed and path.split("/versions/")[0].replace("{name}", "NAME") in listed
+    assert "/v2/models/NAME/versions/V/" in listed
     status, _, body = call(rest, "POST", "/v2/models/nonexistent/infer", json_infer())
     assert status == 404 and "'nonexistent'" in json.loads(body)["error"]
     assert "shapes" in json.loads(body)["error"]  # what is served
