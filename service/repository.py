@@ -106,9 +106,13 @@ def plan_versions(on_disk: dict[int, Path], policy: ModelSettings,
     return serve, listed
 
 
-def missing_pins(policy: ModelSettings, on_disk: dict[int, Path]) -> list[int]:
-    """Versions the config pins for a model that are not on its disk."""
-    return [v for v in policy.versions or () if v not in on_disk]
+def missing_pins_warning(name: str, policy: ModelSettings, on_disk: dict[int, Path]) -> str:
+    """What the server logs and `--check-config` prints when the config pins versions of
+    `name` that are not on its disk (a typo in a rollback), or "" when none is missing."""
+    missing = [v for v in policy.versions or () if v not in on_disk]
+    if not missing:
+        return ""
+    return f"{name}: the config pins versions {missing}, not on disk (has {sorted(on_disk)})"
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ class ModelRepository:
         self._watcher: threading.Thread | None = None
         self._unreadable: dict[str, str] = {}  # model folders scan could not read, warned about
         self._repository_unreadable = False  # warned about
-        self._missing_pins: dict[str, tuple[int, ...]] = {}  # warned about
+        self._missing_pins: dict[str, str] = {}  # model -> the warning last logged
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
@@ -261,15 +265,14 @@ class ModelRepository:
         return on_disk
 
     def _warn_about_missing_pins(self, on_disk: dict[str, dict[int, Path]]) -> None:
-        """Once per model and set: pinned versions that are not on disk (a typo in a rollback
+        """Once per model and state: pinned versions that are not on disk (a typo in a rollback
         must not pass unseen; what serves goes on serving)."""
-        missing = {name: tuple(missing_pins(self.settings.for_model(name), versions))
-                   for name, versions in on_disk.items()}
-        for name, versions in missing.items():
-            if versions and self._missing_pins.get(name) != versions:
-                log.warning("%s: the config pins versions %s, not on disk (has %s)", name,
-                            list(versions), sorted(on_disk[name]))
-        self._missing_pins = {name: v for name, v in missing.items() if v}
+        warnings = {name: missing_pins_warning(name, self.settings.for_model(name), versions)
+                    for name, versions in on_disk.items()}
+        for name, warning in warnings.items():
+            if warning and self._missing_pins.get(name) != warning:
+                log.warning("%s", warning)
+        self._missing_pins = {name: warning for name, warning in warnings.items() if warning}
 
     def _failed(self, name: str) -> set[int]:
         """Versions of `name` that failed to load and whose files have not changed since."""

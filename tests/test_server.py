@@ -289,7 +289,7 @@ def test_check_config_says_what_would_serve_or_what_to_fix(small_export, tmp_pat
     result = run_cli("serve", "--repository", str(tmp_path / "models"), "--config", str(config),
                      "--check-config")
     assert result.returncode == 0 and "would load shapes versions [1] on CPU" in result.stdout
-    assert "pins versions [9] of shapes, not on disk (has [1, 2])" in result.stderr
+    assert "warning: shapes: the config pins versions [9], not on disk (has [1, 2])" in result.stderr
     for text, flags, words in (
             ("models:\n  shapes: {devic: CPU}\n", (), "unknown keys ['devic']"),
             ("models:\n  shapes: {versions: []}\n", (), "models.shapes.versions: []"),

@@ -137,7 +137,7 @@ def check_config(settings) -> int:
     """What `serve` checks before it compiles anything, for a pipeline to run before a rollout
     (as `nginx -t`): raises what serve would fail with; prints the models it would load."""
     from ..config import unmatched_model_names
-    from ..repository import ModelRepository, missing_pins, plan_versions, scan
+    from ..repository import ModelRepository, missing_pins_warning, plan_versions, scan
     from ..security import read_tokens, server_credentials
 
     server_credentials(settings)
@@ -153,10 +153,9 @@ def check_config(settings) -> int:
     for name, versions in sorted(on_disk.items()):
         model = settings.for_model(name)
         served, _ = plan_versions(versions, model, failed=set())
-        missing = missing_pins(model, versions)
-        if missing:
-            print(f"xaiserve serve: warning: the config pins versions {missing} of {name}, not "
-                  f"on disk (has {sorted(versions)})", file=sys.stderr)
+        warning = missing_pins_warning(name, model, versions)
+        if warning:
+            print(f"xaiserve serve: warning: {warning}", file=sys.stderr)
         models.append(f"{name} versions {sorted(served)} on {model.device}")
     print(f"xaiserve serve: config ok; would load {'; '.join(models) or 'no model'}")
     return 0
