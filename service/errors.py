@@ -36,8 +36,20 @@ def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+# ends the message of a call refused because the server or a model is at its cap: the same call
+# may succeed later (HTTP 429 over REST). Other RESOURCE_EXHAUSTED answers are over a size or
+# count limit, and the same call never will (400).
+RETRY_LATER = "; retry later"
+
+
 def exhausted(message: str) -> RequestError:
+    """Over a size or count limit: ask for less."""
     return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def busy(message: str) -> RequestError:
+    """At a concurrency cap: retry later."""
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message + RETRY_LATER)
 
 
 def unavailable(message: str) -> RequestError:

@@ -11,7 +11,7 @@ import numpy as np
 from . import faithfulness as fm
 from . import request_metrics as rm
 from .config import ServerSettings
-from .errors import client_gone, exhausted, invalid, rpc, shown
+from .errors import busy, client_gone, exhausted, invalid, rpc, shown
 from .explanation_quality import (QualityError, QualityRequest, model_scorer, quality_metrics,
                                   resolve_names)
 from .images import ImageError, as_rgb, check_image_size, decode_image, resize_for_model
@@ -265,7 +265,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         if not client.acquire(self.black_box_slots, BLACK_BOX_SLOT_WAIT_S):
             if client.gone():
                 raise client_gone(client.gone(), f"waiting for a slot for {work}")
-            raise exhausted(f"the server is running its maximum of {work}; retry later")
+            raise busy(f"the server is running its maximum of {work}")
 
     def _add_map(self, response, request, image, saliency, class_id, label, method, score):
         entry = response.maps.add(class_id=class_id, label=label, method=method,

@@ -19,6 +19,7 @@ from typing import Callable
 import grpc
 
 from . import request_context
+from .errors import RETRY_LATER
 from .model_slots import ModelSlots
 from .request_context import RequestRecord
 from .security import matching_token
@@ -173,7 +174,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def _exhausted(self, context, record: RequestRecord, what: str) -> None:
         """Refuse a call over a concurrency cap at once (counted, logged), instead of queueing."""
         self._after_response(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, None)
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}; retry later")
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, what + RETRY_LATER)
 
     def _after_response(self, context, record: RequestRecord, code: grpc.StatusCode,
                         seconds: float, response) -> None:

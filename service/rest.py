@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import RequestError
+from .errors import RETRY_LATER, RequestError
 from .interceptor import COMPRESS_FROM, COMPRESSION, RequestInterceptor
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import xaiserve_pb2 as xai_pb
@@ -47,7 +47,7 @@ HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
@@ -135,10 +135,21 @@ def json_reply(value, status: int = 200) -> Reply:
                  {"content-type": "application/json"})
 
 
+def http_status(code: grpc.StatusCode, message: str) -> int:
+    """The HTTP status of a gRPC one. RESOURCE_EXHAUSTED is two answers over HTTP: 429 for a
+    call refused at a concurrency cap, which may succeed later (clients that retry on 429 do),
+    and 400 for one over a size or count limit, which never will."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 429 if message.endswith(RETRY_LATER) else 400
+    return HTTP_STATUS.get(code, 500)
+
+
 def error_reply(code: grpc.StatusCode, message: str, status: int | None = None) -> Reply:
-    reply = json_reply({"error": message}, status or HTTP_STATUS.get(code, 500))
+    reply = json_reply({"error": message}, status or http_status(code, message))
     if code == grpc.StatusCode.UNAUTHENTICATED:
         reply.headers["www-authenticate"] = "Bearer"
+    if reply.status == 429:
+        reply.headers["retry-after"] = "1"
     return reply
 
 

@@ -22,6 +22,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -328,6 +329,24 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
     assert wait_until(lambda: counted("RESOURCE_EXHAUSTED", "", "") == 1, 10)
 
 
+def test_a_call_over_a_limit_is_400_not_429(rest):
+    """RESOURCE_EXHAUSTED over a size or count limit is an answer the same call always gets:
+    400, not 429, which tells clients (and their retry policies) to try again."""
+    body = {"method": "METHOD_BLACK_BOX", "black_box": {"num_masks": 60_000},
+            "image": {"tensor": {"shape": [64, 64, 3],
+                                 "data": base64.b64encode(IMAGE.tobytes()).decode()}}}
+    status, headers, reply = call(rest, "POST", f"{MODEL}/explain", body)
+    assert status == 400 and "retry-after" not in headers
+    assert "black_box.num_masks 60000" in json.loads(reply)["error"]
+    with grpc.insecure_channel(f"127.0.0.1:{rest.port}") as channel:  # the same over gRPC
+        with pytest.raises(grpc.RpcError) as refused:
+            xgrpc.ExplanationServiceStub(channel).Explain(
+                json_format.ParseDict({**body, "model_name": "shapes"}, xpb.ExplainRequest()),
+                metadata=(("authorization", AUTH["Authorization"]),), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == json.loads(reply)["error"]
+
+
 def test_the_request_cap_is_shared_and_a_client_that_leaves_stops_its_work(rest):
     """Two slow black-box explanations over gRPC hold the server's 2 slots: a REST call is
     refused at once (429 naming the setting). A REST client that hangs up mid-explanation
@@ -345,6 +364,7 @@ def test_the_request_cap_is_shared_and_a_client_that_leaves_stops_its_work(rest)
         assert wait_until(lambda: in_flight() == 2, 20)
         status, headers, body = call(rest, "POST", f"{MODEL}/infer", json_infer())
         assert status == 429 and "max_concurrent_requests" in json.loads(body)["error"]
+        assert headers["retry-after"] == "1"
         assert not any(f.done() for f in slow)  # refused while they were in flight
         for future in slow:
             future.cancel()
