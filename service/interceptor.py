@@ -132,9 +132,13 @@ class RequestInterceptor(grpc.ServerInterceptor):
         context.abort(code, message)
 
     def handle(self, method: str, inner, request, context, caller: str,
-               protocol: str = "grpc"):
+               protocol: str = "grpc",
+               encode: Callable[[object], tuple[object, int]] | None = None):
         """Run `inner(request, context)` under the caps, with the request's record, metrics
-        and access log: for a gRPC call, and for a REST one (service.rest) alike."""
+        and access log: for a gRPC call, and for a REST one (service.rest) alike. `encode`
+        (the REST side's writer: response -> (answer, its size in bytes)) runs here, so that
+        the size limit holds for what is sent (numbers as JSON text outgrow the protobuf) and
+        a refusal is counted as one."""
         record = RequestRecord(method, self._request_id(request), _model_name(request),
                                token_id=caller, protocol=protocol)
         record.trace_id, record.span_id = request_context.trace_context(
@@ -154,11 +158,15 @@ class RequestInterceptor(grpc.ServerInterceptor):
         response, code = None, grpc.StatusCode.UNKNOWN
         try:
             response = inner(request, context)
-            size = self._check_size(method, response, context)
+            if encode is None:
+                answer, size = response, response.ByteSize() if response is not None else 0
+            else:
+                answer, size = encode(response)
+            self._check_size(method, size, context, protocol)
             if size >= COMPRESS_FROM and self.compression != grpc.Compression.NoCompression:
                 context.set_compression(self.compression)
             code = context.code() or grpc.StatusCode.OK
-            return response
+            return answer
         except BaseException:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
@@ -187,16 +195,16 @@ class RequestInterceptor(grpc.ServerInterceptor):
         if not context.add_callback(finish):
             finish()
 
-    def _check_size(self, method: str, response, context) -> int:
-        """The response's size; RESOURCE_EXHAUSTED when it is over the limit."""
-        size = response.ByteSize() if response is not None else 0
+    def _check_size(self, method: str, size: int, context, protocol: str) -> None:
+        """RESOURCE_EXHAUSTED when a response of `size` bytes is over the limit."""
         if self.max_response_bytes and size > self.max_response_bytes:
+            binary = ', outputs as binary data ("binary_data": true)' \
+                if protocol == "http" and method == "ModelInfer" else ""
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the {method} response would be {size} bytes, over the server's "
                           f"max_message_bytes of {self.max_response_bytes}: ask for less (fewer "
-                          "images or target_classes, map_format FLOAT or a PNG) or raise "
-                          "--max-message-bytes")
-        return size
+                          f"images or target_classes, map_format FLOAT or a PNG{binary}) or "
+                          "raise --max-message-bytes")
 
     @staticmethod
     def _request_id(request) -> str:

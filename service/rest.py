@@ -388,9 +388,12 @@ class RestApp:
             except RequestError as exc:
                 self.interceptor.refuse(call, endpoint.method, exc.code, exc.message, "http")
             message = read.request if isinstance(read, InferCall) else read
-            response = self.interceptor.handle(endpoint.method, handler, message, call, caller,
-                                               protocol="http")
-            return self._compressed(endpoint.write(response, read), request, call)
+            def encode(response) -> tuple[Reply, int]:
+                reply = endpoint.write(response, read)
+                return reply, len(reply.body)
+            reply = self.interceptor.handle(endpoint.method, handler, message, call, caller,
+                                            protocol="http", encode=encode)
+            return self._compressed(reply, request, call)
         except CallAborted as exc:
             return error_reply(exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 - the server keeps serving

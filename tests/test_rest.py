@@ -347,6 +347,36 @@ def test_a_call_over_a_limit_is_400_not_429(rest):
     assert refused.value.details() == json.loads(reply)["error"]
 
 
+def test_the_size_limit_holds_for_the_json_form_of_a_response(small_export, tmp_path):
+    """max_message_bytes bounds what a client receives: maps as JSON numbers are several times
+    their protobuf size, and a response over the limit only as JSON is refused (400, naming
+    binary data), while the same maps as binary data get through."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    server = Server(ServerSettings(repository=tmp_path, host="127.0.0.1", port=0, rest_port=0,
+                                   max_message_bytes=200_000)).start()
+    flat = np.full((64, 64, 3), 128, np.uint8)  # a few hundred bytes as a PNG
+    png = base64.b64encode(cv2.imencode(".png", flat)[1].tobytes()).decode()
+    request = {"inputs": [{"name": "image", "shape": [32], "datatype": "BYTES",
+                           "data": [png] * 32, "parameters": {"content_type": "base64"}}]}
+    try:
+        status, _, body = call(server, "POST", f"{MODEL}/infer",
+                               {**request, "outputs": [{"name": "saliency_map"}]})
+        assert status == 400, body[:300]
+        error = json.loads(body)["error"]
+        assert "ModelInfer response would be" in error
+        assert "over the server's max_message_bytes of 200000" in error
+        assert '"binary_data": true' in error
+        refused = dict(model="shapes", version="", method="ModelInfer",
+                       code="RESOURCE_EXHAUSTED", protocol="http")
+        assert wait_until(lambda: server.telemetry.registry.get_sample_value(
+            "xaiserve_requests_total", refused) == 1, 10)  # counted as refused, not as OK
+        status, _, body = call(server, "POST", f"{MODEL}/infer", {**request, "outputs": [
+            {"name": "saliency_map", "parameters": {"binary_data": True}}]})
+        assert status == 200 and len(body) < 200_000
+    finally:
+        server.stop(grace=0)
+
+
 def test_the_request_cap_is_shared_and_a_client_that_leaves_stops_its_work(rest):
     """Two slow black-box explanations over gRPC hold the server's 2 slots: a REST call is
     refused at once (429 naming the setting). A REST client that hangs up mid-explanation
