@@ -533,6 +533,10 @@ def test_bad_int8_options(shapes, tmp_path, capsys):
           "--max-top1-drop", "0.01", "--control", str(empty)], "--control"),
         (["--accuracy-control"], "--int8"),
         (["--finetune-steps", "5"], "--int8"),
+        # a gate without --int8 would gate nothing: a pipeline must not believe it passed one
+        (["--max-top1-drop", "0.01"], "--max-top1-drop: goes with --int8"),
+        (["--min-saliency-agreement", "0.9", "--preset", "mixed"],
+         "--preset, --min-saliency-agreement: go with --int8"),
         (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "-1"],
          "--finetune-steps"),
         (["--int8", "--calibration", shapes["calibration"], "--finetune-steps", "5",

@@ -113,39 +113,46 @@ def reference_check(args):
 def add_int8_options(p) -> None:
     g = p.add_argument_group("INT8 (NNCF quantisation, checked against the f32 IR)")
     g.add_argument("--int8", action="store_true", help="quantise; needs --calibration DIR")
-    g.add_argument("--calibration", type=Path, default=None, help="folder of images, any size")
-    g.add_argument("--calibration-size", type=int, default=300, help="images used (subset)")
-    g.add_argument("--preset", default="performance", choices=["performance", "mixed"],
-                   help="mixed: asymmetric activation ranges")
-    g.add_argument("--no-fast-bias-correction", action="store_true",
-                   help="full bias correction: slower, sometimes closer to f32")
-    g.add_argument("--overflow-fix", default="auto", metavar="{auto,enable,first-layer,disable}",
-                   help="7-bit weights so that CPUs without VNNI do not saturate: enable for "
-                        "every layer, first-layer (NNCF's default) or disable; auto: enable "
-                        "unless this CPU has VNNI (default model on AVX2: top-1 agreement 0.79 "
-                        "with first-layer, 0.86 with enable)")
-    g.add_argument("--validation", type=Path, default=None,
-                   help="folder of images to compare INT8 with f32 on (default: the "
-                        "calibration folder, a weaker check)")
-    g.add_argument("--validation-size", type=int, default=300)
-    g.add_argument("--max-top1-drop", type=float, default=None,
-                   help="fail (exit 3, nothing written) when more than this fraction of "
-                        "validation images change their top-1 class")
-    g.add_argument("--min-saliency-agreement", type=float, default=None,
-                   help="fail (exit 3) when the mean rank correlation of the maps is below this")
-    g.add_argument("--accuracy-control", action="store_true",
-                   help="NNCF's accuracy control: revert the INT8 layers that change the most "
-                        "top-1 classes to f32 until the drop is within --max-top1-drop (slow: "
-                        "it re-runs the control images once per step)")
-    g.add_argument("--control", type=Path, default=None,
-                   help="folder of images that steer --accuracy-control (default: the "
-                        "validation folder, which then is no held-out check)")
-    g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
-                   help="quantisation-aware training: quantise the torch source and fine-tune "
-                        "it N steps by distillation from f32 on the calibration images (no "
-                        "labels; default model: 300 steps, about 15 minutes on 2 cores)")
-    g.add_argument("--finetune-lr", type=float, default=1e-5, help="Adam's learning rate")
-    g.add_argument("--finetune-batch", type=int, default=16, help="images per training step")
+    int8_only = []  # without --int8 these would be ignored: a pipeline would think it gated
+
+    def option(*flags, **kwargs) -> None:
+        int8_only.append(g.add_argument(*flags, **kwargs))
+
+    option("--calibration", type=Path, default=None, help="folder of images, any size")
+    option("--calibration-size", type=int, default=300, help="images used (subset)")
+    option("--preset", default="performance", choices=["performance", "mixed"],
+           help="mixed: asymmetric activation ranges")
+    option("--no-fast-bias-correction", action="store_true",
+           help="full bias correction: slower, sometimes closer to f32")
+    option("--overflow-fix", default="auto", metavar="{auto,enable,first-layer,disable}",
+           help="7-bit weights so that CPUs without VNNI do not saturate: enable for "
+                "every layer, first-layer (NNCF's default) or disable; auto: enable "
+                "unless this CPU has VNNI (default model on AVX2: top-1 agreement 0.79 "
+                "with first-layer, 0.86 with enable)")
+    option("--validation", type=Path, default=None,
+           help="folder of images to compare INT8 with f32 on (default: the "
+                "calibration folder, a weaker check)")
+    option("--validation-size", type=int, default=300)
+    option("--max-top1-drop", type=float, default=None,
+           help="fail (exit 3, nothing written) when more than this fraction of "
+                "validation images change their top-1 class")
+    option("--min-saliency-agreement", type=float, default=None,
+           help="fail (exit 3) when the mean rank correlation of the maps is below this")
+    option("--accuracy-control", action="store_true",
+           help="NNCF's accuracy control: revert the INT8 layers that change the most "
+                "top-1 classes to f32 until the drop is within --max-top1-drop (slow: "
+                "it re-runs the control images once per step)")
+    option("--control", type=Path, default=None,
+           help="folder of images that steer --accuracy-control (default: the "
+                "validation folder, which then is no held-out check)")
+    option("--finetune-steps", type=int, default=0, metavar="N",
+           help="quantisation-aware training: quantise the torch source and fine-tune "
+                "it N steps by distillation from f32 on the calibration images (no "
+                "labels; default model: 300 steps, about 15 minutes on 2 cores)")
+    option("--finetune-lr", type=float, default=1e-5, help="Adam's learning rate")
+    option("--finetune-batch", type=int, default=16, help="images per training step")
+    p.set_defaults(int8_only=[(action.option_strings[0], action.dest, action.default)
+                              for action in int8_only])
 
 
 def int8_settings(args):
@@ -153,10 +160,11 @@ def int8_settings(args):
     from xaiserve.export.int8 import Int8Settings, check_settings
 
     if not args.int8:
-        if args.calibration or args.validation or args.control or args.accuracy_control \
-                or args.finetune_steps:
-            raise ValueError("--calibration, --validation, --accuracy-control, --control and "
-                             "--finetune-steps go with --int8")
+        given = [flag for flag, dest, default in args.int8_only if getattr(args, dest) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: {'go' if len(given) > 1 else 'goes'} with "
+                             "--int8; without it nothing is quantised or gated (add --int8 "
+                             "--calibration DIR, or drop them)")
         return None
     if args.calibration is None:
         raise ValueError("--int8 needs --calibration DIR (a folder of images like the inputs)")
