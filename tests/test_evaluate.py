@@ -357,3 +357,8 @@ def test_export_records_the_reference_and_gates_on_it(shapes):
 
     usage = _export(shapes, "--min-reference-agreement", "0.3")
     assert usage.returncode == 2 and "--reference" in usage.stderr.strip().splitlines()[-1]
+    usage = _export(shapes, "--reference-metric", "topk_iou")  # ignored before: no gate, exit 0
+    line = usage.stderr.strip().splitlines()[-1]
+    assert usage.returncode == 2 and "--reference-metric" in line
+    assert line.endswith("with --reference gradcam|gradient; without it no reference map is "
+                         "made or gated")

@@ -31,6 +31,27 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}{exc.strerror or exc}" + (f"; {advice}" if advice else "")
 
 
+class DependentOptions:
+    """Options that act only with another one (--int8, --reference), recorded as they are
+    added: given without it they would be ignored, and a pipeline would believe its export
+    gated; `refuse_without` names them instead."""
+
+    def __init__(self, group, needs: str):
+        self.group, self.needs = group, needs
+        self.actions: list[argparse.Action] = []
+
+    def add(self, *flags, **kwargs) -> None:
+        self.actions.append(self.group.add_argument(*flags, **kwargs))
+
+    def refuse_without(self, args, fix: str) -> None:
+        """ValueError naming the options given (not at their defaults)."""
+        given = [action.option_strings[0] for action in self.actions
+                 if getattr(args, action.dest) != action.default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: {'go' if len(given) > 1 else 'goes'} with "
+                             f"{self.needs}; without it {fix}")
+
+
 def bounded_int(low: int, high: int):
     """An argparse type: an integer in [low, high] (argparse names the option when not)."""
     def parse(text: str) -> int:

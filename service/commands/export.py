@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import atomic_file, json_values
 from ..interrupts import interrupts_raised
-from .common import EXIT_INTERRUPTED, fail, floats
+from .common import EXIT_INTERRUPTED, DependentOptions, fail, floats
 
 
 def gate_failed(report: Path | None, failures: list[str], section: str, figures: dict,
@@ -83,13 +83,17 @@ def add_parser(sub) -> None:
 def add_reference_options(p) -> None:
     g = p.add_argument_group("torch reference maps (recorded in the model card; optional gate)")
     g.add_argument("--reference", choices=["gradcam", "gradient"], default=None)
-    g.add_argument("--min-reference-agreement", type=float, default=None,
-                   help="fail (exit 3, nothing written) when the agreement is below this")
-    g.add_argument("--reference-metric", choices=["spearman", "topk_iou"], default="spearman")
-    g.add_argument("--reference-top-fraction", type=float, default=0.2)
-    g.add_argument("--reference-layer", default=None, help="torch module name for Grad-CAM")
-    g.add_argument("--reference-images", type=Path, default=None,
-                   help="folder of images to compare on (default: the parity images)")
+    reference_options = DependentOptions(g, "--reference gradcam|gradient")
+    reference_options.add("--min-reference-agreement", type=float, default=None,
+                          help="fail (exit 3, nothing written) when the agreement is below this")
+    reference_options.add("--reference-metric", choices=["spearman", "topk_iou"],
+                          default="spearman")
+    reference_options.add("--reference-top-fraction", type=float, default=0.2)
+    reference_options.add("--reference-layer", default=None,
+                          help="torch module name for Grad-CAM")
+    reference_options.add("--reference-images", type=Path, default=None,
+                          help="folder of images to compare on (default: the parity images)")
+    p.set_defaults(reference_options=reference_options)
 
 
 def reference_check(args):
@@ -97,8 +101,7 @@ def reference_check(args):
     from xaiserve.export.reference_saliency import ReferenceCheck
 
     if args.reference is None:
-        if args.min_reference_agreement is not None:
-            raise ValueError("--min-reference-agreement needs --reference gradcam|gradient")
+        args.reference_options.refuse_without(args, "no reference map is made or gated")
         return None
     if not 0 < args.reference_top_fraction <= 1:
         raise ValueError("--reference-top-fraction must be in (0, 1]")
@@ -113,11 +116,8 @@ def reference_check(args):
 def add_int8_options(p) -> None:
     g = p.add_argument_group("INT8 (NNCF quantisation, checked against the f32 IR)")
     g.add_argument("--int8", action="store_true", help="quantise; needs --calibration DIR")
-    int8_only = []  # without --int8 these would be ignored: a pipeline would think it gated
-
-    def option(*flags, **kwargs) -> None:
-        int8_only.append(g.add_argument(*flags, **kwargs))
-
+    int8_options = DependentOptions(g, "--int8")
+    option = int8_options.add
     option("--calibration", type=Path, default=None, help="folder of images, any size")
     option("--calibration-size", type=int, default=300, help="images used (subset)")
     option("--preset", default="performance", choices=["performance", "mixed"],
@@ -151,8 +151,7 @@ def add_int8_options(p) -> None:
                 "labels; default model: 300 steps, about 15 minutes on 2 cores)")
     option("--finetune-lr", type=float, default=1e-5, help="Adam's learning rate")
     option("--finetune-batch", type=int, default=16, help="images per training step")
-    p.set_defaults(int8_only=[(action.option_strings[0], action.dest, action.default)
-                              for action in int8_only])
+    p.set_defaults(int8_options=int8_options)
 
 
 def int8_settings(args):
@@ -160,11 +159,8 @@ def int8_settings(args):
     from xaiserve.export.int8 import Int8Settings, check_settings
 
     if not args.int8:
-        given = [flag for flag, dest, default in args.int8_only if getattr(args, dest) != default]
-        if given:
-            raise ValueError(f"{', '.join(given)}: {'go' if len(given) > 1 else 'goes'} with "
-                             "--int8; without it nothing is quantised or gated (add --int8 "
-                             "--calibration DIR, or drop them)")
+        args.int8_options.refuse_without(args, "nothing is quantised or gated (add --int8 "
+                                               "--calibration DIR, or drop them)")
         return None
     if args.calibration is None:
         raise ValueError("--int8 needs --calibration DIR (a folder of images like the inputs)")
