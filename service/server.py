@@ -62,7 +62,10 @@ class Server:
                                          compression=COMPRESSION[settings.response_compression],
                                          model_limit=lambda name: repository.settings.for_model(
                                              name).max_requests_in_flight)
-        options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a port in use started,
+        # and the kernel split the clients between the two; off, a taken port is an error
+        options = [("grpc.so_reuseport", 0),
+                   ("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.min_ping_interval_without_data_ms",

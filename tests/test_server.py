@@ -502,3 +502,17 @@ def test_missing_device_names_the_devices_present(repository):
                               defaults=ModelSettings(device="NPU"))
     with pytest.raises(ValueError, match=r"'NPU' is not present; devices here: .*CPU"):
         Server(settings).start()
+
+
+def test_a_grpc_port_in_use_is_refused(tmp_path):
+    """gRPC binds with SO_REUSEPORT unless told not to: a second server on a taken port would
+    start, and the kernel would split the clients between the two."""
+    first = Server(ServerSettings(repository=tmp_path, host="127.0.0.1", port=0)).start()
+    try:
+        with pytest.raises(OSError, match=f"--port {first.port}: cannot bind"):
+            Server(ServerSettings(repository=tmp_path, host="127.0.0.1", port=first.port))
+        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            kgrpc.GRPCInferenceServiceStub(channel).ServerLive(kpb.ServerLiveRequest(),
+                                                               timeout=10)
+    finally:
+        first.stop(grace=0)
