@@ -162,6 +162,7 @@ class ModelRepository:
         self._unreadable: dict[str, str] = {}  # model folders scan could not read, warned about
         self._repository_unreadable = False  # warned about
         self._missing_pins: dict[str, str] = {}  # model -> the warning last logged
+        self._names_on_disk: list[str] = []  # model folders at the last scan, served or not
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
@@ -211,6 +212,7 @@ class ModelRepository:
             return []
         loaders = []
         with self._lock:
+            self._names_on_disk = sorted(set(on_disk) | set(self._unreadable))
             plans = {name: plan_versions(versions, self.settings.for_model(name),
                                          self._failed(name))
                      for name, versions in on_disk.items()}
@@ -393,6 +395,12 @@ class ModelRepository:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._table)
+
+    def names_on_disk(self) -> list[str]:
+        """The model folders of the last scan, with versions served or not (a pin that
+        matches none of them serves nothing, yet the folder is there)."""
+        with self._lock:
+            return list(self._names_on_disk)
 
     def serves(self, name: str) -> bool:
         """Whether `name` is in the table (per request: no list built, no sort)."""

@@ -144,7 +144,7 @@ class Server:
         return self.repository.settings
 
     def _warn_about_configured_names(self) -> None:
-        for warning in unmatched_model_names(self.settings, self.repository.names()):
+        for warning in unmatched_model_names(self.settings, self.repository.names_on_disk()):
             log.warning(warning)
 
     def stop(self, grace: float | None = None) -> None:

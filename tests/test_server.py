@@ -289,7 +289,12 @@ def test_check_config_says_what_would_serve_or_what_to_fix(small_export, tmp_pat
     result = run_cli("serve", "--repository", str(tmp_path / "models"), "--config", str(config),
                      "--check-config")
     assert result.returncode == 0 and "would load shapes versions [1] on CPU" in result.stdout
-    assert "warning: shapes: the config pins versions [9], not on disk (has [1, 2])" in result.stderr
+    assert "warning: shapes: the config pins versions [9], not on disk (has [1, 2])" \
+        in result.stderr
+    config.write_text("models:\n  shapes: {versions: [9]}\n")  # nothing of shapes would serve
+    result = run_cli("serve", "--repository", str(tmp_path / "models"), "--config", str(config),
+                     "--check-config")
+    assert "would load no version of shapes (none on disk fits the config)" in result.stdout
     for text, flags, words in (
             ("models:\n  shapes: {devic: CPU}\n", (), "unknown keys ['devic']"),
             ("models:\n  shapes: {versions: []}\n", (), "models.shapes.versions: []"),
@@ -516,3 +521,22 @@ def test_a_grpc_port_in_use_is_refused(tmp_path):
                                                                timeout=10)
     finally:
         first.stop(grace=0)
+
+
+def test_a_pin_that_matches_nothing_at_start_is_named_as_such(small_export, tmp_path, caplog):
+    """A server started with a pin to a version that is not on disk serves nothing of that
+    model, and says so: the missing pin, not "no model of that name" (the folder is there)."""
+    import logging
+
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0,
+                              models={"shapes": ModelSettings(versions=(2,))})
+    with caplog.at_level(logging.WARNING):
+        server = Server(settings).start()
+    try:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "shapes: the config pins versions [2], not on disk (has [1])" in warnings
+        assert not any("no model of that name" in w for w in warnings), warnings
+        assert server.repository.names() == [] and server.repository.names_on_disk() == ["shapes"]
+    finally:
+        server.stop(grace=0)

@@ -156,6 +156,7 @@ def check_config(settings) -> int:
         warning = missing_pins_warning(name, model, versions)
         if warning:
             print(f"xaiserve serve: warning: {warning}", file=sys.stderr)
-        models.append(f"{name} versions {sorted(served)} on {model.device}")
+        models.append(f"{name} versions {sorted(served)} on {model.device}" if served
+                      else f"no version of {name} (none on disk fits the config)")
     print(f"xaiserve serve: config ok; would load {'; '.join(models) or 'no model'}")
     return 0
