@@ -20,6 +20,7 @@ import grpc
 
 from . import request_context
 from .errors import RETRY_LATER
+from .logs import RECORD_FIELDS
 from .model_slots import ModelSlots
 from .request_context import RequestRecord
 from .security import matching_token
@@ -119,9 +120,10 @@ class RequestInterceptor(grpc.ServerInterceptor):
         if not tokens:
             return ""
         caller = tokens.get(matching_token(metadata, tokens), "")
-        if not caller:
-            self._count(RequestRecord(method, protocol=protocol), "",
-                        grpc.StatusCode.UNAUTHENTICATED, 0.0)
+        if not caller:  # counted and logged at once: an access log shows who was turned away
+            record = RequestRecord(method, protocol=protocol)
+            record.trace_id, record.span_id = request_context.trace_context(metadata)
+            self._finish(record, grpc.StatusCode.UNAUTHENTICATED, 0.0, None)
             return None
         return caller
 
@@ -226,11 +228,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
         self._count(record, record.model, code, seconds)
         level = logging.DEBUG if ok and record.method in QUIET_METHODS else logging.INFO
         log.log(level, "%s %s", record.method, code.name, extra={
-            "request_id": record.request_id, "model": record.model,
-            "version": record.version, "method": record.method, "code": code.name,
-            "ms": round(seconds * 1e3, 3), "trace_id": record.trace_id,
-            "span_id": record.span_id, "token_id": record.token_id,
-            "protocol": record.protocol})
+            **{name: getattr(record, name) for name in RECORD_FIELDS},
+            "code": code.name, "ms": round(seconds * 1e3, 3)})
 
     def _count(self, record: RequestRecord, model: str, code: grpc.StatusCode,
                seconds: float) -> None:

@@ -307,12 +307,18 @@ def test_token_metrics_and_access_log_are_shared_with_grpc(rest):
         assert call(rest, "POST", f"{MODEL}/infer", json_infer(id="logged"),
                     {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
                     )[0] == 200
+        with grpc.insecure_channel(f"127.0.0.1:{rest.port}") as channel, \
+                pytest.raises(grpc.RpcError):  # no token over gRPC
+            kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(), timeout=10)
         assert wait_until(lambda: '"logged"' in stream.getvalue(), 10)
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
-    entry = next(json.loads(line) for line in stream.getvalue().splitlines()
-                 if '"logged"' in line)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    turned_away = [(e["method"], e["protocol"]) for e in lines
+                   if e.get("code") == "UNAUTHENTICATED"]
+    assert turned_away == [("ModelInfer", "http")] * 3 + [("ModelInfer", "grpc")]  # logged too
+    entry = next(e for e in lines if e.get("request_id") == "logged")
     assert (entry["method"], entry["model"], entry["code"], entry["protocol"]) == \
         ("ModelInfer", "shapes", "OK", "http")
     assert entry["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736" and len(entry["token_id"]) == 8
