@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -29,7 +29,7 @@ from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
 from .images import ImageError, decode_image, read_image_file
 from .layer_profile import LayerProfile, measure_layers, profile
 from .model import ClassifierModel, ModelLoadError, error_reason
-from .rest_client import RestClient, RestError, model_path, rest_address
+from .rest_client import RestError, model_path, rest_address
 
 MODES = ("in-process", "server", "server-rest")
 # OPTIMIZATION_CAPABILITIES a device must list for an inference precision.
@@ -336,7 +336,7 @@ class Bench:
             self.skip("skip benchmark_app for the server: give --model-path with the IR it serves")
         label = f"{s.model}/{served}"
         server_config = Config(Path(label), "server", "server", "server", "server")
-        mode = "server-rest" if target.protocol == "http" else "server"
+        mode = "server" if target.protocol == "grpc" else "server-rest"
         for work, batch, concurrency in jobs:
             self.progress.begin(f"{mode} {work} b{batch} c{concurrency}")
             calls = [works.WORKS[work].remote(target, self.work_input, batch)
@@ -371,8 +371,11 @@ class Bench:
         s = self.settings
         address = rest_address(s.server)
         if address:
-            return self.rest_target(address)
-        client = works.XaiClient(s.server, timeout=10)
+            protocol = "https" if s.server.startswith("https://") else "http"
+            return self.rest_target(works.RemoteTarget(address, s.model, s.version,
+                                                       protocol=protocol, access=s.access))
+        target = works.RemoteTarget(s.server, s.model, s.version, access=s.access)
+        client = target.grpc_client(timeout=10)
         try:
             client.wait_ready(timeout=5)
             info = client.model_info(s.model, s.version)
@@ -385,14 +388,14 @@ class Bench:
             client.close()
         if not info.ready:
             raise BenchError(f"--model {s.model}: not ready on the server ({info.reason})")
-        return works.RemoteTarget(s.server, s.model, s.version, (
-            int(info.input_height), int(info.input_width))), info.model_version
+        size = (int(info.input_height), int(info.input_width))
+        return replace(target, input_hw=size), info.model_version
 
-    def rest_target(self, address: str) -> tuple[works.RemoteTarget, str]:
+    def rest_target(self, target: works.RemoteTarget) -> tuple[works.RemoteTarget, str]:
         """The same over the REST side: the model's metadata and configuration (the version
         that serves is among the configuration's parameters)."""
         s = self.settings
-        client = RestClient(address, timeout=10)
+        client = target.rest_client(timeout=10)
         try:
             metadata = client.get(model_path(s.model, s.version))
             config = client.get(model_path(s.model, s.version, "config"))
@@ -405,8 +408,7 @@ class Bench:
         finally:
             client.close()
         _, height, width, _ = metadata["inputs"][0]["shape"]
-        return (works.RemoteTarget(address, s.model, s.version, (int(height), int(width)),
-                                   protocol="http"),
+        return (replace(target, input_hw=(int(height), int(width))),
                 config["parameters"]["version"]["string_value"])
 
     def _measure(self, calls, mode: str, config: Config, work: str, batch: int,

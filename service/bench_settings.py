@@ -9,6 +9,7 @@ from pathlib import Path
 from . import bench_works as works
 from .config import HINTS, PRECISIONS
 from .rest_client import rest_address
+from .security import ServerAccess
 
 
 class BenchError(ValueError):
@@ -21,6 +22,7 @@ class BenchSettings:
 
     model_paths: tuple[Path, ...] = ()
     server: str | None = None
+    access: ServerAccess = ServerAccess()  # with --server: TLS files and token
     model: str | None = None
     version: str = ""
     works: tuple[str, ...] = ("predict", "explain-white")
@@ -51,7 +53,10 @@ class BenchSettings:
             raise BenchError("--model NAME is needed with --server")
         if self.server and "://" in self.server and not rest_address(self.server):
             raise BenchError(f"--server {self.server}: give HOST:PORT (gRPC) or "
-                             "http://HOST:PORT (the REST side, `serve --rest-port`)")
+                             "http[s]://HOST:PORT (the REST side, `serve --rest-port`)")
+        if self.server and self.server.startswith("http://") and self.access.tls:
+            raise BenchError(f"--server {self.server} with --tls-ca/--tls-cert: give "
+                             f"https://{self.server[len('http://'):]} for the REST side over TLS")
         if self.layers and not self.model_paths:
             raise BenchError("--layers reads the IR's per-layer counters in-process: give "
                              "--model-path (with --server: the IR the server serves)")

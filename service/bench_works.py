@@ -19,9 +19,9 @@ from .client import XaiClient, explain_request
 from .images import decode_image, resize_for_model
 from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as kpb
-from .proto import grpc_predict_v2_pb2_grpc as kgrpc
 from .request_metrics import softmax
 from .rest_client import RestClient
+from .security import ServerAccess
 from .rise import RiseExplainer, RiseSettings
 
 Stages = dict[str, float]
@@ -45,7 +45,20 @@ class RemoteTarget:
     model: str
     version: str = ""
     input_hw: tuple[int, int] = (224, 224)
-    protocol: str = "grpc"  # or "http": the server's REST side (service.rest)
+    protocol: str = "grpc"  # "http" or "https": the server's REST side (service.rest)
+    access: ServerAccess = ServerAccess()  # TLS files and token
+
+    def rest_client(self, timeout: float = 600.0) -> RestClient | None:
+        """A client of the REST side; None when the target is the gRPC side."""
+        if self.protocol == "grpc":
+            return None
+        return RestClient(self.address, timeout, self.access, tls=self.protocol == "https")
+
+    def grpc_client(self, **options) -> XaiClient:
+        """A client of the gRPC side on its own connection, without retries (a benchmark's
+        load counts failures, not hides them)."""
+        return XaiClient.connect(self.address, access=self.access, own_connection=True,
+                                 retries=0, **options)
 
 
 class Timer:
@@ -162,13 +175,14 @@ def _explain_call(target: RemoteTarget, work: WorkInput, method: str,
     request = explain_request(work.jpeg, target.model, version=target.version, method=method,
                               map_format="float", num_masks=work.masks, seed=work.seed,
                               metrics=list(metrics))
-    if target.protocol == "http":
-        rest = RestClient(target.address)
+    rest = target.rest_client()
+    if rest is not None:
         return lambda: dict(rest.explain(request)["timings_ms"])
-    client = XaiClient(target.address, timeout=600, own_connection=True, retries=0)
+    client = target.grpc_client(timeout=600)
 
     def call() -> Stages:
-        return dict(client.stub.Explain(request, timeout=client.timeout).timings_ms)
+        return dict(client.stub.Explain(request, timeout=client.timeout,
+                                        metadata=client.metadata).timings_ms)
     return call
 
 
@@ -182,15 +196,14 @@ def remote_predict(target: RemoteTarget, work: WorkInput, batch: int) -> Call:
     request.inputs.add(name="image", datatype="UINT8", shape=list(tensor.shape))
     request.outputs.add(name="logits")
     request.raw_input_contents.append(tensor.tobytes())
-    if target.protocol == "http":
-        rest = RestClient(target.address)
+    rest = target.rest_client()
+    if rest is not None:
         return lambda: {name[:-3]: value for name, value in rest.infer(request)["parameters"]
                         .items() if name.endswith("_ms")}
-    client = XaiClient(target.address, own_connection=True, retries=0)
-    stub = kgrpc.GRPCInferenceServiceStub(client.channel)
+    client = target.grpc_client()
 
     def call() -> Stages:
-        response = stub.ModelInfer(request, timeout=600)
+        response = client.kserve.ModelInfer(request, timeout=600, metadata=client.metadata)
         return {name[:-3]: p.double_param for name, p in response.parameters.items()
                 if name.endswith("_ms")}
     return call

@@ -11,7 +11,7 @@ from .proto import grpc_predict_v2_pb2 as kpb
 from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
-from .security import channel_credentials, read_token
+from .security import ServerAccess
 
 MAP_FORMATS = {"float": pb.MAP_FORMAT_FLOAT, "u8": pb.MAP_FORMAT_U8_IMAGE,
                "heatmap": pb.MAP_FORMAT_PNG_HEATMAP, "overlay": pb.MAP_FORMAT_PNG_OVERLAY}
@@ -110,12 +110,11 @@ class XaiClient:
     @classmethod
     def connect(cls, address: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
                 tls_key: Path | None = None, token_file: Path | None = None,
-                **options) -> "XaiClient":
+                access: ServerAccess | None = None, **options) -> "XaiClient":
         """TLS when any of the TLS files is given (mutual with cert + key); the token from
-        `token_file` or $XAISERVE_TOKEN."""
-        credentials = (channel_credentials(tls_ca, tls_cert, tls_key)
-                       if any((tls_ca, tls_cert, tls_key)) else None)
-        return cls(address, credentials=credentials, token=read_token(token_file), **options)
+        `token_file` or $XAISERVE_TOKEN; or all of it as `access`, read before."""
+        access = access or ServerAccess.read(tls_ca, tls_cert, tls_key, token_file)
+        return cls(address, credentials=access.credentials(), token=access.token, **options)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .model import SALIENCY_OUTPUT
 from .model_info import ModelInfo
+from .security import ServerAccess
 
 LOGITS_OUTPUT = "logits"
 
@@ -53,14 +54,14 @@ class RemoteBackend:
     """KServe v2 ModelInfer for the numbers (raw u8 tensors, no re-encoding), the explanation
     service's ModelInfo for labels and preprocessing."""
 
-    def __init__(self, address: str, model: str, version: str = "", chunk: int = 16):
+    def __init__(self, address: str, model: str, version: str = "", chunk: int = 16,
+                 access: ServerAccess | None = None):
         import grpc
 
         from .client import XaiClient
-        from .proto import grpc_predict_v2_pb2_grpc as kgrpc
 
         try:
-            self.client = XaiClient(address)
+            self.client = XaiClient.connect(address, access=access or ServerAccess())
         except ValueError as exc:  # a port outside 1..65535
             raise BackendError(str(exc)) from None
         self.model, self.version, self.chunk = model, version, chunk
@@ -81,7 +82,7 @@ class RemoteBackend:
                               embedded_processing=True,
                               saliency_method=meta.saliency_method or None)
         self.has_saliency = bool(meta.saliency_method)
-        self.kserve = kgrpc.GRPCInferenceServiceStub(self.client.channel)
+        self.kserve = self.client.kserve
 
     def infer(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         parts = [self._infer(batch[i:i + self.chunk], outputs)
@@ -96,7 +97,8 @@ class RemoteBackend:
         request.raw_input_contents.append(np.ascontiguousarray(batch, np.uint8).tobytes())
         for name in outputs:
             request.outputs.add(name=name)
-        response = self.kserve.ModelInfer(request, timeout=self.client.timeout)
+        response = self.kserve.ModelInfer(request, timeout=self.client.timeout,
+                                          metadata=self.client.metadata)
         return {out.name: np.frombuffer(raw, np.float32).reshape(list(out.shape))
                 for out, raw in zip(response.outputs, response.raw_output_contents)}
 
@@ -110,12 +112,13 @@ class BackendSpec:
     model: str | None = None
     version: str = ""
     device: str = "CPU"
+    access: ServerAccess | None = None  # with `server`: TLS files and token
 
     def open(self) -> Backend:
         if self.server:
             if not self.model:
                 raise BackendError("--model NAME is needed with --server")
-            return RemoteBackend(self.server, self.model, self.version)
+            return RemoteBackend(self.server, self.model, self.version, access=self.access)
         if not self.model_path:
             raise BackendError("give --model-path models/NAME or --server HOST:PORT --model NAME")
         return LocalBackend(self.model_path, self.device)

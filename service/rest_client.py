@@ -1,5 +1,5 @@
 """A small client of the server's REST side (service.rest), for `xaiserve bench --server
-http://HOST:PORT`: one keep-alive HTTP connection, and requests built from the same protocol
+http[s]://HOST:PORT`: one keep-alive HTTP connection, and requests built from the same protocol
 messages the gRPC side takes (ModelInferRequest with Triton's binary tensor data, the
 ExplainRequest as proto3 JSON), so a bench point over REST does the same work as over gRPC."""
 
@@ -14,8 +14,9 @@ from google.protobuf import json_format
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import xaiserve_pb2 as xpb
 from .rest_messages import HEADER_LENGTH, read_header
+from .security import ServerAccess
 
-SCHEME = "http://"
+SCHEMES = ("http://", "https://")
 
 
 class RestError(RuntimeError):
@@ -27,23 +28,34 @@ class RestError(RuntimeError):
 
 
 def rest_address(url: str) -> str | None:
-    """"HOST:PORT" of an http:// URL; None for anything else (a gRPC address)."""
-    if not url.startswith(SCHEME):
+    """"HOST:PORT" of an http:// or https:// URL ("" when it lacks one); None for anything
+    else (a gRPC address)."""
+    if not url.startswith(SCHEMES):
         return None
     parts = urlsplit(url)
     return parts.netloc if parts.hostname and parts.port else ""
 
 
 class RestClient:
-    def __init__(self, address: str, timeout: float = 600.0):
+    """`tls`: HTTPS, trusting and presenting what `access` holds; its token goes with every
+    call."""
+
+    def __init__(self, address: str, timeout: float = 600.0,
+                 access: ServerAccess = ServerAccess(), tls: bool = False):
         host, _, port = address.rpartition(":")
-        self.connection = http.client.HTTPConnection(host.strip("[]"), int(port),
-                                                     timeout=timeout)
+        if tls:
+            self.connection = http.client.HTTPSConnection(
+                host.strip("[]"), int(port), timeout=timeout, context=access.ssl_context())
+        else:
+            self.connection = http.client.HTTPConnection(host.strip("[]"), int(port),
+                                                         timeout=timeout)
+        self.headers = access.headers()
 
     def call(self, verb: str, path: str, body: bytes = b"",
              headers: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
         """The response's body and headers (lower-case names); RestError for an error status."""
-        self.connection.request(verb, path, body=body or None, headers=headers or {})
+        self.connection.request(verb, path, body=body or None,
+                                headers={**self.headers, **(headers or {})})
         response = self.connection.getresponse()
         payload = response.read()
         if response.status != 200:

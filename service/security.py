@@ -12,6 +12,7 @@ import logging
 import os
 import ssl
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -183,6 +184,47 @@ def channel_credentials(ca: Path | None = None, cert: Path | None = None,
         root_certificates=_pem(ca, "--tls-ca", b"CERTIFICATE") if ca else None,
         private_key=_pem(key, "--tls-key", b"PRIVATE KEY") if key else None,
         certificate_chain=_pem(cert, "--tls-cert", b"CERTIFICATE") if cert else None)
+
+
+@dataclass(frozen=True)
+class ServerAccess:
+    """How a client is let in: TLS (the server's CA; a certificate and its key for mutual
+    TLS) and the bearer token. Read once from a command's options, and used by every
+    connection it opens, gRPC and REST alike."""
+
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None
+
+    @classmethod
+    def read(cls, tls_ca: Path | None = None, tls_cert: Path | None = None,
+             tls_key: Path | None = None, token_file: Path | None = None) -> "ServerAccess":
+        """The token from `token_file` or $XAISERVE_TOKEN; ConfigError naming the flag for a
+        file that cannot be read or is not PEM (checked now, not at the first call)."""
+        access = cls(tls_ca, tls_cert, tls_key, read_token(token_file))
+        access.credentials()
+        return access
+
+    @property
+    def tls(self) -> bool:
+        return any((self.tls_ca, self.tls_cert, self.tls_key))
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """gRPC's channel credentials; None for plaintext."""
+        return channel_credentials(self.tls_ca, self.tls_cert, self.tls_key) if self.tls else None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The REST side's: trust tls_ca (default: the system roots), present cert + key."""
+        self.credentials()  # the same checks of the files, naming the flags
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+    def headers(self) -> dict[str, str]:
+        """The token as HTTP's Authorization header (gRPC's metadata carries the same)."""
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
 
 
 def check_key_pair(cert: bytes, key: bytes, cert_path: Path, key_path: Path) -> None:

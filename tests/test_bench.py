@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -217,11 +218,19 @@ def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
     (("--server", "127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
     (("--server", "127.0.0.1:1", "--model", "m", "--layers"), "--layers"),
     (("--server", "http://127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
-    (("--server", "https://127.0.0.1:1", "--model", "m"), "http://HOST:PORT"),
+    (("--server", "ftp://127.0.0.1:1", "--model", "m"), "http[s]://HOST:PORT"),
+    (("--server", "https://127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
+    (("--server", "http://127.0.0.1:1", "--model", "m", "--tls-ca", "ROOTS"),
+     "give https://127.0.0.1:1"),
+    (("--server", "127.0.0.1:1", "--model", "m", "--tls-ca", "/nonexistent.pem"), "--tls-ca"),
     (("--model-path", "MODEL", "--layers", "--layer-iterations", "0"), "--layer-iterations"),
 ])
 def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
-    args = tuple(str(default_export.path) if a == "MODEL" else a for a in args)
+    import grpc
+
+    roots = Path(grpc.__file__).parent / "_cython" / "_credentials" / "roots.pem"  # real PEM
+    args = tuple({"MODEL": str(default_export.path), "ROOTS": str(roots)}.get(a, a)
+                 for a in args)
     assert words in _error_line(run_cli("bench", *args))
 
 

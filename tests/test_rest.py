@@ -15,7 +15,6 @@ import logging
 import shutil
 import socket
 import ssl
-import threading
 import time
 
 import cv2

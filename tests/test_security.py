@@ -348,6 +348,47 @@ def test_mutual_tls(repo, pki):
         server.stop(grace=1)
 
 
+def test_bench_and_evaluate_reach_a_server_with_tls_and_a_token(repo, pki, tmp_path):
+    """`xaiserve bench` (gRPC and HTTPS) and `xaiserve evaluate` take the client options of
+    `explain`: against a server with mutual TLS and a token they measure and report; without
+    them they are turned away in one line."""
+    import json
+
+    from tests.synthetic import make_dataset, write_image_folder
+
+    server = start(repo, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                   tls_client_ca=pki / "ca.pem", token_file=pki / "token", rest_port=0)
+    access = ("--tls-ca", pki / "ca.pem", "--tls-cert", pki / "client.pem", "--tls-key",
+              pki / "client.key", "--token-file", pki / "token")
+    short = ("--warmup", "0.2", "--window", "0.3", "--max-windows", "3", "--no-reference")
+    write_image_folder(tmp_path / "data", *make_dataset(4, seed=3), classes=("0", "1", "2"))
+    try:
+        for where, mode in ((f"localhost:{server.port}", "server"),
+                            (f"https://localhost:{server.rest.port}", "server-rest")):
+            out = tmp_path / mode
+            result = run_cli("bench", "--server", where, "--model", "shapes", *access, *short,
+                             "--out", out)
+            assert result.returncode == 0, result.stderr[-2000:]
+            points = json.loads((out / "bench.json").read_text())["points"]
+            assert {p["mode"] for p in points} == {mode} and all(p["errors"] == 0
+                                                                 for p in points)
+            result = run_cli("bench", "--server", where, "--model", "shapes", "--tls-ca",
+                             pki / "ca.pem", *short, "--out", tmp_path / "refused")
+            assert result.returncode == 2, result.stderr[-2000:]
+        result = run_cli("evaluate", tmp_path / "data", "--server", f"localhost:{server.port}",
+                         "--model", "shapes", *access, "--out", tmp_path / "report",
+                         "--grid-mosaics", "0", "--steps", "8")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(json.loads((tmp_path / "report" / "results.json").read_text())) == 4
+        result = run_cli("evaluate", tmp_path / "data", "--server", f"localhost:{server.port}",
+                         "--model", "shapes", "--tls-ca", pki / "ca.pem", "--tls-cert",
+                         pki / "client.pem", "--tls-key", pki / "client.key", "--out",
+                         tmp_path / "no-token")
+        assert result.returncode == 2 and "UNAUTHENTICATED" in result.stderr.splitlines()[-1]
+    finally:
+        server.stop(grace=1)
+
+
 def test_bad_security_settings_name_the_flag(repo, pki, tmp_path):
     with pytest.raises(ConfigError, match="--tls-cert and --tls-key go together"):
         Server(ServerSettings(repository=repo, port=0, tls_cert=pki / "server.pem"))

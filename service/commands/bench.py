@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..interrupts import interrupts_raised
 from ..layout import resolve_version_dir
-from .common import EXIT_INTERRUPTED, bounded_int, fail, prepared_out
+from .common import (EXIT_INTERRUPTED, add_access_options, bounded_int, fail, prepared_out,
+                     server_access)
 
 
 def add_parser(sub) -> None:
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
                    help="models/<name> (newest version) or models/<name>/<v>; repeat to compare "
                         "IRs (f32, INT8); with --server: the IR it serves, for benchmark_app")
     p.add_argument("--server", help="HOST:PORT of a running `xaiserve serve` (gRPC), or "
-                   "http://HOST:PORT for its REST side (`serve --rest-port`)")
+                   "http[s]://HOST:PORT for its REST side (`serve --rest-port`)")
     p.add_argument("--model", help="model name on the server")
     p.add_argument("--version", default="")
     p.add_argument("--works", default="predict,explain-white",
@@ -51,6 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--layer-iterations", type=int, default=100,
                    help="inferences averaged for --layers")
     p.add_argument("--out", type=Path, default=Path("bench"))
+    add_access_options(p)
     p.set_defaults(run=run_bench)
 
 
@@ -98,11 +100,13 @@ def run_bench(args) -> int:
     from ..bench import Bench
     from ..bench_settings import BenchError, BenchSettings
     from ..bench_report import write_all
+    from ..security import ServerAccess
 
     try:
         paths = tuple(resolve_version_dir(p) for p in args.model_path)
         settings = BenchSettings(
             model_paths=paths, server=args.server, model=args.model, version=args.version,
+            access=server_access(args) if args.server else ServerAccess(),
             works=comma_list("--works", args.works),
             batch_sizes=comma_list("--batch", args.batch, int),
             concurrency=comma_list("--concurrency", args.concurrency, int),

@@ -105,9 +105,22 @@ def add_client_options(p) -> None:
     p.add_argument("--retries", type=bounded_int(0, 4), default=4,
                    help="with --server: times an UNAVAILABLE call (a server restarting, a version "
                         "compiling) is tried again, with backoff (0.5 s doubling; default 4)")
+    add_access_options(p)
+
+
+def add_access_options(p) -> None:
+    """How a client is let in: TLS files and its token (security.ServerAccess)."""
     p.add_argument("--tls-ca", type=Path, default=None,
                    help="PEM CA that signed the server's certificate: connect over TLS")
     p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
     p.add_argument("--token-file", type=Path, default=None,
                    help="file with the server's bearer token (or set $XAISERVE_TOKEN)")
+
+
+def server_access(args):
+    """The ServerAccess the options give (the token from --token-file or $XAISERVE_TOKEN);
+    ConfigError naming the flag of a file that cannot be read."""
+    from ..security import ServerAccess
+
+    return ServerAccess.read(args.tls_ca, args.tls_cert, args.tls_key, args.token_file)

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..interrupts import interrupts_raised
-from .common import EXIT_INTERRUPTED, bounded_int, fail, floats, prepared_out
+from .common import (EXIT_INTERRUPTED, add_access_options, bounded_int, fail, floats,
+                     prepared_out, server_access)
 
 VERB = "evaluate"
 
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray: local | auto | ray://HOST:PORT (needs xaiserve[scale])")
     p.add_argument("--ray-workers", type=int, default=2, help="Ray workers, one model each")
+    add_access_options(p)
     p.set_defaults(run=run_evaluate)
 
 
@@ -106,6 +108,7 @@ def run_evaluate(args) -> int:
     except ImportError:
         return fail(VERB, "the report needs matplotlib: pip install 'xaiserve[evaluate]'")
     from ..dataset import DatasetError, scan_dataset
+    from ..config import ConfigError
     from ..eval_backend import BackendError, BackendSpec
     from ..eval_report import write_report
     from ..evaluate_runner import EvaluationInterrupted, evaluate_local, evaluate_ray
@@ -125,15 +128,16 @@ def run_evaluate(args) -> int:
             import ray  # noqa: F401
         except ImportError:
             return fail(VERB, "--ray needs Ray: pip install 'xaiserve[scale]'")
-    spec = BackendSpec(model_path=args.model_path, server=args.server, model=args.model,
-                       version=args.version, device=args.device)
     try:
+        spec = BackendSpec(model_path=args.model_path, server=args.server, model=args.model,
+                           version=args.version, device=args.device,
+                           access=server_access(args) if args.server else None)
         backend = spec.open()
         if not backend.has_saliency:
             return fail(VERB, "the model has no saliency_map output; export it with "
                               "`xaiserve export --method auto` (black-box maps are not evaluated)")
         items = scan_dataset(args.dataset, backend.info.labels)
-    except (BackendError, DatasetError) as exc:
+    except (BackendError, DatasetError, ConfigError) as exc:
         return fail(VERB, str(exc))
     if args.limit and args.limit < len(items):
         import numpy as np

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import atomic_file, json_values
 from ..layout import resolve_version_dir
-from .common import add_client_options, bounded_int, check_outputs, fail, floats, prepared_out
+from .common import (add_client_options, bounded_int, check_outputs, fail, floats, prepared_out,
+                     server_access)
 
 
 def add_parser(sub) -> None:
@@ -131,8 +132,7 @@ def run_explain_remote(args) -> int:
         return fail("explain", "--model NAME is needed with --server")
     try:
         quality = quality_arguments(args)
-        client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                                   tls_key=args.tls_key, token_file=args.token_file,
+        client = XaiClient.connect(args.server, access=server_access(args),
                                    retries=args.retries)
     except (ValueError, ConfigError) as exc:
         return fail("explain", str(exc))

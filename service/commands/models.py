@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import add_client_options, bounded_int, fail
+from .common import add_client_options, bounded_int, fail, server_access
 
 
 def add_parser(sub) -> None:
@@ -34,8 +34,7 @@ def run_models(args) -> int:
 
     try:
         check_port(args.server)
-        client = XaiClient.connect(args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                                   tls_key=args.tls_key, token_file=args.token_file,
+        client = XaiClient.connect(args.server, access=server_access(args),
                                    retries=args.retries, timeout=args.timeout)
     except (ValueError, ConfigError) as exc:
         return fail("models", str(exc))
