@@ -32,6 +32,7 @@ import openvino as ov
 from back_to_back import Timing, measure_interleaved
 from xaiserve.export.pipeline import ExportRequest, export_model
 from xaiserve.export.saliency import SaliencySettings
+from xaiserve.export.sources import SourceOptions
 from xaiserve.service.model import compiled_precision
 
 DEFAULT_SOURCES = ["default", "timm:resnet50"]
@@ -102,6 +103,7 @@ def export_pair(source: str, repository: Path, log, map_precision: str = "auto"
         result = export_model(ExportRequest(
             source=source, repository=repository, name=variant,
             saliency=SaliencySettings(method=methods[variant], map_precision=map_precision),
+            source_options=SourceOptions(random_weights=True),  # timm: untrained is enough
         ))
         xml = result.path / "model.xml"
         shape = list(result.card["input"]["shape"])

@@ -31,6 +31,9 @@ class SourceError(ValueError):
 @dataclass
 class SourceOptions:
     checkpoint: Path | None = None
+    # timm sources without a checkpoint have random weights (nothing is downloaded): allowed
+    # only when asked for, for architecture benchmarks and tests, never by omission
+    random_weights: bool = False
     num_classes: int | None = None
     labels_file: Path | None = None
     input_size: int | None = None
@@ -248,6 +251,10 @@ def load_timm(arch: str, options: SourceOptions) -> LoadedSource:
             f"timm:{arch} is not a timm architecture; check the name"
             + (f" (close: {', '.join(close)})" if close else "")
         )
+    if not options.checkpoint and not options.random_weights:
+        raise SourceError(f"timm:{arch} needs --checkpoint FILE (its trained weights: nothing is "
+                          "downloaded here); --random-weights exports it untrained, for speed "
+                          "measurements and tests")
     kwargs = {"num_classes": options.num_classes} if options.num_classes else {}
     module = timm.create_model(arch, pretrained=False, **kwargs)
     if options.checkpoint:
@@ -257,7 +264,8 @@ def load_timm(arch: str, options: SourceOptions) -> LoadedSource:
     mean = [255.0 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))]
     scale = [255.0 * s for s in cfg.get("std", (0.229, 0.224, 0.225))]
     info = _module_info(module.num_classes, size, mean, scale, options)
-    return LoadedSource(convert_torch(module, size), info, f"timm:{arch}", torch_module=module)
+    described = f"timm:{arch}" + ("" if options.checkpoint else " (random weights)")
+    return LoadedSource(convert_torch(module, size), info, described, torch_module=module)
 
 
 @register_source("torch")

@@ -32,6 +32,25 @@ def test_unknown_architecture(tmp_path):
     assert _repository_is_empty(repo)
 
 
+def test_timm_without_weights_is_refused_unless_asked_for(tmp_path):
+    """Nothing is downloaded here, so timm:ARCH without --checkpoint is an untrained network:
+    a pipeline that forgot the checkpoint must not ship it (exit 2); --random-weights asks for
+    it (speed measurements), and the model card says so."""
+    repo = tmp_path / "models"
+    line = _error_line(run_cli("export", "timm:resnet18", "--repository", str(repo),
+                               "--name", "r18"))
+    assert "timm:resnet18 needs --checkpoint FILE" in line and "--random-weights" in line
+    assert _repository_is_empty(repo)
+    line = _error_line(run_cli("export", "timm:resnet18", "--random-weights", "--checkpoint",
+                               str(tmp_path / "w.pth"), "--repository", str(repo), "--name", "r"))
+    assert "--random-weights with --checkpoint" in line
+    result = run_cli("export", "timm:resnet10t", "--random-weights", "--input-size", "64",
+                     "--num-classes", "3", "--repository", str(repo), "--name", "r10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = json.loads(result.stdout)
+    assert card["source"] == "timm:resnet10t (random weights)"
+
+
 def test_checkpoint_that_does_not_fit(tmp_path):
     import torch
 

@@ -205,7 +205,8 @@ class Case:
     def __init__(self, spec: str):
         torch.manual_seed(0)
         self.spec = spec
-        options = SourceOptions() if spec == "default" else SourceOptions(num_classes=NUM_CLASSES)
+        options = SourceOptions() if spec == "default" else SourceOptions(
+            num_classes=NUM_CLASSES, random_weights=True)
         self.source = create_source(spec, options)
         self.module = self.source.torch_module.eval()
         self.vit = is_vit(self.module)

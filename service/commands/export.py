@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
                    help="arithmetic of the all-class map product; auto: int8 where the graph "
                         "bounds the features (ReLU6), else f32")
     p.add_argument("--checkpoint", type=Path, default=None, help=".pth, .pt or .safetensors")
+    p.add_argument("--random-weights", action="store_true",
+                   help="timm sources without --checkpoint: export untrained weights (speed "
+                        "measurements, tests); refused otherwise")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--labels", type=Path, default=None, help="text file, one label per line")
     p.add_argument("--input-size", type=int, default=None)
@@ -201,7 +204,10 @@ def run_export(args) -> int:
                                         args.calibration, args.validation))
         reference = reference_check(args)
         int8 = int8_settings(args)
+        if args.random_weights and args.checkpoint:
+            raise ValueError("--random-weights with --checkpoint: drop one of them")
         source_options = SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
+                                       random_weights=args.random_weights,
                                        labels_file=args.labels, input_size=args.input_size,
                                        mean_values=args.mean, scale_values=args.scale)
     except ValueError as exc:
