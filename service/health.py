@@ -47,7 +47,11 @@ def check_health(address: str, service: str = "", timeout: float = 3.0,
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:
-        raise HealthError(f"{address}: {exc.code().name}: {exc.details()}") from None
+        details = exc.details() or ""
+        if exc.code() == grpc.StatusCode.NOT_FOUND and not details:  # grpc-health says nothing
+            details = (f"the server has no health status for --service {service!r}; give a "
+                       "served model's name, a service's full name, or none for the server")
+        raise HealthError(f"{address}: {exc.code().name}: {details}") from None
     finally:
         channel.close()
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

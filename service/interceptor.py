@@ -243,8 +243,10 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def _observe_success(self, record: RequestRecord, seconds: float, response) -> None:
         t = self.telemetry
         model, version = record.model, record.version
-        if record.method == "ModelInfer":
-            t.inference_seconds.labels(model, version).observe(seconds)
+        if record.method == "ModelInfer":  # the inference alone, as the response reports it
+            ms = response.parameters["inference_ms"].double_param \
+                if "inference_ms" in response.parameters else seconds * 1e3
+            t.inference_seconds.labels(model, version).observe(ms / 1e3)
         elif record.method == "Explain":
             timings = response.timings_ms
             if "inference" in timings:

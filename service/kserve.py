@@ -302,7 +302,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                            f"model_name {name!r}: this server serves what its repository holds "
                            f"(looked at every {self.repository.settings.poll_seconds:g} s); to "
                            f"unload it remove {Path(self.repository.settings.repository) / name}"
-                           ", or a version folder, or bound latest_versions in its config")
+                           ", or a version folder, or pin its versions (or bound "
+                           "latest_versions) in its config")
 
     def max_batch_size(self, state: VersionState) -> int:
         """The configured bound, or the IR's own batch size where it is static."""

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xaiserve.service import logs
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ModelSettings, ServerSettings
-from xaiserve.service.health import check_health
+from xaiserve.service.health import HealthError, check_health
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
@@ -110,11 +110,12 @@ def test_metrics_scraped_over_http(served):
     server, _, channel = served
     kserve = kgrpc.GRPCInferenceServiceStub(channel)
     explain = xgrpc.ExplanationServiceStub(channel)
-    for _ in range(3):
-        kserve.ModelInfer(infer_request())
-    explain.Explain(explain_request(xpb.METHOD_WHITE_BOX))
-    explain.Explain(explain_request(xpb.METHOD_BLACK_BOX, masks=300))
-    explain.Explain(explain_request(xpb.METHOD_BLACK_BOX, masks=200, seed=1))
+    inference_ms = [kserve.ModelInfer(infer_request()).parameters["inference_ms"].double_param
+                    for _ in range(3)]
+    inference_ms += [explain.Explain(request).timings_ms["inference"] for request in (
+        explain_request(xpb.METHOD_WHITE_BOX),
+        explain_request(xpb.METHOD_BLACK_BOX, masks=300),
+        explain_request(xpb.METHOD_BLACK_BOX, masks=200, seed=1))]
     with pytest.raises(grpc.RpcError):
         kserve.ModelInfer(kpb.ModelInferRequest(model_name="../../etc/passwd"))
     bad = infer_request()
@@ -139,6 +140,9 @@ def test_metrics_scraped_over_http(served):
     # inference: 3 ModelInfer + 3 Explain predictions; explanation: by explainer
     assert sample(m, "xaiserve_inference_seconds", "xaiserve_inference_seconds_count",
                   model="shapes", version="1") == 6
+    # the inference each call reported, not the whole call (ModelInfer's decode, queue, reply)
+    assert sample(m, "xaiserve_inference_seconds", "xaiserve_inference_seconds_sum",
+                  model="shapes", version="1") == pytest.approx(sum(inference_ms) / 1e3)
     assert sample(m, "xaiserve_explanation_seconds", "xaiserve_explanation_seconds_count",
                   model="shapes", version="1", explainer="reciprocam") == 1
     assert sample(m, "xaiserve_explanation_seconds", "xaiserve_explanation_seconds_count",
@@ -534,6 +538,9 @@ def test_each_model_has_a_health_status_of_its_own(small_export, tmp_path):
         assert [health_of(channel, s) for s in ("", "shapes", "broken", "nope")] == [
             "SERVING", "SERVING", "NOT_SERVING", "NOT_FOUND"]
         assert check_health(f"127.0.0.1:{server.port}", "shapes") == "SERVING"  # `xaiserve health`
+        with pytest.raises(HealthError, match="NOT_FOUND: the server has no health status for "
+                                              "--service 'shape'; give a served model's name"):
+            check_health(f"127.0.0.1:{server.port}", "shape")  # grpc-health's NOT_FOUND is bare
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="broken"), timeout=60)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
