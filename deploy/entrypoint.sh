@@ -27,6 +27,9 @@
 #   XAISERVE_HEALTH_TLS_CERT/_KEY    client certificate of the health check under mTLS
 #   XAISERVE_HEALTH_TLS_SERVER_NAME  name in the server certificate (default localhost)
 #   XAISERVE_BIN           the xaiserve command            (default: xaiserve on PATH)
+# Under systemd, files only root may read (the TLS key, the token) come as credentials
+# (LoadCredential=token:/etc/xaiserve/token in a drop-in): $CREDENTIALS_DIRECTORY/token,
+# tls-cert, tls-key and tls-client-ca are used where the variable for them is unset.
 set -eu
 
 XAISERVE_BIN=${XAISERVE_BIN:-xaiserve}
@@ -63,9 +66,15 @@ esac
 port=${XAISERVE_PORT:-9000}
 check_port XAISERVE_PORT "$port"
 
-tls_cert=${XAISERVE_TLS_CERT:-}
-tls_key=${XAISERVE_TLS_KEY:-}
-tls_client_ca=${XAISERVE_TLS_CLIENT_CA:-}
+credential() {  # NAME: systemd's credential file of that name, if there is one
+    if [ -n "${CREDENTIALS_DIRECTORY:-}" ] && [ -f "$CREDENTIALS_DIRECTORY/$1" ]; then
+        echo "$CREDENTIALS_DIRECTORY/$1"
+    fi
+}
+tls_cert=${XAISERVE_TLS_CERT:-$(credential tls-cert)}
+tls_key=${XAISERVE_TLS_KEY:-$(credential tls-key)}
+tls_client_ca=${XAISERVE_TLS_CLIENT_CA:-$(credential tls-client-ca)}
+token_file=${XAISERVE_TOKEN_FILE:-$(credential token)}
 if [ -n "$tls_cert" ] && [ -z "$tls_key" ]; then
     fail "XAISERVE_TLS_CERT is set but XAISERVE_TLS_KEY is not; set both or neither"
 fi
@@ -78,7 +87,13 @@ fi
 
 if [ "${1:-}" = health ]; then
     shift
-    set -- --server "127.0.0.1:$port" "$@"
+    # the address the server binds: loopback when it binds every address
+    case ${XAISERVE_HOST:-} in
+        "" | 0.0.0.0 | :: | "[::]") health_host=127.0.0.1 ;;
+        *:*) health_host="[${XAISERVE_HOST#[}" && health_host="${health_host%]}]" ;;
+        *) health_host=$XAISERVE_HOST ;;
+    esac
+    set -- --server "$health_host:$port" "$@"
     if [ -n "$tls_cert" ]; then
         ca=${XAISERVE_HEALTH_TLS_CA:-$tls_cert}
         check_file XAISERVE_HEALTH_TLS_CA "$ca"
@@ -125,9 +140,9 @@ case $log_format in
     *) fail "XAISERVE_LOG_FORMAT='$log_format' is not a format; use text or json" ;;
 esac
 set -- "$@" --log-format "$log_format"
-if [ -n "${XAISERVE_TOKEN_FILE:-}" ]; then
-    check_file XAISERVE_TOKEN_FILE "$XAISERVE_TOKEN_FILE"
-    set -- "$@" --token-file "$XAISERVE_TOKEN_FILE"
+if [ -n "$token_file" ]; then
+    check_file XAISERVE_TOKEN_FILE "$token_file"
+    set -- "$@" --token-file "$token_file"
 fi
 if [ -n "${XAISERVE_METRICS_PORT:-}" ]; then
     check_port XAISERVE_METRICS_PORT "$XAISERVE_METRICS_PORT"

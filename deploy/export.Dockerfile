@@ -30,7 +30,8 @@ RUN groupadd --system --gid 10001 xaiserve \
        --shell /usr/sbin/nologin xaiserve \
     && mkdir /models && chown xaiserve:xaiserve /models
 COPY --from=wheel /wheels /tmp/wheels
-RUN pip install --no-cache-dir --find-links /tmp/wheels "xaiserve[export]==${XAISERVE_VERSION}" \
+# the wheel by its path: a name and version alone could be taken from an index instead
+RUN pip install --no-cache-dir "/tmp/wheels/xaiserve-${XAISERVE_VERSION}-py3-none-any.whl[export]" \
     && rm -rf /tmp/wheels
 USER 10001:10001
 WORKDIR /home/xaiserve

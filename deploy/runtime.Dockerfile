@@ -29,7 +29,8 @@ RUN groupadd --system --gid 10001 xaiserve \
        --shell /usr/sbin/nologin xaiserve \
     && mkdir /models
 COPY --from=wheel /wheels /tmp/wheels
-RUN pip install --no-cache-dir --find-links /tmp/wheels "xaiserve==${XAISERVE_VERSION}" \
+# the wheel by its path: a name and version alone could be taken from an index instead
+RUN pip install --no-cache-dir "/tmp/wheels/xaiserve-${XAISERVE_VERSION}-py3-none-any.whl" \
     && rm -rf /tmp/wheels
 COPY --chmod=0755 deploy/entrypoint.sh /usr/local/bin/xaiserve-entrypoint
 USER 10001:10001

@@ -53,6 +53,8 @@ class Telemetry:
         self.config_reloads = Counter(
             "xaiserve_config_reloads", "Config reloads (SIGHUP or a changed file), by result: "
             "applied, or failed and the config before kept", ["result"], registry=r)
+        for result in ("applied", "failed"):  # at 0 from the start: increase() over a series
+            self.config_reloads.labels(result)  # born at 1 is 0, and a first failure unseen
         # the process (resident memory, CPU seconds, open files, start time) and what runs
         # (a rollout's versions side by side on a dashboard; OpenVINO decides the speed)
         ProcessCollector(registry=r)

@@ -80,6 +80,9 @@ def test_lint_catches_a_bad_dockerfile(tmp_path):
     assert {"DL3002", "DL3042"} <= codes, codes  # last user root; pip cache kept
 
 
+WHEEL = "/tmp/wheels/xaiserve-${XAISERVE_VERSION}-py3-none-any.whl"
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_images_run_as_a_user_and_install_this_version(dockerfile):
     steps = instructions(dockerfile)
@@ -89,14 +92,15 @@ def test_images_run_as_a_user_and_install_this_version(dockerfile):
     assert f"ARG XAISERVE_VERSION={VERSION}" in dockerfile.read_text()
     installs = " ".join(arg for op, arg in final if op == "RUN" and "pip install" in arg)
     if dockerfile.name == "runtime.Dockerfile":
-        assert '"xaiserve==${XAISERVE_VERSION}"' in installs  # no extras: no torch
+        assert f'"{WHEEL}"' in installs  # no extras: no torch
         (check,) = [arg for op, arg in final if op == "HEALTHCHECK"]
         assert check.endswith('CMD ["xaiserve-entrypoint", "health"]'), check
         assert ("ENTRYPOINT", '["xaiserve-entrypoint"]') in final
         assert ("COPY", "--chmod=0755 deploy/entrypoint.sh /usr/local/bin/xaiserve-entrypoint") \
             in final
     else:
-        assert '"xaiserve[export]==${XAISERVE_VERSION}"' in installs
+        assert f'"{WHEEL}[export]"' in installs
+    assert "--find-links" not in installs  # by its path: an index cannot supply another
 
 
 def test_the_wheel_builds_from_what_the_dockerfiles_copy(tmp_path):
@@ -123,6 +127,8 @@ def test_the_wheel_builds_from_what_the_dockerfiles_copy(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "wheels").glob(f"xaiserve-{VERSION}-*.whl")
+    assert wheel.name == Path(WHEEL.replace("${XAISERVE_VERSION}", VERSION)).name  # what the
+    # images install by its path
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = archive.read(f"xaiserve-{VERSION}.dist-info/METADATA").decode()
@@ -206,7 +212,7 @@ def kserve() -> dict[str, dict]:
 
 def test_every_rendered_object_matches_its_schema(cluster, kserve):
     assert set(cluster) == {"ConfigMap", "Service", "PersistentVolumeClaim", "Deployment",
-                            "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+                            "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"}
     assert set(kserve) == {"ServingRuntime", "InferenceService"}
     checked = {kind: validate(doc) for kind, doc in {**cluster, **kserve}.items()}
     assert checked["ServingRuntime"] == checked["InferenceService"] == "kserve-crd"
@@ -314,8 +320,25 @@ def test_service_and_autoscaler_point_at_the_deployment(cluster):
     assert metric["resource"]["name"] == "cpu"
     assert "cpu" in c["resources"]["requests"]  # utilisation is relative to the request
     assert hpa["spec"]["minReplicas"] >= 2
-    assert cluster["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= \
-        pod_labels.items()
+    assert "replicas" not in deployment["spec"]  # the autoscaler's count survives a re-apply
+    pdb = cluster["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb == {**pdb, "maxUnavailable": 1} and "minAvailable" not in pdb  # a drain: 1 pod
+
+    # the token from a Secret; the serving ports open, metrics only to the monitoring namespace
+    pod = deployment["spec"]["template"]["spec"]
+    token = Path(env(c)["XAISERVE_TOKEN_FILE"])
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(token.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "xaiserve-token" and mount["readOnly"] is True
+    policy = cluster["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    opened = {port["port"]: rule.get("from") for rule in policy["ingress"]
+              for port in rule["ports"]}
+    assert set(opened) == set(ports.values())
+    assert opened[ports["grpc"]] is None and opened[ports["http"]] is None
+    assert opened[ports["metrics"]]
 
 
 def test_kserve_runtime_serves_v2_grpc_and_the_inference_service_uses_it(kserve):
@@ -329,8 +352,12 @@ def test_kserve_runtime_serves_v2_grpc_and_the_inference_service_uses_it(kserve)
     assert variables["XAISERVE_REPOSITORY"] == "/mnt/models"  # KServe's storage initializer
     assert c["ports"] == [{"name": "h2c", "containerPort": int(variables["XAISERVE_PORT"]),
                            "protocol": "TCP"}]
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": int(variables["XAISERVE_PORT"])}
+    assert "initialDelaySeconds" not in c["livenessProbe"]  # the startup probe waits instead
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] > 0  # out of the endpoints first
+    tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")  # read-only root
+    assert any(v["name"] == tmp["name"] and "emptyDir" in v for v in spec["volumes"])
     assert spec["annotations"]["prometheus.kserve.io/port"] == variables["XAISERVE_METRICS_PORT"]
     assert c["image"] == f"xaiserve:{VERSION}"
     assert_locked_down(c)
@@ -501,7 +528,8 @@ def test_alert_rules_parse_and_name_only_metrics_the_server_exports(exported):
             "warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
         named = selected_metrics(rule["expr"])
-        assert named and named <= exported, (rule["alert"], named - exported)
+        assert named and named <= exported | {"up"}, (rule["alert"], named - exported)  # up:
+        # Prometheus's own series for each target it scrapes
     # the check can fail: a renamed metric and a syntax error are caught
     assert not selected_metrics("rate(xaiserve_request_total[5m])") <= exported
     with pytest.raises(ValueError):

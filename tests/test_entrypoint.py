@@ -185,6 +185,40 @@ def test_every_variable_maps_to_its_flag_and_extra_flags_come_last(tmp_path):
     assert other.returncode == 0 and other.stdout.strip() == "export default"
 
 
+def test_systemd_credentials_stand_in_for_unset_file_variables(tmp_path):
+    """Under systemd's DynamicUser a root-only key or token file is unreadable: the unit hands
+    it over with LoadCredential=, and the script finds it in $CREDENTIALS_DIRECTORY."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name in ("token", "tls-cert", "tls-key", "tls-client-ca"):
+        (credentials / name).write_text("x")
+    result = run_script(XAISERVE_BIN="echo", XAISERVE_REPOSITORY=str(tmp_path),
+                        CREDENTIALS_DIRECTORY=str(credentials))
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.split()
+    for flag, name in (("--token-file", "token"), ("--tls-cert", "tls-cert"),
+                       ("--tls-key", "tls-key"), ("--tls-client-ca", "tls-client-ca")):
+        assert argv[argv.index(flag) + 1] == str(credentials / name), flag
+    own = tmp_path / "own-token"
+    own.write_text("x")
+    result = run_script(XAISERVE_BIN="echo", XAISERVE_REPOSITORY=str(tmp_path),
+                        CREDENTIALS_DIRECTORY=str(credentials), XAISERVE_TOKEN_FILE=str(own))
+    argv = result.stdout.split()
+    assert argv[argv.index("--token-file") + 1] == str(own)  # the variable wins
+    result = run_script(XAISERVE_BIN="echo", XAISERVE_REPOSITORY=str(tmp_path),
+                        CREDENTIALS_DIRECTORY=str(tmp_path / "none"))
+    assert "--token-file" not in result.stdout.split()
+
+
+@pytest.mark.parametrize("host, server", [
+    ("", "127.0.0.1:9000"), ("0.0.0.0", "127.0.0.1:9000"), ("::", "127.0.0.1:9000"),
+    ("10.1.2.3", "10.1.2.3:9000"), ("::1", "[::1]:9000"), ("[fd00::5]", "[fd00::5]:9000")])
+def test_health_asks_the_address_the_server_binds(host, server):
+    result = run_script("health", XAISERVE_BIN="echo", XAISERVE_HOST=host)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:3] == ["health", "--server", server]
+
+
 # --- the health check over TLS and mutual TLS ------------------------------------------------
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:

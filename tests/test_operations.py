@@ -137,6 +137,10 @@ def test_metrics_scraped_over_http(served):
     assert sample(m, requests, "xaiserve_requests_total", model="shapes", version="",
                   method="ModelInfer", code="INVALID_ARGUMENT", protocol="grpc") == 1
     assert not any("passwd" in str(key) for key in m[requests])
+    # reload counts exist at 0 before any reload: an alert on increase() sees the first failure
+    reloads = "xaiserve_config_reloads"
+    assert sample(m, reloads, reloads + "_total", result="failed") == 0
+    assert sample(m, reloads, reloads + "_total", result="applied") == 0
     # inference: 3 ModelInfer + 3 Explain predictions; explanation: by explainer
     assert sample(m, "xaiserve_inference_seconds", "xaiserve_inference_seconds_count",
                   model="shapes", version="1") == 6
