@@ -83,6 +83,22 @@ def test_lint_catches_a_bad_dockerfile(tmp_path):
 WHEEL = "/tmp/wheels/xaiserve-${XAISERVE_VERSION}-py3-none-any.whl"
 
 
+def test_the_build_context_holds_what_the_images_copy_and_nothing_else():
+    """.dockerignore admits each COPY source of the build stages (a missing one fails the
+    build) and nothing more: `.venv` alone is several GB of context otherwise."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*"
+    admitted = {line[1:] for line in lines if line.startswith("!")}
+    copied = set()
+    for dockerfile in DOCKERFILES:
+        for op, arg in instructions(dockerfile):
+            if op == "COPY" and not arg.startswith("--from"):
+                *sources, _ = [part for part in arg.split() if not part.startswith("--")]
+                copied |= set(sources)
+    assert copied == admitted, (copied, admitted)
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_images_run_as_a_user_and_install_this_version(dockerfile):
     steps = instructions(dockerfile)
