@@ -58,9 +58,9 @@ def parse_message(body: bytes, message: Message, what: str) -> Message:
         return message
     try:
         return json_format.Parse(body, message)
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
         raise invalid(f"the {what} body: {str(exc)[:300]}; send the request message as JSON "
-                      "(protos/, field names as there)") from None
+                      "in UTF-8 (protos/, field names as there)") from None
 
 
 def _parameter(value, where: str, kind: type = pb.InferParameter):

@@ -229,6 +229,17 @@ def test_bad_requests_are_answered_naming_the_field(rest, body, headers, status,
     assert call(rest, "POST", f"{MODEL}/infer", json_infer())[0] == 200  # serving on
 
 
+@pytest.mark.parametrize("path", [f"{MODEL}/explain", "/v2/repository/index",
+                                  "/v2/repository/models/shapes/load"])
+@pytest.mark.parametrize("body", [b"\xff\xfe{}", b"{\"id\": \"\xc3\"}", b"[" * 100_000])
+def test_bodies_that_are_not_json_text_are_400_on_every_endpoint(rest, path, body):
+    """Bytes that are not UTF-8 were a 500 with a traceback on the endpoints that take a proto3
+    JSON message (json_format raises UnicodeDecodeError, not its ParseError)."""
+    status, _, reply = call(rest, "POST", path, body)
+    assert status == 400, reply[:300]
+    assert "JSON" in json.loads(reply)["error"]
+
+
 def test_an_endless_request_head_is_cut_off(rest):
     """A header line that never ends: the server answers 400 and closes once the head passes
     64 KiB, instead of holding all of it (httptools' parser held 200 MB)."""
