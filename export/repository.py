@@ -61,6 +61,13 @@ def check_target(repository: Path, name: str, version: int | None) -> None:
     if version is not None and (repository / name / str(version)).exists():
         raise RepositoryError(f"{repository / name / str(version)} exists; give another "
                               "--version or leave it out")
+    if version is not None and (repository / name / f".staging-{version}").exists():
+        raise _staging_taken(repository / name / f".staging-{version}", version)
+
+
+def _staging_taken(staging: Path, version: int) -> RepositoryError:
+    return RepositoryError(f"{staging}: another export of version {version} is under way (or "
+                           "one was killed: remove that folder), or leave --version out")
 
 
 def free_bytes(path: Path) -> int:
@@ -96,9 +103,7 @@ def claim_version(model_dir: Path, version: int | None) -> tuple[Path, int]:
                 return staging, chosen
             except FileExistsError:
                 if version is not None:
-                    raise RepositoryError(
-                        f"{staging}: another export of version {version} is under way (or one "
-                        "was killed: remove that folder), or leave --version out") from None
+                    raise _staging_taken(staging, version) from None
         chosen += 1
     raise RepositoryError(f"{model_dir}: no free version number found after {chosen}")
 

@@ -111,6 +111,19 @@ def test_int8_map_product_on_unbounded_features(tmp_path):
     assert json.loads(ok.stdout)["saliency"]["map_precision"] == "f32"
 
 
+def test_a_version_staged_by_a_killed_export_is_refused_before_the_work(tmp_path):
+    """A killed export leaves `.staging-N`: `--version N` was refused only after the whole
+    export (minutes for INT8); it is refused before anything else is looked at now (the empty
+    calibration folder would be the next error), naming the folder."""
+    staging = tmp_path / "models" / "r" / ".staging-5"
+    staging.mkdir(parents=True)
+    line = _error_line(run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size",
+                               "64", "--repository", str(tmp_path / "models"), "--name", "r",
+                               "--version", "5", "--int8", "--calibration", str(tmp_path)))
+    assert f"{staging}: another export of version 5 is under way" in line
+    assert "remove that folder" in line
+
+
 def test_bad_name_and_taken_version(tmp_path):
     repo = tmp_path / "models"
     line = _error_line(run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
