@@ -174,7 +174,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.repository.all_ready())
+        return pb.ServerReadyResponse(ready=not self.repository.unserved())
 
     @rpc
     def ModelReady(self, request, context):

@@ -458,7 +458,13 @@ class ModelRepository:
             time.sleep(0.05)
         return self.states(name)
 
-    def all_ready(self) -> bool:
+    def unserved(self) -> list[str]:
+        """Models in the repository with no version ready and none loading (every version
+        failed, a pin that matches none, a folder that cannot be read): while there is one,
+        the server is not ready. A model still loading its first version does not count: a
+        model added to a running fleet must not take every server out of its Service."""
         with self._lock:
-            states = [s for versions in self._table.values() for s in versions.values()]
-        return all(s.ready or s.error for s in states)
+            names = set(self._names_on_disk) | set(self._table)
+            return sorted(name for name in names
+                          if not any(s.ready or not s.error
+                                     for s in self._table.get(name, {}).values()))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ConfigError, ServerSettings, check_server, unmatched_model_names
@@ -43,12 +43,19 @@ def settings_changes(before, after) -> list[str]:
             if (old := getattr(before, f.name)) != (new := getattr(after, f.name))]
 
 
+# the API's services by full name: their health says the process takes requests (liveness)
+API_SERVICES = (kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                xai_pb.DESCRIPTOR.services_by_name["ExplanationService"].full_name)
+
+
 class Server:
     def __init__(self, settings: ServerSettings):
         check_server(settings)
         self.repository = ModelRepository(settings)
         self.health = health.HealthServicer()
-        self.repository.listeners.append(ModelHealth(self.health, self.repository.states).sync)
+        self.model_health = ModelHealth(self.health, self.repository.states,
+                                        self.repository.unserved)
+        self.repository.listeners.append(self.model_health.sync)
         self.telemetry = Telemetry()
         self.telemetry.watch_versions(lambda: [
             (s.name, s.version, "ready" if s.ready else "failed" if s.error else "loading")
@@ -87,9 +94,7 @@ class Server:
         self.explanation = ExplanationServicer(self.repository, settings)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        services = (kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                    xai_pb.DESCRIPTOR.services_by_name["ExplanationService"].full_name,
-                    health.SERVICE_NAME, reflection.SERVICE_NAME)
+        services = (*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.grpc)
         address = f"{settings.host}:{settings.port}"
         self.tls = credentials is not None
@@ -128,9 +133,13 @@ class Server:
         self.grpc.start()
         if self.rest is not None:
             self.rest.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.model_health.start(API_SERVICES)
         log.info("serving %s on port %d (%s)", ", ".join(self.repository.names()) or "nothing",
                  self.port, "TLS" if self.tls else "plaintext")
+        unserved = self.repository.unserved()
+        if unserved:
+            log.warning("not ready: no version of %s serves (the lines above say why); health "
+                        "'' is NOT_SERVING until one does", ", ".join(unserved))
         if self.rest is not None:
             log.info("REST (Open Inference Protocol over HTTP%s) on port %d",
                      "S" if self.tls else "", self.rest.port)

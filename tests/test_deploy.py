@@ -280,6 +280,17 @@ def assert_locked_down(c: dict) -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
 
 
+def assert_probes(c: dict, port: int) -> None:
+    """grpc.health.v1 on the serving port: readiness asks the server ("", NOT_SERVING while a
+    model serves no version), startup and liveness the API service (the process is up: a
+    restart does not mend a broken export); the server answers for each (model_health)."""
+    from xaiserve.service.server import API_SERVICES
+
+    assert c["readinessProbe"]["grpc"] == {"port": port}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == port and c[probe]["grpc"]["service"] in API_SERVICES
+
+
 def test_deployment_probes_grpc_health_on_the_serving_port(cluster):
     pod = cluster["Deployment"]["spec"]["template"]["spec"]
     c = container(pod)
@@ -288,8 +299,7 @@ def test_deployment_probes_grpc_health_on_the_serving_port(cluster):
     assert ports == {"grpc": int(variables["XAISERVE_PORT"]),
                      "metrics": int(variables["XAISERVE_METRICS_PORT"]),
                      "http": int(variables["XAISERVE_REST_PORT"])}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": ports["grpc"]}, probe  # grpc.health.v1, service ""
+    assert_probes(c, ports["grpc"])
     assert set(variables) <= entrypoint_variables()
     assert c["image"] == f"xaiserve:{VERSION}"
     assert_locked_down(c)
@@ -368,8 +378,7 @@ def test_kserve_runtime_serves_v2_grpc_and_the_inference_service_uses_it(kserve)
     assert variables["XAISERVE_REPOSITORY"] == "/mnt/models"  # KServe's storage initializer
     assert c["ports"] == [{"name": "h2c", "containerPort": int(variables["XAISERVE_PORT"]),
                            "protocol": "TCP"}]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": int(variables["XAISERVE_PORT"])}
+    assert_probes(c, int(variables["XAISERVE_PORT"]))
     assert "initialDelaySeconds" not in c["livenessProbe"]  # the startup probe waits instead
     assert c["lifecycle"]["preStop"]["sleep"]["seconds"] > 0  # out of the endpoints first
     tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")  # read-only root

@@ -534,13 +534,18 @@ def test_each_model_has_a_health_status_of_its_own(small_export, tmp_path):
     """The health service answered for the whole server only, so a probe or a load balancer
     could not tell that one model had nothing ready. The model's name is now a service name:
     SERVING with a ready version, NOT_SERVING without, SERVICE_UNKNOWN once removed; a Watch
-    gets each change."""
+    gets each change. The server ("") is ready only while every model serves a version (it
+    said SERVING with a model it could not answer for); the API services say it is alive."""
     shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
     shutil.copytree(small_export.path, tmp_path / "broken" / "1")
     break_weights(tmp_path / "broken" / "1")
+    live = "inference.GRPCInferenceService"
     with server_on(tmp_path, latest_versions=0) as (server, channel):
-        assert [health_of(channel, s) for s in ("", "shapes", "broken", "nope")] == [
-            "SERVING", "SERVING", "NOT_SERVING", "NOT_FOUND"]
+        assert [health_of(channel, s) for s in ("", live, "shapes", "broken", "nope")] == [
+            "NOT_SERVING", "SERVING", "SERVING", "NOT_SERVING", "NOT_FOUND"]
+        kserve = kgrpc.GRPCInferenceServiceStub(channel)
+        assert not kserve.ServerReady(kpb.ServerReadyRequest()).ready
+        assert kserve.ServerLive(kpb.ServerLiveRequest()).live
         assert check_health(f"127.0.0.1:{server.port}", "shapes") == "SERVING"  # `xaiserve health`
         with pytest.raises(HealthError, match="NOT_FOUND: the server has no health status for "
                                               "--service 'shape'; give a served model's name"):
@@ -551,11 +556,13 @@ def test_each_model_has_a_health_status_of_its_own(small_export, tmp_path):
         shutil.copy(small_export.path / "model.bin", tmp_path / "broken" / "1")  # mended
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+        assert health_of(channel, "") == "SERVING"  # every model serves: ready
+        assert kserve.ServerReady(kpb.ServerReadyRequest()).ready
         shutil.rmtree(tmp_path / "shapes")
         assert wait_until(lambda: health_of(channel, "shapes") == "SERVICE_UNKNOWN")
         assert health_of(channel, "broken") == "SERVING"
         server.health.enter_graceful_shutdown()  # what stop() does first: every status goes
-        assert health_of(channel, "broken") == "NOT_SERVING"
+        assert health_of(channel, "broken") == health_of(channel, live) == "NOT_SERVING"
 
 
 def test_a_reload_that_fails_to_compile_reports_the_settings_still_served(small_export,
