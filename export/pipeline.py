@@ -13,6 +13,7 @@ import openvino as ov
 
 from xaiserve.service import json_values
 from xaiserve.service.model_info import ModelInfo
+from xaiserve.service.version_files import CARD_NAME, digests
 
 from .int8 import Int8Settings, quantize_export
 from .int8_finetune import TorchSource
@@ -24,7 +25,6 @@ from .repository import staged_version
 from .saliency import Insertion, SaliencySettings, insert_saliency
 from .sources import SourceOptions, convert_torch, create_source, synthetic_images
 
-CARD_NAME = "model_card.json"
 
 
 @dataclass
@@ -98,6 +98,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         progress("writing the IR")
         ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
         (staging / "labels.txt").write_text("\n".join(info.labels) + "\n")
+        files = digests(staging, ("model.xml", "model.bin", "labels.txt"))
         timings["save_s"] = time.perf_counter() - t
         card = {
             "name": request.name,
@@ -132,6 +133,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             } if pinned else None,
             "int8": int8_figures,
             "timings": {k: round(v, 3) for k, v in timings.items()},
+            # the server loads the version only when its files match (a copy caught half-way)
+            "files": files,
         }
         (staging / CARD_NAME).write_text(json_values.dumps(card, indent=2) + "\n")
     return ExportResult(Path(request.repository) / request.name / str(version), version, card)

@@ -28,6 +28,7 @@ from .errors import NotServed, shown
 from .layout import version_dirs, version_number
 from .model import ClassifierModel, error_reason
 from .statistics import VersionStatistics
+from .version_files import SETTLE_SECONDS, mismatch, quiet
 
 log = logging.getLogger("xaiserve.repository")
 
@@ -163,12 +164,16 @@ class ModelRepository:
         self._repository_unreadable = False  # warned about
         self._missing_pins: dict[str, str] = {}  # model -> the warning last logged
         self._names_on_disk: list[str] = []  # model folders at the last scan, served or not
+        self._settling: set[tuple[str, int]] = set()  # versions whose files are still written
         # (time.monotonic(), name, version, "ready" | "unloaded"): when each version could be
         # served; a ready time is taken just before, an unload time just after, the change.
         self.history: deque[tuple[float, str, int, str]] = deque(maxlen=10_000)
         # called (no lock held) after the table changed: a load ended, a scan added or dropped
         # versions; the server's per-model health follows it
         self.listeners: list[Callable[[], None]] = []
+        # called when reloaded settings fail to compile for a version (it answers on with the
+        # settings before): the server counts it as a failed reload
+        self.on_settings_failed: Callable[[], None] = lambda: None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -190,6 +195,9 @@ class ModelRepository:
         # refresh; at start that refresh comes at once, so the server starts with a fallback
         for _ in range(64):
             started = self.refresh(wait=wait)
+            if wait and self._settling:  # files still being written: serve them from the start
+                time.sleep(SETTLE_SECONDS / 4)
+                continue
             if not wait or not any(state.error for state in started):
                 break
         self._watcher = threading.Thread(target=self._watch, name="repository-watch", daemon=True)
@@ -210,9 +218,10 @@ class ModelRepository:
         on_disk = self._scan()
         if on_disk is None:
             return []
-        loaders = []
+        loaders, reloads = [], []
         with self._lock:
             self._names_on_disk = sorted(set(on_disk) | set(self._unreadable))
+            self._settling = set()
             plans = {name: plan_versions(versions, self.settings.for_model(name),
                                          self._failed(name))
                      for name, versions in on_disk.items()}
@@ -223,13 +232,27 @@ class ModelRepository:
             for name, (serve, _) in plans.items():
                 for version, path in serve.items():
                     known = self._table.get(name, {}).get(version)
-                    if known is None or self._worth_retrying(known):
-                        if known is not None:
-                            log.info("loading %s version %d again: its files or settings "
-                                     "changed", name, version)
-                        state = VersionState(name, version, path, files=files_signature(path))
-                        self._table.setdefault(name, {})[version] = state
-                        loaders.append(state)
+                    signature = files_signature(path)
+                    changed = known is not None and known.ready and signature != known.files
+                    if known is not None and not changed and not self._worth_retrying(known):
+                        continue
+                    if not quiet(signature):  # a copy still writing: load it once it is done
+                        self._settling.add((name, version))
+                        continue
+                    if changed:  # rewritten in place: compiled again, the old copy answers
+                        log.warning("%s version %d: its files changed on disk while it "
+                                    "serves; loading them again", name, version)
+                        known.files = signature  # one reload per change, whatever it gives
+                        reloads.append((known, signature))
+                        continue
+                    if known is not None:
+                        log.info("loading %s version %d again: its files or settings "
+                                 "changed", name, version)
+                    state = VersionState(name, version, path, files=signature)
+                    self._table.setdefault(name, {})[version] = state
+                    loaders.append(state)
+        for state, signature in reloads:
+            threading.Thread(target=self._recompile, args=(state, signature), daemon=True).start()
         threads = [threading.Thread(target=self._load, args=(state,), daemon=True)
                    for state in loaders]
         for thread in threads:
@@ -324,6 +347,9 @@ class ModelRepository:
         """The version's IR compiled with its model's current settings (kept in `state`), or
         None with the reason in `state.error`."""
         settings = state.settings = self.settings.for_model(state.name)
+        state.error = mismatch(state.path) or None  # a copy caught half-way is not compiled
+        if state.error:
+            return None
         try:
             model = ClassifierModel(state.path, settings.device, settings.compile_config(),
                                     self.core, settings.routes()).load()
@@ -369,13 +395,18 @@ class ModelRepository:
         self.refresh()
         return sorted({s.name for s in stale})
 
-    def _recompile(self, old: VersionState) -> None:
+    def _recompile(self, old: VersionState, files: tuple | None = None) -> None:
+        """`old` compiled again, with the model's current settings, or from its changed
+        `files`, and swapped in once ready; on failure the old copy answers on."""
         fresh = VersionState(old.name, old.version, old.path, statistics=old.statistics,
-                             files=old.files)
+                             files=files or old.files)
         fresh.model = self._compile(fresh)
         if fresh.model is None:
-            log.error("%s version %d keeps its previous settings: compiling it with the "
-                      "reloaded ones failed: %s", old.name, old.version, fresh.error)
+            log.error("%s version %d keeps serving as loaded before: compiling %s failed: %s",
+                      old.name, old.version, "its changed files" if files else
+                      "it with the reloaded settings", fresh.error)
+            if not files:
+                self.on_settings_failed()
             return
         with self._lock:
             current = self._table.get(old.name, {}).get(old.version) is old
@@ -385,8 +416,9 @@ class ModelRepository:
             stale = current and fresh.settings != self.settings.for_model(old.name)
         (old if current else fresh).model.close()
         if current:
-            log.info("%s version %d now runs with the reloaded settings (%s)", old.name,
-                     old.version, fresh.settings.device)
+            log.info("%s version %d now runs %s (%s)", old.name, old.version,
+                     "its changed files" if files else "with the reloaded settings",
+                     fresh.settings.device)
         if stale:
             self._recompile(fresh)
 
@@ -465,6 +497,7 @@ class ModelRepository:
         model added to a running fleet must not take every server out of its Service."""
         with self._lock:
             names = set(self._names_on_disk) | set(self._table)
-            return sorted(name for name in names
+            settling = {name for name, _ in self._settling}
+            return sorted(name for name in names - settling
                           if not any(s.ready or not s.error
                                      for s in self._table.get(name, {}).values()))

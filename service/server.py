@@ -57,6 +57,7 @@ class Server:
                                         self.repository.unserved)
         self.repository.listeners.append(self.model_health.sync)
         self.telemetry = Telemetry()
+        self.repository.on_settings_failed = self.telemetry.config_reloads.labels("failed").inc
         self.telemetry.watch_versions(lambda: [
             (s.name, s.version, "ready" if s.ready else "failed" if s.error else "loading")
             for s in self.repository.states()])

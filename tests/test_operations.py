@@ -486,6 +486,9 @@ def test_a_pinned_version_rolls_back_without_deleting_and_a_missing_pin_serves_o
 
 
 def break_weights(version_dir: Path) -> None:
+    """Weights cut short that OpenVINO itself refuses: without the card (an IR exported
+    elsewhere), whose SHA-256 list would refuse them first (tests/test_version_files.py)."""
+    (version_dir / "model_card.json").unlink(missing_ok=True)
     weights = version_dir / "model.bin"
     weights.write_bytes(weights.read_bytes()[:1000])
 
@@ -574,8 +577,11 @@ def test_a_reload_that_fails_to_compile_reports_the_settings_still_served(small_
             caplog.at_level(logging.ERROR, logger="xaiserve.repository"):
         unknown = ModelSettings(device="HETERO:NOPE", performance_hint="LATENCY")
         server.reload_settings(dataclasses.replace(server.settings, defaults=unknown))
-        assert wait_until(lambda: any("keeps its previous settings" in r.getMessage()
+        assert wait_until(lambda: any("keeps serving as loaded before" in r.getMessage()
                                       for r in caplog.records))
+        # counted as a failed reload: the alert on it fires, though the file itself loaded
+        assert server.telemetry.registry.get_sample_value(
+            "xaiserve_config_reloads_total", {"result": "failed"}) == 1
         config = kgrpc.GRPCInferenceServiceStub(channel).ModelConfig(
             kpb.ModelConfigRequest(name="shapes")).config
         assert config.parameters["device"].string_value == "CPU"
