@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import RETRY_LATER, RequestError
 from .interceptor import COMPRESS_FROM, COMPRESSION, RequestInterceptor
@@ -413,6 +414,28 @@ class RestApp:
         return Reply(reply.status, body, {**reply.headers, "content-encoding": encoding})
 
 
+class HeadBoundProtocol(H11Protocol):
+    """uvicorn's h11 protocol, where each request head must come whole within the keep-alive
+    time (75 s) of the connection opening or the response before: uvicorn times a connection
+    out only after a response, and any bytes restart that clock, so a client that connected
+    and sent nothing, or a header line now and then, held its socket for ever."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_head()
+
+    def _await_head(self) -> None:
+        self.loop.call_later(self.timeout_keep_alive, self._head_overdue, self.cycle)
+
+    def _head_overdue(self, cycle) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():  # no request since
+            self.transport.close()
+
+
 class RestServer:
     """uvicorn serving a RestApp on its own thread, on a socket bound at construction (so a
     port in use is an error at start, and port 0 is known at once)."""
@@ -432,11 +455,12 @@ class RestServer:
             self.socket.close()
             raise
         self.port = self.socket.getsockname()[1]
-        # h11, whose request head is bounded (httptools, uvicorn's faster parser, read a
-        # 200 MB header line into memory)
+        # h11, whose request head is bounded in size (httptools, uvicorn's faster parser,
+        # read a 200 MB header line into memory), and here in time (HeadBoundProtocol)
         config = uvicorn.Config(app.app, log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", server_header=False, timeout_keep_alive=75,
-                                http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                                http=HeadBoundProtocol,
+                                h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                 ssl_context_factory=(lambda _config, _default: ssl_context)
                                 if ssl_context else None)
         self.uvicorn = uvicorn.Server(config)

@@ -267,6 +267,32 @@ def whole_response(connection: socket.socket) -> bytes:
     return reply
 
 
+def test_connections_without_a_whole_request_head_are_closed(rest):
+    """A client that connects and sends nothing, or a header line now and then, held its
+    socket for ever (uvicorn times out only after a response, and each byte restarted it):
+    now a request head must come whole within the keep-alive time (75 s; 1 s here)."""
+    config = rest.rest.uvicorn.config
+    saved, config.timeout_keep_alive = config.timeout_keep_alive, 1
+    try:
+        silent = socket.create_connection(("127.0.0.1", rest.rest.port), timeout=30)
+        trickling = socket.create_connection(("127.0.0.1", rest.rest.port), timeout=30)
+        trickling.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - started < 20:  # a header line every 0.2 s
+                trickling.sendall(b"X-Slow: 1\r\n")
+                time.sleep(0.2)
+        assert silent.recv(100) == b""  # closed by the server
+        kept = http.client.HTTPConnection("127.0.0.1", rest.rest.port, timeout=30)
+        kept.request("GET", "/v2/health/live")  # a whole request in time is answered
+        assert kept.getresponse().status == 200
+        for connection in (silent, trickling, kept):
+            connection.close()
+    finally:
+        config.timeout_keep_alive = saved
+    assert call(rest, "GET", "/v2/health/live")[0] == 200
+
+
 def test_a_body_that_trickles_in_is_cut_off(rest):
     """A client that sends its headers and then its body a byte now and then would hold the
     connection and its buffer for ever: after the body's time (60 s; 1 s here) it gets 408."""
