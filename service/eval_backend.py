@@ -55,13 +55,13 @@ class RemoteBackend:
     service's ModelInfo for labels and preprocessing."""
 
     def __init__(self, address: str, model: str, version: str = "", chunk: int = 16,
-                 access: ServerAccess | None = None):
+                 access: ServerAccess = ServerAccess()):
         import grpc
 
         from .client import XaiClient
 
         try:
-            self.client = XaiClient.connect(address, access=access or ServerAccess())
+            self.client = XaiClient.connect(address, access=access)
         except ValueError as exc:  # a port outside 1..65535
             raise BackendError(str(exc)) from None
         self.model, self.version, self.chunk = model, version, chunk
@@ -112,7 +112,7 @@ class BackendSpec:
     model: str | None = None
     version: str = ""
     device: str = "CPU"
-    access: ServerAccess | None = None  # with `server`: TLS files and token
+    access: ServerAccess = ServerAccess()  # with `server`: TLS files and token
 
     def open(self) -> Backend:
         if self.server:

@@ -100,13 +100,12 @@ def run_bench(args) -> int:
     from ..bench import Bench
     from ..bench_settings import BenchError, BenchSettings
     from ..bench_report import write_all
-    from ..security import ServerAccess
 
     try:
         paths = tuple(resolve_version_dir(p) for p in args.model_path)
         settings = BenchSettings(
             model_paths=paths, server=args.server, model=args.model, version=args.version,
-            access=server_access(args) if args.server else ServerAccess(),
+            access=server_access(args),
             works=comma_list("--works", args.works),
             batch_sizes=comma_list("--batch", args.batch, int),
             concurrency=comma_list("--concurrency", args.concurrency, int),

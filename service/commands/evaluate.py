@@ -131,7 +131,7 @@ def run_evaluate(args) -> int:
     try:
         spec = BackendSpec(model_path=args.model_path, server=args.server, model=args.model,
                            version=args.version, device=args.device,
-                           access=server_access(args) if args.server else None)
+                           access=server_access(args))
         backend = spec.open()
         if not backend.has_saliency:
             return fail(VERB, "the model has no saliency_map output; export it with "
