@@ -109,7 +109,9 @@ def test_perf_analyzer_measures_the_server(server, protocol, tmp_path):
         ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
          "-i", protocol, "-u", address(server, protocol), "-b", "2", "--concurrency-range", "2",
          "--measurement-mode", "count_windows", "--measurement-request-count", "20",
-         "--max-trials", "4", "--stability-percentage", "100", "-f", str(report)],
+         # up to 10 windows to find 3 within 100% of each other: on 2 vCPUs a window can be
+         # twice as slow as the others (4 failed once in CI, the server answering throughout)
+         "--max-trials", "10", "--stability-percentage", "100", "-f", str(report)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert "Server:" in run.stdout and "compute infer" in run.stdout, run.stdout[-2000:]
