@@ -420,6 +420,8 @@ class HeadBoundProtocol(H11Protocol):
     out only after a response, and any bytes restart that clock, so a client that connected
     and sent nothing, or a header line now and then, held its socket for ever."""
 
+    _head_timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._await_head()
@@ -428,8 +430,18 @@ class HeadBoundProtocol(H11Protocol):
         super().on_response_complete()
         self._await_head()
 
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+
     def _await_head(self) -> None:
-        self.loop.call_later(self.timeout_keep_alive, self._head_overdue, self.cycle)
+        """One timer a connection, started again after each response (not one per response:
+        hundreds of requests a second would keep tens of thousands of them waiting)."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_overdue,
+                                                self.cycle)
 
     def _head_overdue(self, cycle) -> None:
         if self.cycle is cycle and not self.transport.is_closing():  # no request since
