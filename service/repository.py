@@ -286,6 +286,8 @@ class ModelRepository:
         for name in unreadable.keys() - self._unreadable.keys():
             log.warning("cannot read %s (%s); its loaded versions keep serving until it can be",
                         repository / name, unreadable[name])
+        for name in self._unreadable.keys() - unreadable.keys():
+            log.info("%s can be read again", repository / name)
         self._unreadable = unreadable
         return on_disk
 

@@ -706,6 +706,34 @@ def test_a_repository_folder_that_is_gone_for_a_while_keeps_what_is_loaded(small
         assert wait_until(lambda: server.repository.names() == [])
 
 
+def test_a_model_folder_unreadable_for_a_while_is_said_once_each_way(tmp_path, caplog,
+                                                                      monkeypatch):
+    """A folder this server may not list is warned about once, and said again when it can be
+    read (nothing was logged then). The tests run as root, whom permissions do not stop: the
+    listing's EACCES is raised in its place."""
+    from xaiserve.service import repository as repository_module
+
+    (tmp_path / "shapes" / "1").mkdir(parents=True)
+    (tmp_path / "shapes" / "1" / "model.xml").write_text("<net/>")
+    listing, blocked = repository_module.version_dirs, [True]
+
+    def version_dirs_or_eacces(model_dir: Path):
+        if blocked[0] and model_dir.name == "shapes":
+            raise PermissionError(13, "Permission denied", str(model_dir))
+        return listing(model_dir)
+    monkeypatch.setattr(repository_module, "version_dirs", version_dirs_or_eacces)
+    repository = repository_module.ModelRepository(ServerSettings(repository=tmp_path))
+    with caplog.at_level(logging.INFO, logger="xaiserve.repository"):
+        for _ in range(3):
+            assert repository._scan() == {}
+        blocked[0] = False
+        assert list(repository._scan()) == ["shapes"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"cannot read {tmp_path / 'shapes'} (Permission denied); its loaded "
+                        "versions keep serving until it can be",
+                        f"{tmp_path / 'shapes'} can be read again"]
+
+
 def test_a_config_entry_for_a_model_not_in_the_repository_is_warned_about(small_export,
                                                                           tmp_path, caplog):
     """`models: {shape: {latest_versions: 1}}` meant for `shapes` was ignored without a word."""
