@@ -28,7 +28,7 @@ from .errors import NotServed, shown
 from .layout import version_dirs, version_number
 from .model import ClassifierModel, error_reason
 from .statistics import VersionStatistics
-from .version_files import SETTLE_SECONDS, mismatch, quiet
+from .version_files import SETTLE_SECONDS, files_signature, mismatch, quiet
 
 log = logging.getLogger("xaiserve.repository")
 
@@ -48,15 +48,6 @@ class VersionState:
     @property
     def ready(self) -> bool:
         return self.model is not None
-
-
-def files_signature(version_dir: Path) -> tuple:
-    """(name, size, mtime) of a version's files: changes when a copy into it goes on."""
-    try:
-        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in version_dir.iterdir()
-                            if p.is_file() for st in [p.stat()]))
-    except OSError:  # removed while we looked: the next scan drops it
-        return ()
 
 
 class RepositoryUnreadable(OSError):
@@ -234,7 +225,8 @@ class ModelRepository:
                     known = self._table.get(name, {}).get(version)
                     signature = files_signature(path)
                     changed = known is not None and known.ready and signature != known.files
-                    if known is not None and not changed and not self._worth_retrying(known):
+                    if known is not None and not changed \
+                            and not self._worth_retrying(known, signature):
                         continue
                     if not quiet(signature):  # a copy still writing: load it once it is done
                         self._settling.add((name, version))
@@ -304,7 +296,8 @@ class ModelRepository:
     def _failed(self, name: str) -> set[int]:
         """Versions of `name` that failed to load and whose files have not changed since."""
         return {v for v, state in self._table.get(name, {}).items()
-                if state.error is not None and not self._worth_retrying(state)}
+                if state.error is not None
+                and not self._worth_retrying(state, files_signature(state.path))}
 
     def _retire(self, name: str, on_disk: dict[int, Path], serve: dict[int, Path],
                 listed: dict[int, Path]) -> None:
@@ -338,12 +331,11 @@ class ModelRepository:
         if unloaded.model is not None:
             unloaded.model.close()
 
-    def _worth_retrying(self, state: VersionState) -> bool:
-        """A failed version is loaded again once its files (a copy caught half-way) or its
-        model's settings (a reloaded config) are not those it failed with."""
+    def _worth_retrying(self, state: VersionState, signature: tuple) -> bool:
+        """A failed version is loaded again once its files (`signature` now: a copy caught
+        half-way) or its model's settings (a reloaded config) are not those it failed with."""
         return state.error is not None and (
-            files_signature(state.path) != state.files
-            or state.settings != self.settings.for_model(state.name))
+            signature != state.files or state.settings != self.settings.for_model(state.name))
 
     def _compile(self, state: VersionState) -> ClassifierModel | None:
         """The version's IR compiled with its model's current settings (kept in `state`), or

@@ -35,8 +35,17 @@ def digests(version_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {name: sha256_file(version_dir / name) for name in names}
 
 
+def files_signature(version_dir: Path) -> tuple:
+    """(name, size, mtime) of a version's files: changes when a copy into it goes on."""
+    try:
+        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in version_dir.iterdir()
+                            if p.is_file() for st in [p.stat()]))
+    except OSError:  # removed while we looked: the next scan drops it
+        return ()
+
+
 def quiet(signature: tuple, now_ns: int | None = None) -> bool:
-    """Whether no file of a `repository.files_signature` changed in the last SETTLE_SECONDS."""
+    """Whether no file of a `files_signature` changed in the last SETTLE_SECONDS."""
     if not signature:
         return False
     newest = max(mtime for _, _, mtime in signature)
