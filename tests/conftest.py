@@ -71,15 +71,21 @@ def default_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_export(tmp_path_factory):
     """The small synthetic CNN (64x64, 3 classes, ReciproCAM) exported once: a fast model for
-    server tests that need many requests. Untrained: these tests check serving, not maps."""
+    server tests that need many requests. Untrained: these tests check serving, not maps. Its
+    random weights are seeded, so its outputs (and the sizes of responses that carry them) are
+    the same in every run whatever ran before it."""
+    import torch
+
     from xaiserve.export.pipeline import ExportRequest, export_model
     from xaiserve.export.sources import SourceOptions
 
     repo = tmp_path_factory.mktemp("small")
-    return export_model(ExportRequest(
-        "torch:tests.synthetic:small_cnn", repo, "shapes",
-        source_options=SourceOptions(input_size=64, mean_values=[0, 0, 0],
-                                     scale_values=[255, 255, 255])))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return export_model(ExportRequest(
+            "torch:tests.synthetic:small_cnn", repo, "shapes",
+            source_options=SourceOptions(input_size=64, mean_values=[0, 0, 0],
+                                         scale_values=[255, 255, 255])))
 
 
 # --- a running server on the default model and its plain IR (black-box only) ------------------
