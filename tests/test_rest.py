@@ -559,7 +559,7 @@ def infer_bodies(draw) -> bytes:
     return json.dumps(body).encode() + draw(st.binary(max_size=24))
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(body=infer_bodies() | st.binary(max_size=64),
        header_length=st.none() | st.integers(-2, 300).map(str)
