@@ -270,12 +270,17 @@ def test_health_check_speaks_mutual_tls(tls_server):
     assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
-def test_health_cli_refuses_bad_options_in_one_line():
+def test_health_cli_refuses_bad_options_in_one_line(tmp_path):
     cli = [str(BIN / "xaiserve"), "health"]
     half = subprocess.run([*cli, "--tls-cert", "c.pem"], capture_output=True, text=True)
     assert half.returncode == 2
-    assert half.stderr.strip() == "xaiserve health: error: --tls-cert and --tls-key go together"
+    assert half.stderr.strip() == ("xaiserve health: error: --tls-cert and --tls-key go together: "
+                                   "give both or neither")
     missing = subprocess.run([*cli, "--tls-ca", "/nonexistent/ca.pem"], capture_output=True,
                              text=True)
-    assert missing.returncode == 2 and "--tls-ca /nonexistent/ca.pem: no such file" in \
+    assert missing.returncode == 2 and "--tls-ca /nonexistent/ca.pem: cannot read it" in \
         missing.stderr
+    (tmp_path / "ca.pem").write_text("not a certificate\n")  # refused now, not at the handshake
+    garbled = subprocess.run([*cli, "--tls-ca", str(tmp_path / "ca.pem")], capture_output=True,
+                             text=True)
+    assert garbled.returncode == 2 and "ca.pem: no PEM certificate in it" in garbled.stderr

@@ -23,26 +23,23 @@ def add_parser(sub) -> None:
 def run_health(args) -> int:
     """Exit 0 when SERVING, 1 when not (or unreachable), 2 on bad options."""
     from ..client import check_port
-    from ..health import HealthError, TlsFiles, check_health
+    from ..config import ConfigError
+    from ..health import HealthError, check_health
+    from ..security import ServerAccess
 
-    if (args.tls_cert is None) != (args.tls_key is None):
-        return fail("health", "--tls-cert and --tls-key go together")
-    if args.tls_cert and not args.tls_ca:
-        return fail("health", "--tls-cert needs --tls-ca (the server's CA)")
-    for name in ("tls_ca", "tls_cert", "tls_key"):
-        path = getattr(args, name)
-        if path is not None and not path.is_file():
-            return fail("health", f"--{name.replace('_', '-')} {path}: no such file")
     if not 0 < args.timeout <= 3600:  # NaN fails too
         return fail("health", f"--timeout {args.timeout}: give seconds in (0, 3600]")
     try:
         check_port(args.server)
-    except ValueError as exc:
+        access = ServerAccess(args.tls_ca, args.tls_cert, args.tls_key)
+        access.credentials()  # the files checked now, each error naming its flag
+    except (ValueError, ConfigError) as exc:
         return fail("health", str(exc))
-    tls = (TlsFiles(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-           if args.tls_ca else None)
+    if args.tls_cert and not args.tls_ca:
+        return fail("health", "--tls-cert needs --tls-ca (the server's CA)")
     try:
-        status = check_health(args.server, args.service, args.timeout, tls)
+        status = check_health(args.server, args.service, args.timeout, access,
+                              args.tls_server_name)
     except HealthError as exc:
         print(f"xaiserve health: {exc}", file=sys.stderr)
         return 1
