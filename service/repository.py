@@ -396,11 +396,11 @@ class ModelRepository:
                              files=files or old.files)
         fresh.model = self._compile(fresh)
         if fresh.model is None:
+            if not files:
+                self.on_settings_failed()  # counted before it is said, for who reads the log
             log.error("%s version %d keeps serving as loaded before: compiling %s failed: %s",
                       old.name, old.version, "its changed files" if files else
                       "it with the reloaded settings", fresh.error)
-            if not files:
-                self.on_settings_failed()
             return
         with self._lock:
             current = self._table.get(old.name, {}).get(old.version) is old

@@ -139,6 +139,7 @@ def test_the_wheel_builds_from_what_the_dockerfiles_copy(tmp_path):
                     else:
                         shutil.copy2(ROOT / source, target)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                             "--no-build-isolation",  # the venv's setuptools: no index asked
                              "--wheel-dir", str(tmp_path / "wheels"), str(context)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -469,15 +469,14 @@ def test_concurrent_request_limit(limited):
 
     def slow(seed):
         slow_results.append(stub.Explain(explain_request(
-            method=xpb.METHOD_BLACK_BOX, black_box=xpb.BlackBoxOptions(num_masks=6000, seed=seed)),
+            method=xpb.METHOD_BLACK_BOX, black_box=xpb.BlackBoxOptions(num_masks=20_000,
+                                                                       seed=seed)),
             timeout=120))
 
     threads = [threading.Thread(target=slow, args=(s,)) for s in (11, 12)]
     for t in threads:
         t.start()
-    end = time.monotonic() + 60
-    while server.telemetry.in_flight._value.get() < 2 and time.monotonic() < end:
-        time.sleep(0.02)
+    assert wait_for(lambda: server.telemetry.in_flight._value.get() == 2, 60)
     details = refused(lambda: stub.Explain(explain_request(), timeout=10),
                       grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "max_concurrent_requests" in details
