@@ -29,5 +29,3 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
      || { apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; }) \
     || echo "setup: could not install chromium; tests/test_evaluate.py will fail on it" >&2
 fi
-# The standard clients (tritonclient, perf_analyzer) in environments of their own.
-bash scripts/setup_clients.sh

@@ -19,7 +19,7 @@ from .conftest import ROOT
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 PERF_ANALYZER = ROOT / ".venv-perf" / "bin" / "perf_analyzer"
-SETUP_HINT = "run scripts/setup_clients.sh (scripts/setup.sh runs it)"
+SETUP_HINT = "run scripts/setup_clients.sh (scripts/test.sh runs it)"
 
 
 PROTOCOLS = ("grpc", "http")
