@@ -26,7 +26,6 @@ from .saliency import Insertion, SaliencySettings, insert_saliency
 from .sources import SourceOptions, convert_torch, create_source, synthetic_images
 
 
-
 @dataclass
 class ExportRequest:
     source: str

@@ -181,8 +181,7 @@ def _explain_call(target: RemoteTarget, work: WorkInput, method: str,
     client = target.grpc_client(timeout=600)
 
     def call() -> Stages:
-        return dict(client.stub.Explain(request, timeout=client.timeout,
-                                        metadata=client.metadata).timings_ms)
+        return dict(client.stub.Explain(request, timeout=client.timeout).timings_ms)
     return call
 
 
@@ -203,7 +202,7 @@ def remote_predict(target: RemoteTarget, work: WorkInput, batch: int) -> Call:
     client = target.grpc_client()
 
     def call() -> Stages:
-        response = client.kserve.ModelInfer(request, timeout=600, metadata=client.metadata)
+        response = client.kserve.ModelInfer(request, timeout=600)
         return {name[:-3]: p.double_param for name, p in response.parameters.items()
                 if name.endswith("_ms")}
     return call

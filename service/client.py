@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from pathlib import Path
 
 import grpc
@@ -95,6 +96,24 @@ def explain_request(image: bytes, model: str, *, version: str = "",
     return request
 
 
+class _CallDetails(namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                               "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor):
+    """The token on every call of a channel, so that stubs used directly carry it as well."""
+
+    def __init__(self, token: str):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(_CallDetails(
+            details.method, details.timeout, (*(details.metadata or ()), *self.metadata),
+            details.credentials, details.wait_for_ready, details.compression), request)
+
+
 class XaiClient:
     def __init__(self, address: str, timeout: float = 120.0,
                  max_message_bytes: int = 64 * 1024 * 1024, own_connection: bool = False,
@@ -102,10 +121,11 @@ class XaiClient:
                  retries: int = 4):
         self.channel = open_channel(address, max_message_bytes, own_connection, credentials,
                                     retries)
+        if token:
+            self.channel = grpc.intercept_channel(self.channel, BearerToken(token))
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
         self.kserve = kserve_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     @classmethod
     def connect(cls, address: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
@@ -121,7 +141,7 @@ class XaiClient:
 
     def model_info(self, model: str, version: str = "") -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(model_name=model, model_version=version),
-                                   timeout=self.timeout, metadata=self.metadata)
+                                   timeout=self.timeout)
 
     def explain(self, image: bytes | Path, model: str, *, version: str = "",
                 targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
@@ -140,19 +160,18 @@ class XaiClient:
                                   seed=seed, label=label, boxes=boxes, mask=mask,
                                   metrics=metrics, metric_options=metric_options,
                                   thresholds=thresholds)
-        return self.stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
+        return self.stub.Explain(request, timeout=self.timeout)
 
     def repository_index(self, ready_only: bool = False) -> list:
         """Every version the server's repository holds (name, version, state, reason)."""
         return list(self.kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=ready_only),
-                                                timeout=self.timeout,
-                                                metadata=self.metadata).models)
+                                                timeout=self.timeout).models)
 
     def load_model(self, model: str) -> None:
         """Ask the server to scan its repository now; returns once the model's newest version
         serves (grpc.RpcError with the reason otherwise)."""
         self.kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=model),
-                                        timeout=self.timeout, metadata=self.metadata)
+                                        timeout=self.timeout)
 
     def close(self) -> None:
         self.channel.close()

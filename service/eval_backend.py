@@ -97,8 +97,7 @@ class RemoteBackend:
         request.raw_input_contents.append(np.ascontiguousarray(batch, np.uint8).tobytes())
         for name in outputs:
             request.outputs.add(name=name)
-        response = self.kserve.ModelInfer(request, timeout=self.client.timeout,
-                                          metadata=self.client.metadata)
+        response = self.kserve.ModelInfer(request, timeout=self.client.timeout)
         return {out.name: np.frombuffer(raw, np.float32).reshape(list(out.shape))
                 for out, raw in zip(response.outputs, response.raw_output_contents)}
 

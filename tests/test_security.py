@@ -131,8 +131,7 @@ def test_tls_and_token(repo, pki, tmp_path):
     try:
         good = XaiClient.connect(address, tls_ca=pki / "ca.pem", token_file=pki / "token")
         assert good.model_info("shapes").ready
-        assert good.stub.Explain(explain_request(), metadata=good.metadata).maps[0].method == \
-            "reciprocam"
+        assert good.stub.Explain(explain_request()).maps[0].method == "reciprocam"
 
         # TLS without the token, or with a wrong one: UNAUTHENTICATED, naming the fix
         no_token = XaiClient.connect(address, tls_ca=pki / "ca.pem")
@@ -141,7 +140,7 @@ def test_tls_and_token(repo, pki, tmp_path):
         assert "authorization: Bearer" in details
         (tmp_path / "wrong").write_text("not-the-token")
         wrong = XaiClient.connect(address, tls_ca=pki / "ca.pem", token_file=tmp_path / "wrong")
-        refused(lambda: wrong.stub.Explain(explain_request(), metadata=wrong.metadata),
+        refused(lambda: wrong.stub.Explain(explain_request()),
                 grpc.StatusCode.UNAUTHENTICATED)
         # health probes need no token
         assert health_status(no_token.channel) == health_pb2.HealthCheckResponse.SERVING
