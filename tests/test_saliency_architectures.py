@@ -80,7 +80,7 @@ NORMALISED_ABS = 1e-3  # normalised maps, well-conditioned classes
 BATCH = 3
 REF_IMAGE = 0  # the image the torch reference is computed for (ViT references are costly)
 
-GAUSSIAN_3X3 = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 4.0
+GAUSSIAN_3X3 = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
 
 
 def raw(settings: SaliencySettings) -> SaliencySettings:
@@ -136,8 +136,9 @@ def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
     CNN: target F = the feature map the head's global average pooling reads; copy k is F * M_k
     ("paper"), scaled by h*w / sum(M_k) for "local"; the head runs on the copies themselves.
     ViT: target = the tokens entering the last block; prefix tokens kept, spatial token j of copy
-    k weighted by M_k[j]; then the last block, the final norm and the head's pooling (there is
-    no mosaic variant: `mosaic` is ignored, as it is by the exporter's ViT-ReciproCAM).
+    k weighted by M_k[j], on the block's residual path and after its first LayerNorm (as
+    openvino-xai does); then the rest of the block, the final norm and the head's pooling (there
+    is no mosaic variant: `mosaic` is ignored, as it is by the exporter's ViT-ReciproCAM).
     """
     target = target_tensor(module, image[None])[0]
     if is_vit(module):
@@ -148,8 +149,11 @@ def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
         assert t == prefix + h * w
         token_masks = torch.ones(h * w, t)
         token_masks[:, prefix:] = location_masks(h, w, spread).reshape(h * w, h * w)
-        copies = tokens[None] * token_masks[:, :, None]  # [hw, T, D]
-        return module.forward_head(module.norm(module.blocks[-1](copies)), pre_logits=True), h, w
+        block, weights = module.blocks[-1], token_masks[:, :, None]
+        copies = tokens[None] * weights  # [hw, T, D]
+        copies = copies + block.ls1(block.attn(block.norm1(tokens)[None] * weights))
+        copies = copies + block.ls2(block.mlp(block.norm2(copies)))
+        return module.forward_head(module.norm(copies), pre_logits=True), h, w
     features = target  # [C, h, w]
     if hasattr(module, "net"):
         def prelogits(m):

@@ -90,10 +90,15 @@ class Tail:
     scores: ov.Output
 
     def run_on(self, new_input: ov.Output) -> ov.Output:
-        """Clone the tail, feed it `new_input` instead of the target, return the new scores.
+        """Clone the tail, feed it `new_input` instead of the target, return the new scores."""
+        return self.run_with([(self.target, new_input)])
 
-        The clone starts from a copy of the whole model; its copy of the target's consumers is
-        rewired to `new_input`, so only the tail stays reachable from the new scores.
+    def run_with(self, replacements: list[tuple[ov.Output, ov.Output]]) -> ov.Output:
+        """Clone the tail with each listed tensor replaced by its new input (the target, and
+        where a method needs it a tensor inside the tail), return the new scores.
+
+        The clone starts from a copy of the whole model; its copies of those tensors' consumers
+        are rewired to the new inputs, so only the tail stays reachable from the new scores.
         """
         clone = self.model.clone()
         originals = self.model.get_ordered_ops()
@@ -101,11 +106,12 @@ class Tail:
         if len(originals) != len(copies):
             raise InsertionError("could not clone the model graph for the saliency branch")
         copy_of = {key(o): c for o, c in zip(originals, copies)}
-        target_copy = copy_of[key(self.target.get_node())].output(self.target.get_index())
         scores_copy = copy_of[key(self.scores.get_node())].output(self.scores.get_index())
-        for consumer in list(target_copy.get_target_inputs()):
-            consumer.replace_source_output(new_input)
-        _make_batch_free(scores_copy, new_input)
+        for original, new_input in replacements:
+            copied = copy_of[key(original.get_node())].output(original.get_index())
+            for consumer in list(copied.get_target_inputs()):
+                consumer.replace_source_output(new_input)
+        _make_batch_free(scores_copy, [new for _, new in replacements])
         own_inputs = {key(p) for p in self.model.get_parameters()}
         leaked = [
             n for n in _upstream_nodes(scores_copy)
@@ -120,11 +126,11 @@ class Tail:
         return scores_copy
 
 
-def _make_batch_free(scores: ov.Output, new_input: ov.Output) -> None:
+def _make_batch_free(scores: ov.Output, new_inputs: list[ov.Output]) -> None:
     """Reshapes in the tail often take the batch size from the model input (`x.view(bs, -1)`).
     When a Reshape's output is static except for the batch dimension, a constant pattern with -1
     there is equivalent and does not depend on the input's batch size."""
-    inside = ancestors(new_input)
+    inside = set().union(*(ancestors(new) for new in new_inputs))
     for node in _upstream_nodes(scores):
         if node.get_type_name() != "Reshape" or key(node) in inside:
             continue
@@ -192,6 +198,27 @@ def find_last_transformer_block_input(model: ov.Model, scores: ov.Output) -> ov.
     if "Add" not in consumers:
         return None
     return stream
+
+
+def block_norm_output(stream: ov.Output) -> ov.Output | None:
+    """The output of the LayerNorm that opens the block reading `stream`: its MVN and the
+    scale and shift that follow (absent where they were 1 and 0 and conversion folded them);
+    None where the stream feeds no single MVN."""
+    norms = [i.get_node() for i in stream.get_target_inputs()
+             if i.get_node().get_type_name() == "MVN"]
+    if len(norms) != 1:
+        return None
+    output = norms[0].output(0)
+    while True:
+        consumers = list(output.get_target_inputs())
+        if len(consumers) != 1:
+            return output
+        node = consumers[0].get_node()
+        others = [v for v in node.input_values() if key(v.get_node()) != key(output.get_node())]
+        if node.get_type_name() not in {"Multiply", "Add"} or len(others) != 1 \
+                or constant_value(others[0]) is None:
+            return output
+        output = node.output(0)
 
 
 @dataclass

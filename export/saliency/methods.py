@@ -20,6 +20,7 @@ from .graph import (
     LinearHead,
     Tail,
     activation_range,
+    block_norm_output,
     const,
     constant_value,
     find_by_name,
@@ -34,9 +35,10 @@ from .graph import (
     static_dims,
 )
 
-# Spread of a kept location over its 3x3 neighbourhood (the ReciproCAM/ViT-ReciproCAM kernel,
-# centre weight 1).
-GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32) / 4.0
+# Spread of a kept location over its 3x3 neighbourhood: the kernel of the ReciproCAM papers and of
+# openvino-xai's ViT-ReciproCAM (centre weight 1/4). "local" mosaics rescale it to a unit sum, so
+# only "paper" mosaics and ViT-ReciproCAM see its scale.
+GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32) / 16.0
 
 
 @dataclass(frozen=True)
@@ -327,9 +329,15 @@ class ReciproCAM(SaliencyMethod):
 
 
 class ViTReciproCAM(SaliencyMethod):
-    """ViT-ReciproCAM (arXiv 2310.02588): mask the token sequence at the input of the last
-    transformer block (one spatial token spread over its 3x3 neighbours, prefix tokens such as
-    CLS kept) and re-run the last block, the final norm and the head at batch N*h*w."""
+    """ViT-ReciproCAM (arXiv 2310.02588): mask the token sequence at the last transformer block
+    (one spatial token spread over its 3x3 neighbours, prefix tokens such as CLS kept) and re-run
+    that block, the final norm and the head at batch N*h*w.
+
+    As the authors' code (openvino-xai) does, the mask is applied twice inside the block: to its
+    input on the residual path and to the output of its first LayerNorm on the attention path.
+    Masking only the input would let that LayerNorm scale every kept token back to full
+    strength, so the spread's weights would not reach the attention. Where no LayerNorm opens the
+    block (a --target-layer elsewhere), the input alone is masked."""
 
     name = "vit-reciprocam"
 
@@ -360,10 +368,17 @@ class ViTReciproCAM(SaliencyMethod):
         weights = neighbourhood_weights(h, w, self.settings.spread)  # [k, j]
         token_masks = np.ones((hw, tokens), dtype=np.float32)
         token_masks[:, prefix:] = weights
-        expanded = ops.unsqueeze(target, const([1]))  # [N, 1, T, D]
-        mosaics = ops.multiply(expanded, const(token_masks[None, :, :, None], np.float32))
-        new_input = ops.reshape(mosaics, const([-1, tokens, dim]), False)
-        copy_scores = Tail(model, target, scores).run_on(new_input.output(0))
+        masks = const(token_masks[None, :, :, None], np.float32)
+
+        def masked(tokens_: ov.Output) -> ov.Output:  # [N, T, D] -> [N*hw, T, D]
+            copies = ops.multiply(ops.unsqueeze(tokens_, const([1])), masks)
+            return ops.reshape(copies, const([-1, tokens, dim]), False).output(0)
+
+        replacements = [(target, masked(target))]
+        norm = block_norm_output(target)
+        if norm is not None:
+            replacements.append((norm, masked(norm)))
+        copy_scores = Tail(model, target, scores).run_with(replacements)
         return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
                                self.settings), None
 
