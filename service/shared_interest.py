@@ -74,12 +74,16 @@ class Binarization:
 
 
 def binarize(saliency: np.ndarray, settings: Binarization = Binarization()) -> np.ndarray:
-    """[H, W] map -> bool [H, W] saliency set S (on the min-max normalised map, >= the cut)."""
+    """[H, W] map -> bool [H, W] saliency set S (on the min-max normalised map, >= the cut).
+
+    The map's minimum is never salient: where more pixels than the percentile share it (maps
+    that are zero outside the object, such as the centred ReciproCAM maps), a cut at the minimum
+    would select the whole image; S is then the pixels above it."""
     normalized = _normalize_0to1(saliency)
     if not normalized.any():
         return np.zeros(normalized.shape, bool)  # a constant map selects nothing
     cut = _BINARIZERS[settings.mode][0](normalized, settings.resolved_value)
-    return normalized >= cut
+    return normalized >= cut if cut > 0 else normalized > 0
 
 
 def ground_truth_mask(height: int, width: int, boxes=None, mask: np.ndarray | None = None
@@ -180,10 +184,14 @@ def shared_interest_pattern(scores: SharedInterestScores, correct: bool,
 
 def pointing_game_hit(saliency: np.ndarray, truth: np.ndarray, tolerance_px: int = 0) -> bool:
     """Hit when the map's maximum (first in raster order among ties) lies in G, or within
-    `tolerance_px` pixels of it (Zhang et al. use 15 px; 0 by default)."""
+    `tolerance_px` pixels of it (Zhang et al. use 15 px; 0 by default). A map that is constant
+    or not finite points nowhere: a miss (its first pixel would otherwise count as a hit for any
+    object touching the top-left corner)."""
     truth = np.asarray(truth, bool)
     if saliency.shape != truth.shape:
         raise ValueError(f"saliency {saliency.shape} and ground truth {truth.shape} differ")
+    if not np.isfinite(saliency).all() or saliency.max() == saliency.min():
+        return False
     y, x = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
     if tolerance_px <= 0:
         return bool(truth[y, x])

@@ -31,6 +31,13 @@ def test_binarize_std_is_min_max_then_mean_plus_one_std():
     assert binarize(ramp, Binarization("threshold", 0.5)).sum() == 5  # 5/9..9/9
     assert binarize(ramp, Binarization("percentile", 80)).sum() == 2  # >= 7.2/9
     assert not binarize(np.full((3, 3), 2.0)).any()  # a constant map selects nothing
+    # A map that is zero outside one 7x7 cell, as centred ReciproCAM maps are: 92% of its pixels
+    # share the minimum, so the 90th percentile is the minimum; S is the cell, not the image.
+    sparse = np.zeros((70, 70))
+    sparse[10:20, 30:40] = np.linspace(0.2, 1.0, 100).reshape(10, 10)
+    for value in (50, 90):
+        assert binarize(sparse, Binarization("percentile", value)).sum() == 100
+    assert binarize(sparse, Binarization("percentile", 99)).sum() == 49  # the top 49 of 4900
     with pytest.raises(ValueError, match="mode"):
         Binarization("otsu")
     with pytest.raises(ValueError, match="value"):
@@ -120,6 +127,14 @@ def test_pointing_game_hit_and_miss():
     near = ground_truth_mask(10, 10, boxes=[(0, 4, 6, 9)])  # nearest pixel (5, 4): 2.2 px
     assert not pointing_game_hit(saliency, near, tolerance_px=2)
     assert pointing_game_hit(saliency, near, tolerance_px=3)
+    # A map that points nowhere (constant, or with a NaN) misses even an object in the corner
+    # its first pixel falls in.
+    corner = ground_truth_mask(10, 10, boxes=[(0, 0, 3, 3)])
+    assert not pointing_game_hit(np.full((10, 10), 0.5), corner)
+    broken = saliency.copy()
+    broken[5, 5] = np.nan
+    assert not pointing_game_hit(broken, corner)
+    assert pointing_game_hit(np.pad(np.ones((1, 1)), ((0, 9), (0, 9))), corner)
     assert Binarization().as_parameters()["binarization"] == "std"
 
 

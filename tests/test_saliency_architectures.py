@@ -433,3 +433,24 @@ def test_int8_map_product_where_features_are_bounded(case: Case):
     fast_maps = np.stack([fast["saliency_map"][i, c] for i, c in enumerate(top)])
     assert np.abs(fast_maps - exact_maps).max() <= 0.02
     assert rank_correlation(fast_maps, exact_maps).min() >= 0.99
+
+
+def test_softmax_maps_of_a_model_ending_in_log_softmax():
+    """A classifier whose last layer is log_softmax gives, with --score softmax, the maps of the
+    same network without it (softmax of log-probabilities is the probabilities); its
+    log-probabilities used to be taken for probabilities."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 12),
+        torch.nn.ReLU(), torch.nn.Linear(12, 5))  # a head of two layers: the general path
+    with_log_softmax = torch.nn.Sequential(backbone, torch.nn.LogSoftmax(dim=1))
+    settings = replace(SOFTMAX, method="reciprocam", normalize="none")  # the probabilities
+    images = synthetic_images(2, 64, seed=3).astype(np.float32).transpose(0, 3, 1, 2) / 255
+    maps = []
+    for module in (backbone, with_log_softmax):
+        model, _ = insert_saliency(convert_torch(module, 64), settings)
+        maps.append(compile_f32(model)(np.ascontiguousarray(images))["saliency_map"])
+    assert maps[0].shape == (2, 5, 8, 8)
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-5)

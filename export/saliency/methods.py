@@ -195,7 +195,9 @@ class SaliencyMethod:
 
 
 def _ends_in_softmax(scores: ov.Output) -> bool:
-    return scores.get_node().get_type_name() in {"Softmax", "LogSoftmax"}
+    """Scores that are probabilities already. Not LogSoftmax: its log-probabilities still need
+    the softmax (of which they are the logarithm, so softmax gives the probabilities back)."""
+    return scores.get_node().get_type_name() == "Softmax"
 
 
 class ReciproCAM(SaliencyMethod):
