@@ -33,12 +33,13 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    def __init__(self, model_path: str, device: str = "CPU"):
+    def __init__(self, model_path: str, device: str = "CPU", version: str = ""):
         from .layout import resolve_version_dir
         from .model import ClassifierModel, ModelLoadError, error_reason
 
         try:
-            self.model = ClassifierModel(resolve_version_dir(Path(model_path)), device).load()
+            self.model = ClassifierModel(resolve_version_dir(Path(model_path), version),
+                                         device).load()
         except (FileNotFoundError, ModelLoadError) as exc:
             raise BackendError(str(exc)) from None
         except RuntimeError as exc:  # OpenVINO: a device that is not here, or cannot compile
@@ -120,7 +121,7 @@ class BackendSpec:
             return RemoteBackend(self.server, self.model, self.version, access=self.access)
         if not self.model_path:
             raise BackendError("give --model-path models/NAME or --server HOST:PORT --model NAME")
-        return LocalBackend(self.model_path, self.device)
+        return LocalBackend(self.model_path, self.device, self.version)
 
 
 __all__ = ["Backend", "BackendError", "BackendSpec", "LocalBackend", "RemoteBackend",

@@ -276,6 +276,10 @@ def write_html(summary: dict, figures: dict, out: Path) -> Path:
                   "of the class it explains (Rao et al. 2022). Pictures: the first method.</p>"]
         if figures.get("grid_game"):
             parts.append(_img(figures["grid_game"], "grid pointing game examples"))
+    elif s.get("interrupted"):
+        parts.append("<p>Not played: the run was interrupted.</p>")
+    elif not s["settings"].get("grid_mosaics"):
+        parts.append("<p>Not played: --grid-mosaics 0.</p>")
     else:
         parts.append("<p>Not played: it needs images of at least four classes.</p>")
     parts.append("<h2>Shared Interest patterns</h2>")
@@ -305,6 +309,8 @@ def write_report(results: list[ImageResult], items: list[DatasetItem], game: Gri
     out.mkdir(parents=True, exist_ok=True)
     figures_dir = out / "figures"
     figures_dir.mkdir(exist_ok=True)
+    for stale in figures_dir.glob("*.png"):  # an earlier run's into the same --out
+        stale.unlink()
     summary = {**summarise(results, game, settings, model), "failed": failed,
                "interrupted": interrupted or None}
     by_id = {item.relative: item for item in items}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -207,10 +208,11 @@ class GridGame:
 
 
 def play_grid_game(backend: Backend, items: list[DatasetItem], settings: EvaluationSettings,
-                   keep: int = 3, unreadable: tuple[int, ...] = ()) -> GridGame:
+                   keep: int = 3, unreadable: tuple[int, ...] = (),
+                   progress: Callable[[int, int], None] | None = None) -> GridGame:
     """2x2 mosaics of images of distinct classes at the model's input size; each cell's class is
     explained by every method in `settings.grid_methods` and scored by the positive mass of its
-    map in that cell."""
+    map in that cell. `progress(done, total)` after each mosaic (RISE takes seconds each)."""
     info = backend.info
     size = min(info.input_height, info.input_width)
     cell = size // 2
@@ -231,4 +233,6 @@ def play_grid_game(backend: Backend, items: list[DatasetItem], settings: Evaluat
                 game.examples.append({"mosaic": mosaic, "maps": list(maps),
                                       "targets": [info.labels[t] for t in targets]})
         game.mosaics.append([items[i].relative for i in pick])
+        if progress is not None:
+            progress(number + 1, len(picks))
     return game

@@ -50,3 +50,28 @@ def interrupts_raised() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class DeferredInterrupt:
+    """What `interrupts_deferred` saw: the first signal's name, or ""."""
+
+    def __init__(self) -> None:
+        self.signal = ""
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[DeferredInterrupt]:
+    """Within the block SIGTERM and SIGINT are noted, not raised: for short work that must not
+    stop half-way, such as writing a report's files, which a signal would leave part new and
+    part stale. The caller reads `.signal` afterwards and ends as interrupted."""
+    seen = DeferredInterrupt()
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        seen.signal = seen.signal or signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, note) for sig in SIGNALS}
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -28,11 +28,21 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
     return found
 
 
-def resolve_version_dir(path: Path) -> Path:
-    """models/<name> -> its highest numeric version directory; a version dir stays as is."""
+def resolve_version_dir(path: Path, version: str = "") -> Path:
+    """models/<name> -> its highest numeric version directory, or `version` (the --version a
+    command was given) where one is; a version dir stays as is, and refuses another version."""
     if (path / "model.xml").is_file() or path.suffix == ".xml":
+        if version:
+            raise FileNotFoundError(f"--version {version}: --model-path {path} is one version "
+                                    "already; give the model's folder, models/<name>")
         return path
     numbered = version_dirs(path)
     if not numbered:
         raise FileNotFoundError(f"--model-path {path}: no model.xml and no version directories")
-    return numbered[max(numbered)]
+    if not version:
+        return numbered[max(numbered)]
+    number = version_number(version)
+    if number not in numbered:
+        raise FileNotFoundError(f"--version {version}: {path} has versions "
+                                f"{', '.join(map(str, sorted(numbered)))}")
+    return numbered[number]

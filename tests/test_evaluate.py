@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from tests.conftest import ROOT, run_cli, wait_for
 from tests.synthetic import CLASSES4, make_dataset, train_small_cnn, write_image_folder
 from xaiserve.service.faithfulness import FaithfulnessSettings, deletion_insertion, single_step
+from xaiserve.service.interrupts import interrupts_deferred
 from xaiserve.service.model import ClassifierModel
 from xaiserve.service.request_metrics import softmax
 
@@ -239,11 +241,23 @@ def test_bad_input_gets_one_line_and_exit_2(shapes, tmp_path):
     cv2.imwrite(str(odd / "purple" / "a.png"), shapes["images"][0])
     cases.append((["evaluate", str(odd), "--model-path", str(shapes["model"])],
                   "class folder 'purple'"))
+    # In-process --version picks models/<name>/<version>; one that is not there is named (it
+    # was ignored: the newest version was evaluated under the version asked for).
+    cases += [
+        (["evaluate", str(shapes["data"]), "--model-path", str(shapes["model"]),
+          "--version", "2"], "--version 2:"),
+        (["evaluate", str(shapes["data"]), "--model-path", str(shapes["model"] / "1"),
+          "--version", "1"], "one version already"),
+        (["evaluate", str(shapes["data"]), "--model-path", str(shapes["model"]),
+          "--model", "other"], "--model names a model on a --server"),
+        (["explain", str(shapes["data"] / CLASSES4[0]), "--model-path", str(shapes["model"]),
+          "--version", "3"], "--version 3:"),
+    ]
     for args, words in cases:
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("xaiserve evaluate: error:") and words in last, last
+        assert last.startswith(f"xaiserve {args[0]}: error:") and words in last, last
 
 
 def test_an_unreadable_image_is_reported_and_the_rest_evaluated(shapes, tmp_path):
@@ -259,6 +273,48 @@ def test_an_unreadable_image_is_reported_and_the_rest_evaluated(shapes, tmp_path
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["images"] == 3
     assert [f["image"] for f in summary["failed"]] == [f"{folder}/broken.png"]
+
+
+def test_sigterm_in_the_grid_game_keeps_every_image(shapes, tmp_path):
+    """A signal during the grid pointing game (RISE's maps take seconds a mosaic) lost the
+    whole run: now the report covers every image, without the game."""
+    out = tmp_path / "report"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "grid_game.png").write_bytes(b"an earlier run's picture")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "evaluate", str(shapes["data"]),
+         "--model-path", str(shapes["model"]), "--out", str(out), "--no-faithfulness",
+         "--grid-mosaics", "40", "--grid-methods", "saliency_map,rise"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, "")))
+    reader.start()
+    # The game's bar appears before its first mosaic (24 of them, about 2 s here).
+    assert wait_for(lambda: "grid game:" in "".join(stderr), timeout=300), "".join(stderr)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130, "".join(stderr)[-2000:]
+    reader.join()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == COUNT
+    assert summary["interrupted"] == (f"SIGTERM during the grid pointing game, after all "
+                                      f"{COUNT} images")
+    assert summary["grid_pointing_game"] is None
+    assert not (out / "figures" / "grid_game.png").exists()  # no stale picture beside it
+    assert "Not played: the run was interrupted." in (out / "report.html").read_text()
+    with (out / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == COUNT
+
+
+def test_a_signal_while_the_report_is_written_waits_for_it():
+    """Writing the report's files is not cut short by a signal (it left a mix of the new run's
+    files and an earlier run's): the signal is noted and read afterwards."""
+    with interrupts_deferred() as deferred:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes; nothing is raised here
+        still_running = True
+    assert still_running and deferred.signal == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..interrupts import interrupts_raised
+from ..interrupts import interrupts_deferred, interrupts_raised
 from .common import (EXIT_INTERRUPTED, add_access_options, bounded_int, fail, floats,
                      prepared_out, server_access)
 
@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     where.add_argument("--server", help="HOST:PORT of a running `xaiserve serve`")
     where.add_argument("--model-path", help="in-process: models/<name> or models/<name>/<v>")
     p.add_argument("--model", help="model name on the server")
-    p.add_argument("--version", default="")
+    p.add_argument("--version", default="", help="a version of --model on the server, or of "
+                   "--model-path models/<name> (default: the newest)")
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("report"))
     p.add_argument("--limit", type=int, default=0,
@@ -68,6 +69,9 @@ def settings_from_args(args):
         raise ValueError("--ray-workers must be at least 1")
     if args.limit < 0:
         raise ValueError("--limit must be 0 (all images) or more")
+    if args.model and not args.server:
+        raise ValueError("--model names a model on a --server; with --model-path the path "
+                         "names it")
     methods = tuple(m.strip() for m in args.grid_methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in GRID_METHODS]
     if unknown or not methods:
@@ -139,6 +143,7 @@ def run_evaluate(args) -> int:
         items = scan_dataset(args.dataset, backend.info.labels)
     except (BackendError, DatasetError, ConfigError) as exc:
         return fail(VERB, str(exc))
+    dataset_images = len(items)
     if args.limit and args.limit < len(items):
         import numpy as np
 
@@ -171,21 +176,42 @@ def run_evaluate(args) -> int:
             failed = [i for i, r in enumerate(results) if "error" in r.row]
             for i in failed:
                 print(f"xaiserve evaluate: error: {results[i].row['error']}", file=sys.stderr)
-            game = (play_grid_game(backend, items, settings, unreadable=tuple(failed))
-                    if settings.grid_mosaics and not interrupted else None)
+            game = None
+            if settings.grid_mosaics and not interrupted:
+                game_bar = None
+
+                def mosaic_done(done: int, total: int) -> None:
+                    game_bar.total = total
+                    game_bar.update(1)
+
+                try:
+                    game_bar = tqdm(desc="grid game", unit="mosaic", file=sys.stderr)
+                    game = play_grid_game(backend, items, settings, unreadable=tuple(failed),
+                                          progress=mosaic_done)
+                except KeyboardInterrupt as exc:  # the images' results are kept
+                    interrupted = (f"{exc} during the grid pointing game, after all "
+                                   f"{len(items)} images")
+                finally:
+                    if game_bar is not None:
+                        game_bar.close()
             if game is not None and not game.mosaics:
                 print("xaiserve evaluate: note: no grid pointing game: it needs images of 4 "
                       "classes (--grid-mosaics 0 skips it)", file=sys.stderr)
             if len(failed) == len(items):
                 return fail(VERB, "no image could be read; see the errors above")
-            model = {"name": args.model or str(args.model_path),
+            model = {"name": args.model or str(args.model_path), "version": args.version,
                      "source": args.server or "in-process",
                      "saliency_method": backend.info.saliency_method,
                      "saliency_settings": backend.info.saliency_settings,
                      "execution": f"ray ({args.ray})" if args.ray is not None else "local"}
-            summary = write_report(results, items, game, backend.info, model,
-                                   json.loads(json.dumps(settings.as_dict(), default=str)),
-                                   args.out, interrupted)
+            run = {**json.loads(json.dumps(settings.as_dict(), default=str)),
+                   "limit": args.limit or None, "dataset_images": dataset_images}
+            with interrupts_deferred() as deferred:  # a report is never left half new
+                summary = write_report(results, items, game, backend.info, model, run,
+                                       args.out, interrupted)
+            if deferred.signal and not interrupted:
+                interrupted = (f"{deferred.signal} while the report was written, which was "
+                               "finished first")
     except (BackendError, DatasetError) as exc:
         bar.close()
         return fail(VERB, str(exc))
@@ -194,8 +220,10 @@ def run_evaluate(args) -> int:
         return fail(VERB, f"--server {args.server}: {exc.code().name}: {exc.details()}")
     means = summary["means"]
     shown = {k: means.get(k) for k in ("iou", "gtc", "sc", "deletion_auc", "insertion_auc")}
-    print(f"{summary['images']} images, accuracy {summary['accuracy']:.3f}, "
-          + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None)
+    print(", ".join([f"{summary['images']} image{'s' if summary['images'] != 1 else ''}"
+                     + (f" of {dataset_images}" if summary['images'] < dataset_images else ""),
+                     f"accuracy {summary['accuracy']:.3f}"]
+                    + [f"{k} {v:.3f}" for k, v in shown.items() if v is not None])
           + f"; report: {args.out / 'report.html'}"
           + (f"; {len(failed)} images could not be read" if failed else ""))
     if interrupted:

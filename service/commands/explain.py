@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     where.add_argument("--model-path", type=Path,
                        help="in-process: models/<name> (newest version) or models/<name>/<v>")
     p.add_argument("--model", help="model name on the server")
-    p.add_argument("--version", default="")
+    p.add_argument("--version", default="", help="a version of --model on the server, or of "
+                   "--model-path models/<name> (default: the newest)")
     p.add_argument("--top-k", type=bounded_int(1, 20), default=3)
     p.add_argument("--method", default="auto", choices=["auto", "white-box", "black-box"])
     p.add_argument("--masks", type=bounded_int(0, 2**32 - 1), default=0,
@@ -199,7 +200,8 @@ def run_explain(args) -> int:
 
     try:
         quality = quality_arguments(args)
-        model = ClassifierModel(resolve_version_dir(args.model_path), args.device).load()
+        model = ClassifierModel(resolve_version_dir(args.model_path, args.version),
+                                 args.device).load()
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         return fail("explain", str(exc))
     except RuntimeError as exc:  # OpenVINO: a device that is not here, or cannot compile it
