@@ -25,6 +25,8 @@ def check_port(address: str) -> None:
     refuse ports outside 1..65535 instead."""
     if not address:
         raise ValueError("--server: empty; give HOST:PORT")
+    if address.startswith(("http://", "https://")):  # gRPC waits on such a target, then fails
+        raise ValueError(f"--server {address}: a URL; give the gRPC port as HOST:PORT")
     _, colon, port = address.rpartition(":")
     if colon and port.isdigit() and not 1 <= int(port) <= 65535 and "/" not in address:
         raise ValueError(f"--server {address}: port {port} is outside 1..65535")

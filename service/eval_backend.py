@@ -51,6 +51,9 @@ class LocalBackend:
         return self.model.predict(np.ascontiguousarray(batch), outputs)
 
 
+READY_WAIT_S = 30.0  # a server started beside the evaluation may still be loading its models
+
+
 class RemoteBackend:
     """KServe v2 ModelInfer for the numbers (raw u8 tensors, no re-encoding), the explanation
     service's ModelInfo for labels and preprocessing."""
@@ -67,12 +70,14 @@ class RemoteBackend:
             raise BackendError(str(exc)) from None
         self.model, self.version, self.chunk = model, version, chunk
         try:
-            self.client.wait_ready(timeout=30)
+            self.client.wait_ready(timeout=READY_WAIT_S)
             meta = self.client.model_info(model, version)
         except grpc.FutureTimeoutError:
-            raise BackendError(f"--server {address}: no server answers there") from None
+            raise BackendError(f"--server {address}: no server answers there (waited "
+                               f"{READY_WAIT_S:g} s)") from None
         except grpc.RpcError as exc:
-            raise BackendError(f"--model {model}: {exc.code().name}: {exc.details()}") from None
+            asked = f"--model {model}" + (f" --version {version}" if version else "")
+            raise BackendError(f"{asked}: {exc.code().name}: {exc.details()}") from None
         if not meta.ready:
             raise BackendError(f"--model {model}: not ready on the server ({meta.reason})")
         self.info = ModelInfo(labels=list(meta.labels), input_height=int(meta.input_height),

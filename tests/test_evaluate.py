@@ -250,6 +250,9 @@ def test_bad_input_gets_one_line_and_exit_2(shapes, tmp_path):
           "--version", "1"], "one version already"),
         (["evaluate", str(shapes["data"]), "--model-path", str(shapes["model"]),
           "--model", "other"], "--model names a model on a --server"),
+        # A REST URL waited 30 s for a gRPC server, then said none answered.
+        (["evaluate", str(shapes["data"]), "--server", "http://127.0.0.1:9", "--model", "m"],
+         "a URL; give the gRPC port as HOST:PORT"),
         (["explain", str(shapes["data"] / CLASSES4[0]), "--model-path", str(shapes["model"]),
           "--version", "3"], "--version 3:"),
     ]
