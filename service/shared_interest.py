@@ -8,6 +8,7 @@ travel with every number (`as_parameters`) so a response can be reproduced.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,13 +87,18 @@ def binarize(saliency: np.ndarray, settings: Binarization = Binarization()) -> n
     return normalized >= cut if cut > 0 else normalized > 0
 
 
+def _pixel_edge(coordinate: float) -> int:
+    """The nearest pixel edge, halves up (Python's round() takes halves to the even edge)."""
+    return int(math.floor(coordinate + 0.5))
+
+
 def ground_truth_mask(height: int, width: int, boxes=None, mask: np.ndarray | None = None
                       ) -> np.ndarray:
     """Ground-truth set G: the union of the mask (nonzero pixels) and the boxes.
 
     Boxes are (x_min, y_min, x_max, y_max) in pixels, x_max/y_max exclusive, rounded to the
-    nearest pixel edge and clipped to the image; a box that lies wholly outside, or is empty,
-    raises ValueError naming its index."""
+    nearest pixel edge (halves up, so that equal boxes shifted by one pixel cover equal areas);
+    a box that is empty or reaches outside the image raises ValueError naming its index."""
     truth = np.zeros((height, width), bool)
     if mask is not None:
         mask = np.asarray(mask)
@@ -107,8 +113,8 @@ def ground_truth_mask(height: int, width: int, boxes=None, mask: np.ndarray | No
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height or min(x0, y0) < 0 \
                 or x1 > width or y1 > height:
             raise ValueError(f"boxes[{i}] = {tuple(box)}: outside the {width}x{height} image")
-        c0, r0 = int(round(x0)), int(round(y0))
-        c1, r1 = max(int(round(x1)), c0 + 1), max(int(round(y1)), r0 + 1)
+        c0, r0 = _pixel_edge(x0), _pixel_edge(y0)
+        c1, r1 = max(_pixel_edge(x1), c0 + 1), max(_pixel_edge(y1), r0 + 1)
         truth[r0:r1, c0:c1] = True
     return truth
 

@@ -79,6 +79,11 @@ def test_ground_truth_is_the_union_of_boxes_and_mask():
             ground_truth_mask(10, 20, boxes=[(0, 0, 1, 1), bad])
     with pytest.raises(ValueError, match="mask is 20x10"):
         ground_truth_mask(11, 20, mask=mask)
+    # Half-pixel edges round up: a box shifted by one pixel covers as many pixels (round()
+    # took (0.5, 1.5) to columns 0-1 and (1.5, 2.5) to column 2 alone).
+    for x0 in (0.5, 1.5, 2.5):
+        columns = np.flatnonzero(ground_truth_mask(4, 8, boxes=[(x0, 0, x0 + 1, 1)])[0])
+        assert columns.tolist() == [int(x0 + 0.5)], (x0, columns)
 
 
 @pytest.mark.parametrize("iou, gtc, sc, correct, expected", [
