@@ -58,7 +58,8 @@ from xaiserve.export.sources import (  # noqa: E402
 )
 
 CNNS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny",
-        "regnety_002"]
+        "regnety_002",
+        "swin_tiny_patch4_window7_224"]  # hierarchical, its last map pooled channels-last
 VITS = ["deit_tiny_patch16_224", "vit_small_patch16_224"]
 SOURCES = [f"timm:{a}" for a in CNNS + VITS] + ["default"]
 NUM_CLASSES = 10  # a small head keeps the h*w re-runs cheap (default keeps its 1000 classes)
@@ -100,6 +101,11 @@ def location_masks(h: int, w: int, spread: str) -> torch.Tensor:
 
 def is_vit(module) -> bool:
     return isinstance(module, timm.models.vision_transformer.VisionTransformer)
+
+
+def channels_last_features(module) -> bool:
+    """timm's Swin gives its last feature map as [N, h, w, C] and pools it so."""
+    return getattr(module, "output_fmt", "NCHW") == "NHWC"
 
 
 def classifier_of(module) -> torch.nn.Linear:
@@ -154,10 +160,14 @@ def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
         copies = copies + block.ls1(block.attn(block.norm1(tokens)[None] * weights))
         copies = copies + block.ls2(block.mlp(block.norm2(copies)))
         return module.forward_head(module.norm(copies), pre_logits=True), h, w
-    features = target  # [C, h, w]
+    channels_last = channels_last_features(module)  # Swin: [h, w, C], pooled over h and w
+    features = target.permute(2, 0, 1) if channels_last else target  # [C, h, w]
     if hasattr(module, "net"):
         def prelogits(m):
             return torch.flatten(m.mean((2, 3), keepdim=True), 1)
+    elif channels_last:
+        def prelogits(m):
+            return module.forward_head(m.permute(0, 2, 3, 1), pre_logits=True)
     else:
         def prelogits(m):
             return module.forward_head(m, pre_logits=True)
@@ -326,7 +336,8 @@ def test_output_shape(case: Case):
         dim = case.module.embed_dim
         assert insertion.feature_shape == [-1, case.module.num_prefix_tokens + g * g, dim]
     else:
-        assert insertion.feature_shape[2:] == [g, g]
+        spatial = slice(1, 3) if channels_last_features(case.module) else slice(2, 4)
+        assert insertion.feature_shape[spatial] == [g, g]
     assert insertion.feature_shape == case.target_shape
     for indices in [(0,), tuple(range(BATCH))]:
         outputs = case.run(DEFAULT, indices)

@@ -145,22 +145,27 @@ _GLOBAL_POOL_TYPES = {"ReduceMean", "AvgPool", "AdaptiveAvgPool", "ReduceMax", "
                       "AdaptiveMaxPool"}
 
 
-def is_global_pool(node: ov.Node) -> bool:
-    """True for an op that pools a 4-D [N, C, h, w] map over all of h and w."""
+def global_pool_layout(node: ov.Node) -> str | None:
+    """"NCHW" for an op that pools a 4-D [N, C, h, w] map over all of h and w, "NHWC" for a
+    mean or max over axes 1 and 2 of [N, h, w, C] (Swin's head), else None."""
     kind = node.get_type_name()
     if kind not in _GLOBAL_POOL_TYPES:
-        return False
+        return None
     src = node.input_value(0)
     if src.get_partial_shape().rank.get_length() != 4:
-        return False
+        return None
     if kind.startswith("Reduce"):
         axes_node = node.input_value(1).get_node()
         if axes_node.get_type_name() != "Constant":
-            return False
+            return None
         axes = {int(a) % 4 for a in np.ravel(axes_node.get_data())}
-        return axes == {2, 3}
+        return {frozenset({2, 3}): "NCHW", frozenset({1, 2}): "NHWC"}.get(frozenset(axes))
     out = static_dims(node.output(0))
-    return len(out) == 4 and out[2] == 1 and out[3] == 1
+    return "NCHW" if len(out) == 4 and out[2] == 1 and out[3] == 1 else None
+
+
+def is_global_pool(node: ov.Node) -> bool:
+    return global_pool_layout(node) is not None
 
 
 def find_global_pool(scores: ov.Output) -> ov.Node | None:

@@ -26,7 +26,7 @@ from .graph import (
     find_by_name,
     find_global_pool,
     find_last_transformer_block_input,
-    is_global_pool,
+    global_pool_layout,
     key,
     linear_head,
     node_name,
@@ -194,6 +194,14 @@ class SaliencyMethod:
         )
 
 
+def _layout(target: ov.Output) -> str:
+    """The layout of a 4-D target as the global pooling it feeds reads it ("NCHW" where none
+    does, as for most --target-layer choices)."""
+    consumers = [i.get_node() for i in target.get_target_inputs()]
+    layouts = {global_pool_layout(node) for node in consumers} - {None}
+    return layouts.pop() if len(layouts) == 1 else "NCHW"
+
+
 def _ends_in_softmax(scores: ov.Output) -> bool:
     """Scores that are probabilities already. Not LogSoftmax: its log-probabilities still need
     the softmax (of which they are the logarithm, so softmax gives the probabilities back)."""
@@ -224,27 +232,38 @@ class ReciproCAM(SaliencyMethod):
 
     def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
               ) -> tuple[ov.Output, ov.Output | None]:
-        _, c, h, w = _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
+        channels_last = _layout(target) == "NHWC"
+        dims = _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
+        _, h, w, c = dims if channels_last else (dims[0], dims[2], dims[3], dims[1])
+        # The branch computes on [N, C, h, w]; Swin-style heads pool [N, h, w, C].
+        features = ops.transpose(target, const([0, 3, 1, 2])).output(0) if channels_last \
+            else target
         hw = h * w
         weights = neighbourhood_weights(h, w, self.settings.spread)  # [k, j]
         consumers = [i.get_node() for i in target.get_target_inputs()]
         pool = consumers[0] if len(consumers) == 1 else None
         if pool is None or pool.get_type_name() not in {"ReduceMean", "AvgPool",
                                                          "AdaptiveAvgPool"} \
-                or not is_global_pool(pool):
-            return self._build_general(model, scores, target, weights), None
+                or global_pool_layout(pool) is None:
+            mosaics = self._mosaics(features, weights)
+            if channels_last:
+                mosaics = ops.transpose(mosaics, const([0, 2, 3, 1])).output(0)
+            copy_scores = Tail(model, target, scores).run_on(mosaics)
+            return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
+                                   self.settings), None
         if self.settings.mosaic == "local":
             mix = weights / weights.sum(axis=1, keepdims=True)
         else:
             mix = weights / hw
         head = linear_head(pool, scores)
         if head is not None:
-            return self._build_linear(target, head, mix, h, w)
-        flat = ops.reshape(target, const([0, c, hw]), special_zero=True).output(0)
+            return self._build_linear(features, head, mix, h, w)
+        flat = ops.reshape(features, const([0, c, hw]), special_zero=True).output(0)
         pooled = ops.matmul(flat, const(mix.T, np.float32), False, False)  # [N, C, hw(k)]
         pooled = ops.transpose(pooled, const([0, 2, 1]))  # [N, hw, C]
-        pool_rank = pool.output(0).get_partial_shape().rank.get_length()
-        new_input = ops.reshape(pooled, const([-1, c] + [1] * (pool_rank - 2)), False)
+        # As the pool gives them: [N*hw, C], or with the pooled axes kept, [.., 1, 1, ..].
+        pooled_dims = [-1] + static_dims(pool.output(0))[1:]
+        new_input = ops.reshape(pooled, const(pooled_dims), False)
         copy_scores = Tail(model, pool.output(0), scores).run_on(new_input.output(0))
         return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
                                self.settings), None
@@ -315,19 +334,16 @@ class ReciproCAM(SaliencyMethod):
                                    const(scale[:, :, None, None], np.float32))
         return self._conv1x1(features, dequantized.output(0))
 
-    def _build_general(self, model: ov.Model, scores: ov.Output, target: ov.Output,
-                       weights: np.ndarray) -> ov.Output:
-        """Any head: materialise the masked copies and re-run the head on them."""
-        _, c, h, w = static_dims(target)
+    def _mosaics(self, features: ov.Output, weights: np.ndarray) -> ov.Output:
+        """Any head: the masked copies themselves, [N*hw, C, h, w], for the head to re-run on."""
+        _, c, h, w = static_dims(features)
         hw = h * w
         masks = weights.reshape(hw, h, w)
         if self.settings.mosaic == "local":
             masks = masks * hw / masks.reshape(hw, -1).sum(axis=1)[:, None, None]
-        expanded = ops.unsqueeze(target, const([1]))  # [N, 1, C, h, w]
+        expanded = ops.unsqueeze(features, const([1]))  # [N, 1, C, h, w]
         mosaics = ops.multiply(expanded, const(masks[None, :, None], np.float32))
-        new_input = ops.reshape(mosaics, const([-1, c, h, w]), False)
-        copy_scores = Tail(model, target, scores).run_on(new_input.output(0))
-        return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w, self.settings)
+        return ops.reshape(mosaics, const([-1, c, h, w]), False).output(0)
 
 
 class ViTReciproCAM(SaliencyMethod):
@@ -396,6 +412,8 @@ class ActivationMap(SaliencyMethod):
     def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
               ) -> tuple[ov.Output, None]:
         _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
+        if _layout(target) == "NHWC":
+            target = ops.transpose(target, const([0, 3, 1, 2])).output(0)
         mean = ops.reduce_mean(target, const([1]), keep_dims=True).output(0)
         if self.settings.normalize in NORMALIZERS:
             mean = NORMALIZERS[self.settings.normalize](mean, [2, 3])
