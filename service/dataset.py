@@ -57,14 +57,21 @@ def _norm(name: str) -> str:
 
 
 def class_ids(folders: list[str], labels: list[str]) -> dict[str, int]:
-    """Folder name -> model class id: by label name, else a numeric folder name."""
-    by_name = {}
+    """Folder name -> model class id: by label name, else a numeric folder name. A name that
+    several labels share (ImageNet has two "crane"s, a bird and a machine) is refused: the
+    folder must say which by its id."""
+    by_name: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
-        by_name.setdefault(_norm(label), i)
+        by_name.setdefault(_norm(label), []).append(i)
     mapping = {}
     for folder in folders:
         if _norm(folder) in by_name:
-            mapping[folder] = by_name[_norm(folder)]
+            ids = by_name[_norm(folder)]
+            if len(ids) > 1:
+                raise DatasetError(f"class folder {folder!r}: the model has {len(ids)} labels of "
+                                   f"that name (ids {', '.join(map(str, ids))}); name the "
+                                   "folder by its class id")
+            mapping[folder] = ids[0]
         elif folder.isdigit() and int(folder) < len(labels):
             mapping[folder] = int(folder)
         else:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli, wait_for
 from tests.synthetic import CLASSES4, make_dataset, train_small_cnn, write_image_folder
+from xaiserve.service.dataset import DatasetError, class_ids
 from xaiserve.service.faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from xaiserve.service.interrupts import interrupts_deferred
 from xaiserve.service.model import ClassifierModel
@@ -261,6 +262,15 @@ def test_bad_input_gets_one_line_and_exit_2(shapes, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"xaiserve {args[0]}: error:") and words in last, last
+
+
+def test_a_class_name_that_two_labels_share_is_refused():
+    """ImageNet has two "crane"s (134, a bird; 517, a machine): a folder named so was silently
+    the first. Now it is refused, and the id names it."""
+    labels = ["cat", "crane", "dog", "Crane"]
+    with pytest.raises(DatasetError, match=r"'crane': the model has 2 labels .*ids 1, 3"):
+        class_ids(["crane"], labels)
+    assert class_ids(["3", "dog"], labels) == {"3": 3, "dog": 2}
 
 
 def test_an_unreadable_image_is_reported_and_the_rest_evaluated(shapes, tmp_path):
