@@ -22,7 +22,8 @@ import numpy as np
 import openvino as ov
 
 from . import bench_works as works
-from .bench_load import Measurement, Window, describe_error, measure, request_split
+from .bench_load import (Measurement, PointFailed, Window, describe_error, measure,
+                         request_split)
 from .bench_reference import ReferenceRun, run_benchmark_app
 from .bench_settings import BenchError, BenchSettings
 from .cpu_int8 import cpu_flags, cpu_name, int8_dot_product
@@ -74,8 +75,13 @@ class Point:
 
     @property
     def config(self) -> str:
-        hint = HINT_SHORT.get(self.hint, self.hint.lower())
-        return f"{self.device} {self.precision} {hint} st={self.streams}"
+        return config_text(self)
+
+
+def config_text(p: "Point | Config") -> str:
+    """'CPU default tput st=auto': the compile settings of an in-process point."""
+    hint = HINT_SHORT.get(p.hint, p.hint.lower())
+    return f"{p.device} {p.precision} {hint} st={p.streams}"
 
 
 @dataclass
@@ -87,6 +93,8 @@ class BenchResult:
     references: list[ReferenceRun] = field(default_factory=list)
     layers: list[LayerProfile] = field(default_factory=list)
     skips: list[str] = field(default_factory=list)
+    # The points whose requests all failed (also among skips): the run goes on without them.
+    failed: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     interrupted: str = ""  # the signal that ended the run early; the points before it are kept
 
@@ -229,7 +237,7 @@ class Bench:
         except ImageError as exc:
             raise BenchError(f"--image {settings.image}: {exc}") from None
         self.work_input = works.WorkInput(self.jpeg, settings.masks, settings.seed)
-        self.result = BenchResult(_plain(asdict(settings)), environment(self.core), what)
+        self.result = BenchResult(_plain(settings.record()), environment(self.core), what)
         self._references: dict[tuple, ReferenceRun | None] = {}
 
     # planning ----------------------------------------------------------------------------
@@ -320,7 +328,9 @@ class Bench:
                     self.progress.advance()
                     continue
                 point = self._measure(calls, "in-process", config, work, batch, concurrency)
-                attach_reference(point, self.reference(config, batch, model), self.settings.masks)
+                if point is not None:
+                    attach_reference(point, self.reference(config, batch, model),
+                                     self.settings.masks)
                 self.progress.advance()
         finally:
             del model
@@ -342,9 +352,10 @@ class Bench:
             calls = [works.WORKS[work].remote(target, self.work_input, batch)
                      for _ in range(concurrency)]
             point = self._measure(calls, mode, server_config, work, batch, concurrency)
-            point.model = label
-            if ref_config is not None:
-                attach_reference(point, self.reference(ref_config, batch), s.masks)
+            if point is not None:
+                point.model = label
+                if ref_config is not None:
+                    attach_reference(point, self.reference(ref_config, batch), s.masks)
             self.progress.advance()
 
     def profile_layers(self, config: Config) -> None:
@@ -412,8 +423,18 @@ class Bench:
                 config["parameters"]["version"]["string_value"])
 
     def _measure(self, calls, mode: str, config: Config, work: str, batch: int,
-                 concurrency: int) -> Point:
-        measurement = measure(calls, batch, self.settings, self.progress.window)
+                 concurrency: int) -> Point | None:
+        """The point, kept in the result; None when its requests all failed: a skip line says
+        so and the run goes on, so the points measured before and after it are not lost."""
+        try:
+            measurement = measure(calls, batch, self.settings, self.progress.window)
+        except PointFailed as exc:
+            where = config.label if mode != "in-process" else \
+                f"{config.label} {config_text(config)}"
+            line = f"skip {mode} {where} {work} b{batch} c{concurrency}: {exc}"
+            self.result.failed.append(line)
+            self.skip(line)
+            return None
         point = point_from(measurement, mode=mode, model=config.label, device=config.device,
                            precision=config.precision, hint=config.hint, streams=config.streams,
                            work=work, batch=batch, concurrency=concurrency)

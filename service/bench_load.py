@@ -61,6 +61,11 @@ class Measurement:
     first_error: str
 
 
+class PointFailed(BenchError):
+    """No request of a point succeeded (at all, or for `give_up_s` after some did): the run
+    goes on with the next point and says which one failed."""
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
         return f"{exc.code().name}: {exc.details()}"
@@ -69,36 +74,46 @@ def describe_error(exc: BaseException) -> str:
 
 def measure(calls: list[works.Call], batch: int, settings: BenchSettings,
             on_window: Callable[[Window, int], None] | None = None) -> Measurement:
-    """One client thread per call, back to back, until the windows are stable or capped."""
+    """One client thread per call, back to back, until the windows are stable or capped.
+    PointFailed when every request fails: from the start, or for settings.give_up_s after
+    some succeeded (a server that died mid-run; its clients would otherwise retry forever)."""
     samples: list[Sample] = []
     errors: list[str] = []
+    failing = [False] * len(calls)  # whether each client's latest request failed
     stop = threading.Event()
 
-    def client(call: works.Call) -> None:
+    def client(index: int, call: works.Call) -> None:
         while not stop.is_set():
             t = time.perf_counter()
             try:
                 stages = call()
             except Exception as exc:  # noqa: BLE001 - counted and reported, the load goes on
                 errors.append(describe_error(exc))
+                failing[index] = True
                 time.sleep(0.05)
                 continue
             end = time.perf_counter()
+            failing[index] = False
             samples.append(Sample(end, (end - t) * 1e3, stages))
 
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in calls]
+    threads = [threading.Thread(target=client, args=(i, c), daemon=True)
+               for i, c in enumerate(calls)]
     for th in threads:
         th.start()
 
     def wait(until: Callable[[], bool]) -> None:
         while not until():
             if errors and not samples and len(errors) >= len(calls):
-                stop.set()
-                raise BenchError(f"every request failed: {errors[0]}")
+                raise PointFailed(f"every request failed: {errors[0]}")
+            # A slow request still under way keeps its client off the failing list.
+            since = time.perf_counter() - (samples[-1].end if samples else t_warm)
+            if since >= settings.give_up_s and all(failing):
+                raise PointFailed(f"every request failed for {settings.give_up_s:g} s after "
+                                  f"{len(samples)} succeeded: {errors[-1]}")
             time.sleep(0.005)
 
+    t_warm = time.perf_counter()
     try:
-        t_warm = time.perf_counter()
         # The warm-up lasts warmup_s and until every client has finished one request.
         wait(lambda: time.perf_counter() - t_warm >= settings.warmup_s
              and len(samples) >= len(calls))

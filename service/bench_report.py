@@ -107,15 +107,22 @@ def summary_text(result: BenchResult) -> str:
         lines.append(f"WARNING: {unstable} of {len(result.points)} points did not settle within "
                      f"the stability band ({100 * result.settings.get('stability', 0):.0f}%): "
                      "longer --window or more --max-windows")
+    if result.failed:
+        lines.append(f"WARNING: {len(result.failed)} of {len(result.failed) + len(result.points)}"
+                     " points failed every request and are left out (their skip lines below)")
     lines += result.skips
-    head = (f"{'mode':<11} {'model':<20} {'config':<28} {'work':<13} {'b':>2} {'c':>3} "
+    configs = ["(as the server runs)" if p.mode != "in-process" else p.config
+               for p in result.points]
+    # As wide as the longest name: two IRs or configurations must not read alike.
+    width = max([20, *(len(p.model) for p in result.points)])
+    cwidth = max([28, *(len(c) for c in configs)])
+    head = (f"{'mode':<11} {'model':<{width}} {'config':<{cwidth}} {'work':<13} {'b':>2} {'c':>3} "
             f"{'img/s':>8} {'p50':>7} {'p90':>7} {'p95':>7} {'p99':>7}  {'fps/ba':>6} "
             f"{'p50/ba':>6}  stable")
     lines += [head, "-" * len(head)]
-    for p in result.points:
-        config = "(as the server runs)" if p.mode != "in-process" else p.config
+    for p, config in zip(result.points, configs):
         lines.append(
-            f"{p.mode:<11} {p.model[:20]:<20} {config[:28]:<28} {p.work:<13} {p.batch:>2} "
+            f"{p.mode:<11} {p.model:<{width}} {config:<{cwidth}} {p.work:<13} {p.batch:>2} "
             f"{p.concurrency:>3} {p.throughput:8.1f} {p.p50_ms:7.2f} {p.p90_ms:7.2f} "
             f"{p.p95_ms:7.2f} {p.p99_ms:7.2f}  {_ratio(p.throughput_ratio):>6} "
             f"{_ratio(p.p50_ratio):>6}  {'yes' if p.stable else 'NO'}"
@@ -180,9 +187,32 @@ def _series_key(p: Point) -> str:
     return f"{p.mode} {p.model} {config} {p.work} b{p.batch}"
 
 
-def _point_label(p: Point) -> str:
-    where = {"server": "srv", "server-rest": "rest"}.get(p.mode, f"{p.device} {p.precision}")
-    return f"{where} {p.work} b{p.batch} c{p.concurrency}"
+def point_labels(points: list[Point]) -> list[str]:
+    """The latency and split plots' labels: where and what ran, plus the model, hint and
+    streams wherever the points differ in them (two hints must not give two alike bars)."""
+    def differ(attr: str, local: bool = True) -> bool:
+        return len({getattr(p, attr) for p in points
+                    if not local or p.mode == "in-process"}) > 1
+
+    labels = []
+    for p in points:
+        parts = [{"server": "srv", "server-rest": "rest"}.get(p.mode, "")]
+        if differ("model", local=False):
+            parts.append(p.model)
+        if p.mode == "in-process":
+            parts += [p.device, p.precision]
+            if differ("hint"):
+                parts.append(HINT_SHORT.get(p.hint, p.hint.lower()))
+            if differ("streams"):
+                parts.append(f"st={p.streams}")
+        parts.append(f"{p.work} b{p.batch} c{p.concurrency}")
+        labels.append(" ".join(part for part in parts if part))
+    return labels
+
+
+def throughput_title(result: BenchResult) -> str:
+    return "Throughput against concurrency" + (
+        " (dashed: benchmark_app on the same IR)" if result.references else "")
 
 
 def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
@@ -224,11 +254,11 @@ def write_plots(result: BenchResult, out: Path) -> dict[str, Path]:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    fig.suptitle("Throughput against concurrency (dashed: benchmark_app on the same IR)")
+    fig.suptitle(throughput_title(result))
     files["throughput"] = _save(fig, out / PLOTS[0])
 
     # Latency percentiles per point.
-    labels = [_point_label(p) for p in points]
+    labels = point_labels(points)
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(points) + 3), 5.5))
     width = 0.2
     for i, (name, attr) in enumerate((("p50", "p50_ms"), ("p90", "p90_ms"), ("p95", "p95_ms"),

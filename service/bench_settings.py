@@ -3,7 +3,7 @@ line naming it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import bench_works as works
@@ -23,6 +23,7 @@ class BenchSettings:
     model_paths: tuple[Path, ...] = ()
     server: str | None = None
     access: ServerAccess = ServerAccess()  # with --server: TLS files and token
+    token_file: Path | None = None  # where access.token came from, for the record only
     model: str | None = None
     version: str = ""
     works: tuple[str, ...] = ("predict", "explain-white")
@@ -45,6 +46,24 @@ class BenchSettings:
     reference_seconds: int = 10
     layers: bool = False  # per-layer counters of each in-process configuration and batch
     layer_iterations: int = 100
+
+    @property
+    def give_up_s(self) -> float:
+        """How long a point's requests may all fail, after some succeeded, before the point is
+        given up (a server that died mid-run): long enough for a restart, short enough that a
+        run never hangs."""
+        return max(10.0, 3 * self.window_s)
+
+    def record(self) -> dict:
+        """The settings as bench.json keeps them. The token is a secret and bench.json a file
+        people share: it says only whether one was given, and from which file."""
+        data = asdict(self)
+        data["access"] = {"tls_ca": self.access.tls_ca, "tls_cert": self.access.tls_cert,
+                          "tls_key": self.access.tls_key,
+                          "token_given": self.access.token is not None,
+                          "token_file": self.token_file}
+        del data["token_file"]
+        return data
 
     def validate(self) -> "BenchSettings":
         if not self.model_paths and not self.server:
@@ -81,17 +100,25 @@ class BenchSettings:
         if bad:
             raise BenchError(f"--streams {','.join(bad)}: 'auto' or positive integers")
         day = 86400.0  # inf would never end
-        checks = (("--warmup", 0 <= self.warmup_s <= day), ("--window", 0 < self.window_s <= day),
-                  ("--window-count", self.window_count >= 0),
-                  ("--stability", 0 < self.stability < 1),
-                  ("--stable-windows", self.stable_windows >= 2),
-                  ("--max-windows", self.max_windows >= self.stable_windows),
-                  ("--masks", self.masks >= 1),
-                  ("--reference-seconds", self.reference_seconds >= 1),
-                  ("--layer-iterations", self.layer_iterations >= 1))
-        for option, ok in checks:
+        checks = (("--warmup", self.warmup_s, 0 <= self.warmup_s <= day, "0 to 86400 seconds"),
+                  ("--window", self.window_s, 0 < self.window_s <= day,
+                   "more than 0 and at most 86400 seconds"),
+                  ("--window-count", self.window_count, self.window_count >= 0,
+                   "0 (windows of --window seconds) or more requests"),
+                  ("--stability", 100 * self.stability, 0 < self.stability < 1,
+                   "a percent above 0 and below 100, e.g. 10"),
+                  ("--stable-windows", self.stable_windows, self.stable_windows >= 2,
+                   "at least 2"),
+                  ("--max-windows", self.max_windows, self.max_windows >= self.stable_windows,
+                   f"at least --stable-windows ({self.stable_windows})"),
+                  ("--masks", self.masks, self.masks >= 1, "at least 1"),
+                  ("--reference-seconds", self.reference_seconds, self.reference_seconds >= 1,
+                   "at least 1"),
+                  ("--layer-iterations", self.layer_iterations, self.layer_iterations >= 1,
+                   "at least 1"))
+        for option, value, ok, rule in checks:
             if not ok:
-                raise BenchError(f"{option}: out of range (see xaiserve bench --help)")
+                raise BenchError(f"{option} {value:g}: give {rule}")
         if self.image is not None and not self.image.exists():
             raise BenchError(f"--image {self.image}: no such file")
         return self

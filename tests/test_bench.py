@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import pytest
 
-from tests.conftest import run_cli
-from xaiserve.service.bench import Point, attach_reference
+from tests.conftest import ROOT, run_cli
+from xaiserve.service.bench import BenchResult, Point, attach_reference
 from xaiserve.service.bench_load import Sample, Window, is_stable, request_split
 from xaiserve.service.bench_reference import ReferenceRun, parse_benchmark_app
 from xaiserve.service.config import ModelSettings, ServerSettings
@@ -213,6 +220,10 @@ def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
     (("--model-path", "MODEL", "--works", "predict,nope"), "--works nope"),
     (("--model-path", "MODEL", "--precision", "f8"), "--precision f8"),
     (("--model-path", "MODEL", "--stability", "0"), "--stability"),
+    # a range error says the rule, which --help does not list
+    (("--model-path", "MODEL", "--max-windows", "1"),
+     "--max-windows 1: give at least --stable-windows (3)"),
+    (("--model-path", "MODEL", "--stable-windows", "1"), "--stable-windows 1: give at least 2"),
     (("--model-path", "/nonexistent/model"), "/nonexistent/model"),
     (("--model-path", "MODEL", "--image", __file__), "not a decodable image"),
     (("--server", "127.0.0.1:1", "--model", "m", "--warmup", "0"), "not reachable"),
@@ -327,3 +338,182 @@ def test_ratios_to_benchmark_app_count_the_inferences_of_a_request():
     assert black.p50_ratio == pytest.approx(0.5)
     # The server decides how many inferences the faithfulness curves take: no ratio at all.
     assert faithful.throughput_ratio is None and faithful.p50_ratio is None
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+def test_the_token_is_never_written(default_export, tmp_path, how):
+    """bench.json used to keep the bearer token in plain text (settings.access.token): a file
+    that is shared and archived. It says only that a token was given, and from which file."""
+    token = "supersecret-token-123"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    out = tmp_path / "bench"
+    args = ("bench", "--model-path", str(default_export.path), "--works", "predict",
+            "--no-reference", "--warmup", "0.2", "--window", "0.3", "--max-windows", "2",
+            "--stable-windows", "2", "--out", str(out))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if how == "env":
+        env["XAISERVE_TOKEN"] = token
+    else:
+        env.pop("XAISERVE_TOKEN", None)
+        args += ("--token-file", str(token_file))
+    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert token not in proc.stdout + proc.stderr
+    written = sorted(out.iterdir())
+    assert {f.name for f in written} >= {"bench.json", "bench.csv", "summary.txt"}
+    for f in written:
+        assert token.encode() not in f.read_bytes(), f.name
+    access = json.loads((out / "bench.json").read_text())["settings"]["access"]
+    assert access["token_given"] is True and "token" not in access
+    assert access["token_file"] == (str(token_file) if how == "file" else None)
+
+
+def test_a_point_whose_requests_all_fail_is_skipped_and_the_rest_kept(server, tmp_path):
+    """One work the server refuses (more masks than its cap) used to end the run with no file
+    at all, losing the points measured before it."""
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--server", server_url(server, "grpc"), "--model",
+                   "efficientnet_lite0", "--works", "explain-black,predict", "--masks", "1000",
+                   "--no-reference", *SHORT, "--out", str(out))
+    assert proc.returncode == 1, proc.stderr
+    data, rows = _load(out)
+    assert [(p["work"], p["errors"]) for p in data["points"]] == [("predict", 0)]
+    assert len(rows) == 1
+    line = ("skip server efficientnet_lite0/1 explain-black b1 c1: every request failed: "
+            "RESOURCE_EXHAUSTED: ")
+    assert [f[:len(line)] for f in data["failed"]] == [line]
+    assert data["failed"][0] in data["skips"] and data["failed"][0] in proc.stdout
+    assert "WARNING: 1 of 2 points failed every request" in proc.stdout
+    for name in ("throughput.png", "latency.png", "split.png"):
+        assert (out / name).is_file()
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "xaiserve bench: 1 of 2 points failed every request")
+    # Nothing measured at all: exit 2, the last line says why.
+    proc = run_cli("bench", "--server", server_url(server, "grpc"), "--model",
+                   "efficientnet_lite0", "--works", "explain-black", "--masks", "1000",
+                   "--no-reference", *SHORT, "--out", str(tmp_path / "none"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "xaiserve bench: error: nothing was measured: ")
+
+
+def test_version_picks_the_version_in_process_and_on_the_server(default_export, server,
+                                                                 tmp_path):
+    """--version used to be ignored in-process (the newest version was measured, silently)."""
+    line = _error_line(run_cli("bench", "--model-path", str(default_export.path.parent),
+                               "--version", "2", "--works", "predict", "--no-reference",
+                               *SHORT, "--out", str(tmp_path / "missing")))
+    assert "--version 2:" in line and "has versions 1" in line
+    for where, args in (("local", ["--model-path", str(default_export.path.parent)]),
+                        ("remote", ["--server", server_url(server, "grpc"), "--model",
+                                    "efficientnet_lite0"])):
+        proc = run_cli("bench", *args, "--version", "1", "--works", "predict",
+                       "--no-reference", *SHORT, "--out", str(tmp_path / where))
+        assert proc.returncode == 0, proc.stderr
+        assert [p["model"] for p in _load(tmp_path / where)[0]["points"]] == [
+            "efficientnet_lite0/1"], where
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_killed_mid_run_ends_the_point_and_keeps_the_points_before(default_export,
+                                                                           tmp_path):
+    """A server that died after a point's first answers used to hang the bench for ever (its
+    clients retried every 50 ms and the window never filled). Now the point is given up after
+    10 s without an answer, and what was measured before is written."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    port = _free_port()
+    log, bench_stdout = (tmp_path / "serve.log").open("w"), (tmp_path / "stdout").open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "serve", "--repository",
+         str(default_export.path.parent.parent), "--port", str(port), "--host", "127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    bench = None
+    try:
+        deadline = time.monotonic() + 120
+        while f"on port {port}" not in (tmp_path / "serve.log").read_text():
+            assert serve.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        out = tmp_path / "bench"
+        # Exactly 4 windows of 1 s per point: the kill lands inside the second point.
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "xaiserve.service.cli", "bench", "--server",
+             f"127.0.0.1:{port}", "--model", "efficientnet_lite0", "--works", "predict",
+             "--concurrency", "1,2", "--warmup", "0.2", "--window", "1", "--stable-windows",
+             "4", "--max-windows", "4", "--no-reference", "--out", str(out)],
+            stdout=bench_stdout, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        stderr: list[bytes] = []
+
+        def read_stderr() -> None:  # the progress bar, as it is drawn
+            while chunk := os.read(bench.stderr.fileno(), 4096):
+                stderr.append(chunk)
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+
+        def second_point_answered() -> bool:
+            text = b"".join(stderr).decode(errors="replace")
+            return "window 1:" in text.partition("server predict b1 c2")[2]
+
+        while not second_point_answered():
+            assert bench.poll() is None and time.monotonic() < deadline, b"".join(stderr)
+            time.sleep(0.02)
+        serve.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            bench.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("bench still running 90 s after the server was killed")
+        reader.join(timeout=10)
+        stdout = (tmp_path / "stdout").read_text()
+        assert time.monotonic() - killed < 40
+        errors = b"".join(stderr).decode(errors="replace")
+        assert bench.returncode == 1, errors[-2000:]
+        data, rows = _load(out)
+        assert [(p["concurrency"], p["windows"]) for p in data["points"]] == [(1, 4)]
+        assert len(rows) == 1
+        line = "skip server efficientnet_lite0/1 predict b1 c2: every request failed for 10 s " \
+               "after "
+        assert len(data["failed"]) == 1 and data["failed"][0].startswith(line), data["failed"]
+        assert "UNAVAILABLE" in data["failed"][0] and data["failed"][0] in stdout
+        assert errors.strip().splitlines()[-1].startswith(
+            "xaiserve bench: 1 of 2 points failed every request")
+    finally:
+        for process in (bench, serve):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        log.close()
+        bench_stdout.close()
+
+
+def test_plot_labels_tell_configurations_apart():
+    """Two hints (or two IRs) used to give two bars both labelled 'CPU default predict b1 c1'."""
+    from xaiserve.service.bench_report import point_labels, summary_text, throughput_title
+
+    def point(model: str, hint: str, streams: str = "auto", mode: str = "in-process") -> Point:
+        return Point(mode, model, "CPU", "default", hint, streams, "predict", 1, 1, 10, 1.0,
+                     100.0, 5.0, 5.0, 5.0, 5.0, 5.0, True, 3, 0, {"inference": 5.0})
+
+    assert point_labels([point("m/1", "LATENCY")]) == ["CPU default predict b1 c1"]
+    assert point_labels([point("m/1", "LATENCY"), point("m/1", "THROUGHPUT")]) == [
+        "CPU default lat predict b1 c1", "CPU default tput predict b1 c1"]
+    assert point_labels([point("m/1", "LATENCY", "1"), point("m/1", "LATENCY", "2"),
+                         point("m/1", "server", "server", "server")]) == [
+        "CPU default st=1 predict b1 c1", "CPU default st=2 predict b1 c1",
+        "srv predict b1 c1"]
+    long_names = [point("efficientnet_lite0_int8_keep_f32/1", "LATENCY"),
+                  point("efficientnet_lite0_int8_plain/1", "LATENCY")]
+    labels = point_labels(long_names)
+    assert labels[0].startswith("efficientnet_lite0_int8_keep_f32/1") and len(set(labels)) == 2
+    result = BenchResult({}, {}, "photo", points=long_names)
+    summary = summary_text(result)
+    assert all(p.model in summary for p in long_names)  # not cut to 20 characters
+    assert "benchmark_app" not in throughput_title(result)  # --no-reference: no dashed lines

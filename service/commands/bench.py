@@ -11,6 +11,8 @@ from ..layout import resolve_version_dir
 from .common import (EXIT_INTERRUPTED, add_access_options, bounded_int, fail, prepared_out,
                      server_access)
 
+EXIT_SOME_FAILED = 1  # some points were measured and written, others failed every request
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput and latency in-process and through a server, "
@@ -21,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--server", help="HOST:PORT of a running `xaiserve serve` (gRPC), or "
                    "http[s]://HOST:PORT for its REST side (`serve --rest-port`)")
     p.add_argument("--model", help="model name on the server")
-    p.add_argument("--version", default="")
+    p.add_argument("--version", default="", help="a version of --model on the server, or of "
+                   "each --model-path models/<name> (default: the newest)")
     p.add_argument("--works", default="predict,explain-white",
                    help="comma list of predict, explain-white, explain-black, faithfulness")
     p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
@@ -38,9 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--stability", type=float, default=10.0,
                    help="percent: accept when the last --stable-windows windows' throughput "
                         "and p50 lie within this of their mean")
-    p.add_argument("--stable-windows", type=int, default=3)
+    p.add_argument("--stable-windows", type=int, default=3, help="at least 2")
     p.add_argument("--max-windows", type=int, default=10,
-                   help="give up after this many windows and report stable: false")
+                   help="at least --stable-windows; after this many windows the point is "
+                        "reported with stable: false")
     p.add_argument("--masks", type=int, default=500, help="black-box (RISE) masks")
     p.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
     p.add_argument("--image", type=Path, default=None, help="default: a sample photo")
@@ -102,10 +106,10 @@ def run_bench(args) -> int:
     from ..bench_report import write_all
 
     try:
-        paths = tuple(resolve_version_dir(p) for p in args.model_path)
+        paths = tuple(resolve_version_dir(p, args.version) for p in args.model_path)
         settings = BenchSettings(
             model_paths=paths, server=args.server, model=args.model, version=args.version,
-            access=server_access(args),
+            access=server_access(args), token_file=args.token_file,
             works=comma_list("--works", args.works),
             batch_sizes=comma_list("--batch", args.batch, int),
             concurrency=comma_list("--concurrency", args.concurrency, int),
@@ -134,4 +138,9 @@ def run_bench(args) -> int:
         print(f"xaiserve bench: {result.interrupted}; what was measured before it is written",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.failed:
+        total = len(result.failed) + len(result.points)
+        print(f"xaiserve bench: {len(result.failed)} of {total} points failed every request "
+              f"(their skip lines are above); the points measured are written", file=sys.stderr)
+        return EXIT_SOME_FAILED
     return 0
