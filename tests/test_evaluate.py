@@ -288,26 +288,34 @@ def test_an_unreadable_image_is_reported_and_the_rest_evaluated(shapes, tmp_path
     assert [f["image"] for f in summary["failed"]] == [f"{folder}/broken.png"]
 
 
+def sigterm_evaluate(shapes, out, options: list[str], ready) -> str:
+    """Run `xaiserve evaluate` on the data set into `out`, send SIGTERM once `ready(stderr)`
+    holds, check that it exits 130; its stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xaiserve.service.cli", "evaluate", str(shapes["data"]),
+         "--model-path", str(shapes["model"]), "--out", str(out), *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, "")))
+    reader.start()
+    assert wait_for(lambda: ready("".join(stderr)), timeout=300), "".join(stderr)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130, "".join(stderr)[-2000:]
+    reader.join()
+    return "".join(stderr)
+
+
 def test_sigterm_in_the_grid_game_keeps_every_image(shapes, tmp_path):
     """A signal during the grid pointing game (RISE's maps take seconds a mosaic) lost the
     whole run: now the report covers every image, without the game."""
     out = tmp_path / "report"
     (out / "figures").mkdir(parents=True)
     (out / "figures" / "grid_game.png").write_bytes(b"an earlier run's picture")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xaiserve.service.cli", "evaluate", str(shapes["data"]),
-         "--model-path", str(shapes["model"]), "--out", str(out), "--no-faithfulness",
-         "--grid-mosaics", "40", "--grid-methods", "saliency_map,rise"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, "")))
-    reader.start()
     # The game's bar appears before its first mosaic (24 of them, about 2 s here).
-    assert wait_for(lambda: "grid game:" in "".join(stderr), timeout=300), "".join(stderr)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 130, "".join(stderr)[-2000:]
-    reader.join()
+    sigterm_evaluate(shapes, out, ["--no-faithfulness", "--grid-mosaics", "40",
+                                   "--grid-methods", "saliency_map,rise"],
+                     lambda stderr: "grid game:" in stderr)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == COUNT
     assert summary["interrupted"] == (f"SIGTERM during the grid pointing game, after all "
@@ -336,20 +344,9 @@ CHROMIUM = "/usr/bin/chromium"
 def test_sigterm_writes_a_report_of_the_images_evaluated_before_it(shapes, tmp_path):
     """A pipeline's timeout during a long evaluation used to lose every image's results."""
     out = tmp_path / "report"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xaiserve.service.cli", "evaluate", str(shapes["data"]),
-         "--model-path", str(shapes["model"]), "--out", str(out), "--batch-size", "1",
-         "--steps", "256", "--grid-mosaics", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, "")))
-    reader.start()
     some_done = re.compile(rf"evaluate: +\d+%.*\b([1-9]|1\d)/{COUNT}\b")
-    assert wait_for(lambda: some_done.search("".join(stderr)), timeout=300), "".join(stderr)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 130, "".join(stderr)[-2000:]
-    reader.join()
+    stderr = sigterm_evaluate(shapes, out, ["--batch-size", "1", "--steps", "256",
+                                            "--grid-mosaics", "4"], some_done.search)
     summary = json.loads((out / "summary.json").read_text())
     done = summary["images"]
     assert 0 < done < COUNT
@@ -358,7 +355,7 @@ def test_sigterm_writes_a_report_of_the_images_evaluated_before_it(shapes, tmp_p
     assert "Interrupted: SIGTERM" in (out / "report.html").read_text()
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == done
-    assert "".join(stderr).strip().splitlines()[-1] == (
+    assert stderr.strip().splitlines()[-1] == (
         f"xaiserve evaluate: interrupted (SIGTERM after {done} of {COUNT} images); the report "
         "covers those")
 
