@@ -15,6 +15,7 @@ import _thread
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Iterator
 
@@ -52,11 +53,11 @@ def interrupts_raised() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@dataclass
 class DeferredInterrupt:
     """What `interrupts_deferred` saw: the first signal's name, or ""."""
 
-    def __init__(self) -> None:
-        self.signal = ""
+    signal: str = ""
 
 
 @contextmanager
