@@ -187,10 +187,16 @@ def soft_mask(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
 
 # --- single-step metrics -------------------------------------------------------------------------
 
+def _per_score(change: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """change / Y, and 0 where Y is 0 (a class the model gives no probability cannot drop; the
+    division gave NaN, which spoiled every mean it entered)."""
+    return np.divide(change, y, out=np.zeros_like(change), where=y > 0)
+
+
 def average_drop(original, explanation) -> float:
     """AD = mean max(0, Y - O) / Y over images (Y: score on x, O: on the explanation image)."""
     y, o = np.asarray(original, np.float64), np.asarray(explanation, np.float64)
-    return float(np.mean(np.maximum(y - o, 0) / y))
+    return float(np.mean(_per_score(np.maximum(y - o, 0), y)))
 
 
 def increase_in_confidence(original, explanation) -> float:
@@ -202,7 +208,7 @@ def increase_in_confidence(original, explanation) -> float:
 def average_drop_in_deletion(original, deleted) -> float:
     """ADD = mean (Y - D) / Y over images, D on the image with the salient part removed."""
     y, d = np.asarray(original, np.float64), np.asarray(deleted, np.float64)
-    return float(np.mean((y - d) / y))
+    return float(np.mean(_per_score(y - d, y)))
 
 
 @dataclass(frozen=True)

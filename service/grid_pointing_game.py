@@ -41,9 +41,11 @@ def grid_score(saliency: np.ndarray, cell: int, size: int, n: int = 2) -> float:
     total = float(positive.sum())
     if total <= 0.0:
         return 1.0 / (n * n)
-    side = size // n
-    top, left = cell_origins(side, n)[cell]
-    return float(positive[top:top + side, left:left + side].sum()) / total
+    # Cell edges cover every pixel, also where n does not divide the size (299: 149 and 150).
+    edges = np.round(np.linspace(0, size, n + 1)).astype(int)
+    row, column = divmod(cell, n)
+    inside = positive[edges[row]:edges[row + 1], edges[column]:edges[column + 1]]
+    return float(inside.sum()) / total
 
 
 def choose_mosaics(names: Sequence[str], count: int, seed: int, n: int = 2

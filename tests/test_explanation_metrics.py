@@ -11,6 +11,7 @@ from saliency_maps_metrics.multi_step_metrics import Deletion, Insertion
 from saliency_maps_metrics.single_step_metrics import ADD, IIC_AD
 
 from xaiserve.service import faithfulness as fm
+from xaiserve.service import grid_pointing_game as gpg
 from xaiserve.service.request_metrics import softmax
 from xaiserve.service.shared_interest import (PATTERNS, Binarization, PatternCutoffs,
                                      SharedInterestScores, binarize, ground_truth_mask,
@@ -149,6 +150,9 @@ def test_single_step_formulas_by_hand():
     assert fm.average_drop([0.8, 0.5], [0.4, 0.6]) == pytest.approx((0.5 + 0.0) / 2)
     assert fm.increase_in_confidence([0.8, 0.5], [0.4, 0.6]) == 0.5
     assert fm.average_drop_in_deletion([0.8, 0.5], [0.4, 0.6]) == pytest.approx((0.5 - 0.2) / 2)
+    # A class the model gives no probability (Y = 0) cannot drop: 0, not a NaN for the mean.
+    assert fm.average_drop([0.8, 0.0], [0.4, 0.1]) == pytest.approx(0.25)
+    assert fm.average_drop_in_deletion([0.8, 0.0], [0.4, 0.1]) == pytest.approx(0.25)
     assert fm.auc([1.0, 0.5, 0.0]) == pytest.approx(0.5)
     assert fm.auc([1.0, 0.0, 0.0, 0.0, 0.0]) == pytest.approx(0.125)
     assert fm.correlation([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
@@ -313,3 +317,16 @@ def test_blur_substrate_is_the_packages_box_blur():
     ours = fm.substrate(image, "blur", fm.FaithfulnessSettings())
     theirs = blur_data(torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None])
     np.testing.assert_allclose(ours, theirs[0].permute(1, 2, 0).numpy(), atol=1e-3)
+
+
+def test_grid_score_cells_cover_the_mosaic_at_any_size():
+    """At a size n does not divide (299) the cells missed the last row and column: a uniform
+    map scored 0.247 a cell, under the chance it is compared with."""
+    for size in (224, 299):
+        for n in (2, 3):
+            uniform = [gpg.grid_score(np.ones((7, 7)), cell, size, n) for cell in range(n * n)]
+            assert sum(uniform) == pytest.approx(1.0), (size, n)
+            assert max(uniform) - min(uniform) < 0.02, (size, n, uniform)
+    corner = np.zeros((8, 8))
+    corner[:4, 4:] = 1.0  # the top-right quarter of a 2x2 mosaic
+    assert gpg.grid_score(corner, 1, 299) > 0.9 and gpg.grid_score(corner, 2, 299) < 0.02
