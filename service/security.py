@@ -12,7 +12,7 @@ import logging
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -195,7 +195,7 @@ class ServerAccess:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a log or a repr
 
     @classmethod
     def read(cls, tls_ca: Path | None = None, tls_cert: Path | None = None,

@@ -25,12 +25,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xaiserve.service.bench_settings import BenchSettings
 from xaiserve.service.client import XaiClient
 from xaiserve.service.config import ConfigError, ModelSettings, ServerSettings
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
+from xaiserve.service.security import ServerAccess
 from xaiserve.service.server import Server
 
 from tests.conftest import run_cli, wait_for
@@ -664,3 +666,14 @@ def test_server_still_serves_after_fuzzing(fuzz_target):
     response = xgrpc.ExplanationServiceStub(channel).Explain(explain_request(), timeout=30)
     assert response.model_version == "1" and response.maps
     assert server.telemetry.in_flight._value.get() == 0
+
+
+def test_the_token_is_in_no_repr(tmp_path):
+    """A client's settings are printed in logs and errors, and bench's were written into
+    bench.json with the token in them: the token is kept out of every repr."""
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token\n")
+    access = ServerAccess.read(token_file=secret)
+    assert access.token == "s3cret-token"
+    for shown in (repr(access), str(access), repr(BenchSettings(access=access))):
+        assert "s3cret" not in shown, shown
