@@ -190,20 +190,20 @@ def _series_key(p: Point) -> str:
 def point_labels(points: list[Point]) -> list[str]:
     """The latency and split plots' labels: where and what ran, plus the model, hint and
     streams wherever the points differ in them (two hints must not give two alike bars)."""
-    def differ(attr: str, local: bool = True) -> bool:
-        return len({getattr(p, attr) for p in points
-                    if not local or p.mode == "in-process"}) > 1
-
+    local = [p for p in points if p.mode == "in-process"]
+    models_differ = len({p.model for p in points}) > 1
+    hints_differ = len({p.hint for p in local}) > 1
+    streams_differ = len({p.streams for p in local}) > 1
     labels = []
     for p in points:
         parts = [{"server": "srv", "server-rest": "rest"}.get(p.mode, "")]
-        if differ("model", local=False):
+        if models_differ:
             parts.append(p.model)
         if p.mode == "in-process":
             parts += [p.device, p.precision]
-            if differ("hint"):
+            if hints_differ:
                 parts.append(HINT_SHORT.get(p.hint, p.hint.lower()))
-            if differ("streams"):
+            if streams_differ:
                 parts.append(f"st={p.streams}")
         parts.append(f"{p.work} b{p.batch} c{p.concurrency}")
         labels.append(" ".join(part for part in parts if part))

@@ -33,6 +33,17 @@ def inside_import(frame: FrameType | None) -> bool:
 
 
 @contextmanager
+def _handled_by(handler) -> Iterator[None]:
+    """SIGTERM and SIGINT go to `handler` within the block; the handlers before come back."""
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
+@contextmanager
 def interrupts_raised() -> Iterator[None]:
     """Within the block SIGTERM and SIGINT raise KeyboardInterrupt("SIGTERM" or "SIGINT");
     later signals are ignored, so that they cannot cut the clean-up short. A signal put off by
@@ -45,12 +56,8 @@ def interrupts_raised() -> Iterator[None]:
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, raise_interrupt) for sig in SIGNALS}
-    try:
+    with _handled_by(raise_interrupt):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -70,9 +77,5 @@ def interrupts_deferred() -> Iterator[DeferredInterrupt]:
     def note(signum: int, frame: FrameType | None) -> None:
         seen.signal = seen.signal or signal.Signals(signum).name
 
-    previous = {sig: signal.signal(sig, note) for sig in SIGNALS}
-    try:
+    with _handled_by(note):
         yield seen
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
