@@ -51,6 +51,26 @@ def test_timm_without_weights_is_refused_unless_asked_for(tmp_path):
     assert card["source"] == "timm:resnet10t (random weights)"
 
 
+@pytest.mark.parametrize("arch, says", [
+    ("levit_128s", "could not tell the architecture"),  # no LayerNorm, no 4-D pooled map
+    ("mvitv2_tiny", "read the model input directly"),  # its tail reads the input's shape
+])
+def test_architectures_the_methods_cannot_explain_get_advice_that_works(tmp_path, arch, says):
+    """An architecture no in-graph method fits is refused in one line before anything is
+    written, and the way out the line names (`--method none`: served, it is explained by RISE)
+    exports it. MViTv2's line used to name `--method activationmap`, which fails on it too."""
+    repo = tmp_path / "models"
+    common = ["--random-weights", "--num-classes", "4", "--repository", str(repo)]
+    line = _error_line(run_cli("export", f"timm:{arch}", *common, "--name", "m"))
+    assert says in line and "--method none" in line, line
+    assert _repository_is_empty(repo)
+    result = run_cli("export", f"timm:{arch}", *common, "--name", "m", "--method", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = json.loads(result.stdout)
+    assert card["saliency"] is None
+    assert (repo / "m" / "1" / "model.xml").is_file()
+
+
 def test_checkpoint_that_does_not_fit(tmp_path):
     import torch
 

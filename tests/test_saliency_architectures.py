@@ -1,7 +1,9 @@
 """In-graph ReciproCAM / ViT-ReciproCAM across architectures, checked against torch.
 
-For each source (timm architectures with random weights, plus the default EfficientNet-Lite0)
-the exported `saliency_map` output is checked for
+For each source (timm architectures with random weights, plus the default EfficientNet-Lite0;
+`ARCHITECTURES` names each one's family, which says from the network's torch code where the
+method's target is and how the layers after it run) the exported `saliency_map` output is
+checked for
   1. its shape [N, K, h, w] for N = 1 and N = 3, the target tensor's shape, the logits;
   1b. that insert_saliency leaves the source model as it was (it can be given saliency again);
   2. batch independence: an image's map inside a batch of 3 equals its map run alone;
@@ -31,6 +33,7 @@ comparison stays tight there).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -57,11 +60,6 @@ from xaiserve.export.sources import (  # noqa: E402
     synthetic_images,
 )
 
-CNNS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny",
-        "regnety_002",
-        "swin_tiny_patch4_window7_224"]  # hierarchical, its last map pooled channels-last
-VITS = ["deit_tiny_patch16_224", "vit_small_patch16_224"]
-SOURCES = [f"timm:{a}" for a in CNNS + VITS] + ["default"]
 NUM_CLASSES = 10  # a small head keeps the h*w re-runs cheap (default keeps its 1000 classes)
 
 # What the exporter ships, with the map product in f32: the formula is checked exactly here, the
@@ -90,6 +88,160 @@ def raw(settings: SaliencySettings) -> SaliencySettings:
 
 # --- torch reference ------------------------------------------------------------------------
 
+# Each family says where its networks keep the method's target and how their tail runs on
+# masked copies of it, written from the torch code of those networks; ARCHITECTURES picks one per
+# source (a registry, as timm's), so a new architecture is a line there.
+
+class FeatureMap:
+    """ReciproCAM's target: the feature map [N, C, h, w] that the head's global average pooling
+    reads, here `forward_features`' output; the head re-runs on the masked copies themselves."""
+
+    tokens = False  # ViT-ReciproCAM's token families set True
+    exported_layout = "NCHW"  # the exporter's target may be the same map's [N, h, w, C] view
+
+    def __init__(self, exported_layout: str = "NCHW"):
+        self.exported_layout = exported_layout
+
+    def target(self, module, x: torch.Tensor) -> torch.Tensor:
+        return module.forward_features(x)
+
+    def prelogits(self, module, copies: torch.Tensor) -> torch.Tensor:
+        return module.forward_head(copies, pre_logits=True)
+
+    def classifier(self, module):
+        """prelogits -> logits; a distilled pair of heads is averaged, as in timm's eval mode."""
+        heads = module.get_classifier()
+        if isinstance(heads, tuple):
+            return lambda p: sum(head(p) for head in heads) / len(heads)
+        return heads
+
+    def last_layers(self, module) -> list[torch.nn.Linear]:
+        """The linear layers the randomisation test re-initialises."""
+        heads = module.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        return [m for head in heads for m in head.modules() if isinstance(m, torch.nn.Linear)]
+
+
+class ChannelsLastMap(FeatureMap):
+    """timm's Swin gives its last feature map as [N, h, w, C] and pools it so."""
+
+    exported_layout = "NHWC"
+
+    def __init__(self):
+        super().__init__("NHWC")
+
+    def target(self, module, x):
+        return module.forward_features(x).permute(0, 3, 1, 2)
+
+    def prelogits(self, module, copies):
+        return module.forward_head(copies.permute(0, 2, 3, 1), pre_logits=True)
+
+
+class HeadConvMap(FeatureMap):
+    """MIT EfficientViT: the head's 1x1 convolution widens the features before its pooling, so
+    the pooled map is that convolution's output, not `forward_features`'."""
+
+    def target(self, module, x):
+        return module.head.in_conv(module.forward_features(x))
+
+    def prelogits(self, module, copies):
+        return module.head.global_pool(copies)
+
+    def classifier(self, module):
+        return module.head.classifier  # Linear, LayerNorm, activation, Linear
+
+
+class Lite0Map(FeatureMap):
+    """The default source's EfficientNet-Lite0 wrapper (lukemelas' key names)."""
+
+    def target(self, module, x):
+        return module.net.extract_features(x)
+
+    def prelogits(self, module, copies):
+        return torch.flatten(copies.mean((2, 3), keepdim=True), 1)
+
+    def classifier(self, module):
+        return module.net._fc
+
+    def last_layers(self, module):
+        return [module.net._fc]
+
+
+class Tokens(FeatureMap):
+    """ViT-ReciproCAM's target: the tokens [N, T, D] entering the last transformer block (plain
+    ViT and DeiT: prefix tokens first, then the patch grid; the final norm, then the head)."""
+
+    tokens = True
+
+    def block(self, module):
+        return module.blocks[-1]
+
+    def attention(self, block):
+        return block.attn
+
+    def prefix(self, module) -> int:
+        return module.num_prefix_tokens
+
+    def grid(self, module, count: int) -> tuple[int, int]:
+        return tuple(module.patch_embed.grid_size)
+
+    def target(self, module, x):
+        captured = {}
+        hook = self.block(module).register_forward_pre_hook(
+            lambda _, args: captured.__setitem__("tokens", args[0]))
+        try:
+            module(x)
+        finally:
+            hook.remove()
+        return captured["tokens"]
+
+    def prelogits(self, module, tokens):
+        """The block's output tokens -> what `classifier` reads."""
+        return module.forward_head(module.norm(tokens), pre_logits=True)
+
+
+class PitTokens(Tokens):
+    """PiT: the last stage's blocks see its class (and distillation) tokens, then the pooled
+    patch grid; only the prefix tokens reach the final norm and the heads."""
+
+    def block(self, module):
+        return module.transformers[-1].blocks[-1]
+
+    def prefix(self, module):
+        return module.cls_token.shape[1]
+
+    def grid(self, module, count):
+        side = math.isqrt(count)
+        assert side * side == count, count
+        return side, side
+
+    def prelogits(self, module, tokens):
+        return module.norm(tokens[:, :self.prefix(module)])
+
+    def classifier(self, module):
+        return module.forward_head  # one or two prefix tokens, a head each, averaged
+
+
+class MetaFormerTokens(PitTokens):
+    """EfficientFormer: its last stage flattens the map to tokens (no prefix) for one attention
+    block (`token_mixer`); the head averages the normalised tokens."""
+
+    def block(self, module):
+        return module.stages[-1].blocks[-1]
+
+    def attention(self, block):
+        return block.token_mixer
+
+    def prefix(self, module):
+        return 0
+
+    def prelogits(self, module, tokens):
+        return module.forward_head(module.norm(tokens), pre_logits=True)
+
+    def classifier(self, module):
+        return FeatureMap.classifier(self, module)
+
+
 def location_masks(h: int, w: int, spread: str) -> torch.Tensor:
     """[h*w, h, w]: mask k is location k spread over its 3x3 neighbourhood (zero padded),
     built by convolution, independently of the exporter's `neighbourhood_weights`."""
@@ -99,84 +251,65 @@ def location_masks(h: int, w: int, spread: str) -> torch.Tensor:
     return torch.nn.functional.conv2d(deltas, GAUSSIAN_3X3[None, None], padding=1)[:, 0]
 
 
-def is_vit(module) -> bool:
-    return isinstance(module, timm.models.vision_transformer.VisionTransformer)
-
-
-def channels_last_features(module) -> bool:
-    """timm's Swin gives its last feature map as [N, h, w, C] and pools it so."""
-    return getattr(module, "output_fmt", "NCHW") == "NHWC"
-
-
-def classifier_of(module) -> torch.nn.Linear:
-    """The last linear layer (what the randomisation test re-initialises)."""
-    if hasattr(module, "net"):  # the default source's Lite0 wrapper
-        return module.net._fc
-    return module.get_classifier()
-
-
 @torch.no_grad()
-def target_tensor(module, images: np.ndarray) -> torch.Tensor:
-    """The method's target in torch: the feature map [N, C, h, w] entering the head's global
-    average pooling (CNN), or the tokens [N, T, D] entering the last block (ViT)."""
-    x = torch.from_numpy(images)
-    if is_vit(module):
-        captured = {}
-        hook = module.blocks[-1].register_forward_pre_hook(
-            lambda _, args: captured.__setitem__("tokens", args[0]))
-        try:
-            module.forward_features(x)
-        finally:
-            hook.remove()
-        return captured["tokens"]
-    if hasattr(module, "net"):
-        return module.net.extract_features(x)
-    return module.forward_features(x)
-
-
-@torch.no_grad()
-def masked_prelogits(module, image: np.ndarray, mosaic: str, spread: str
+def masked_prelogits(family: FeatureMap, module, image: np.ndarray, mosaic: str, spread: str
                      ) -> tuple[torch.Tensor, int, int]:
-    """Pre-classifier features [h*w, D] of the h*w masked copies of one image's target, and h, w.
+    """What the classifier reads for the h*w masked copies of one image's target, and h, w.
 
-    CNN: target F = the feature map the head's global average pooling reads; copy k is F * M_k
-    ("paper"), scaled by h*w / sum(M_k) for "local"; the head runs on the copies themselves.
-    ViT: target = the tokens entering the last block; prefix tokens kept, spatial token j of copy
-    k weighted by M_k[j], on the block's residual path and after its first LayerNorm (as
-    openvino-xai does); then the rest of the block, the final norm and the head's pooling (there
-    is no mosaic variant: `mosaic` is ignored, as it is by the exporter's ViT-ReciproCAM).
+    Feature map F: copy k is F * M_k ("paper"), scaled by h*w / sum(M_k) for "local"; the head
+    runs on the copies themselves.
+    Tokens: prefix tokens kept, spatial token j of copy k weighted by M_k[j], on the block's
+    residual path and after its first LayerNorm (as openvino-xai does); then the rest of the
+    block and the family's tail (there is no mosaic variant: `mosaic` is ignored, as it is by
+    the exporter's ViT-ReciproCAM).
     """
-    target = target_tensor(module, image[None])[0]
-    if is_vit(module):
+    target = family.target(module, torch.from_numpy(image[None]))[0]
+    if family.tokens:
         tokens = target  # [T, D]
         t = tokens.shape[0]
-        prefix = module.num_prefix_tokens
-        h, w = module.patch_embed.grid_size
+        prefix = family.prefix(module)
+        h, w = family.grid(module, t - prefix)
         assert t == prefix + h * w
         token_masks = torch.ones(h * w, t)
         token_masks[:, prefix:] = location_masks(h, w, spread).reshape(h * w, h * w)
-        block, weights = module.blocks[-1], token_masks[:, :, None]
+        block, weights = family.block(module), token_masks[:, :, None]
         copies = tokens[None] * weights  # [hw, T, D]
-        copies = copies + block.ls1(block.attn(block.norm1(tokens)[None] * weights))
+        copies = copies + block.ls1(family.attention(block)(block.norm1(tokens)[None] * weights))
         copies = copies + block.ls2(block.mlp(block.norm2(copies)))
-        return module.forward_head(module.norm(copies), pre_logits=True), h, w
-    channels_last = channels_last_features(module)  # Swin: [h, w, C], pooled over h and w
-    features = target.permute(2, 0, 1) if channels_last else target  # [C, h, w]
-    if hasattr(module, "net"):
-        def prelogits(m):
-            return torch.flatten(m.mean((2, 3), keepdim=True), 1)
-    elif channels_last:
-        def prelogits(m):
-            return module.forward_head(m.permute(0, 2, 3, 1), pre_logits=True)
-    else:
-        def prelogits(m):
-            return module.forward_head(m, pre_logits=True)
-    c, h, w = features.shape
+        return family.prelogits(module, copies), h, w
+    c, h, w = target.shape
     masks = location_masks(h, w, spread)
     if mosaic == "local":
         masks = masks * (h * w) / masks.sum((1, 2), keepdim=True)
-    copies = features[None] * masks[:, None]  # [hw, C, h, w]
-    return prelogits(copies), h, w
+    copies = target[None] * masks[:, None]  # [hw, C, h, w]
+    return family.prelogits(module, copies), h, w
+
+
+CNN, VIT = FeatureMap(), Tokens()
+ARCHITECTURES: dict[str, FeatureMap] = {  # source spec -> its family
+    "timm:resnet18": CNN,
+    "timm:resnet50": CNN,
+    "timm:efficientnet_b0": CNN,
+    "timm:mobilenetv3_large_100": CNN,
+    "timm:convnext_tiny": CNN,  # pooled, then LayerNorm
+    "timm:convnextv2_atto": CNN,  # global response normalisation
+    "timm:regnety_002": CNN,
+    "timm:repvit_m0_9": CNN,  # a distilled pair of heads
+    "timm:efficientformerv2_s0": CNN,  # attention in its last stages; heads as a tuple
+    "timm:mobilevitv2_050": CNN,  # attention over unfolded patches; 256 x 256: 8 x 8
+    "timm:coatnet_nano_rw_224": CNN,
+    "timm:maxvit_pico_rw_256": CNN,  # block and grid attention; 8 x 8
+    "timm:tiny_vit_5m_224": CNN,
+    "timm:pvt_v2_b0": FeatureMap(exported_layout="NHWC"),  # pooled after a permute
+    "timm:swin_tiny_patch4_window7_224": ChannelsLastMap(),
+    "timm:efficientvit_b0": HeadConvMap(),
+    "timm:deit_tiny_patch16_224": VIT,
+    "timm:vit_small_patch16_224": VIT,
+    "timm:pit_ti_distilled_224": PitTokens(),  # two prefix tokens, pooled stages
+    "timm:efficientformer_l1": MetaFormerTokens(),
+    "default": Lite0Map(),
+}
+SOURCES = list(ARCHITECTURES)
 
 
 @torch.no_grad()
@@ -223,14 +356,23 @@ class Case:
             num_classes=NUM_CLASSES, random_weights=True)
         self.source = create_source(spec, options)
         self.module = self.source.torch_module.eval()
-        self.vit = is_vit(self.module)
+        self.family = ARCHITECTURES[spec]
+        self.vit = self.family.tokens
         info = self.source.info
         images = synthetic_images(BATCH, info.input_height, seed=1).astype(np.float32)
         images = (images - np.float32(info.mean_values)) / np.float32(info.scale_values)
         self.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         self.num_classes = len(info.labels)
-        self.grid = 14 if self.vit else 7
-        self.target_shape = [-1] + list(target_tensor(self.module, self.images[:1]).shape[1:])
+        with torch.no_grad():
+            target = self.family.target(self.module, torch.from_numpy(self.images[:1]))
+        if self.vit:  # [1, T, D]
+            self.prefix = self.family.prefix(self.module)
+            self.grid = self.family.grid(self.module, target.shape[1] - self.prefix)[0]
+        else:  # [1, C, h, w]
+            self.grid = target.shape[2]
+            if self.family.exported_layout == "NHWC":
+                target = target.permute(0, 2, 3, 1)
+        self.target_shape = [-1] + list(target.shape[1:])
         self._compiled: dict = {}
         self._outputs: dict = {}
         self._prelogits: dict = {}
@@ -264,24 +406,26 @@ class Case:
                   classifier=None) -> np.ndarray:
         key = ("-" if self.vit else settings.mosaic, settings.spread, index)
         if key not in self._prelogits:
-            self._prelogits[key] = masked_prelogits(self.module, self.images[index],
+            self._prelogits[key] = masked_prelogits(self.family, self.module, self.images[index],
                                                     settings.mosaic, settings.spread)
         prelogits, h, w = self._prelogits[key]
-        return maps_from_prelogits(prelogits, classifier or classifier_of(self.module), h, w,
-                                   settings)
+        if classifier is None:
+            classifier = self.family.classifier(self.module)
+        return maps_from_prelogits(prelogits, classifier, h, w, settings)
 
     def randomised(self):
-        """(classifier, compiled default-settings model) with the classifier re-initialised."""
+        """(classifier, compiled default-settings model) with the last linear layers (both
+        heads of a distilled pair) re-initialised."""
         if self._randomised is None:
             module = copy.deepcopy(self.module)
-            layer = classifier_of(module)
-            before = layer.weight.detach().clone()
             torch.manual_seed(1234)
-            layer.reset_parameters()
-            assert not torch.allclose(before, layer.weight)
+            for layer in self.family.last_layers(module):
+                before = layer.weight.detach().clone()
+                layer.reset_parameters()
+                assert not torch.allclose(before, layer.weight)
             model, _ = insert_saliency(convert_torch(module, self.source.info.input_height),
                                        DEFAULT)
-            self._randomised = (layer, compile_f32(model))
+            self._randomised = (self.family.classifier(module), compile_f32(model))
         return self._randomised
 
 
@@ -332,13 +476,9 @@ def test_output_shape(case: Case):
     k, g = case.num_classes, case.grid
     assert insertion.method == ("vit-reciprocam" if case.vit else "reciprocam")
     assert insertion.map_shape == [-1, k, g, g]
-    if case.vit:
-        dim = case.module.embed_dim
-        assert insertion.feature_shape == [-1, case.module.num_prefix_tokens + g * g, dim]
-    else:
-        spatial = slice(1, 3) if channels_last_features(case.module) else slice(2, 4)
-        assert insertion.feature_shape[spatial] == [g, g]
     assert insertion.feature_shape == case.target_shape
+    if case.vit:
+        assert insertion.feature_shape[1] == case.prefix + g * g
     for indices in [(0,), tuple(range(BATCH))]:
         outputs = case.run(DEFAULT, indices)
         assert outputs["saliency_map"].shape == (len(indices), k, g, g)
@@ -399,7 +539,7 @@ def test_matches_torch_reference(case: Case, name: str):
 
 
 def test_randomised_classifier_changes_maps(case: Case):
-    layer, compiled = case.randomised()
+    randomised_classifier, compiled = case.randomised()
     image = case.images[REF_IMAGE:REF_IMAGE + 1]
     randomised = compiled(image)["saliency_map"][0].astype(np.float64)
     original = case.saliency(DEFAULT, (REF_IMAGE,))[0]
@@ -408,7 +548,7 @@ def test_randomised_classifier_changes_maps(case: Case):
     # with its own torch reference, so their difference is signal, not export noise.
     noise = 0.0
     for maps, classifier, what in [(original, None, "original"),
-                                   (randomised, layer, "randomised")]:
+                                   (randomised, randomised_classifier, "randomised")]:
         expected_raw = case.reference(raw(DEFAULT), classifier=classifier)
         assert np.ptp(expected_raw, axis=(1, 2)).min() > 0, f"{what}: a map is constant"
         expected = case.reference(DEFAULT, classifier=classifier)

@@ -120,8 +120,8 @@ class Tail:
         if leaked:
             raise InsertionError(
                 f"the layers after {node_name(self.target)!r} read the model input directly, so "
-                "they cannot be re-run on masked copies; give another --target-layer or "
-                "--method activationmap"
+                "they cannot be re-run on masked copies; give another --target-layer, or "
+                "--method none (the server then explains the model with RISE)"
             )
         return scores_copy
 

@@ -435,7 +435,8 @@ def detect_method(model: ov.Model) -> str:
         return ViTReciproCAM.name
     raise InsertionError(
         "could not tell the architecture from the graph (no global pooling over a 4-D map, no "
-        "transformer blocks); give --method reciprocam or vit-reciprocam with --target-layer NAME"
+        "transformer blocks); give --method reciprocam or vit-reciprocam with --target-layer "
+        "NAME, or --method none (the server then explains the model with RISE)"
     )
 
 
