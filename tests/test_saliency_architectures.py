@@ -97,7 +97,9 @@ class FeatureMap:
     reads, here `forward_features`' output; the head re-runs on the masked copies themselves."""
 
     tokens = False  # ViT-ReciproCAM's token families set True
-    exported_layout = "NCHW"  # the exporter's target may be the same map's [N, h, w, C] view
+    batch_statistics = False  # untrained, the family needs its BatchNorm statistics set
+    exported_layout = "NCHW"  # the exporter's target may be the same map as [N, h, w, C] or
+    # as tokens [N, h*w, C]
 
     def __init__(self, exported_layout: str = "NCHW"):
         self.exported_layout = exported_layout
@@ -135,6 +137,27 @@ class ChannelsLastMap(FeatureMap):
 
     def prelogits(self, module, copies):
         return module.forward_head(copies.permute(0, 2, 3, 1), pre_logits=True)
+
+
+class TokenGridMap(FeatureMap):
+    """LeViT: the head averages its last stage's tokens [N, h*w, C] (no prefix, no LayerNorm
+    blocks); the exporter's ReciproCAM takes them as the grid they are, [N, C, h, w] here."""
+
+    batch_statistics = True
+
+    def __init__(self):
+        super().__init__("tokens")
+
+    def target(self, module, x):
+        tokens = module.forward_features(x)
+        n, count, c = tokens.shape
+        side = math.isqrt(count)
+        return tokens.reshape(n, side, side, c).permute(0, 3, 1, 2)
+
+    def prelogits(self, module, copies):
+        m, c, h, w = copies.shape
+        tokens = copies.permute(0, 2, 3, 1).reshape(m, h * w, c)
+        return module.forward_head(tokens, pre_logits=True)
 
 
 class HeadConvMap(FeatureMap):
@@ -303,6 +326,7 @@ ARCHITECTURES: dict[str, FeatureMap] = {  # source spec -> its family
     "timm:pvt_v2_b0": FeatureMap(exported_layout="NHWC"),  # pooled after a permute
     "timm:swin_tiny_patch4_window7_224": ChannelsLastMap(),
     "timm:efficientvit_b0": HeadConvMap(),
+    "timm:levit_128s": TokenGridMap(),  # a 4 x 4 grid of tokens
     "timm:deit_tiny_patch16_224": VIT,
     "timm:vit_small_patch16_224": VIT,
     "timm:pit_ti_distilled_224": PitTokens(),  # two prefix tokens, pooled stages
@@ -346,6 +370,20 @@ def span(raw_maps: np.ndarray, kind: str) -> np.ndarray:
     pytest.fail(f"no span for normalize={kind!r}")
 
 
+@torch.no_grad()
+def set_batch_statistics(module, images: np.ndarray) -> None:
+    """Untrained, LeViT is degenerate: its BatchNorms' unit running variance shrinks the
+    activations until attention is uniform and every token of the last stage is the same (its
+    maps constant to 1e-11). Statistics taken from images, as training sets them, undo that."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches seen
+    module.train()
+    module(torch.from_numpy(images))
+    module.eval()
+
+
 # --- one source, converted once ---------------------------------------------------------------
 
 class Case:
@@ -362,6 +400,9 @@ class Case:
         images = synthetic_images(BATCH, info.input_height, seed=1).astype(np.float32)
         images = (images - np.float32(info.mean_values)) / np.float32(info.scale_values)
         self.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        if self.family.batch_statistics:
+            set_batch_statistics(self.module, self.images)
+            self.source.model = convert_torch(self.module, info.input_height)
         self.num_classes = len(info.labels)
         with torch.no_grad():
             target = self.family.target(self.module, torch.from_numpy(self.images[:1]))
@@ -372,6 +413,8 @@ class Case:
             self.grid = target.shape[2]
             if self.family.exported_layout == "NHWC":
                 target = target.permute(0, 2, 3, 1)
+            elif self.family.exported_layout == "tokens":
+                target = target.permute(0, 2, 3, 1).flatten(1, 2)
         self.target_shape = [-1] + list(target.shape[1:])
         self._compiled: dict = {}
         self._outputs: dict = {}
@@ -605,3 +648,26 @@ def test_softmax_maps_of_a_model_ending_in_log_softmax():
         maps.append(compile_f32(model)(np.ascontiguousarray(images))["saliency_map"])
     assert maps[0].shape == (2, 5, 8, 8)
     np.testing.assert_allclose(maps[1], maps[0], atol=1e-5)
+
+
+def test_a_vit_that_averages_its_tokens_keeps_vit_reciprocam():
+    """The tokens a ViT averages make a grid ReciproCAM can take (as it takes LeViT's), and
+    `--method reciprocam` does (ActivationMap: their channel mean on the grid); `auto` keeps
+    ViT-ReciproCAM, the method for transformers."""
+    torch.manual_seed(0)
+    module = timm.create_model("deit_tiny_patch16_224", num_classes=4, global_pool="avg")
+    model = convert_torch(module, 224)
+    _, insertion = insert_saliency(model, DEFAULT)
+    assert insertion.method == "vit-reciprocam"
+    assert insertion.feature_shape == [-1, 197, 192]  # the last block's input, CLS first
+    _, insertion = insert_saliency(model, replace(DEFAULT, method="reciprocam"))
+    assert insertion.feature_shape == [-1, 196, 192]  # the averaged patch tokens
+    assert insertion.map_shape == [-1, 4, 14, 14]
+    activation_model, insertion = insert_saliency(model, replace(DEFAULT, method="activationmap"))
+    assert insertion.map_shape == [-1, 1, 14, 14]
+    image = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        tokens = module.forward_features(torch.from_numpy(image))[0, 1:]  # what the head averages
+    expected = tokens.mean(1).reshape(14, 14).double().numpy()
+    actual = compile_f32(activation_model)(image)["saliency_map"][0, 0].astype(np.float64)
+    assert_close(actual, normalise(expected, DEFAULT.normalize), 1e-4, "channel mean of tokens")

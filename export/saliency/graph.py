@@ -6,6 +6,7 @@ saliency into models converted from PyTorch and into IR or ONNX files someone al
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,38 +146,47 @@ _GLOBAL_POOL_TYPES = {"ReduceMean", "AvgPool", "AdaptiveAvgPool", "ReduceMax", "
                       "AdaptiveMaxPool"}
 
 
+MAP_LAYOUTS = ("NCHW", "NHWC")  # 4-D feature maps, what CNNs (and Swin) pool
+
+
 def global_pool_layout(node: ov.Node) -> str | None:
     """"NCHW" for an op that pools a 4-D [N, C, h, w] map over all of h and w, "NHWC" for a
-    mean or max over axes 1 and 2 of [N, h, w, C] (Swin's head), else None."""
+    mean or max over axes 1 and 2 of [N, h, w, C] (Swin's head), "tokens" for a mean or max
+    over axis 1 of [N, h*w, C] whose h*w tokens make a square grid (LeViT's head), else None."""
     kind = node.get_type_name()
     if kind not in _GLOBAL_POOL_TYPES:
         return None
     src = node.input_value(0)
-    if src.get_partial_shape().rank.get_length() != 4:
+    rank = src.get_partial_shape().rank
+    if rank.is_dynamic or rank.get_length() not in (3, 4):
         return None
     if kind.startswith("Reduce"):
         axes_node = node.input_value(1).get_node()
         if axes_node.get_type_name() != "Constant":
             return None
-        axes = {int(a) % 4 for a in np.ravel(axes_node.get_data())}
-        return {frozenset({2, 3}): "NCHW", frozenset({1, 2}): "NHWC"}.get(frozenset(axes))
+        axes = frozenset(int(a) % rank.get_length() for a in np.ravel(axes_node.get_data()))
+        if rank.get_length() == 3:
+            tokens = static_dims(src)[1]
+            square = tokens is not None and tokens >= 4 and math.isqrt(tokens) ** 2 == tokens
+            return "tokens" if axes == {1} and square else None
+        return {frozenset({2, 3}): "NCHW", frozenset({1, 2}): "NHWC"}.get(axes)
+    if rank.get_length() != 4:
+        return None
     out = static_dims(node.output(0))
     return "NCHW" if len(out) == 4 and out[2] == 1 and out[3] == 1 else None
 
 
-def is_global_pool(node: ov.Node) -> bool:
-    return global_pool_layout(node) is not None
-
-
-def find_global_pool(scores: ov.Output) -> ov.Node | None:
-    """The global pooling closest to the scores on their path (the CNN head's entry)."""
+def find_global_pool(scores: ov.Output, layouts: tuple[str, ...] = MAP_LAYOUTS
+                     ) -> ov.Node | None:
+    """The global pooling (of one of `layouts`) closest to the scores on their path (the
+    head's entry)."""
     best, best_depth = None, None
     depth: dict[str, int] = {key(scores.get_node()): 0}
     queue = [scores.get_node()]
     while queue:
         node = queue.pop(0)
         d = depth[key(node)]
-        if is_global_pool(node) and (best_depth is None or d < best_depth):
+        if global_pool_layout(node) in layouts and (best_depth is None or d < best_depth):
             best, best_depth = node, d
         for v in node.input_values():
             parent = v.get_node()

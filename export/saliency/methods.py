@@ -195,11 +195,46 @@ class SaliencyMethod:
 
 
 def _layout(target: ov.Output) -> str:
-    """The layout of a 4-D target as the global pooling it feeds reads it ("NCHW" where none
-    does, as for most --target-layer choices)."""
+    """The layout of a target as the global pooling it feeds reads it ("NCHW" where none does,
+    as for most --target-layer choices)."""
     consumers = [i.get_node() for i in target.get_target_inputs()]
     layouts = {global_pool_layout(node) for node in consumers} - {None}
     return layouts.pop() if len(layouts) == 1 else "NCHW"
+
+
+@dataclass(frozen=True)
+class _FeatureMap:
+    """A target as the branches compute on it, [N, C, h, w], whatever layout its head pools:
+    [N, h, w, C] (Swin) is transposed, [N, h*w, C] tokens (LeViT) reshaped to their grid."""
+
+    features: ov.Output
+    layout: str
+    c: int
+    h: int
+    w: int
+
+    @classmethod
+    def of(cls, target: ov.Output) -> "_FeatureMap":
+        layout = _layout(target)
+        if layout == "tokens":
+            _, tokens, c = _feature_dims(target, 3, "give the [N, h*w, C] --target-layer")
+            h = w = math.isqrt(tokens)
+            grid = ops.reshape(target, const([0, h, w, c]), special_zero=True)
+            return cls(ops.transpose(grid, const([0, 3, 1, 2])).output(0), layout, c, h, w)
+        dims = _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
+        if layout == "NHWC":
+            _, h, w, c = dims
+            return cls(ops.transpose(target, const([0, 3, 1, 2])).output(0), layout, c, h, w)
+        return cls(target, layout, dims[1], dims[2], dims[3])
+
+    def as_target(self, maps: ov.Output) -> ov.Output:
+        """[M, C, h, w] (masked copies) back in the target's own layout, for its head."""
+        if self.layout == "NCHW":
+            return maps
+        channels_last = ops.transpose(maps, const([0, 2, 3, 1])).output(0)
+        if self.layout == "NHWC":
+            return channels_last
+        return ops.reshape(channels_last, const([-1, self.h * self.w, self.c]), False).output(0)
 
 
 def _ends_in_softmax(scores: ov.Output) -> bool:
@@ -221,23 +256,19 @@ class ReciproCAM(SaliencyMethod):
     def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
         if self.settings.target_layer:
             return find_by_name(model, self.settings.target_layer)
-        pool = find_global_pool(scores)
+        pool = find_global_pool(scores) or find_global_pool(scores, ("tokens",))
         if pool is None:
             raise InsertionError(
-                "no global pooling over a 4-D feature map was found on the way to the scores; "
-                "give --target-layer NAME (a [N, C, h, w] node), or --method vit-reciprocam for "
-                "a transformer, or --method none"
+                "no global pooling over a 4-D feature map or a square grid of tokens was found "
+                "on the way to the scores; give --target-layer NAME (a [N, C, h, w] node), or "
+                "--method vit-reciprocam for a transformer, or --method none"
             )
         return pool.input_value(0)
 
     def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
               ) -> tuple[ov.Output, ov.Output | None]:
-        channels_last = _layout(target) == "NHWC"
-        dims = _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
-        _, h, w, c = dims if channels_last else (dims[0], dims[2], dims[3], dims[1])
-        # The branch computes on [N, C, h, w]; Swin-style heads pool [N, h, w, C].
-        features = ops.transpose(target, const([0, 3, 1, 2])).output(0) if channels_last \
-            else target
+        feature_map = _FeatureMap.of(target)
+        features, c, h, w = feature_map.features, feature_map.c, feature_map.h, feature_map.w
         hw = h * w
         weights = neighbourhood_weights(h, w, self.settings.spread)  # [k, j]
         consumers = [i.get_node() for i in target.get_target_inputs()]
@@ -245,9 +276,7 @@ class ReciproCAM(SaliencyMethod):
         if pool is None or pool.get_type_name() not in {"ReduceMean", "AvgPool",
                                                          "AdaptiveAvgPool"} \
                 or global_pool_layout(pool) is None:
-            mosaics = self._mosaics(features, weights)
-            if channels_last:
-                mosaics = ops.transpose(mosaics, const([0, 2, 3, 1])).output(0)
+            mosaics = feature_map.as_target(self._mosaics(features, weights))
             copy_scores = Tail(model, target, scores).run_on(mosaics)
             return _scores_to_maps(copy_scores, _ends_in_softmax(scores), hw, h, w,
                                    self.settings), None
@@ -411,10 +440,8 @@ class ActivationMap(SaliencyMethod):
 
     def build(self, model: ov.Model, scores: ov.Output, target: ov.Output
               ) -> tuple[ov.Output, None]:
-        _feature_dims(target, 4, "give a 4-D [N, C, h, w] --target-layer")
-        if _layout(target) == "NHWC":
-            target = ops.transpose(target, const([0, 3, 1, 2])).output(0)
-        mean = ops.reduce_mean(target, const([1]), keep_dims=True).output(0)
+        features = _FeatureMap.of(target).features
+        mean = ops.reduce_mean(features, const([1]), keep_dims=True).output(0)
         if self.settings.normalize in NORMALIZERS:
             mean = NORMALIZERS[self.settings.normalize](mean, [2, 3])
         return mean, None
@@ -427,16 +454,21 @@ METHODS: dict[str, type[SaliencyMethod]] = {
 
 def detect_method(model: ov.Model) -> str:
     """`auto`: a CNN (global pooling over a 4-D map) gets ReciproCAM, a transformer
-    ViT-ReciproCAM."""
+    ViT-ReciproCAM, and a network that pools a grid of tokens without transformer blocks
+    (LeViT: no LayerNorm) ReciproCAM on those tokens. A ViT that averages its tokens keeps
+    ViT-ReciproCAM, which re-runs its last block."""
     scores = score_output(model)
     if find_global_pool(scores) is not None:
         return ReciproCAM.name
     if find_last_transformer_block_input(model, scores) is not None:
         return ViTReciproCAM.name
+    if find_global_pool(scores, ("tokens",)) is not None:
+        return ReciproCAM.name
     raise InsertionError(
-        "could not tell the architecture from the graph (no global pooling over a 4-D map, no "
-        "transformer blocks); give --method reciprocam or vit-reciprocam with --target-layer "
-        "NAME, or --method none (the server then explains the model with RISE)"
+        "could not tell the architecture from the graph (no global pooling over a 4-D map or a "
+        "grid of tokens, no transformer blocks); give --method reciprocam or vit-reciprocam "
+        "with --target-layer NAME, or --method none (the server then explains the model with "
+        "RISE)"
     )
 
 
