@@ -256,7 +256,9 @@ class ReciproCAM(SaliencyMethod):
     def find_target(self, model: ov.Model, scores: ov.Output) -> ov.Output:
         if self.settings.target_layer:
             return find_by_name(model, self.settings.target_layer)
-        pool = find_global_pool(scores) or find_global_pool(scores, ("tokens",))
+        pool = find_global_pool(scores)
+        if pool is None:  # no 4-D map: a grid of tokens (LeViT)
+            pool = find_global_pool(scores, ("tokens",))
         if pool is None:
             raise InsertionError(
                 "no global pooling over a 4-D feature map or a square grid of tokens was found "
