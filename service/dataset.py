@@ -1,6 +1,7 @@
 """An evaluation data set on disk: the torchvision ImageFolder layout plus optional ground truth.
 
-    DATASET/<class>/<name>.png|.jpg|...      one sub-folder per class
+    DATASET/<class>/<name>.png|.jpg|...      one sub-folder per class (images in folders below
+                                             it count for the class, as in ImageFolder)
     DATASET/<class>/<name>.mask.png          optional: the object's pixels (non-zero = object)
     DATASET/boxes.json                       optional: {"<class>/<name>.jpg": [[x0, y0, x1, y1]]}
 
@@ -119,12 +120,9 @@ def scan_dataset(root: str | Path, labels: list[str]) -> list[DatasetItem]:
     boxes = _read_boxes(root)
     items = []
     for folder in folders:
-        for path in sorted((root / folder).iterdir()):
-            name = path.name.lower()
-            if name.endswith(MASK_SUFFIX) or not name.endswith(IMAGE_SUFFIXES):
-                continue
+        for path in _image_files(root / folder):
             mask = path.with_name(path.name[:-len(path.suffix)] + MASK_SUFFIX)
-            relative = f"{folder}/{path.name}"
+            relative = path.relative_to(root).as_posix()
             items.append(DatasetItem(str(path), relative, folder, mapping[folder],
                                      str(mask) if mask.is_file() else None,
                                      boxes.get(relative)))
@@ -136,6 +134,21 @@ def scan_dataset(root: str | Path, labels: list[str]) -> list[DatasetItem]:
         raise DatasetError(f"{root / BOXES_FILE}: boxes for images that do not exist: "
                            f"{sorted(unknown)[:3]}; keys are '<class>/<file name>'")
     return items
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The images in a class folder and the folders below it (ImageFolder walks them too, and
+    skipping them would drop images without a word), in path order; hidden files and folders,
+    such as `.ipynb_checkpoints`, and the masks are not images of the data set."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        name = path.name.lower()
+        if hidden or name.endswith(MASK_SUFFIX) or not name.endswith(IMAGE_SUFFIXES):
+            continue
+        if path.is_file():
+            found.append(path)
+    return found
 
 
 def load_image(item: DatasetItem) -> np.ndarray:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli, wait_for
 from tests.synthetic import CLASSES4, make_dataset, train_small_cnn, write_image_folder
-from xaiserve.service.dataset import DatasetError, class_ids
+from xaiserve.service.dataset import DatasetError, class_ids, scan_dataset
 from xaiserve.service.faithfulness import FaithfulnessSettings, deletion_insertion, single_step
 from xaiserve.service.interrupts import interrupts_deferred
 from xaiserve.service.model import ClassifierModel
@@ -271,6 +271,29 @@ def test_a_class_name_that_two_labels_share_is_refused():
     with pytest.raises(DatasetError, match=r"'crane': the model has 2 labels .*ids 1, 3"):
         class_ids(["crane"], labels)
     assert class_ids(["3", "dog"], labels) == {"3": 3, "dog": 2}
+
+
+def test_images_in_folders_below_a_class_folder_are_part_of_it(tmp_path):
+    """ImageFolder walks a class folder's sub-folders; they were skipped without a word, and
+    boxes given for their images were refused as boxes for images that do not exist. Hidden
+    folders (a notebook's checkpoints) and files that are not images stay out."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    for name in ["circle/a.png", "circle/2024/b.png", "circle/2024/b.mask.png",
+                 "circle/.ipynb_checkpoints/a-checkpoint.png", "square/c.jpg",
+                 "square/deep/er/d.png", "square/deep/notes.txt"]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith((".png", ".jpg")):
+            cv2.imwrite(str(path), image)
+        else:
+            path.write_text("not an image")
+    (tmp_path / "boxes.json").write_text(json.dumps({"square/deep/er/d.png": [[0, 0, 4, 4]]}))
+    items = scan_dataset(tmp_path, ["circle", "square"])
+    assert [i.relative for i in items] == ["circle/2024/b.png", "circle/a.png", "square/c.jpg",
+                                           "square/deep/er/d.png"]
+    assert [i.label for i in items] == [0, 0, 1, 1]
+    assert items[0].mask_path == str(tmp_path / "circle/2024/b.mask.png")
+    assert items[3].boxes == ((0.0, 0.0, 4.0, 4.0),) and items[1].mask_path is None
 
 
 def test_an_unreadable_image_is_reported_and_the_rest_evaluated(shapes, tmp_path):
