@@ -218,6 +218,15 @@ class Tokens(FeatureMap):
             hook.remove()
         return captured["tokens"]
 
+    def masked_block(self, module, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The last block on the masked copies: tokens [T, D], weights [hw, T, 1] -> [hw, T, D].
+        The mask weights the block's input on its residual path and its first LayerNorm's
+        output on the attention path (as openvino-xai does)."""
+        block = self.block(module)
+        copies = tokens[None] * weights
+        copies = copies + block.ls1(self.attention(block)(block.norm1(tokens)[None] * weights))
+        return copies + block.ls2(block.mlp(block.norm2(copies)))
+
     def prelogits(self, module, tokens):
         """The block's output tokens -> what `classifier` reads."""
         return module.forward_head(module.norm(tokens), pre_logits=True)
@@ -243,6 +252,33 @@ class PitTokens(Tokens):
 
     def classifier(self, module):
         return module.forward_head  # one or two prefix tokens, a head each, averaged
+
+
+class MultiScaleTokens(PitTokens):
+    """MViTv2: no prefix tokens; its last block's attention pools keys and values over the
+    token grid (it takes the grid's size) and has no layer scale; the final norm, then the
+    head averages the tokens."""
+
+    def block(self, module):
+        return module.stages[-1].blocks[-1]
+
+    def prefix(self, module):
+        return module.num_prefix_tokens
+
+    def masked_block(self, module, tokens, weights):
+        block = self.block(module)
+        assert block.shortcut_proj_attn is None and block.shortcut_pool_attn is None
+        assert block.shortcut_proj_mlp is None  # the residuals are the tokens themselves
+        grid = list(self.grid(module, tokens.shape[0] - self.prefix(module)))
+        attended, _ = block.attn(block.norm1(tokens)[None] * weights, grid)
+        copies = tokens[None] * weights + attended
+        return copies + block.mlp(block.norm2(copies))
+
+    def prelogits(self, module, tokens):
+        return module.forward_head(module.norm(tokens), pre_logits=True)
+
+    def classifier(self, module):
+        return FeatureMap.classifier(self, module)
 
 
 class MetaFormerTokens(PitTokens):
@@ -295,10 +331,7 @@ def masked_prelogits(family: FeatureMap, module, image: np.ndarray, mosaic: str,
         assert t == prefix + h * w
         token_masks = torch.ones(h * w, t)
         token_masks[:, prefix:] = location_masks(h, w, spread).reshape(h * w, h * w)
-        block, weights = family.block(module), token_masks[:, :, None]
-        copies = tokens[None] * weights  # [hw, T, D]
-        copies = copies + block.ls1(family.attention(block)(block.norm1(tokens)[None] * weights))
-        copies = copies + block.ls2(block.mlp(block.norm2(copies)))
+        copies = family.masked_block(module, tokens, token_masks[:, :, None])  # [hw, T, D]
         return family.prelogits(module, copies), h, w
     c, h, w = target.shape
     masks = location_masks(h, w, spread)
@@ -331,6 +364,7 @@ ARCHITECTURES: dict[str, FeatureMap] = {  # source spec -> its family
     "timm:vit_small_patch16_224": VIT,
     "timm:pit_ti_distilled_224": PitTokens(),  # two prefix tokens, pooled stages
     "timm:efficientformer_l1": MetaFormerTokens(),
+    "timm:mvitv2_tiny": MultiScaleTokens(),  # its tail takes the batch size from the input
     "default": Lite0Map(),
 }
 SOURCES = list(ARCHITECTURES)

@@ -130,8 +130,16 @@ class Tail:
 def _make_batch_free(scores: ov.Output, new_inputs: list[ov.Output]) -> None:
     """Reshapes in the tail often take the batch size from the model input (`x.view(bs, -1)`).
     When a Reshape's output is static except for the batch dimension, a constant pattern with -1
-    there is equivalent and does not depend on the input's batch size."""
+    there is equivalent and does not depend on the input's batch size. Where the batch size was
+    read once before the target (`B, N, C = x.shape` in MViTv2) and reshapes with two unknown
+    dimensions use it, that reading takes the new input's batch size instead."""
     inside = set().union(*(ancestors(new) for new in new_inputs))
+    new_nodes = {key(new.get_node()) for new in new_inputs}
+    for node in _upstream_nodes(scores):
+        if node.get_type_name() == "ShapeOf" and key(node) not in inside \
+                and _reads_batch_only(node) \
+                and not new_nodes & ancestors(node.input_value(0)):
+            node.input(0).replace_source_output(new_inputs[0])
     for node in _upstream_nodes(scores):
         if node.get_type_name() != "Reshape" or key(node) in inside:
             continue
@@ -140,6 +148,19 @@ def _make_batch_free(scores: ov.Output, new_inputs: list[ov.Output]) -> None:
         dims = static_dims(node.output(0))
         if dims and dims[0] is None and all(d is not None for d in dims[1:]):
             node.input(1).replace_source_output(const([-1] + dims[1:]).output(0))
+
+
+def _reads_batch_only(shape_of: ov.Node) -> bool:
+    """Whether every use of a ShapeOf takes element 0 only (a Gather of index 0 on axis 0)."""
+    consumers = [i.get_node() for i in shape_of.output(0).get_target_inputs()]
+    for node in consumers:
+        if node.get_type_name() != "Gather":
+            return False
+        indices, axis = constant_value(node.input_value(1)), constant_value(node.input_value(2))
+        if indices is None or axis is None or np.ravel(indices).tolist() != [0] \
+                or int(np.ravel(axis)[0]) != 0:
+            return False
+    return bool(consumers)
 
 
 _GLOBAL_POOL_TYPES = {"ReduceMean", "AvgPool", "AdaptiveAvgPool", "ReduceMax", "MaxPool",
