@@ -98,10 +98,10 @@ class FeatureMap:
 
     tokens = False  # ViT-ReciproCAM's token families set True
     batch_statistics = False  # untrained, the family needs its BatchNorm statistics set
-    exported_layout = "NCHW"  # the exporter's target may be the same map as [N, h, w, C] or
-    # as tokens [N, h*w, C]
 
     def __init__(self, exported_layout: str = "NCHW"):
+        """`exported_layout`: the exporter's target is this map as it is ("NCHW"), as
+        [N, h, w, C] ("NHWC"), or as tokens [N, h*w, C] ("tokens")."""
         self.exported_layout = exported_layout
 
     def target(self, module, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +126,6 @@ class FeatureMap:
 
 class ChannelsLastMap(FeatureMap):
     """timm's Swin gives its last feature map as [N, h, w, C] and pools it so."""
-
-    exported_layout = "NHWC"
 
     def __init__(self):
         super().__init__("NHWC")
@@ -232,7 +230,16 @@ class Tokens(FeatureMap):
         return module.forward_head(module.norm(tokens), pre_logits=True)
 
 
-class PitTokens(Tokens):
+class SquareGridTokens(Tokens):
+    """Token families whose grid shows only in the token count, a square."""
+
+    def grid(self, module, count):
+        side = math.isqrt(count)
+        assert side * side == count, count
+        return side, side
+
+
+class PitTokens(SquareGridTokens):
     """PiT: the last stage's blocks see its class (and distillation) tokens, then the pooled
     patch grid; only the prefix tokens reach the final norm and the heads."""
 
@@ -242,11 +249,6 @@ class PitTokens(Tokens):
     def prefix(self, module):
         return module.cls_token.shape[1]
 
-    def grid(self, module, count):
-        side = math.isqrt(count)
-        assert side * side == count, count
-        return side, side
-
     def prelogits(self, module, tokens):
         return module.norm(tokens[:, :self.prefix(module)])
 
@@ -254,16 +256,13 @@ class PitTokens(Tokens):
         return module.forward_head  # one or two prefix tokens, a head each, averaged
 
 
-class MultiScaleTokens(PitTokens):
+class MultiScaleTokens(SquareGridTokens):
     """MViTv2: no prefix tokens; its last block's attention pools keys and values over the
     token grid (it takes the grid's size) and has no layer scale; the final norm, then the
     head averages the tokens."""
 
     def block(self, module):
         return module.stages[-1].blocks[-1]
-
-    def prefix(self, module):
-        return module.num_prefix_tokens
 
     def masked_block(self, module, tokens, weights):
         block = self.block(module)
@@ -274,14 +273,8 @@ class MultiScaleTokens(PitTokens):
         copies = tokens[None] * weights + attended
         return copies + block.mlp(block.norm2(copies))
 
-    def prelogits(self, module, tokens):
-        return module.forward_head(module.norm(tokens), pre_logits=True)
 
-    def classifier(self, module):
-        return FeatureMap.classifier(self, module)
-
-
-class MetaFormerTokens(PitTokens):
+class MetaFormerTokens(SquareGridTokens):
     """EfficientFormer: its last stage flattens the map to tokens (no prefix) for one attention
     block (`token_mixer`); the head averages the normalised tokens."""
 
@@ -293,12 +286,6 @@ class MetaFormerTokens(PitTokens):
 
     def prefix(self, module):
         return 0
-
-    def prelogits(self, module, tokens):
-        return module.forward_head(module.norm(tokens), pre_logits=True)
-
-    def classifier(self, module):
-        return FeatureMap.classifier(self, module)
 
 
 def location_masks(h: int, w: int, spread: str) -> torch.Tensor:
