@@ -439,15 +439,16 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
         },
         "reduced_precision": {
             "what": "top-1 agreement with the f32 IR when its convolutions and matrix products "
-                    "take inputs rounded to bf16 (the CPU default with AMX) or f16 (the GPU "
-                    "default) and sum in f32, emulated: what those devices' default precision "
-                    "keeps on these images",
+                    "take inputs rounded to bf16 (the CPU default with AMX or AVX512-BF16) or "
+                    "f16 (the GPU default) and sum in f32, emulated: what those devices' "
+                    "default precision keeps on these images",
             **reduced_precision_agreement(model, validation, reference[0], core),
         },
         "at_default_precision": {
             "what": "the INT8 IR and the f32 IR against the f32 IR computed in f32, both at "
-                    "this CPU's default precision (bf16 with AMX), as a server here computes "
-                    "them without --inference-precision; only the precision where it is f32",
+                    "this CPU's default precision (bf16 with AMX or AVX512-BF16), as a server "
+                    "here computes them without --inference-precision; only the precision where "
+                    "it is f32",
             **default_precision_agreement(model, quantized, validation, reference, core,
                                           settings.saliency_top_fraction),
         },
