@@ -110,18 +110,21 @@ class FeatureMap:
     def prelogits(self, module, copies: torch.Tensor) -> torch.Tensor:
         return module.forward_head(copies, pre_logits=True)
 
+    @staticmethod
+    def heads(module) -> tuple:
+        """timm's classifier: one head, or a distilled pair given as a tuple."""
+        heads = module.get_classifier()
+        return heads if isinstance(heads, tuple) else (heads,)
+
     def classifier(self, module):
         """prelogits -> logits; a distilled pair of heads is averaged, as in timm's eval mode."""
-        heads = module.get_classifier()
-        if isinstance(heads, tuple):
-            return lambda p: sum(head(p) for head in heads) / len(heads)
-        return heads
+        heads = self.heads(module)
+        return heads[0] if len(heads) == 1 else lambda p: sum(h(p) for h in heads) / len(heads)
 
     def last_layers(self, module) -> list[torch.nn.Linear]:
         """The linear layers the randomisation test re-initialises."""
-        heads = module.get_classifier()
-        heads = heads if isinstance(heads, tuple) else (heads,)
-        return [m for head in heads for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        return [m for head in self.heads(module) for m in head.modules()
+                if isinstance(m, torch.nn.Linear)]
 
 
 class ChannelsLastMap(FeatureMap):
