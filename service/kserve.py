@@ -220,6 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         for key, value in (("device", settings.device),
                            ("performance_hint", settings.performance_hint),
                            ("inference_precision", state.model.inference_precision),
+                           ("map_inference_precision", state.model.map_inference_precision),
                            ("version", str(state.version))):
             config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)

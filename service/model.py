@@ -24,6 +24,15 @@ from .rise_graph import MaskedScoring, class_count, masked_scoring_graph
 from .summary_head import LOGITS_OUTPUT, MAP_OUTPUTS, SCORE_OUTPUTS, Summary, with_summary
 
 SALIENCY_OUTPUT = "saliency_map"
+# Saliency methods whose maps a reduced default precision destroys, so the copies that compute
+# them are compiled in f32 unless the operator chose a precision. ViT-ReciproCAM reads the class
+# score of copies of the last block that differ in one token; the class token's residual stream
+# carries nearly all of the score, and bf16's 8 significant bits round the differences away: on
+# an f32 ViT-Tiny IR (timm, 224 px) run in bf16, the top class's map was zero everywhere for two
+# photos of four and ranked 0.07 and 0.20 with the f32 map for the others (a ResNet, ConvNeXt,
+# Swin and Lite0 with ReciproCAM: 0.994 to 1). The copies without the branch (predictions) keep
+# the device's default.
+MAP_NEEDS_F32 = frozenset({"vit-reciprocam"})
 # Masked images per inference of the RISE copy, by default (a fixed batch in the IR is kept).
 # 1000 masks of EfficientNet-Lite0 on 2 vCPUs of an AMX Xeon: 1.41 s at 8, 1.60 s at 1.
 RISE_BATCH = 8
@@ -204,6 +213,7 @@ class ClassifierModel:
         self.info: ModelInfo | None = None
         self.warnings: list[str] = []  # found at load, for the operator's log
         self.inference_precision = "unknown"  # what the device computes in, once loaded
+        self.map_inference_precision = "unknown"  # the same for the copies with the map
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._scores_graph: ov.Model | None = None
@@ -231,8 +241,9 @@ class ClassifierModel:
         # them, are left as they are.
         full_model = with_summary(model, LOGITS_OUTPUT, SALIENCY_OUTPUT) if any(
             SALIENCY_OUTPUT in out.get_names() for out in model.outputs) else model
-        self.compiled = self.core.compile_model(full_model, self.device, self.config)
-        self.inference_precision = compiled_precision(self.compiled)
+        self._map_config = self._config_for_maps(info.saliency_method)
+        self.compiled = self._compile(full_model, self._map_config)
+        self.map_inference_precision = compiled_precision(self.compiled)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
         summary = tuple(n for n in SCORE_OUTPUTS + MAP_OUTPUTS if n in self.output_names)
         self._explain_outputs = {False: (LOGITS_OUTPUT,),
@@ -245,19 +256,43 @@ class ClassifierModel:
         scores_model = scores_graph if self.routes.scores_only and self.has_saliency else None
         self._scores = self._pool(self._compile(scores_model), "scores") if scores_model \
             else self._full
+        self.inference_precision = compiled_precision(self._scores.compiled)
         self._full_single, self._scores_single = self._full, self._scores
         if (self.routes.single_image_copies and self.static_batch is None
                 and self.routes.batch_when_busy <= 1):
-            self._full_single = InferPool.sized_for(self._compile(single_image(full_model)))
+            self._full_single = InferPool.sized_for(self._compile(single_image(full_model),
+                                                                  self._map_config))
             self._scores_single = InferPool.sized_for(self._compile(single_image(scores_model))) \
                 if scores_model else self._full_single
         self._latency = None
         if self.routes.latency_when_idle and self.config.get("PERFORMANCE_HINT") != "LATENCY":
             # Two requests: a second image that arrives at the same moment need not wait.
             self._latency = InferPool(self._compile(
-                single_image(full_model), {**self.config, "PERFORMANCE_HINT": "LATENCY"}), 2)
+                single_image(full_model), {**self._map_config, "PERFORMANCE_HINT": "LATENCY"}), 2)
         self._warm_up()
         return self
+
+    def _config_for_maps(self, method: str | None) -> dict:
+        """The compile settings of the copies that compute the saliency map: the model's, with
+        f32 added for a method in MAP_NEEDS_F32 where the operator left the precision to the
+        device and the device computes f32; a warning where the operator asked otherwise."""
+        if method not in MAP_NEEDS_F32:
+            return self.config
+        asked = self.config.get("INFERENCE_PRECISION_HINT")
+        if asked is not None:
+            if str(asked).lower() not in ("f32", "fp32"):
+                self.warnings.append(
+                    f"inference_precision {asked}: {method} maps computed in reduced precision "
+                    "can be flat (the score differences they read are rounded away); leave it "
+                    "at default, which computes the map in f32 and predictions at the device's "
+                    "own precision")
+            return self.config
+        try:
+            capabilities = self.core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
+        except Exception:  # noqa: BLE001 - a device that does not say: leave it its default
+            return self.config
+        return {**self.config, "INFERENCE_PRECISION_HINT": "f32"} \
+            if "FP32" in capabilities else self.config
 
     def _compile(self, model: ov.Model, config: dict | None = None) -> ov.CompiledModel:
         return self.core.compile_model(model, self.device, self.config if config is None

@@ -330,6 +330,9 @@ def test_triton_model_config(kserve):
     assert plain.parameters["inference_precision"].string_value == (
         "bf16" if has_bf16 else "f32")
     assert config.parameters["inference_precision"].string_value in ("f32", "bf16")
+    # ReciproCAM's maps keep the device's precision (only ViT-ReciproCAM's are computed in f32)
+    assert config.parameters["map_inference_precision"].string_value == \
+        config.parameters["inference_precision"].string_value
     expect_error(lambda: kserve.ModelConfig(kpb.ModelConfigRequest(name="nonexistent")),
                  grpc.StatusCode.NOT_FOUND, "model_name")
 
