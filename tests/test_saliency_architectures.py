@@ -53,6 +53,7 @@ from xaiserve.export.saliency import (  # noqa: E402
     SaliencySettings,
     insert_saliency,
 )
+from xaiserve.export.saliency.graph import ancestors, key  # noqa: E402
 from xaiserve.export.sources import (  # noqa: E402
     SourceOptions,
     convert_torch,
@@ -695,3 +696,36 @@ def test_a_vit_that_averages_its_tokens_keeps_vit_reciprocam():
     expected = tokens.mean(1).reshape(14, 14).double().numpy()
     actual = compile_f32(activation_model)(image)["saliency_map"][0, 0].astype(np.float64)
     assert_close(actual, normalise(expected, DEFAULT.normalize), 1e-4, "channel mean of tokens")
+
+
+def branch_attention_queries(model) -> list[int]:
+    """Query tokens of each attention in the saliency branch (the nodes only that output needs)."""
+    (maps,) = [r for r in model.get_results() if "saliency_map" in r.output(0).get_names()]
+    (scores,) = [r for r in model.get_results() if key(r) != key(maps)]
+    branch = ancestors(maps.input_value(0)) - ancestors(scores.input_value(0))
+    return [node.input_value(0).get_partial_shape()[2].get_length()
+            for node in model.get_ordered_ops()
+            if node.get_type_name() == "ScaledDotProductAttention" and key(node) in branch]
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_vit_branch_shortcuts_keep_the_maps(global_pool):
+    """The branch re-runs the last block on h*w copies; where the head reads the class token
+    alone, the copies compute that token's query only and the rest of the block on that token
+    (DeiT-Tiny: 6x less time); a head that averages the patch tokens needs them all, and the
+    shortcut, checked on a random input at export, is refused. Maps equal torch's either way."""
+    torch.manual_seed(0)
+    module = timm.create_model("deit_tiny_patch16_224", num_classes=4,
+                               global_pool=global_pool).eval()
+    model, insertion = insert_saliency(convert_torch(module, 224), DEFAULT)
+    assert insertion.method == "vit-reciprocam"
+    assert branch_attention_queries(model) == ([1] if global_pool == "token" else [197])
+    image = synthetic_images(1, 224, seed=1).astype(np.float32) / 255.0
+    image = np.ascontiguousarray(image.transpose(0, 3, 1, 2))
+    actual = compile_f32(model)(image)["saliency_map"][0].astype(np.float64)
+    prelogits, h, w = masked_prelogits(VIT, module, image[0], DEFAULT.mosaic, DEFAULT.spread)
+    expected = maps_from_prelogits(prelogits, VIT.classifier(module), h, w, DEFAULT)
+    raw = maps_from_prelogits(prelogits, VIT.classifier(module), h, w,
+                              replace(DEFAULT, normalize="none"))
+    assert_close(actual, expected,
+                 normalised_tolerance(raw, raw_tolerance(raw), DEFAULT.normalize), global_pool)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import openvino as ov
@@ -62,6 +63,12 @@ def _upstream_nodes(output: ov.Output) -> list[ov.Node]:
     return list(seen.values())
 
 
+def nodes_between(start: ov.Output, end: ov.Output) -> list[ov.Node]:
+    """The nodes `end` depends on that do not come before `start` (a block's own layers)."""
+    before = ancestors(start)
+    return [n for n in _upstream_nodes(end) if key(n) not in before]
+
+
 def score_output(model: ov.Model) -> ov.Output:
     """The tensor of class scores: what feeds the first result of shape [N, K]."""
     for result in model.get_results():
@@ -94,9 +101,15 @@ class Tail:
         """Clone the tail, feed it `new_input` instead of the target, return the new scores."""
         return self.run_with([(self.target, new_input)])
 
-    def run_with(self, replacements: list[tuple[ov.Output, ov.Output]]) -> ov.Output:
+    def run_with(self, replacements: list[tuple[ov.Output, ov.Output]],
+                 rows: tuple[ov.Output, list[int]] | None = None,
+                 edit: Callable[[Callable[[ov.Output], ov.Output]], None] | None = None
+                 ) -> ov.Output:
         """Clone the tail with each listed tensor replaced by its new input (the target, and
-        where a method needs it a tensor inside the tail), return the new scores.
+        where a method needs it a tensor inside the tail), return the new scores. `rows`
+        (a tensor [N, tokens, dim] in the tail, token indices): from that tensor on, the clone
+        computes only those tokens, for a head that reads no others. `edit` gets a function
+        from a tensor of the model to its copy in the clone, and may change the clone.
 
         The clone starts from a copy of the whole model; its copies of those tensors' consumers
         are rewired to the new inputs, so only the tail stays reachable from the new scores.
@@ -112,6 +125,18 @@ class Tail:
             copied = copy_of[key(original.get_node())].output(original.get_index())
             for consumer in list(copied.get_target_inputs()):
                 consumer.replace_source_output(new_input)
+        def copy(tensor: ov.Output) -> ov.Output:
+            return copy_of[key(tensor.get_node())].output(tensor.get_index())
+
+        if edit is not None:
+            edit(copy)
+        if rows is not None:
+            tensor, indices = rows
+            copied = copy(tensor)
+            consumers = list(copied.get_target_inputs())
+            kept = ops.gather(copied, const(indices), const(1)).output(0)
+            for consumer in consumers:
+                consumer.replace_source_output(kept)
         _make_batch_free(scores_copy, [new for _, new in replacements])
         own_inputs = {key(p) for p in self.model.get_parameters()}
         leaked = [
@@ -220,13 +245,15 @@ def find_global_pool(scores: ov.Output, layouts: tuple[str, ...] = MAP_LAYOUTS
 def find_last_transformer_block_input(model: ov.Model, scores: ov.Output) -> ov.Output | None:
     """Input of the last transformer block: the residual stream that feeds that block's first
     LayerNorm (MVN) and its residual Add. Counting back from the scores, the final norm is the
-    last MVN and the last block holds the two before it."""
+    last MVN and the last block holds the two before it. The final norm normalises tokens
+    [N, T, D], or the pooled vector [N, D] where the head averages the tokens first (timm's
+    `fc_norm`: counting token norms only took the block before the last there)."""
     on_path = ancestors(scores)
-    norms = [
-        n for n in model.get_ordered_ops()
-        if n.get_type_name() == "MVN" and key(n) in on_path
-        and n.input_value(0).get_partial_shape().rank.get_length() == 3
-    ]
+    norms = [n for n in model.get_ordered_ops() if n.get_type_name() == "MVN"
+             and key(n) in on_path and n.input_value(0).get_partial_shape().rank.is_static]
+    ranks = [n.input_value(0).get_partial_shape().rank.get_length() for n in norms]
+    pooled_norm = norms[-1:] if ranks[-1:] == [2] else []
+    norms = [n for n, rank in zip(norms, ranks) if rank == 3] + pooled_norm
     if len(norms) < 3:
         return None
     stream = norms[-3].input_value(0)
