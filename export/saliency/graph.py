@@ -120,21 +120,20 @@ class Tail:
         if len(originals) != len(copies):
             raise InsertionError("could not clone the model graph for the saliency branch")
         copy_of = {key(o): c for o, c in zip(originals, copies)}
-        scores_copy = copy_of[key(self.scores.get_node())].output(self.scores.get_index())
-        for original, new_input in replacements:
-            copied = copy_of[key(original.get_node())].output(original.get_index())
-            for consumer in list(copied.get_target_inputs()):
-                consumer.replace_source_output(new_input)
+
         def copy(tensor: ov.Output) -> ov.Output:
             return copy_of[key(tensor.get_node())].output(tensor.get_index())
 
+        scores_copy = copy(self.scores)
+        for original, new_input in replacements:
+            for consumer in list(copy(original).get_target_inputs()):
+                consumer.replace_source_output(new_input)
         if edit is not None:
             edit(copy)
         if rows is not None:
             tensor, indices = rows
-            copied = copy(tensor)
-            consumers = list(copied.get_target_inputs())
-            kept = ops.gather(copied, const(indices), const(1)).output(0)
+            consumers = list(copy(tensor).get_target_inputs())
+            kept = ops.gather(copy(tensor), const(indices), const(1)).output(0)
             for consumer in consumers:
                 consumer.replace_source_output(kept)
         _make_batch_free(scores_copy, [new for _, new in replacements])
