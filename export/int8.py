@@ -33,7 +33,7 @@ import openvino as ov
 from xaiserve.service.cpu_int8 import (OVERFLOW_FIXES, cpu_flags, cpu_name, int8_dot_product,
                                        int8_weights, resolve_overflow_fix)
 from xaiserve.service.images import ImageError, read_image, resize_for_model
-from xaiserve.service.model import compiled_precision
+from xaiserve.service.model import MAP_NEEDS_F32, compiled_precision
 from xaiserve.service.model_info import ModelInfo
 
 from .int8_agreement import agreement, top1_agreement
@@ -327,10 +327,16 @@ def default_precision_agreement(f32_model: ov.Model, int8_model: ov.Model, image
     precision = compiled_precision(int8)
     if precision == "f32":
         return {"inference_precision": precision}
-    ours = agreement(*reference, *infer_all(int8, images, f"INT8 IR, {precision}"),
-                     fraction=fraction)
+    logits, maps = infer_all(int8, images, f"INT8 IR, {precision}")
+    info = ModelInfo.from_model(int8_model)
+    map_precision = precision
+    if maps is not None and info is not None and info.saliency_method in MAP_NEEDS_F32:
+        # the server computes these maps in f32 (service.model.MAP_NEEDS_F32)
+        maps = infer_all(compile_f32(int8_model, core), images, "INT8 IR's maps, f32")[1]
+        map_precision = "f32"
+    ours = agreement(*reference, logits, maps, fraction=fraction)
     f32_ir = infer_all(core.compile_model(f32_model, "CPU"), images, f"f32 IR, {precision}")[0]
-    return {"inference_precision": precision,
+    return {"inference_precision": precision, "map_inference_precision": map_precision,
             **{name: ours[name] for name in ("top1_agreement", "top1_agreement_confident",
                                              "saliency_rank_correlation") if name in ours},
             "f32_ir_top1_agreement": top1_agreement(reference[0], f32_ir)}

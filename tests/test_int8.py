@@ -598,11 +598,39 @@ def test_default_model_int8_agrees_with_f32(default_int8):
     precision = compiled_precision(ov.Core().compile_model(model, "CPU"))
     assert served["inference_precision"] == precision
     if precision != "f32":
+        assert served["map_inference_precision"] == precision  # ReciproCAM: as the device does
         assert 0.7 <= served["top1_agreement"] <= 1.0
         assert served["saliency_rank_correlation"] >= 0.9
         assert 0.7 <= served["f32_ir_top1_agreement"] <= 1.0
     else:
         assert set(served) == {"what", "inference_precision"}
+
+
+def test_int8_vit_report_judges_the_maps_the_server_computes(shapes, tmp_path):
+    """A ViT's maps are served from a copy compiled in f32 (service.model.MAP_NEEDS_F32), so the
+    report's figures for this CPU's default precision read them so too: equal to the main
+    figures, which compute every layer that is not INT8 in f32."""
+    import torch
+
+    from tests.synthetic import train_small_vit
+
+    torch.save(train_small_vit().state_dict(), tmp_path / "small_vit.pth")
+    result = run_cli("export", "torch:tests.synthetic:small_vit", "--checkpoint",
+                     str(tmp_path / "small_vit.pth"), "--input-size", "64", "--mean", "0,0,0",
+                     "--scale", "255,255,255", "--repository", str(tmp_path / "models"),
+                     "--name", "vit_int8", "--int8", "--calibration", shapes["calibration"],
+                     "--validation", shapes["validation"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["saliency"]["method"] == "vit-reciprocam"
+    figures = report["int8"]
+    served = figures["at_default_precision"]
+    if served["inference_precision"] == "f32":  # a CPU without bf16: the main figures hold
+        assert set(served) == {"what", "inference_precision"}
+        return
+    assert served["map_inference_precision"] == "f32"
+    assert served["saliency_rank_correlation"] == pytest.approx(
+        figures["saliency_rank_correlation"], abs=1e-9)
 
 
 def test_int8_ir_runs_int8_kernels_by_its_layer_counters(default_int8, photos):
