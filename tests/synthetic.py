@@ -76,7 +76,7 @@ def small_vit():
     so the export sees what a timm ViT gives it): 8 x 8 tokens of 8 px, a class token, and one
     block, so that the class token entering the block the method masks holds nothing of the
     image and the class must come from the tokens that block reads. With more blocks this task
-    is solved before the last one, and the class token alone decides there (maps flat even in
+    is solved before the last one, and the class token alone decides there (maps nearly flat in
     f32); classes: CLASSES plus "none" (no object), so that no colour wins by default."""
     from timm.models.vision_transformer import VisionTransformer
 
