@@ -318,11 +318,13 @@ def reduced_precision_agreement(model: ov.Model, images: np.ndarray,
 
 def default_precision_agreement(f32_model: ov.Model, int8_model: ov.Model, images: np.ndarray,
                                 reference: tuple[np.ndarray, np.ndarray | None], core: ov.Core,
-                                fraction: float) -> dict:
+                                fraction: float, f32_maps: np.ndarray | None) -> dict:
     """What a server on this CPU computes without an inference precision hint. The report's
     main figures compute the layers that are not INT8 in f32, so that they hold on any CPU
     whose INT8 sums are exact; an AMX CPU computes those layers in bf16 by default, and the
-    f32 IR too, so here both are judged against the f32 IR as the server would run them."""
+    f32 IR too, so here both are judged against the f32 IR as the server would run them.
+    `f32_maps`: the INT8 IR's maps with its other layers in f32, which the server serves where
+    the method needs f32 (service.model.MAP_NEEDS_F32)."""
     int8 = core.compile_model(int8_model, "CPU")
     precision = compiled_precision(int8)
     if precision == "f32":
@@ -331,9 +333,7 @@ def default_precision_agreement(f32_model: ov.Model, int8_model: ov.Model, image
     info = ModelInfo.from_model(int8_model)
     map_precision = precision
     if maps is not None and info is not None and info.saliency_method in MAP_NEEDS_F32:
-        # the server computes these maps in f32 (service.model.MAP_NEEDS_F32)
-        maps = infer_all(compile_f32(int8_model, core), images, "INT8 IR's maps, f32")[1]
-        map_precision = "f32"
+        maps, map_precision = f32_maps, "f32"
     ours = agreement(*reference, logits, maps, fraction=fraction)
     f32_ir = infer_all(core.compile_model(f32_model, "CPU"), images, f"f32 IR, {precision}")[0]
     return {"inference_precision": precision, "map_inference_precision": map_precision,
@@ -456,7 +456,7 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
                     "here computes them without --inference-precision; only the precision where "
                     "it is f32",
             **default_precision_agreement(model, quantized, validation, reference, core,
-                                          settings.saliency_top_fraction),
+                                          settings.saliency_top_fraction, f32_maps=ours[1]),
         },
     }
     notes = []

@@ -241,8 +241,8 @@ class ClassifierModel:
         # them, are left as they are.
         full_model = with_summary(model, LOGITS_OUTPUT, SALIENCY_OUTPUT) if any(
             SALIENCY_OUTPUT in out.get_names() for out in model.outputs) else model
-        self._map_config = self._config_for_maps(info.saliency_method)
-        self.compiled = self._compile(full_model, self._map_config)
+        map_config = self._config_for_maps(info.saliency_method)
+        self.compiled = self._compile(full_model, map_config)
         self.map_inference_precision = compiled_precision(self.compiled)
         self.output_names = {name for out in self.compiled.outputs for name in out.get_names()}
         summary = tuple(n for n in SCORE_OUTPUTS + MAP_OUTPUTS if n in self.output_names)
@@ -261,14 +261,14 @@ class ClassifierModel:
         if (self.routes.single_image_copies and self.static_batch is None
                 and self.routes.batch_when_busy <= 1):
             self._full_single = InferPool.sized_for(self._compile(single_image(full_model),
-                                                                  self._map_config))
+                                                                  map_config))
             self._scores_single = InferPool.sized_for(self._compile(single_image(scores_model))) \
                 if scores_model else self._full_single
         self._latency = None
         if self.routes.latency_when_idle and self.config.get("PERFORMANCE_HINT") != "LATENCY":
             # Two requests: a second image that arrives at the same moment need not wait.
             self._latency = InferPool(self._compile(
-                single_image(full_model), {**self._map_config, "PERFORMANCE_HINT": "LATENCY"}), 2)
+                single_image(full_model), {**map_config, "PERFORMANCE_HINT": "LATENCY"}), 2)
         self._warm_up()
         return self
 

@@ -84,6 +84,11 @@ def small_vit():
                              mlp_ratio=2.0, num_classes=len(CLASSES) + 1)
 
 
+# `xaiserve export` arguments for small_vit (a checkpoint of train_small_vit's to be added)
+SMALL_VIT_EXPORT = ("torch:tests.synthetic:small_vit", "--input-size", str(SIZE),
+                    "--mean", "0,0,0", "--scale", "255,255,255")
+
+
 def mlp():
     """A classifier with no spatial feature map: saliency insertion cannot work on it."""
     import torch.nn as nn

@@ -612,14 +612,12 @@ def test_int8_vit_report_judges_the_maps_the_server_computes(shapes, tmp_path):
     figures, which compute every layer that is not INT8 in f32."""
     import torch
 
-    from tests.synthetic import train_small_vit
+    from tests.synthetic import SMALL_VIT_EXPORT, train_small_vit
 
     torch.save(train_small_vit().state_dict(), tmp_path / "small_vit.pth")
-    result = run_cli("export", "torch:tests.synthetic:small_vit", "--checkpoint",
-                     str(tmp_path / "small_vit.pth"), "--input-size", "64", "--mean", "0,0,0",
-                     "--scale", "255,255,255", "--repository", str(tmp_path / "models"),
-                     "--name", "vit_int8", "--int8", "--calibration", shapes["calibration"],
-                     "--validation", shapes["validation"])
+    result = run_cli("export", *SMALL_VIT_EXPORT, "--checkpoint", str(tmp_path / "small_vit.pth"),
+                     "--repository", str(tmp_path / "models"), "--name", "vit_int8", "--int8",
+                     "--calibration", shapes["calibration"], "--validation", shapes["validation"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["saliency"]["method"] == "vit-reciprocam"

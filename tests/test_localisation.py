@@ -49,14 +49,12 @@ def trained_vit_export(tmp_path_factory):
     """A ViT trained on the synthetic images, exported by the real command (ViT-ReciproCAM)."""
     import torch
 
-    from tests.synthetic import train_small_vit
+    from tests.synthetic import SMALL_VIT_EXPORT, train_small_vit
 
     work = tmp_path_factory.mktemp("synthetic_vit")
     torch.save(train_small_vit().state_dict(), work / "small_vit.pth")
-    result = run_cli("export", "torch:tests.synthetic:small_vit", "--checkpoint",
-                     str(work / "small_vit.pth"), "--input-size", "64", "--mean", "0,0,0",
-                     "--scale", "255,255,255", "--repository", str(work / "models"),
-                     "--name", "shapes_vit")
+    result = run_cli("export", *SMALL_VIT_EXPORT, "--checkpoint", str(work / "small_vit.pth"),
+                     "--repository", str(work / "models"), "--name", "shapes_vit")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["saliency"]["method"] == "vit-reciprocam"
     return work / "models" / "shapes_vit" / "1"

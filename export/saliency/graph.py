@@ -132,8 +132,9 @@ class Tail:
             edit(copy)
         if rows is not None:
             tensor, indices = rows
-            consumers = list(copy(tensor).get_target_inputs())
-            kept = ops.gather(copy(tensor), const(indices), const(1)).output(0)
+            copied = copy(tensor)
+            consumers = list(copied.get_target_inputs())
+            kept = ops.gather(copied, const(indices), const(1)).output(0)
             for consumer in consumers:
                 consumer.replace_source_output(kept)
         _make_batch_free(scores_copy, [new for _, new in replacements])

@@ -394,7 +394,7 @@ class ViTReciproCAM(SaliencyMethod):
 
     Re-running a whole block per location cost 14 times the network on DeiT-Tiny. Two shortcuts
     give the same scores for less: the attention's projections run once and are masked after
-    (`_replacements`), and where the head reads the class token alone the copies compute only
+    (`_masked_projections`), and where the head reads the class token alone the copies compute only
     that token's query, MLP and norm (`_head_rows`, `_class_token_queries`). Each is kept only
     where it gives the plain construction's scores on a random input (`_Probe`)."""
 
@@ -436,16 +436,16 @@ class ViTReciproCAM(SaliencyMethod):
 
         norm = block_norm_output(target)
         tail = Tail(model, target, scores)
-        plain = self._replacements(target, norm, masked, projections=False)
+        plain = [(target, masked(target))] + ([(norm, masked(norm))] if norm is not None else [])
         copy_scores = tail.run_with(plain)
         rows = self._head_rows(target, prefix)
-        shortcut = self._replacements(target, norm, masked, projections=True)
+        projections = self._masked_projections(norm, masked) if norm is not None else []
         queries = _class_token_queries(target, rows[0]) if rows and prefix == 1 else None
-        if rows or len(shortcut) > len(plain):
+        if rows or projections:
             probe = _Probe(model)
             reference = probe.run(copy_scores)
             for edit in ([queries] if queries else []) + [None]:  # the fastest first
-                candidate = tail.run_with(shortcut, rows, edit)
+                candidate = tail.run_with(plain + projections, rows, edit)
                 if probe.agree(probe.run(candidate), reference):
                     copy_scores = candidate
                     break
@@ -453,17 +453,13 @@ class ViTReciproCAM(SaliencyMethod):
                                self.settings), None
 
     @staticmethod
-    def _replacements(target: ov.Output, norm: ov.Output | None, masked, projections: bool
-                      ) -> list[tuple[ov.Output, ov.Output]]:
-        """The masked copies the tail reads. With `projections`, a projection of the normed
-        tokens by constant weights (the attention's q, k, v) reads its own output masked
-        instead: scaling a token commutes with a linear map, so the projection runs once at
+    def _masked_projections(norm: ov.Output, masked) -> list[tuple[ov.Output, ov.Output]]:
+        """Replacements for the projections of the normed tokens by constant weights (the
+        attention's q, k, v): each reads its own output masked instead of projecting masked
+        copies; scaling a token commutes with a linear map, so the projection runs once at
         batch N rather than on h*w copies."""
-        replacements = [(target, masked(target))]
-        if norm is None:
-            return replacements
-        replacements.append((norm, masked(norm)))
-        for consumer in norm.get_target_inputs() if projections else ():
+        replacements = []
+        for consumer in norm.get_target_inputs():
             node = consumer.get_node()
             if node.get_type_name() == "MatMul" and consumer.get_index() == 0 \
                     and not node.get_attributes()["transpose_a"] \
