@@ -1,4 +1,5 @@
-"""Parity of the exported IR against its source framework, on the same u8 images."""
+"""Parity of the exported IR against its source (a torch module, or the IR or ONNX file as
+read), on the same u8 images."""
 
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ def compile_f32(model: ov.Model, core: ov.Core | None = None) -> ov.CompiledMode
     return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
-def torch_input(images: np.ndarray, info: ModelInfo):
-    """u8 NHWC -> the float NCHW tensor the IR computes internally."""
-    import torch
-
+def normalised(images: np.ndarray, info: ModelInfo, layout: str = "NCHW") -> np.ndarray:
+    """u8 NHWC -> the float tensor the IR computes internally, in the model's layout."""
     x = (images.astype(np.float32) - np.array(info.mean_values, np.float32)) \
         / np.array(info.scale_values, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return np.ascontiguousarray(x if layout == "NHWC" else x.transpose(0, 3, 1, 2))
+
+
+def torch_input(images: np.ndarray, info: ModelInfo):
+    import torch
+
+    return torch.from_numpy(normalised(images, info))
 
 
 def torch_logits(module, images: np.ndarray, info: ModelInfo) -> np.ndarray:
@@ -33,8 +38,16 @@ def torch_logits(module, images: np.ndarray, info: ModelInfo) -> np.ndarray:
         return module(torch_input(images, info)).numpy()
 
 
-def parity(module, compiled: ov.CompiledModel, images: np.ndarray, info: ModelInfo) -> dict:
-    reference = torch_logits(module, images, info)
+def source_logits(loaded, images: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """The source's logits on `images`, normalised as the IR does: its torch module's, or an
+    IR or ONNX file's as read (in f32)."""
+    if loaded.torch_module is not None:
+        return torch_logits(loaded.torch_module, images, info)
+    compiled = compile_f32(loaded.source_model)
+    return compiled(normalised(images, info, loaded.input_layout))[compiled.output(0)]
+
+
+def parity(reference: np.ndarray, compiled: ov.CompiledModel, images: np.ndarray) -> dict:
     ours = compiled(images)["logits"]
     return {
         "images": int(len(images)),

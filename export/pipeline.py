@@ -17,7 +17,7 @@ from xaiserve.service.version_files import CARD_NAME, digests
 
 from .int8 import Int8Settings, quantize_export
 from .int8_finetune import TorchSource
-from .parity import compile_f32, parity
+from .parity import compile_f32, parity, source_logits
 from .precision_pins import kept_in_f32, pin_first_layers
 from .preprocessing import embed_preprocessing
 from .reference_saliency import ReferenceCheck, check_reference
@@ -63,17 +63,17 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
     progress("inserting saliency")
     info = loaded.info
     model, insertion = _served_form(loaded.model, request.saliency, info,
-                                    loaded.preprocessing_embedded)
+                                    loaded.preprocessing_embedded, loaded.input_layout)
     timings["insert_s"] = time.perf_counter() - t
 
     parity_figures = None
-    if loaded.torch_module is not None:
+    if loaded.torch_module is not None or loaded.source_model is not None:
         t = time.perf_counter()
         progress("checking parity against the source")
         images = request.parity_images
         if images is None:
             images = synthetic_images(4, info.input_height)
-        parity_figures = parity(loaded.torch_module, compile_f32(model), images, info)
+        parity_figures = parity(source_logits(loaded, images, info), compile_f32(model), images)
         timings["parity_s"] = time.perf_counter() - t
     reference_figures = _reference(request, loaded, model, info, images if parity_figures
                                    else None, progress, timings)
@@ -146,7 +146,8 @@ def ir_bytes(model: ov.Model) -> int:
 
 
 def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
-                 preprocessing_embedded: bool) -> tuple[ov.Model, Insertion | None]:
+                 preprocessing_embedded: bool, input_layout: str = "NCHW"
+                 ) -> tuple[ov.Model, Insertion | None]:
     """The model as the repository stores it: a saliency output and u8 NHWC input; `info`
     records the insertion and is written into the model."""
     model, insertion = insert_saliency(model, saliency)
@@ -156,7 +157,7 @@ def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
         info.saliency_settings = json.dumps(saliency.as_dict(), sort_keys=True)
         info.saliency_map_precision = insertion.map_precision
     if not preprocessing_embedded:
-        model = embed_preprocessing(model, info)
+        model = embed_preprocessing(model, info, input_layout)
     info.write(model)
     return model, insertion
 

@@ -20,6 +20,8 @@ import openvino as ov
 from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
+from .deployed import input_layout, reduced_float_type, scores_as_logits
+
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_SCALE = [58.395, 57.12, 57.375]
 
@@ -61,14 +63,17 @@ class SourceOptions:
 
 @dataclass
 class LoadedSource:
-    """A float NCHW model with dynamic batch and static H, W, and how to feed it; or, with
-    `preprocessing_embedded`, an IR that already takes u8 NHWC images (one of ours exported
-    with `--method none`): the pipeline then inserts the branch and adds no preprocessing."""
+    """A float model (NCHW, or NHWC as `input_layout` says) with dynamic batch and static H,
+    W, and how to feed it; or, with `preprocessing_embedded`, an IR that already takes u8 NHWC
+    images (one of ours exported with `--method none`): the pipeline then inserts the branch
+    and adds no preprocessing."""
 
     model: ov.Model
     info: ModelInfo
     description: str
     torch_module: Any = None  # kept for parity checks against the source framework
+    source_model: ov.Model | None = None  # an IR or ONNX file's, for the same checks
+    input_layout: str = "NCHW"
     extra: dict = field(default_factory=dict)
     preprocessing_embedded: bool = False
 
@@ -303,18 +308,27 @@ def check_class_count(options: SourceOptions, found: int, source: str) -> None:
 # --- deployed IR / ONNX -----------------------------------------------------------------------
 
 def read_model_file(path: Path) -> ov.Model:
-    """An IR as the server reads it (`read_ir`), an ONNX file through the ONNX frontend alone:
-    `Core.read_model` asks every frontend whether a file is theirs, and TensorFlow's prints its
-    parse errors (absl lines) on stderr for a corrupt file that is not, before our one line."""
+    """An IR as the server reads it (`read_ir`); an ONNX file as OpenVINO's converter (ovc)
+    reads it, once the ONNX frontend alone has accepted it.
+
+    The frontend's graph is the ONNX ops one by one: GlobalAveragePool's axes come from a
+    Range over the input's rank and Gemm multiplies by its alpha of 1, so no head is found in
+    it; `ov.convert_model` folds those as it does for an IR. The frontend goes first because
+    `convert_model` and `Core.read_model` ask every frontend whether a file is theirs, and
+    TensorFlow's prints its parse errors (absl lines) on stderr for a corrupt file, before our
+    one line."""
     if path.suffix.lower() == ".xml":
         return read_ir(ov.Core(), path)
     frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
-    return frontend.convert(frontend.load(str(path)))
+    frontend.load(str(path))
+    return ov.convert_model(str(path))
 
 
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
-    """An IR or ONNX someone already deployed: add saliency without torch."""
+    """An IR or ONNX someone already deployed: add saliency without torch. Float NCHW or NHWC
+    (Keras) input; a final Softmax or [N, K, 1, 1] scores become logits (`deployed`); the file
+    as read is kept for the parity check."""
     path = Path(path_str)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
@@ -329,18 +343,16 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     shape = model.inputs[0].get_partial_shape()
     if known is not None and known.embedded_processing and _takes_u8_nhwc(model):
         return _with_embedded_preprocessing(model, known, path, options)
-    if shape.rank.get_length() != 4:
-        raise SourceError(f"{path}: input has shape {shape}, expected an image [N, 3, H, W]")
-    size = options.input_size
-    if size is None:
-        dims = [d.get_length() if d.is_static else None for d in shape]
-        if dims[2] is None or dims[3] is None:
-            raise SourceError(f"{path}: the input size is dynamic; give --input-size")
-        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, dims[2], dims[3]])})
-        height, width = dims[2], dims[3]
-    else:
-        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, size, size])})
-        height = width = size
+    layout = input_layout(shape)
+    if layout is None:
+        raise SourceError(f"{path}: input has shape {shape}, expected an image [N, 3, H, W] "
+                          "or [N, H, W, 3]")
+    computes_in = reduced_float_type(model)
+    if computes_in is not None:
+        raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter takes "
+                          "float32 models: give the float32 model it was converted from")
+    height, width = _fixed_size(model, layout, options.input_size, path)
+    edits = _as_logits(model, path)
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
     check_class_count(options, num_classes, str(path))
     if known is not None and known.labels:
@@ -354,7 +366,39 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         scale_values=list(options.scale_values or (known.scale_values if known else [1.0] * 3)),
         resize_type=known.resize_type if known else "standard",
     )
-    return LoadedSource(model, info, f"file:{path}")
+    described = f"file:{path}" + "".join(f" ({edit})" for edit in edits)
+    return LoadedSource(model, info, described, input_layout=layout,
+                        source_model=model.clone())
+
+
+def _fixed_size(model: ov.Model, layout: str, input_size: int | None,
+                path: Path) -> tuple[int, int]:
+    """Reshape to a dynamic batch at the file's (or --input-size's) height and width."""
+    dims = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
+    h_axis = layout.index("H")
+    if input_size is not None:
+        height = width = input_size
+    elif dims[h_axis] is None or dims[h_axis + 1] is None:
+        raise SourceError(f"{path}: the input size is dynamic; give --input-size")
+    else:
+        height, width = dims[h_axis], dims[h_axis + 1]
+    shape = [-1, 3, height, width] if layout == "NCHW" else [-1, height, width, 3]
+    try:
+        model.reshape({model.inputs[0]: ov.PartialShape(shape)})
+    except Exception as exc:  # noqa: BLE001 - shape inference fails inside the graph
+        raise SourceError(f"{path}: cannot take input {shape} (batch free, {height} x {width}) "
+                          f"({error_reason(exc, 160)}); export it with a dynamic batch "
+                          "or give the --input-size it was built for") from None
+    return height, width
+
+
+def _as_logits(model: ov.Model, path: Path) -> list[str]:
+    edits = scores_as_logits(model)
+    shape = model.outputs[0].get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic:
+        raise SourceError(f"{path}: its first output has shape {shape}, expected class scores "
+                          "[N, num_classes]; only classifiers can be exported")
+    return edits
 
 
 def _takes_u8_nhwc(model: ov.Model) -> bool:

@@ -1,0 +1,178 @@
+"""Classifiers someone already deployed as ONNX, in the forms their frameworks write: exported
+with the real command, they must predict what their source predicts and carry the same maps
+as the torch source's export, and serve their own probabilities.
+
+The files are written by torch's ONNX exporter from the seeded small CNN (the weights of
+`small_export`) wrapped as other frameworks build their models: Keras (float NHWC input, a
+final Softmax), Caffe and SqueezeNet ([N, K, 1, 1] scores from a 1x1 convolution, Softmax),
+a batch fixed at 1, a second output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from xaiserve.export.parity import compile_f32
+
+from .conftest import run_cli
+from .synthetic import SIZE, make_dataset
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")  # torch's ONNX exporter writes through it
+
+
+class KerasStyle(torch.nn.Module):
+    """Float NHWC images in, probabilities out."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.softmax(self.net(x.permute(0, 3, 1, 2)), 1)
+
+
+class ConvScores(torch.nn.Module):
+    """The linear layer as a 1x1 convolution on the pooled map: scores [N, K, 1, 1], then a
+    Softmax over the classes."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.features = net[:-2]  # up to the global pooling, [N, C, 1, 1]
+        linear = net[-1]
+        self.classifier = torch.nn.Conv2d(linear.in_features, linear.out_features, 1)
+        self.classifier.weight.data = linear.weight.data[:, :, None, None].clone()
+        self.classifier.bias.data = linear.bias.data.clone()
+
+    def forward(self, x):
+        return torch.softmax(self.classifier(self.features(x)), 1)
+
+
+class TwoOutputs(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits, torch.softmax(logits, 1)
+
+
+# name: (wrapper, input layout, dynamic batch, what the card says was changed)
+VARIANTS = {
+    "plain": (lambda net: net, "NCHW", True, ""),
+    "batch_fixed_at_1": (lambda net: net, "NCHW", False, ""),
+    "keras": (KerasStyle, "NHWC", True, "its final Softmax removed"),
+    "conv_scores": (ConvScores, "NCHW", True, "its final Softmax removed"),
+    "two_outputs": (TwoOutputs, "NCHW", True, ""),
+}
+
+
+def seeded_cnn():
+    """`small_export`'s weights."""
+    from .synthetic import small_cnn
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return small_cnn().eval()
+
+
+def write_onnx(module, path, layout: str, dynamic_batch: bool, dtype=None,
+               size: int = SIZE) -> None:
+    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+    outputs = ["scores", "probabilities"] if isinstance(module, TwoOutputs) else ["scores"]
+    torch.onnx.export(module.eval(), (torch.zeros(shape, dtype=dtype),), str(path),
+                      dynamo=False, input_names=["input"], output_names=outputs,
+                      dynamic_axes={"input": {0: "batch"}} if dynamic_batch else None)
+
+
+def outputs_of(ir, images: np.ndarray) -> dict[str, np.ndarray]:
+    compiled = compile_f32(ov.Core().read_model(ir))
+    result = compiled(images)
+    return {name: result[compiled.output(name)] for name in ("logits", "saliency_map")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_deployed_onnx_exports_like_its_torch_source(variant, small_export, tmp_path):
+    wrap, layout, dynamic_batch, change = VARIANTS[variant]
+    net = seeded_cnn()
+    write_onnx(wrap(net), tmp_path / "deployed.onnx", layout, dynamic_batch)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\nblue\n")
+    result = run_cli("export", str(tmp_path / "deployed.onnx"), "--repository",
+                     str(tmp_path / "models"), "--name", variant, "--labels", str(labels),
+                     "--scale", "255")
+    assert result.returncode == 0, result.stderr[-2000:]
+    version = tmp_path / "models" / variant / "1"
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["saliency"]["method"] == "reciprocam"
+    assert card["parity"]["top1_agreement"] == 1.0 and card["parity"]["max_abs_logit_diff"] < 1e-4
+    assert change in card["source"]
+
+    images, _, _ = make_dataset(6, seed=3)
+    ours = outputs_of(version / "model.xml", images)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255))
+    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)  # logits, not softmax
+    from_torch = outputs_of(small_export.path / "model.xml", images)
+    np.testing.assert_allclose(ours["saliency_map"], from_torch["saliency_map"], atol=1e-4)
+
+
+def test_float16_model_is_refused_with_the_fix(tmp_path):
+    write_onnx(seeded_cnn().half(), tmp_path / "half.onnx", "NCHW", True, dtype=torch.float16)
+    result = run_cli("export", str(tmp_path / "half.onnx"), "--repository",
+                     str(tmp_path / "models"), "--name", "half")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "computes in f16" in line and "give the float32 model" in line
+    assert not (tmp_path / "models" / "half").exists()
+
+
+def test_lite0_deployed_as_keras_onnx_serves_its_own_probabilities(default_export, photos,
+                                                                    tmp_path):
+    """The real default model as a Keras-style ONNX file (NHWC, Softmax at the end), exported
+    and served beside the default export: the same classes, the same probabilities (not a
+    softmax of probabilities: 0.001 for every class), maps alike."""
+    from xaiserve.export.sources import create_source, imagenet_labels
+    from xaiserve.service.client import XaiClient
+    from xaiserve.service.config import ServerSettings
+    from xaiserve.service.server import Server
+
+    from .test_server import jpeg
+
+    source = create_source("default")
+    write_onnx(KerasStyle(source.torch_module), tmp_path / "lite0.onnx", "NHWC", True,
+               size=source.info.input_height)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(imagenet_labels()) + "\n")
+    repo = tmp_path / "models"
+    result = run_cli("export", str(tmp_path / "lite0.onnx"), "--repository", str(repo),
+                     "--name", "from_keras", "--labels", str(labels),
+                     "--mean", ",".join(map(str, source.info.mean_values)),
+                     "--scale", ",".join(map(str, source.info.scale_values)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(default_export.path, repo / "default" / "1")
+
+    server = Server(ServerSettings(repository=repo, host="127.0.0.1", port=0, rest_port=0,
+                                   poll_seconds=0.5)).start()
+    client = XaiClient(f"127.0.0.1:{server.port}")
+    try:
+        for photo in ("chelsea", "coffee"):
+            image = jpeg(photos[photo])
+            ours, default = (client.explain(image, name, top_k=3, map_format="float")
+                             for name in ("from_keras", "default"))
+            assert [p.label for p in ours.predictions] == [p.label for p in default.predictions]
+            np.testing.assert_allclose([p.score for p in ours.predictions],
+                                       [p.score for p in default.predictions], atol=0.02)
+            assert ours.predictions[0].score > 0.5
+            for a, b in zip(ours.maps, default.maps):
+                ours_map, default_map = (np.asarray(m.values).reshape(tuple(m.shape))
+                                         for m in (a, b))
+                assert np.corrcoef(ours_map.ravel(), default_map.ravel())[0, 1] > 0.95
+    finally:
+        client.close()
+        server.stop(grace=1)
