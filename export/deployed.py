@@ -13,7 +13,7 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from .saliency.graph import constant_value
+from .saliency.graph import constant_value, static_dims
 
 
 def input_layout(shape: ov.PartialShape) -> str | None:
@@ -75,3 +75,84 @@ def _is_class_softmax(node: ov.Node) -> bool:
     if rank.is_dynamic or rank.get_length() not in (2, 4):
         return False
     return int(node.get_attributes()["axis"]) % rank.get_length() == 1
+
+
+def fold_static_shape_reads(model: ov.Model) -> int:
+    """Replace reads of static dimensions from tensors' shapes by constants, in place; return
+    how many. ONNX files keep `B, N, C = x.shape` (a Gather from a ShapeOf) where the batch is
+    dynamic, and the saliency branch cannot re-run layers on masked copies while they read a
+    tensor before its target (PiT's token count) or while a reshape's output size is unknown
+    (PVT v2's `reshape(B, H, W, -1)`); torch's converter folds them. Repeated until nothing
+    changes: a folded reshape makes the shapes after it static."""
+    total = 0
+    while True:
+        folded = sum(_fold_gather(node) for node in model.get_ordered_ops()
+                     if node.get_type_name() == "Gather")
+        folded += sum(_fold_batch_reshape(node) for node in model.get_ordered_ops()
+                      if node.get_type_name() == "Reshape")
+        if not folded:
+            return total
+        model.validate_nodes_and_infer_types()
+        total += folded
+
+
+def _shape_read(output: ov.Output) -> list[int | None] | None:
+    """The dimensions a Gather of constant indices from a ShapeOf picks (None where dynamic),
+    or the values of a constant; None for anything else."""
+    node = output.get_node()
+    if node.get_type_name() == "Constant":
+        return [int(v) for v in np.ravel(node.get_data())]
+    if node.get_type_name() != "Gather" or node.input_value(0).get_node().get_type_name() != "ShapeOf":
+        return None
+    indices, axis = (constant_value(node.input_value(i)) for i in (1, 2))
+    if indices is None or axis is None or int(np.ravel(axis)[0]) != 0:
+        return None
+    dims = static_dims(node.input_value(0).get_node().input_value(0))
+    return [dims[int(i)] for i in np.ravel(indices)]
+
+
+def _fold_gather(gather: ov.Node) -> int:
+    """A Gather of static dimensions from a ShapeOf becomes their constant."""
+    if gather.input_value(0).get_node().get_type_name() != "ShapeOf":
+        return 0
+    picked = _shape_read(gather.output(0))
+    if picked is None or any(d is None for d in picked):
+        return 0
+    values = np.array(picked, gather.get_output_element_type(0).to_dtype())
+    constant = ops.constant(values.reshape(gather.get_output_partial_shape(0).to_shape()))
+    for user in list(gather.output(0).get_target_inputs()):
+        user.replace_source_output(constant.output(0))
+    return 1
+
+
+def _fold_batch_reshape(reshape: ov.Node) -> int:
+    """A Reshape to [batch read from a shape, static sizes..., maybe one -1] of an input static
+    but for its batch becomes a Reshape to the constant [-1, sizes...], the -1 resolved: its
+    output is then static but for the batch. The batch read must be the first element and
+    the only unknown one; the tensor it reads is taken to have the input's batch."""
+    pattern = reshape.input_value(1).get_node()
+    if pattern.get_type_name() != "Concat" or reshape.get_output_partial_shape(0).is_static:
+        return 0
+    parts = [_shape_read(v) for v in pattern.input_values()]
+    if any(part is None for part in parts):
+        return 0
+    values = [v for part in parts for v in part]
+    dims = static_dims(reshape.input_value(0))
+    if not values or values[0] is not None or any(v is None for v in values[1:]) \
+            or dims[0] is not None or any(d is None for d in dims[1:]):
+        return 0
+    if reshape.get_attributes().get("special_zero"):
+        values = [dims[i] if v == 0 and i < len(dims) else v for i, v in enumerate(values)]
+    sizes = values[1:]
+    if sizes.count(-1) > 1 or any(v < -1 or v == 0 for v in sizes):
+        return 0
+    if -1 in sizes:
+        known = int(np.prod([v for v in sizes if v != -1]))
+        elements = int(np.prod(dims[1:]))
+        if known == 0 or elements % known:
+            return 0
+        sizes[sizes.index(-1)] = elements // known
+    pattern_type = reshape.input_value(1).get_element_type().to_dtype()
+    reshape.input(1).replace_source_output(
+        ops.constant(np.array([-1, *sizes], pattern_type)).output(0))
+    return 1

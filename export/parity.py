@@ -17,10 +17,14 @@ def compile_f32(model: ov.Model, core: ov.Core | None = None) -> ov.CompiledMode
     return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
-def normalised(images: np.ndarray, info: ModelInfo, layout: str = "NCHW") -> np.ndarray:
-    """u8 NHWC -> the float tensor the IR computes internally, in the model's layout."""
+def normalised(images: np.ndarray, info: ModelInfo, layout: str = "NCHW",
+               bgr: bool = False) -> np.ndarray:
+    """u8 RGB NHWC -> the float tensor the IR computes internally, in the model's layout and
+    channel order."""
     x = (images.astype(np.float32) - np.array(info.mean_values, np.float32)) \
         / np.array(info.scale_values, np.float32)
+    if bgr:
+        x = x[..., ::-1]
     return np.ascontiguousarray(x if layout == "NHWC" else x.transpose(0, 3, 1, 2))
 
 
@@ -44,7 +48,8 @@ def source_logits(loaded, images: np.ndarray, info: ModelInfo) -> np.ndarray:
     if loaded.torch_module is not None:
         return torch_logits(loaded.torch_module, images, info)
     compiled = compile_f32(loaded.source_model)
-    return compiled(normalised(images, info, loaded.input_layout))[compiled.output(0)]
+    return compiled(normalised(images, info, loaded.input_layout, loaded.bgr))[
+        compiled.output(0)]
 
 
 def parity(reference: np.ndarray, compiled: ov.CompiledModel, images: np.ndarray) -> dict:

@@ -63,7 +63,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
     progress("inserting saliency")
     info = loaded.info
     model, insertion = _served_form(loaded.model, request.saliency, info,
-                                    loaded.preprocessing_embedded, loaded.input_layout)
+                                    loaded.preprocessing_embedded, loaded.input_layout,
+                                    loaded.bgr)
     timings["insert_s"] = time.perf_counter() - t
 
     parity_figures = None
@@ -107,7 +108,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
             "input": {"name": "image", "shape": [-1, info.input_height, info.input_width, 3],
                       "dtype": "u8", "layout": "NHWC", "color": "RGB"},
             "preprocessing": {"mean_values": info.mean_values, "scale_values": info.scale_values,
-                              "resize_type": info.resize_type, "embedded": True},
+                              "resize_type": info.resize_type, "embedded": True,
+                              "reversed_channels": loaded.bgr},
             "labels_file": "labels.txt",
             "num_classes": len(info.labels),
             "outputs": [{"name": "saliency_map" if "saliency_map" in o.get_names() else "logits",
@@ -146,8 +148,8 @@ def ir_bytes(model: ov.Model) -> int:
 
 
 def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
-                 preprocessing_embedded: bool, input_layout: str = "NCHW"
-                 ) -> tuple[ov.Model, Insertion | None]:
+                 preprocessing_embedded: bool, input_layout: str = "NCHW",
+                 bgr: bool = False) -> tuple[ov.Model, Insertion | None]:
     """The model as the repository stores it: a saliency output and u8 NHWC input; `info`
     records the insertion and is written into the model."""
     model, insertion = insert_saliency(model, saliency)
@@ -157,7 +159,7 @@ def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
         info.saliency_settings = json.dumps(saliency.as_dict(), sort_keys=True)
         info.saliency_map_precision = insertion.map_precision
     if not preprocessing_embedded:
-        model = embed_preprocessing(model, info, input_layout)
+        model = embed_preprocessing(model, info, input_layout, bgr)
     info.write(model)
     return model, insertion
 

@@ -12,8 +12,11 @@ INPUT_NAME = "image"
 SCORES_NAME = "logits"
 
 
-def embed_preprocessing(model: ov.Model, info: ModelInfo, layout: str = "NCHW") -> ov.Model:
-    """`layout`: the model's own input layout (NHWC for a Keras model converted to ONNX)."""
+def embed_preprocessing(model: ov.Model, info: ModelInfo, layout: str = "NCHW",
+                        bgr: bool = False) -> ov.Model:
+    """`layout`: the model's own input layout (NHWC for a Keras model converted to ONNX);
+    `bgr`: the model takes BGR, so the RGB input's channels are swapped after the mean and
+    scale (which stay in R, G, B order, as the card records them)."""
     ppp = PrePostProcessor(model)
     source = ppp.input(0)
     source.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
@@ -30,6 +33,8 @@ def embed_preprocessing(model: ov.Model, info: ModelInfo, layout: str = "NCHW") 
         steps.mean(list(info.mean_values))
     if any(s != 1 for s in info.scale_values):
         steps.scale(list(info.scale_values))
+    if bgr:
+        steps.reverse_channels()
     source.model().set_layout(ov.Layout(layout))
     model = ppp.build()
     model.inputs[0].get_tensor().set_names({INPUT_NAME})

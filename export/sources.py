@@ -20,7 +20,8 @@ import openvino as ov
 from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
-from .deployed import input_layout, reduced_float_type, scores_as_logits
+from .deployed import (fold_static_shape_reads, input_layout, reduced_float_type,
+                       scores_as_logits)
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_SCALE = [58.395, 57.12, 57.375]
@@ -41,6 +42,9 @@ class SourceOptions:
     input_size: int | None = None
     mean_values: list[float] | None = None
     scale_values: list[float] | None = None
+    # an IR or ONNX file that takes BGR (Caffe, OpenCV, Open Model Zoo IRs): the served IR
+    # still takes RGB and swaps the channels in its graph
+    bgr: bool = False
 
     def __post_init__(self) -> None:
         """Values that would export a broken model (a zero divisor: NaN logits) fail here,
@@ -74,6 +78,7 @@ class LoadedSource:
     torch_module: Any = None  # kept for parity checks against the source framework
     source_model: ov.Model | None = None  # an IR or ONNX file's, for the same checks
     input_layout: str = "NCHW"
+    bgr: bool = False  # the model takes BGR channels
     extra: dict = field(default_factory=dict)
     preprocessing_embedded: bool = False
 
@@ -91,14 +96,22 @@ def register_source(prefix: str):
 
 def create_source(spec: str, options: SourceOptions | None = None) -> LoadedSource:
     options = options or SourceOptions()
+    prefix, arg = _loader_for(spec)
+    if options.bgr and prefix != "file":
+        raise SourceError("--bgr: only for IR and ONNX files; a torch model that takes BGR "
+                          "can swap the channels in its own forward")
+    return _LOADERS[prefix](arg, options)
+
+
+def _loader_for(spec: str) -> tuple[str, str]:
+    """The registered prefix whose loader takes `spec`, and the argument it gets."""
     if spec in _LOADERS:
-        return _LOADERS[spec](spec, options)
+        return spec, spec
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in _LOADERS:
-        return _LOADERS[prefix](rest, options)
-    suffix = Path(spec).suffix.lower()
-    if suffix in (".xml", ".onnx"):
-        return _LOADERS["file"](spec, options)
+        return prefix, rest
+    if Path(spec).suffix.lower() in (".xml", ".onnx"):
+        return "file", spec
     raise SourceError(
         f"source {spec!r} is not understood; use default, timm:<architecture>, "
         "torch:<module>:<callable>, or a path to an .xml or .onnx file"
@@ -352,6 +365,7 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter takes "
                           "float32 models: give the float32 model it was converted from")
     height, width = _fixed_size(model, layout, options.input_size, path)
+    fold_static_shape_reads(model)
     edits = _as_logits(model, path)
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
     check_class_count(options, num_classes, str(path))
@@ -367,8 +381,10 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         resize_type=known.resize_type if known else "standard",
     )
     described = f"file:{path}" + "".join(f" ({edit})" for edit in edits)
+    if options.bgr:
+        described += " (takes BGR: the IR swaps the channels)"
     return LoadedSource(model, info, described, input_layout=layout,
-                        source_model=model.clone())
+                        source_model=model.clone(), bgr=options.bgr)
 
 
 def _fixed_size(model: ov.Model, layout: str, input_size: int | None,
@@ -418,9 +434,9 @@ def _with_embedded_preprocessing(model: ov.Model, known: ModelInfo, path: Path,
         method = known.saliency_method or "unknown"
         raise SourceError(f"{path}: already has a saliency_map output (method {method}); "
                           "export its original source again to change the saliency settings")
-    if options.input_size or options.mean_values or options.scale_values:
+    if options.input_size or options.mean_values or options.scale_values or options.bgr:
         raise SourceError(f"{path}: its preprocessing is embedded (model_info); leave out "
-                          "--input-size, --mean and --scale")
+                          "--input-size, --mean, --scale and --bgr")
     shape = model.inputs[0].get_partial_shape()
     if not (shape[1].is_static and shape[2].is_static):
         raise SourceError(f"{path}: the embedded input size is dynamic; export the source again")

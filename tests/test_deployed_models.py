@@ -5,7 +5,7 @@ as the torch source's export, and serve their own probabilities.
 The files are written by torch's ONNX exporter from the seeded small CNN (the weights of
 `small_export`) wrapped as other frameworks build their models: Keras (float NHWC input, a
 final Softmax), Caffe and SqueezeNet ([N, K, 1, 1] scores from a 1x1 convolution, Softmax),
-a batch fixed at 1, a second output."""
+a batch fixed at 1, a second output, and an IR that takes BGR (Open Model Zoo's, `--bgr`)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ class ConvScores(torch.nn.Module):
         return torch.softmax(self.classifier(self.features(x)), 1)
 
 
+class TakesBgr(torch.nn.Module):
+    """BGR images in (Caffe, OpenCV, Open Model Zoo IRs), the channels swapped back inside."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.flip(1))
+
+
 class TwoOutputs(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
@@ -62,13 +73,14 @@ class TwoOutputs(torch.nn.Module):
         return logits, torch.softmax(logits, 1)
 
 
-# name: (wrapper, input layout, dynamic batch, what the card says was changed)
+# name: (wrapper, input layout, dynamic batch, file, export options, what the card says)
 VARIANTS = {
-    "plain": (lambda net: net, "NCHW", True, ""),
-    "batch_fixed_at_1": (lambda net: net, "NCHW", False, ""),
-    "keras": (KerasStyle, "NHWC", True, "its final Softmax removed"),
-    "conv_scores": (ConvScores, "NCHW", True, "its final Softmax removed"),
-    "two_outputs": (TwoOutputs, "NCHW", True, ""),
+    "plain": (lambda net: net, "NCHW", True, "onnx", (), ""),
+    "batch_fixed_at_1": (lambda net: net, "NCHW", False, "onnx", (), ""),
+    "keras": (KerasStyle, "NHWC", True, "onnx", (), "its final Softmax removed"),
+    "conv_scores": (ConvScores, "NCHW", True, "onnx", (), "its final Softmax removed"),
+    "two_outputs": (TwoOutputs, "NCHW", True, "onnx", (), ""),
+    "bgr_ir": (TakesBgr, "NCHW", True, "xml", ("--bgr",), "takes BGR"),
 }
 
 
@@ -97,15 +109,19 @@ def outputs_of(ir, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_deployed_onnx_exports_like_its_torch_source(variant, small_export, tmp_path):
-    wrap, layout, dynamic_batch, change = VARIANTS[variant]
+def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_path):
+    wrap, layout, dynamic_batch, kind, options, change = VARIANTS[variant]
     net = seeded_cnn()
-    write_onnx(wrap(net), tmp_path / "deployed.onnx", layout, dynamic_batch)
+    deployed = tmp_path / "deployed.onnx"
+    write_onnx(wrap(net), deployed, layout, dynamic_batch)
+    if kind == "xml":  # an IR as ovc writes it from the ONNX file, f32 weights
+        ov.save_model(ov.convert_model(deployed), tmp_path / "deployed.xml",
+                      compress_to_fp16=False)
+        deployed = tmp_path / "deployed.xml"
     labels = tmp_path / "labels.txt"
     labels.write_text("red\ngreen\nblue\n")
-    result = run_cli("export", str(tmp_path / "deployed.onnx"), "--repository",
-                     str(tmp_path / "models"), "--name", variant, "--labels", str(labels),
-                     "--scale", "255")
+    result = run_cli("export", str(deployed), "--repository", str(tmp_path / "models"),
+                     "--name", variant, "--labels", str(labels), "--scale", "255", *options)
     assert result.returncode == 0, result.stderr[-2000:]
     version = tmp_path / "models" / variant / "1"
     card = json.loads((version / "model_card.json").read_text())
@@ -120,6 +136,13 @@ def test_deployed_onnx_exports_like_its_torch_source(variant, small_export, tmp_
     np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)  # logits, not softmax
     from_torch = outputs_of(small_export.path / "model.xml", images)
     np.testing.assert_allclose(ours["saliency_map"], from_torch["saliency_map"], atol=1e-4)
+
+
+def test_bgr_is_for_files_only(tmp_path):
+    result = run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
+                     "--bgr", "--repository", str(tmp_path / "models"), "--name", "cnn")
+    assert result.returncode == 2
+    assert "--bgr: only for IR and ONNX files" in result.stderr.strip().splitlines()[-1]
 
 
 def test_float16_model_is_refused_with_the_fix(tmp_path):
@@ -176,3 +199,38 @@ def test_lite0_deployed_as_keras_onnx_serves_its_own_probabilities(default_expor
     finally:
         client.close()
         server.stop(grace=1)
+
+
+@pytest.mark.parametrize("arch", ["pit_ti_distilled_224", "pvt_v2_b0", "deit_tiny_patch16_224"])
+def test_transformer_onnx_gets_the_torch_sources_maps(arch, tmp_path):
+    """A timm transformer as its ONNX file (legacy exporter, dynamic batch) against the same
+    weights exported from timm. The ONNX graph reads sizes from tensor shapes at run time
+    (PiT: its token count, from its prefix tokens before the branch's target; PVT v2:
+    `reshape(B, H, W, -1)`, whose output size is then unknown), which the torch converter
+    folds: the branch cannot re-run the last block on masked copies until they are constants.
+    benchmarks/onnx_sources.py compares every architecture of the saliency test so."""
+    timm = pytest.importorskip("timm")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = timm.create_model(arch, pretrained=False, num_classes=4).eval()
+    size = net.pretrained_cfg["input_size"][1]
+    torch.save(net.state_dict(), tmp_path / "weights.pth")
+    write_onnx(net, tmp_path / "deployed.onnx", "NCHW", True, size=size)
+    mean, std = (",".join(str(255 * v) for v in net.pretrained_cfg[k]) for k in ("mean", "std"))
+    exports = {
+        "onnx": (str(tmp_path / "deployed.onnx"), "--mean", mean, "--scale", std),
+        "timm": (f"timm:{arch}", "--checkpoint", str(tmp_path / "weights.pth"),
+                 "--num-classes", "4"),
+    }
+    images, outputs = make_dataset(2, seed=5)[0], {}
+    import cv2
+
+    images = np.stack([cv2.resize(image, (size, size)) for image in images])
+    for name, (source, *options) in exports.items():
+        result = run_cli("export", source, "--repository", str(tmp_path / "models"),
+                         "--name", name, *options)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[name] = outputs_of(tmp_path / "models" / name / "1" / "model.xml", images)
+    np.testing.assert_allclose(outputs["onnx"]["logits"], outputs["timm"]["logits"], atol=1e-4)
+    np.testing.assert_allclose(outputs["onnx"]["saliency_map"], outputs["timm"]["saliency_map"],
+                               atol=0.01)

@@ -71,6 +71,10 @@ def add_parser(sub) -> None:
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--mean", type=floats, default=None, help="per-channel mean, 0..255 units")
     p.add_argument("--scale", type=floats, default=None, help="per-channel divisor")
+    p.add_argument("--bgr", action="store_true",
+                   help="an IR or ONNX file that takes BGR (Caffe, OpenCV, Open Model Zoo): "
+                        "the IR still takes RGB and swaps the channels; --mean and --scale "
+                        "stay in R, G, B order")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
     p.add_argument("--keep-f32-first", type=float, default=0.0, metavar="FRACTION",
                    help="compute this fraction of the backbone's first layers in f32 on every "
@@ -209,7 +213,8 @@ def run_export(args) -> int:
         source_options = SourceOptions(checkpoint=args.checkpoint, num_classes=args.num_classes,
                                        random_weights=args.random_weights,
                                        labels_file=args.labels, input_size=args.input_size,
-                                       mean_values=args.mean, scale_values=args.scale)
+                                       mean_values=args.mean, scale_values=args.scale,
+                                       bgr=args.bgr)
     except ValueError as exc:
         return fail("export", str(exc))
     request = ExportRequest(
