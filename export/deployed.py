@@ -43,6 +43,17 @@ def reduced_float_type(model: ov.Model) -> ov.Type | None:
     return None
 
 
+def drop_saliency_outputs(model: ov.Model) -> list[str]:
+    """Remove outputs named saliency_map, in place; say so (for the model card). An IR from
+    OpenVINO Training Extensions or openvino-xai carries its own, and the server reads the
+    output of that name: ours would be served under another."""
+    dropped = [r for r in model.get_results() if "saliency_map" in r.output(0).get_names()
+               or "saliency_map" in r.input_value(0).get_names()]
+    for result in dropped:
+        model.remove_result(result)
+    return ["its own saliency_map output dropped: ours replaces it"] if dropped else []
+
+
 def scores_as_logits(model: ov.Model) -> list[str]:
     """Make the first output [N, K] scores that are not probabilities yet, in place; say what
     was changed (one phrase per edit, for the model card).

@@ -20,8 +20,8 @@ import openvino as ov
 from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
-from .deployed import (fold_static_shape_reads, input_layout, reduced_float_type,
-                       scores_as_logits)
+from .deployed import (drop_saliency_outputs, fold_static_shape_reads, input_layout,
+                       reduced_float_type, scores_as_logits)
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_SCALE = [58.395, 57.12, 57.375]
@@ -366,7 +366,7 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
                           "float32 models: give the float32 model it was converted from")
     height, width = _fixed_size(model, layout, options.input_size, path)
     fold_static_shape_reads(model)
-    edits = _as_logits(model, path)
+    edits = drop_saliency_outputs(model) + _as_logits(model, path)
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
     check_class_count(options, num_classes, str(path))
     if known is not None and known.labels:

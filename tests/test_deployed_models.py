@@ -64,6 +64,8 @@ class TakesBgr(torch.nn.Module):
 
 
 class TwoOutputs(torch.nn.Module):
+    OUTPUTS = ("scores", "probabilities")
+
     def __init__(self, net):
         super().__init__()
         self.net = net
@@ -71,6 +73,23 @@ class TwoOutputs(torch.nn.Module):
     def forward(self, x):
         logits = self.net(x)
         return logits, torch.softmax(logits, 1)
+
+
+class WithOwnSaliency(torch.nn.Module):
+    """As OpenVINO Training Extensions exports a classifier: logits, a feature vector and a
+    saliency map of its own (here the raw class activation maps)."""
+
+    OUTPUTS = ("logits", "feature_vector", "saliency_map")
+
+    def __init__(self, net):
+        super().__init__()
+        self.features, self.classifier = net[:-3], net[-1]  # before the pooling; the linear
+
+    def forward(self, x):
+        features = self.features(x)
+        pooled = features.mean((2, 3))
+        maps = torch.einsum("kc,nchw->nkhw", self.classifier.weight, features)
+        return self.classifier(pooled), pooled, maps
 
 
 # name: (wrapper, input layout, dynamic batch, file, export options, what the card says)
@@ -81,6 +100,8 @@ VARIANTS = {
     "conv_scores": (ConvScores, "NCHW", True, "onnx", (), "its final Softmax removed"),
     "two_outputs": (TwoOutputs, "NCHW", True, "onnx", (), ""),
     "bgr_ir": (TakesBgr, "NCHW", True, "xml", ("--bgr",), "takes BGR"),
+    "training_extensions_ir": (WithOwnSaliency, "NCHW", True, "xml", (),
+                               "its own saliency_map output dropped"),
 }
 
 
@@ -96,7 +117,7 @@ def seeded_cnn():
 def write_onnx(module, path, layout: str, dynamic_batch: bool, dtype=None,
                size: int = SIZE) -> None:
     shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
-    outputs = ["scores", "probabilities"] if isinstance(module, TwoOutputs) else ["scores"]
+    outputs = list(getattr(module, "OUTPUTS", ["scores"]))
     torch.onnx.export(module.eval(), (torch.zeros(shape, dtype=dtype),), str(path),
                       dynamo=False, input_names=["input"], output_names=outputs,
                       dynamic_axes={"input": {0: "batch"}} if dynamic_batch else None)
