@@ -1,10 +1,13 @@
 """What a classifier someone already deployed (an IR or ONNX file) needs before the saliency
-branch goes in: its input layout, and class scores the server can read as logits.
+branch goes in: its input layout, f32 arithmetic, class scores the server can read as logits,
+no saliency output of its own, and sizes that do not depend on the batch's tensor shapes.
 
 Files come as their frameworks wrote them. A Keras model converted to ONNX (tf2onnx) takes
 float NHWC images; a Keras or Caffe model ends in a Softmax, so its output is probabilities
 that the server would put through a softmax again (a thousand classes all near 1/1000); a
-SqueezeNet or Caffe model gives its scores as [N, K, 1, 1]. Each is a pure graph edit here.
+SqueezeNet or Caffe model gives its scores as [N, K, 1, 1]; an IR from OpenVINO Training
+Extensions has a saliency_map already; an ONNX graph reads sizes from tensor shapes at run
+time. Each is a check or a graph edit in place here.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def _shape_read(output: ov.Output) -> list[int | None] | None:
     node = output.get_node()
     if node.get_type_name() == "Constant":
         return [int(v) for v in np.ravel(node.get_data())]
-    if node.get_type_name() != "Gather" or node.input_value(0).get_node().get_type_name() != "ShapeOf":
+    if node.get_type_name() != "Gather" \
+            or node.input_value(0).get_node().get_type_name() != "ShapeOf":
         return None
     indices, axis = (constant_value(node.input_value(i)) for i in (1, 2))
     if indices is None or axis is None or int(np.ravel(axis)[0]) != 0:

@@ -340,8 +340,8 @@ def read_model_file(path: Path) -> ov.Model:
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     """An IR or ONNX someone already deployed: add saliency without torch. Float NCHW or NHWC
-    (Keras) input; a final Softmax or [N, K, 1, 1] scores become logits (`deployed`); the file
-    as read is kept for the parity check."""
+    (Keras) input, f32 arithmetic; the first output the class scores, made logits where they
+    are not (`deployed`); the file as read (after those edits) kept for the parity check."""
     path = Path(path_str)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
@@ -362,8 +362,8 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
                           "or [N, H, W, 3]")
     computes_in = reduced_float_type(model)
     if computes_in is not None:
-        raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter takes "
-                          "float32 models: give the float32 model it was converted from")
+        raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter "
+                          "takes float32 models: give the float32 model it was converted from")
     height, width = _fixed_size(model, layout, options.input_size, path)
     fold_static_shape_reads(model)
     edits = drop_saliency_outputs(model) + _as_logits(model, path)
