@@ -1,11 +1,12 @@
-"""Classifiers someone already deployed as ONNX, in the forms their frameworks write: exported
-with the real command, they must predict what their source predicts and carry the same maps
-as the torch source's export, and serve their own probabilities.
+"""Classifiers someone already deployed as ONNX or IR files, in the forms their frameworks
+write: exported with the real command, they must predict what their source predicts, carry
+the same maps as the torch source's export, and serve their own probabilities.
 
 The files are written by torch's ONNX exporter from the seeded small CNN (the weights of
 `small_export`) wrapped as other frameworks build their models: Keras (float NHWC input, a
 final Softmax), Caffe and SqueezeNet ([N, K, 1, 1] scores from a 1x1 convolution, Softmax),
-a batch fixed at 1, a second output, and an IR that takes BGR (Open Model Zoo's, `--bgr`)."""
+a batch fixed at 1, a second output; and as IRs: one that takes BGR (Open Model Zoo's,
+`--bgr`), one with a saliency map of its own (OpenVINO Training Extensions')."""
 
 from __future__ import annotations
 
@@ -15,14 +16,21 @@ import shutil
 import numpy as np
 import openvino as ov
 import pytest
+import torch  # its ONNX exporter needs the onnx package too (the test extra)
 
 from xaiserve.export.parity import compile_f32
 
 from .conftest import run_cli
 from .synthetic import SIZE, make_dataset
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnx")  # torch's ONNX exporter writes through it
+# what torch's TorchScript-based exporter says while it writes the test files
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
+    "ignore:Constant folding - Only steps=1:UserWarning",
+    "ignore::torch.jit.TracerWarning",
+    "ignore:`torch.jit.trace",
+    "ignore:The feature will be removed:DeprecationWarning",
+)
 
 
 class KerasStyle(torch.nn.Module):
@@ -230,7 +238,8 @@ def test_transformer_onnx_gets_the_torch_sources_maps(arch, tmp_path):
     `reshape(B, H, W, -1)`, whose output size is then unknown), which the torch converter
     folds: the branch cannot re-run the last block on masked copies until they are constants.
     benchmarks/onnx_sources.py compares every architecture of the saliency test so."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = timm.create_model(arch, pretrained=False, num_classes=4).eval()
