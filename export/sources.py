@@ -42,7 +42,7 @@ class SourceOptions:
     input_size: int | None = None
     mean_values: list[float] | None = None
     scale_values: list[float] | None = None
-    # an IR or ONNX file that takes BGR (Caffe, OpenCV, Open Model Zoo IRs): the served IR
+    # a model file that takes BGR (Caffe, OpenCV, Open Model Zoo IRs): the served IR
     # still takes RGB and swaps the channels in its graph
     bgr: bool = False
 
@@ -76,7 +76,7 @@ class LoadedSource:
     info: ModelInfo
     description: str
     torch_module: Any = None  # kept for parity checks against the source framework
-    source_model: ov.Model | None = None  # an IR or ONNX file's, for the same checks
+    source_model: ov.Model | None = None  # a model file's (IR, ONNX, TFLite), for parity
     input_layout: str = "NCHW"
     bgr: bool = False  # the model takes BGR channels
     extra: dict = field(default_factory=dict)
@@ -110,11 +110,11 @@ def _loader_for(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in _LOADERS:
         return prefix, rest
-    if Path(spec).suffix.lower() in (".xml", ".onnx"):
+    if Path(spec).suffix.lower() in (".xml", *MODEL_FILE_FRONTENDS):
         return "file", spec
     raise SourceError(
         f"source {spec!r} is not understood; use default, timm:<architecture>, "
-        "torch:<module>:<callable>, or a path to an .xml or .onnx file"
+        "torch:<module>:<callable>, or a path to an .xml, .onnx or .tflite file"
     )
 
 
@@ -320,35 +320,40 @@ def check_class_count(options: SourceOptions, found: int, source: str) -> None:
 
 # --- deployed IR / ONNX -----------------------------------------------------------------------
 
-def read_model_file(path: Path) -> ov.Model:
-    """An IR as the server reads it (`read_ir`); an ONNX file as OpenVINO's converter (ovc)
-    reads it, once the ONNX frontend alone has accepted it.
+MODEL_FILE_FRONTENDS = {".onnx": "onnx", ".tflite": "tflite"}  # besides IRs (.xml)
 
-    The frontend's graph is the ONNX ops one by one: GlobalAveragePool's axes come from a
-    Range over the input's rank and Gemm multiplies by its alpha of 1, so no head is found in
-    it; `ov.convert_model` folds those as it does for an IR. The frontend goes first because
-    `convert_model` and `Core.read_model` ask every frontend whether a file is theirs, and
-    TensorFlow's prints its parse errors (absl lines) on stderr for a corrupt file, before our
-    one line."""
+
+def read_model_file(path: Path) -> ov.Model:
+    """An IR as the server reads it (`read_ir`); an ONNX or TensorFlow Lite file as OpenVINO's
+    converter (ovc) reads it, once that format's frontend alone has accepted it.
+
+    A frontend's graph is the file's ops one by one: ONNX's GlobalAveragePool takes its axes
+    from a Range over the input's rank and Gemm multiplies by its alpha of 1, so no head is
+    found in it; `ov.convert_model` folds those as it does for an IR. The frontend goes first
+    because `convert_model` and `Core.read_model` ask every frontend whether a file is theirs,
+    and TensorFlow's prints its parse errors (absl lines) on stderr for a corrupt file, before
+    our one line."""
     if path.suffix.lower() == ".xml":
         return read_ir(ov.Core(), path)
-    frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+    framework = MODEL_FILE_FRONTENDS.get(path.suffix.lower(), "onnx")
+    frontend = ov.frontend.FrontEndManager().load_by_framework(framework)
     frontend.load(str(path))
     return ov.convert_model(str(path))
 
 
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
-    """An IR or ONNX someone already deployed: add saliency without torch. Float NCHW or NHWC
-    (Keras) input, f32 arithmetic; the first output the class scores, made logits where they
-    are not (`deployed`); the file as read (after those edits) kept for the parity check."""
+    """An IR, ONNX or TFLite file someone already deployed: add saliency without torch. Float
+    NCHW or NHWC (Keras) input, f32 arithmetic; the first output the class scores, made
+    logits where they are not (`deployed`); the file as read (after those edits) kept for the
+    parity check."""
     path = Path(path_str)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
     try:
         model = read_model_file(path)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
-        raise SourceError(f"{path}: not a readable OpenVINO IR or ONNX model "
+        raise SourceError(f"{path}: not a readable OpenVINO IR, ONNX or TFLite model "
                           f"({error_reason(exc, 160)})") from None
     if len(model.inputs) != 1:
         raise SourceError(f"{path}: has {len(model.inputs)} inputs; only single-image classifiers")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -264,3 +265,32 @@ def test_transformer_onnx_gets_the_torch_sources_maps(arch, tmp_path):
     np.testing.assert_allclose(outputs["onnx"]["logits"], outputs["timm"]["logits"], atol=1e-4)
     np.testing.assert_allclose(outputs["onnx"]["saliency_map"], outputs["timm"]["saliency_map"],
                                atol=0.01)
+
+
+KERAS = Path(__file__).parent / "data" / "keras_cnn"
+
+
+@pytest.mark.parametrize("file", ["model.onnx", "model.tflite"])
+def test_keras_model_as_tensorflow_converts_it(file, tmp_path):
+    """A Keras CNN trained on the shapes (held-out accuracy 1.0), converted by tf2onnx and by
+    TensorFlow Lite's converter (scripts/keras_reference.py made these files; TensorFlow is not
+    in this environment): exported with the real command, it gives Keras' own probabilities,
+    and its maps' top cell lies on the object."""
+    from xaiserve.service.model import ClassifierModel
+
+    from .test_localisation import token_hits
+
+    result = run_cli("export", str(KERAS / file), "--repository", str(tmp_path), "--name",
+                     "keras", "--labels", str(KERAS / "labels.txt"), "--scale", "255")
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = json.loads((tmp_path / "keras" / "1" / "model_card.json").read_text())
+    assert "its final Softmax removed" in card["source"]
+    reference = np.load(KERAS / "reference.npz")
+    served = ClassifierModel(tmp_path / "keras" / "1",
+                             config={"INFERENCE_PRECISION_HINT": "f32"}).load()
+    out = served.predict(reference["images"])
+    logits = out["logits"].astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    np.testing.assert_allclose(probabilities, reference["probabilities"], atol=1e-5)
+    assert token_hits(out["saliency_map"], reference["labels"], reference["masks"]) >= 0.9

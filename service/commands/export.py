@@ -46,7 +46,7 @@ def check_report_file(path: Path | None, inputs: tuple[Path | None, ...] = ()) -
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a classifier to an IR with a saliency_map output")
     p.add_argument("source", help="default | timm:<arch> | torch:<module>:<callable> | "
-                                  "model.xml | model.onnx")
+                                  "model.xml | model.onnx | model.tflite")
     p.add_argument("--repository", type=Path, default=Path("models"))
     p.add_argument("--name", required=True)
     p.add_argument("--version", type=int, default=None, help="default: the next free version")
@@ -72,7 +72,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mean", type=floats, default=None, help="per-channel mean, 0..255 units")
     p.add_argument("--scale", type=floats, default=None, help="per-channel divisor")
     p.add_argument("--bgr", action="store_true",
-                   help="an IR or ONNX file that takes BGR (Caffe, OpenCV, Open Model Zoo): "
+                   help="a model file that takes BGR (Caffe, OpenCV, Open Model Zoo): "
                         "the IR still takes RGB and swaps the channels; --mean and --scale "
                         "stay in R, G, B order")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
