@@ -318,7 +318,7 @@ def check_class_count(options: SourceOptions, found: int, source: str) -> None:
                           "leave the option out or build the model with that many")
 
 
-# --- deployed IR / ONNX -----------------------------------------------------------------------
+# --- deployed IR / ONNX / TFLite --------------------------------------------------------------
 
 MODEL_FILE_FRONTENDS = {".onnx": "onnx", ".tflite": "tflite"}  # besides IRs (.xml)
 
@@ -337,6 +337,8 @@ def read_model_file(path: Path) -> ov.Model:
         return read_ir(ov.Core(), path)
     framework = MODEL_FILE_FRONTENDS.get(path.suffix.lower(), "onnx")
     frontend = ov.frontend.FrontEndManager().load_by_framework(framework)
+    if not frontend.supported(str(path)):  # the TFLite frontend's load() accepts any bytes
+        raise SourceError(f"the {framework} frontend does not take it")
     frontend.load(str(path))
     return ov.convert_model(str(path))
 

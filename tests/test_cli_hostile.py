@@ -69,12 +69,13 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
     assert sorted(p.name for p in (repo / "cnn").iterdir()) == ["1"]
     # a corrupt deployed model: OpenVINO's TensorFlow frontend used to print its own parse
     # errors before ours when every frontend was asked whether the file was theirs
-    garbage = tmp_path / "deployed.onnx"
-    garbage.write_bytes(np.random.default_rng(0).bytes(2000))
-    result = run_cli("export", str(garbage), "--repository", str(repo), "--name", "x")
-    one_line_error(result, "not a readable OpenVINO IR, ONNX or TFLite model", alone=False)
-    assert not [line for line in result.stderr.splitlines() if "text_format" in line
-                or "absl" in line], result.stderr
+    for suffix in ("onnx", "tflite"):  # the TFLite frontend's load() takes any bytes
+        garbage = tmp_path / f"deployed.{suffix}"
+        garbage.write_bytes(np.random.default_rng(0).bytes(2000))
+        result = run_cli("export", str(garbage), "--repository", str(repo), "--name", "x")
+        one_line_error(result, "not a readable OpenVINO IR, ONNX or TFLite model", alone=False)
+        assert not [line for line in result.stderr.splitlines() if "text_format" in line
+                    or "absl" in line], result.stderr
 
 
 def test_sigterm_during_an_export_leaves_nothing_and_says_so(tmp_path):
