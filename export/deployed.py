@@ -1,13 +1,15 @@
-"""What a classifier someone already deployed (an IR or ONNX file) needs before the saliency
-branch goes in: its input layout, f32 arithmetic, class scores the server can read as logits,
-no saliency output of its own, and sizes that do not depend on the batch's tensor shapes.
+"""What a classifier someone already deployed (an IR, ONNX or TFLite file) needs before the
+saliency branch goes in: its input layout, f32 arithmetic, a real-valued input, class scores
+the server can read as logits, no saliency output of its own, a float head, and sizes that do
+not depend on the batch's tensor shapes.
 
-Files come as their frameworks wrote them. A Keras model converted to ONNX (tf2onnx) takes
-float NHWC images; a Keras or Caffe model ends in a Softmax, so its output is probabilities
-that the server would put through a softmax again (a thousand classes all near 1/1000); a
-SqueezeNet or Caffe model gives its scores as [N, K, 1, 1]; an IR from OpenVINO Training
-Extensions has a saliency_map already; an ONNX graph reads sizes from tensor shapes at run
-time. Each is a check or a graph edit in place here.
+Files come as their frameworks wrote them. A Keras model converted to ONNX (tf2onnx) or TFLite
+takes float NHWC images; a Keras or Caffe model ends in a Softmax, so its output is
+probabilities that the server would put through a softmax again (a thousand classes all near
+1/1000); a SqueezeNet or Caffe model gives its scores as [N, K, 1, 1]; a full-integer TFLite
+model takes and gives u8 and quantises its head; an IR from OpenVINO Training Extensions has a
+saliency_map already; an ONNX graph reads sizes from tensor shapes at run time. Each is a check
+or a graph edit in place here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from .saliency.graph import constant_value, static_dims
+from .saliency.graph import (MAP_LAYOUTS, constant_value, find_global_pool, nodes_between,
+                             static_dims)
 
 
 def input_layout(shape: ov.PartialShape) -> str | None:
@@ -67,6 +70,10 @@ def scores_as_logits(model: ov.Model) -> list[str]:
     result = model.get_results()[0]
     edits = []
     scores = result.input_value(0)
+    while _is_output_quantisation(scores.get_node()):  # an integer model's u8 probabilities
+        scores = scores.get_node().input_value(0)
+    if scores != result.input_value(0):
+        edits.append("its output's quantisation removed")
     if _is_class_softmax(scores.get_node()):
         scores = scores.get_node().input_value(0)
         edits.append("its final Softmax removed: the output is logits")
@@ -79,6 +86,77 @@ def scores_as_logits(model: ov.Model) -> list[str]:
         result.input(0).replace_source_output(scores)
         model.validate_nodes_and_infer_types()
     return edits
+
+
+def _is_output_quantisation(node: ov.Node) -> bool:
+    """A Convert to integers or a FakeQuantize: how a quantised model's outputs end."""
+    if node.get_type_name() == "FakeQuantize":
+        return True
+    return node.get_type_name() == "Convert" and not node.get_output_element_type(0).is_real()
+
+
+def real_valued_input(model: ov.Model) -> list[str]:
+    """Give an integer-quantised model (TensorFlow Lite's full-integer models take u8 or i8) a
+    float input of the real values it was trained on, in place; say so. Its graph converts the
+    integers to float and dequantises them with a FakeQuantize (after layout changes); the new
+    input is mapped back onto that FakeQuantize's integer range, so that it quantises exactly as
+    the model did, and the exporter's --mean and --scale mean what they mean for the float model
+    (the integers' own scale, 0.0035 for a [0, 0.9] input, stays inside). A float input, and
+    integers the model converts itself (u8 pixels it normalises), are left alone."""
+    parameter = model.get_parameters()[0]
+    if parameter.get_output_element_type(0).is_real():
+        return []
+    convert = _single_consumer(parameter.output(0))
+    quantiser = convert
+    while quantiser is not None and quantiser.get_type_name() in ("Convert", "Transpose",
+                                                                  "Reshape"):
+        quantiser = _single_consumer(quantiser.output(0))
+    ranges = None if quantiser is None or quantiser.get_type_name() != "FakeQuantize" \
+        or convert.get_type_name() != "Convert" \
+        else [constant_value(quantiser.input_value(i)) for i in (1, 2, 3, 4)]
+    if ranges is None or any(r is None or r.size != 1 for r in ranges):
+        return []  # integers the model converts itself (pixels it normalises)
+    in_low, in_high, out_low, out_high = (float(r.item()) for r in ranges)
+    if out_high == out_low:
+        return []
+    real = ops.parameter(parameter.get_output_partial_shape(0), ov.Type.f32)
+    real.output(0).get_tensor().set_names(parameter.output(0).get_names())
+    levels = ops.add(ops.multiply(ops.subtract(real, np.float32(out_low)),
+                                  np.float32((in_high - in_low) / (out_high - out_low))),
+                     np.float32(in_low))
+    for user in list(convert.output(0).get_target_inputs()):
+        user.replace_source_output(levels.output(0))
+    model.replace_parameter(0, real)
+    model.validate_nodes_and_infer_types()
+    return ["its integer input given the real values it quantises"]
+
+
+def float_head(model: ov.Model) -> list[str]:
+    """Compute a quantised CNN's head (what follows its global pooling) without its
+    FakeQuantizes, in place; say so. ReciproCAM's copies each keep one location of the feature
+    map, so their pooled features are a small fraction of the image's, and an 8-bit quantiser
+    after the pooling rounds most of them to its zero (a Keras CNN's maps on the object for
+    0.42 of its images against 1.0 for the float model). `xaiserve export --int8` leaves the
+    head and the branch in float for the same reason; the predictions move by the head's
+    rounding only."""
+    scores = model.get_results()[0].input_value(0)
+    pool = find_global_pool(scores, MAP_LAYOUTS)
+    if pool is None:
+        return []
+    quantisers = [n for n in nodes_between(pool.output(0), scores)
+                  if n.get_type_name() == "FakeQuantize"
+                  and constant_value(n.input_value(0)) is None]  # not a weight's
+    for quantiser in quantisers:
+        for user in list(quantiser.output(0).get_target_inputs()):
+            user.replace_source_output(quantiser.input_value(0))
+    if quantisers:
+        model.validate_nodes_and_infer_types()
+    return ["its head after the global pooling computed in float"] if quantisers else []
+
+
+def _single_consumer(output: ov.Output) -> ov.Node | None:
+    users = list(output.get_target_inputs())
+    return users[0].get_node() if len(users) == 1 else None
 
 
 def _is_class_softmax(node: ov.Node) -> bool:

@@ -21,7 +21,7 @@ from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
 from .deployed import (drop_saliency_outputs, fold_static_shape_reads, input_layout,
-                       reduced_float_type, scores_as_logits)
+                       float_head, real_valued_input, reduced_float_type, scores_as_logits)
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_SCALE = [58.395, 57.12, 57.375]
@@ -367,13 +367,15 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     if layout is None:
         raise SourceError(f"{path}: input has shape {shape}, expected an image [N, 3, H, W] "
                           "or [N, H, W, 3]")
+    dequantised = real_valued_input(model)
     computes_in = reduced_float_type(model)
     if computes_in is not None:
         raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter "
                           "takes float32 models: give the float32 model it was converted from")
     height, width = _fixed_size(model, layout, options.input_size, path)
     fold_static_shape_reads(model)
-    edits = drop_saliency_outputs(model) + _as_logits(model, path)
+    edits = dequantised + drop_saliency_outputs(model) + _as_logits(model, path)
+    edits += float_head(model)
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
     check_class_count(options, num_classes, str(path))
     if known is not None and known.labels:

@@ -3,8 +3,10 @@
 TensorFlow is not in the project's environment (its environment takes 1.6 GB), so this runs in
 its own and only its output is committed (tests/data/keras_cnn/): a small Keras CNN trained on
 the synthetic shapes (tests/synthetic.py: the object's colour is the class), as tf2onnx
-converts it (`model.onnx`) and as TensorFlow Lite converts it (`model.tflite`), with held-out
-images, their object masks and Keras' own probabilities on them:
+converts it (`model.onnx`), as TensorFlow Lite converts it (`model.tflite`) and as its
+full-integer quantisation gives it to edge accelerators (`model_int8.tflite`: u8 in, u8 out),
+with held-out images, their object masks, Keras' own probabilities on them and TensorFlow
+Lite's from the integer model:
 
     python3 -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu tf2onnx
@@ -53,6 +55,25 @@ def build_and_train(seed: int = 0):
     return model
 
 
+def int8_probabilities(tflite: Path, images: np.ndarray) -> np.ndarray:
+    """TensorFlow Lite's own probabilities from the integer model, dequantised: its input is
+    the images in 0..1 quantised with the input's scale and zero point."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(str(tflite))
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    (in_scale, in_zero), (out_scale, out_zero) = source["quantization"], target["quantization"]
+    rows = []
+    for image in images:
+        levels = np.round(image[None].astype(np.float32) / 255 / in_scale + in_zero)
+        interpreter.set_tensor(source["index"], levels.clip(0, 255).astype(np.uint8))
+        interpreter.invoke()
+        rows.append((interpreter.get_tensor(target["index"]).astype(np.float32) - out_zero)
+                    * out_scale)
+    return np.concatenate(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -74,12 +95,22 @@ def main() -> int:
     # through a tf.function: tf2onnx 1.17's from_keras does not read Keras 3 models
     tf2onnx.convert.from_function(serve, input_signature=spec, opset=17,
                                   output_path=str(args.out / "model.onnx"))
+    calibration = make_dataset(200, seed=13)[0].astype(np.float32) / 255
     with tempfile.TemporaryDirectory() as saved:  # TFLite as TensorFlow's docs convert Keras
         model.export(saved)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         (args.out / "model.tflite").write_bytes(converter.convert())
+        # full-integer quantisation, as edge accelerators take it: u8 in, u8 out
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = converter.inference_output_type = tf.uint8
+        (args.out / "model_int8.tflite").write_bytes(converter.convert())
     np.savez_compressed(args.out / "reference.npz", images=images, labels=labels, masks=masks,
-                        probabilities=probabilities)
+                        probabilities=probabilities,
+                        int8_probabilities=int8_probabilities(args.out / "model_int8.tflite",
+                                                              images))
     (args.out / "labels.txt").write_text("\n".join(CLASSES) + "\n")
     (args.out / "versions.json").write_text(json.dumps(
         {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__,

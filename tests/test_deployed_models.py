@@ -72,6 +72,17 @@ class TakesBgr(torch.nn.Module):
         return self.net(x.flip(1))
 
 
+class TakesPixels(torch.nn.Module):
+    """u8 NHWC pixels in, normalised inside."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2).float() / 255)
+
+
 class TwoOutputs(torch.nn.Module):
     OUTPUTS = ("scores", "probabilities")
 
@@ -101,15 +112,17 @@ class WithOwnSaliency(torch.nn.Module):
         return self.classifier(pooled), pooled, maps
 
 
+SCALE = ("--scale", "255")  # the float forms take 0..1
 # name: (wrapper, input layout, dynamic batch, file, export options, what the card says)
 VARIANTS = {
-    "plain": (lambda net: net, "NCHW", True, "onnx", (), ""),
-    "batch_fixed_at_1": (lambda net: net, "NCHW", False, "onnx", (), ""),
-    "keras": (KerasStyle, "NHWC", True, "onnx", (), "its final Softmax removed"),
-    "conv_scores": (ConvScores, "NCHW", True, "onnx", (), "its final Softmax removed"),
-    "two_outputs": (TwoOutputs, "NCHW", True, "onnx", (), ""),
-    "bgr_ir": (TakesBgr, "NCHW", True, "xml", ("--bgr",), "takes BGR"),
-    "training_extensions_ir": (WithOwnSaliency, "NCHW", True, "xml", (),
+    "plain": (lambda net: net, "NCHW", True, "onnx", SCALE, ""),
+    "batch_fixed_at_1": (lambda net: net, "NCHW", False, "onnx", SCALE, ""),
+    "keras": (KerasStyle, "NHWC", True, "onnx", SCALE, "its final Softmax removed"),
+    "conv_scores": (ConvScores, "NCHW", True, "onnx", SCALE, "its final Softmax removed"),
+    "two_outputs": (TwoOutputs, "NCHW", True, "onnx", SCALE, ""),
+    "u8_pixels": (TakesPixels, "NHWC", True, "onnx", (), ""),
+    "bgr_ir": (TakesBgr, "NCHW", True, "xml", (*SCALE, "--bgr"), "takes BGR"),
+    "training_extensions_ir": (WithOwnSaliency, "NCHW", True, "xml", SCALE,
                                "its own saliency_map output dropped"),
 }
 
@@ -143,7 +156,8 @@ def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_
     wrap, layout, dynamic_batch, kind, options, change = VARIANTS[variant]
     net = seeded_cnn()
     deployed = tmp_path / "deployed.onnx"
-    write_onnx(wrap(net), deployed, layout, dynamic_batch)
+    write_onnx(wrap(net), deployed, layout, dynamic_batch,
+               dtype=torch.uint8 if wrap is TakesPixels else None)
     if kind == "xml":  # an IR as ovc writes it from the ONNX file, f32 weights
         ov.save_model(ov.convert_model(deployed), tmp_path / "deployed.xml",
                       compress_to_fp16=False)
@@ -151,7 +165,7 @@ def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_
     labels = tmp_path / "labels.txt"
     labels.write_text("red\ngreen\nblue\n")
     result = run_cli("export", str(deployed), "--repository", str(tmp_path / "models"),
-                     "--name", variant, "--labels", str(labels), "--scale", "255", *options)
+                     "--name", variant, "--labels", str(labels), *options)
     assert result.returncode == 0, result.stderr[-2000:]
     version = tmp_path / "models" / variant / "1"
     card = json.loads((version / "model_card.json").read_text())
@@ -270,12 +284,24 @@ def test_transformer_onnx_gets_the_torch_sources_maps(arch, tmp_path):
 KERAS = Path(__file__).parent / "data" / "keras_cnn"
 
 
-@pytest.mark.parametrize("file", ["model.onnx", "model.tflite"])
+# file: (its probabilities in reference.npz, tolerance, what the card says)
+KERAS_FILES = {
+    "model.onnx": ("probabilities", 1e-5, "its final Softmax removed"),
+    "model.tflite": ("probabilities", 1e-5, "its final Softmax removed"),
+    # u8 in and out; the export feeds it real values and computes its head in float
+    "model_int8.tflite": ("int8_probabilities", 0.01,
+                          "its head after the global pooling computed in float"),
+}
+
+
+@pytest.mark.parametrize("file", list(KERAS_FILES))
 def test_keras_model_as_tensorflow_converts_it(file, tmp_path):
-    """A Keras CNN trained on the shapes (held-out accuracy 1.0), converted by tf2onnx and by
-    TensorFlow Lite's converter (scripts/keras_reference.py made these files; TensorFlow is not
-    in this environment): exported with the real command, it gives Keras' own probabilities,
-    and its maps' top cell lies on the object."""
+    """A Keras CNN trained on the shapes (held-out accuracy 1.0), converted by tf2onnx, by
+    TensorFlow Lite's converter and by its full-integer quantisation (scripts/keras_reference.py
+    made these files; TensorFlow is not in this environment): exported with the real command,
+    it gives TensorFlow's own probabilities, and its maps' top cell lies on the object (the
+    integer model's for 0.42 of the images while its head after the pooling was quantised)."""
+    key, tolerance, change = KERAS_FILES[file]
     from xaiserve.service.model import ClassifierModel
 
     from .test_localisation import token_hits
@@ -284,7 +310,7 @@ def test_keras_model_as_tensorflow_converts_it(file, tmp_path):
                      "keras", "--labels", str(KERAS / "labels.txt"), "--scale", "255")
     assert result.returncode == 0, result.stderr[-2000:]
     card = json.loads((tmp_path / "keras" / "1" / "model_card.json").read_text())
-    assert "its final Softmax removed" in card["source"]
+    assert change in card["source"]
     reference = np.load(KERAS / "reference.npz")
     served = ClassifierModel(tmp_path / "keras" / "1",
                              config={"INFERENCE_PRECISION_HINT": "f32"}).load()
@@ -292,5 +318,5 @@ def test_keras_model_as_tensorflow_converts_it(file, tmp_path):
     logits = out["logits"].astype(np.float64)
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
-    np.testing.assert_allclose(probabilities, reference["probabilities"], atol=1e-5)
+    np.testing.assert_allclose(probabilities, reference[key], atol=tolerance)
     assert token_hits(out["saliency_map"], reference["labels"], reference["masks"]) >= 0.9
