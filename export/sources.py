@@ -110,11 +110,12 @@ def _loader_for(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in _LOADERS:
         return prefix, rest
-    if Path(spec).suffix.lower() in (".xml", *MODEL_FILE_FRONTENDS):
+    if Path(spec).suffix.lower() in (".xml", *MODEL_FILE_FRONTENDS) or is_saved_model(Path(spec)):
         return "file", spec
     raise SourceError(
         f"source {spec!r} is not understood; use default, timm:<architecture>, "
-        "torch:<module>:<callable>, or a path to an .xml, .onnx or .tflite file"
+        "torch:<module>:<callable>, a path to an .xml, .onnx or .tflite file, or a "
+        "TensorFlow SavedModel folder"
     )
 
 
@@ -323,9 +324,16 @@ def check_class_count(options: SourceOptions, found: int, source: str) -> None:
 MODEL_FILE_FRONTENDS = {".onnx": "onnx", ".tflite": "tflite"}  # besides IRs (.xml)
 
 
+def is_saved_model(path: Path) -> bool:
+    """A TensorFlow SavedModel: a folder with saved_model.pb (what TensorFlow Serving and Keras'
+    `model.export` write)."""
+    return path.is_dir() and (path / "saved_model.pb").is_file()
+
+
 def read_model_file(path: Path) -> ov.Model:
-    """An IR as the server reads it (`read_ir`); an ONNX or TensorFlow Lite file as OpenVINO's
-    converter (ovc) reads it, once that format's frontend alone has accepted it.
+    """An IR as the server reads it (`read_ir`); an ONNX or TensorFlow Lite file, or a
+    TensorFlow SavedModel folder, as OpenVINO's converter (ovc) reads it, once that format's
+    frontend alone has accepted it.
 
     A frontend's graph is the file's ops one by one: ONNX's GlobalAveragePool takes its axes
     from a Range over the input's rank and Gemm multiplies by its alpha of 1, so no head is
@@ -335,7 +343,8 @@ def read_model_file(path: Path) -> ov.Model:
     our one line."""
     if path.suffix.lower() == ".xml":
         return read_ir(ov.Core(), path)
-    framework = MODEL_FILE_FRONTENDS.get(path.suffix.lower(), "onnx")
+    framework = "tf" if is_saved_model(path) else \
+        MODEL_FILE_FRONTENDS.get(path.suffix.lower(), "onnx")
     frontend = ov.frontend.FrontEndManager().load_by_framework(framework)
     if not frontend.supported(str(path)):  # the TFLite frontend's load() accepts any bytes
         raise SourceError(f"the {framework} frontend does not take it")
@@ -345,17 +354,18 @@ def read_model_file(path: Path) -> ov.Model:
 
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
-    """An IR, ONNX or TFLite file someone already deployed: add saliency without torch. Float
-    NCHW or NHWC (Keras) input, f32 arithmetic; the first output the class scores, made
-    logits where they are not (`deployed`); the file as read (after those edits) kept for the
-    parity check."""
+    """An IR, ONNX or TFLite file, or a TensorFlow SavedModel, someone already deployed: add
+    saliency without torch. Float NCHW or NHWC (Keras) input, f32 arithmetic; the first output
+    the class scores, made logits where they are not (`deployed`); the file as read (after
+    those edits) kept for the parity check."""
     path = Path(path_str)
-    if not path.is_file():
-        raise SourceError(f"{path}: no such file")
+    if not (path.is_file() or is_saved_model(path)):
+        raise SourceError(f"{path}: no such file" + (
+            "; a TensorFlow SavedModel folder holds saved_model.pb" if path.is_dir() else ""))
     try:
         model = read_model_file(path)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
-        raise SourceError(f"{path}: not a readable OpenVINO IR, ONNX or TFLite model "
+        raise SourceError(f"{path}: not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel) "
                           f"({error_reason(exc, 160)})") from None
     if len(model.inputs) != 1:
         raise SourceError(f"{path}: has {len(model.inputs)} inputs; only single-image classifiers")

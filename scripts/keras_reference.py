@@ -3,8 +3,9 @@
 TensorFlow is not in the project's environment (its environment takes 1.6 GB), so this runs in
 its own and only its output is committed (tests/data/keras_cnn/): a small Keras CNN trained on
 the synthetic shapes (tests/synthetic.py: the object's colour is the class), as tf2onnx
-converts it (`model.onnx`), as TensorFlow Lite converts it (`model.tflite`) and as its
-full-integer quantisation gives it to edge accelerators (`model_int8.tflite`: u8 in, u8 out),
+converts it (`model.onnx`), as Keras exports it for TensorFlow Serving (`saved_model/`), as
+TensorFlow Lite converts it (`model.tflite`) and as its full-integer quantisation gives it to
+edge accelerators (`model_int8.tflite`: u8 in, u8 out),
 with held-out images, their object masks, Keras' own probabilities on them and TensorFlow
 Lite's from the integer model:
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -96,17 +97,18 @@ def main() -> int:
     tf2onnx.convert.from_function(serve, input_signature=spec, opset=17,
                                   output_path=str(args.out / "model.onnx"))
     calibration = make_dataset(200, seed=13)[0].astype(np.float32) / 255
-    with tempfile.TemporaryDirectory() as saved:  # TFLite as TensorFlow's docs convert Keras
-        model.export(saved)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        (args.out / "model.tflite").write_bytes(converter.convert())
-        # full-integer quantisation, as edge accelerators take it: u8 in, u8 out
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.uint8
-        (args.out / "model_int8.tflite").write_bytes(converter.convert())
+    saved = str(args.out / "saved_model")  # as TensorFlow Serving loads it
+    shutil.rmtree(saved, ignore_errors=True)
+    model.export(saved)
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved)  # as TensorFlow's docs do
+    (args.out / "model.tflite").write_bytes(converter.convert())
+    # full-integer quantisation, as edge accelerators take it: u8 in, u8 out
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.uint8
+    (args.out / "model_int8.tflite").write_bytes(converter.convert())
     np.savez_compressed(args.out / "reference.npz", images=images, labels=labels, masks=masks,
                         probabilities=probabilities,
                         int8_probabilities=int8_probabilities(args.out / "model_int8.tflite",

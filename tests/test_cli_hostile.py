@@ -73,7 +73,8 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
         garbage = tmp_path / f"deployed.{suffix}"
         garbage.write_bytes(np.random.default_rng(0).bytes(2000))
         result = run_cli("export", str(garbage), "--repository", str(repo), "--name", "x")
-        one_line_error(result, "not a readable OpenVINO IR, ONNX or TFLite model", alone=False)
+        one_line_error(result, "not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel)",
+                       alone=False)
         assert not [line for line in result.stderr.splitlines() if "text_format" in line
                     or "absl" in line], result.stderr
 

@@ -288,6 +288,7 @@ KERAS = Path(__file__).parent / "data" / "keras_cnn"
 KERAS_FILES = {
     "model.onnx": ("probabilities", 1e-5, "its final Softmax removed"),
     "model.tflite": ("probabilities", 1e-5, "its final Softmax removed"),
+    "saved_model": ("probabilities", 1e-5, "its final Softmax removed"),  # TensorFlow Serving's
     # u8 in and out; the export feeds it real values and computes its head in float
     "model_int8.tflite": ("int8_probabilities", 0.01,
                           "its head after the global pooling computed in float"),
@@ -296,9 +297,10 @@ KERAS_FILES = {
 
 @pytest.mark.parametrize("file", list(KERAS_FILES))
 def test_keras_model_as_tensorflow_converts_it(file, tmp_path):
-    """A Keras CNN trained on the shapes (held-out accuracy 1.0), converted by tf2onnx, by
-    TensorFlow Lite's converter and by its full-integer quantisation (scripts/keras_reference.py
-    made these files; TensorFlow is not in this environment): exported with the real command,
+    """A Keras CNN trained on the shapes (held-out accuracy 1.0), converted by tf2onnx, exported
+    as a SavedModel, converted by TensorFlow Lite's converter and by its full-integer
+    quantisation (scripts/keras_reference.py made these files; TensorFlow is not in this
+    environment): exported with the real command,
     it gives TensorFlow's own probabilities, and its maps' top cell lies on the object (the
     integer model's for 0.42 of the images while its head after the pooling was quantised)."""
     key, tolerance, change = KERAS_FILES[file]
