@@ -69,10 +69,12 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
     assert sorted(p.name for p in (repo / "cnn").iterdir()) == ["1"]
     # a corrupt deployed model: OpenVINO's TensorFlow frontend used to print its own parse
     # errors before ours when every frontend was asked whether the file was theirs
-    for suffix in ("onnx", "tflite"):  # the TFLite frontend's load() takes any bytes
-        garbage = tmp_path / f"deployed.{suffix}"
+    (tmp_path / "saved_model").mkdir()
+    for name in ("deployed.onnx", "deployed.tflite", "saved_model/saved_model.pb"):
+        garbage = tmp_path / name  # the TFLite frontend's load() takes any bytes
         garbage.write_bytes(np.random.default_rng(0).bytes(2000))
-        result = run_cli("export", str(garbage), "--repository", str(repo), "--name", "x")
+        source = garbage.parent if garbage.name == "saved_model.pb" else garbage
+        result = run_cli("export", str(source), "--repository", str(repo), "--name", "x")
         one_line_error(result, "not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel)",
                        alone=False)
         assert not [line for line in result.stderr.splitlines() if "text_format" in line
