@@ -1,5 +1,5 @@
-"""Parity of the exported IR against its source (a torch module, or the IR or ONNX file as
-read), on the same u8 images."""
+"""Parity of the exported IR against its source (a torch module, or the model file as read),
+on the same u8 images."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def torch_logits(module, images: np.ndarray, info: ModelInfo) -> np.ndarray:
 
 def source_logits(loaded, images: np.ndarray, info: ModelInfo) -> np.ndarray:
     """The source's logits on `images`, normalised as the IR does: its torch module's, or an
-    IR or ONNX file's as read (in f32)."""
+    model file's as read (in f32)."""
     if loaded.torch_module is not None:
         return torch_logits(loaded.torch_module, images, info)
     compiled = compile_f32(loaded.source_model)

@@ -187,7 +187,7 @@ def _reference(request: ExportRequest, loaded, model: ov.Model, info, images,
 
     if loaded.torch_module is None:
         raise ReferenceCheckError("--reference needs a torch source (default, timm:..., "
-                                  "torch:...); an IR or ONNX file has no gradients")
+                                  "torch:...); a model file (IR, ONNX, ...) has no gradients")
     t = time.perf_counter()
     progress("comparing with the torch reference")
     figures = check_reference(loaded.torch_module, compile_f32(model), images, info,

@@ -1,8 +1,9 @@
 """Model sources: a registry of loaders, each turning a source spec into an OpenVINO model.
 
 `create_source("timm:resnet50", options)` picks the loader by the spec's prefix (or by the file
-suffix for IR and ONNX files), the way timm's `create_model` picks an architecture by name.
-Torch is imported only by the loaders that need it.
+suffix for IR, ONNX and TFLite files, and a SavedModel's folder), the way timm's
+`create_model` picks an architecture by name. Torch is imported only by the loaders that need
+it.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def create_source(spec: str, options: SourceOptions | None = None) -> LoadedSour
     options = options or SourceOptions()
     prefix, arg = _loader_for(spec)
     if options.bgr and prefix != "file":
-        raise SourceError("--bgr: only for IR and ONNX files; a torch model that takes BGR "
-                          "can swap the channels in its own forward")
+        raise SourceError("--bgr: only for model files (IR, ONNX, TFLite, SavedModel); a "
+                          "torch model that takes BGR can swap the channels in its forward")
     return _LOADERS[prefix](arg, options)
 
 

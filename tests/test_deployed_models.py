@@ -186,7 +186,7 @@ def test_bgr_is_for_files_only(tmp_path):
     result = run_cli("export", "torch:tests.synthetic:small_cnn", "--input-size", "64",
                      "--bgr", "--repository", str(tmp_path / "models"), "--name", "cnn")
     assert result.returncode == 2
-    assert "--bgr: only for IR and ONNX files" in result.stderr.strip().splitlines()[-1]
+    assert "--bgr: only for model files" in result.stderr.strip().splitlines()[-1]
 
 
 def test_float16_model_is_refused_with_the_fix(tmp_path):
