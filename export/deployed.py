@@ -19,7 +19,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from .saliency.graph import (MAP_LAYOUTS, constant_value, find_global_pool, nodes_between,
-                             static_dims)
+                             shape_indices, static_dims)
 
 
 def input_layout(shape: ov.PartialShape) -> str | None:
@@ -53,8 +53,7 @@ def drop_saliency_outputs(model: ov.Model) -> list[str]:
     """Remove outputs named saliency_map, in place; say so (for the model card). An IR from
     OpenVINO Training Extensions or openvino-xai carries its own, and the server reads the
     output of that name: ours would be served under another."""
-    dropped = [r for r in model.get_results() if "saliency_map" in r.output(0).get_names()
-               or "saliency_map" in r.input_value(0).get_names()]
+    dropped = [r for r in model.get_results() if "saliency_map" in r.input_value(0).get_names()]
     for result in dropped:
         model.remove_result(result)
     return ["its own saliency_map output dropped: ours replaces it"] if dropped else []
@@ -194,20 +193,15 @@ def _shape_read(output: ov.Output) -> list[int | None] | None:
     node = output.get_node()
     if node.get_type_name() == "Constant":
         return [int(v) for v in np.ravel(node.get_data())]
-    if node.get_type_name() != "Gather" \
-            or node.input_value(0).get_node().get_type_name() != "ShapeOf":
-        return None
-    indices, axis = (constant_value(node.input_value(i)) for i in (1, 2))
-    if indices is None or axis is None or int(np.ravel(axis)[0]) != 0:
+    indices = shape_indices(node)
+    if indices is None:
         return None
     dims = static_dims(node.input_value(0).get_node().input_value(0))
-    return [dims[int(i)] for i in np.ravel(indices)]
+    return [dims[i] for i in indices]
 
 
 def _fold_gather(gather: ov.Node) -> int:
     """A Gather of static dimensions from a ShapeOf becomes their constant."""
-    if gather.input_value(0).get_node().get_type_name() != "ShapeOf":
-        return 0
     picked = _shape_read(gather.output(0))
     if picked is None or any(d is None for d in picked):
         return 0

@@ -42,13 +42,13 @@ def torch_logits(module, images: np.ndarray, info: ModelInfo) -> np.ndarray:
         return module(torch_input(images, info)).numpy()
 
 
-def source_logits(loaded, images: np.ndarray, info: ModelInfo) -> np.ndarray:
-    """The source's logits on `images`, normalised as the IR does: its torch module's, or an
-    model file's as read (in f32)."""
+def source_logits(loaded, images: np.ndarray) -> np.ndarray:
+    """The source's logits on `images`, normalised as the IR does (`loaded.info`): its torch
+    module's, or a model file's as read (in f32)."""
     if loaded.torch_module is not None:
-        return torch_logits(loaded.torch_module, images, info)
+        return torch_logits(loaded.torch_module, images, loaded.info)
     compiled = compile_f32(loaded.source_model)
-    return compiled(normalised(images, info, loaded.input_layout, loaded.bgr))[
+    return compiled(normalised(images, loaded.info, loaded.input_layout, loaded.bgr))[
         compiled.output(0)]
 
 

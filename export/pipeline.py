@@ -74,7 +74,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda _: None) ->
         images = request.parity_images
         if images is None:
             images = synthetic_images(4, info.input_height)
-        parity_figures = parity(source_logits(loaded, images, info), compile_f32(model), images)
+        parity_figures = parity(source_logits(loaded, images), compile_f32(model), images)
         timings["parity_s"] = time.perf_counter() - t
     reference_figures = _reference(request, loaded, model, info, images if parity_figures
                                    else None, progress, timings)

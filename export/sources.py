@@ -334,22 +334,21 @@ def is_saved_model(path: Path) -> bool:
 def read_model_file(path: Path) -> ov.Model:
     """An IR as the server reads it (`read_ir`); an ONNX or TensorFlow Lite file, or a
     TensorFlow SavedModel folder, as OpenVINO's converter (ovc) reads it, once that format's
-    frontend alone has accepted it.
+    frontend has said the file is its kind (`supported`, which reads only its header).
 
     A frontend's graph is the file's ops one by one: ONNX's GlobalAveragePool takes its axes
     from a Range over the input's rank and Gemm multiplies by its alpha of 1, so no head is
-    found in it; `ov.convert_model` folds those as it does for an IR. The frontend goes first
-    because `convert_model` and `Core.read_model` ask every frontend whether a file is theirs,
-    and TensorFlow's prints its parse errors (absl lines) on stderr for a corrupt file, before
-    our one line."""
+    found in it; `ov.convert_model` folds those as it does for an IR. The check goes first
+    because `convert_model` and `Core.read_model` ask every frontend whether a file is theirs
+    when none says so, and TensorFlow's prints its parse errors (absl lines) on stderr for a
+    corrupt file, before our one line; a file that passes is parsed once, by its own frontend."""
     if path.suffix.lower() == ".xml":
         return read_ir(ov.Core(), path)
     framework = "tf" if is_saved_model(path) else \
         MODEL_FILE_FRONTENDS.get(path.suffix.lower(), "onnx")
     frontend = ov.frontend.FrontEndManager().load_by_framework(framework)
-    if not frontend.supported(str(path)):  # the TFLite frontend's load() accepts any bytes
+    if not frontend.supported(str(path)):
         raise SourceError(f"the {framework} frontend does not take it")
-    frontend.load(str(path))
     return ov.convert_model(str(path))
 
 

@@ -34,12 +34,16 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-class KerasStyle(torch.nn.Module):
-    """Float NHWC images in, probabilities out."""
+class Wraps(torch.nn.Module):
+    """The seeded network inside another framework's conventions (`forward`)."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
+
+
+class KerasStyle(Wraps):
+    """Float NHWC images in, probabilities out."""
 
     def forward(self, x):
         return torch.softmax(self.net(x.permute(0, 3, 1, 2)), 1)
@@ -61,34 +65,22 @@ class ConvScores(torch.nn.Module):
         return torch.softmax(self.classifier(self.features(x)), 1)
 
 
-class TakesBgr(torch.nn.Module):
+class TakesBgr(Wraps):
     """BGR images in (Caffe, OpenCV, Open Model Zoo IRs), the channels swapped back inside."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
 
     def forward(self, x):
         return self.net(x.flip(1))
 
 
-class TakesPixels(torch.nn.Module):
+class TakesPixels(Wraps):
     """u8 NHWC pixels in, normalised inside."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
 
     def forward(self, x):
         return self.net(x.permute(0, 3, 1, 2).float() / 255)
 
 
-class TwoOutputs(torch.nn.Module):
+class TwoOutputs(Wraps):
     OUTPUTS = ("scores", "probabilities")
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
 
     def forward(self, x):
         logits = self.net(x)

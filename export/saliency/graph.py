@@ -175,17 +175,22 @@ def _make_batch_free(scores: ov.Output, new_inputs: list[ov.Output]) -> None:
             node.input(1).replace_source_output(const([-1] + dims[1:]).output(0))
 
 
+def shape_indices(node: ov.Node) -> list[int] | None:
+    """The dimensions a Gather of constant indices on axis 0 reads from a ShapeOf (`x.shape[i]`
+    in the model's code); None for any other node."""
+    if node.get_type_name() != "Gather" \
+            or node.input_value(0).get_node().get_type_name() != "ShapeOf":
+        return None
+    indices, axis = constant_value(node.input_value(1)), constant_value(node.input_value(2))
+    if indices is None or axis is None or int(np.ravel(axis)[0]) != 0:
+        return None
+    return [int(i) for i in np.ravel(indices)]
+
+
 def _reads_batch_only(shape_of: ov.Node) -> bool:
     """Whether every use of a ShapeOf takes element 0 only (a Gather of index 0 on axis 0)."""
     consumers = [i.get_node() for i in shape_of.output(0).get_target_inputs()]
-    for node in consumers:
-        if node.get_type_name() != "Gather":
-            return False
-        indices, axis = constant_value(node.input_value(1)), constant_value(node.input_value(2))
-        if indices is None or axis is None or np.ravel(indices).tolist() != [0] \
-                or int(np.ravel(axis)[0]) != 0:
-            return False
-    return bool(consumers)
+    return bool(consumers) and all(shape_indices(node) == [0] for node in consumers)
 
 
 _GLOBAL_POOL_TYPES = {"ReduceMean", "AvgPool", "AdaptiveAvgPool", "ReduceMax", "MaxPool",
