@@ -7,9 +7,10 @@ Files come as their frameworks wrote them. A Keras model converted to ONNX (tf2o
 takes float NHWC images; a Keras or Caffe model ends in a Softmax, so its output is
 probabilities that the server would put through a softmax again (a thousand classes all near
 1/1000); a SqueezeNet or Caffe model gives its scores as [N, K, 1, 1]; a full-integer TFLite
-model takes and gives u8 and quantises its head; an IR from OpenVINO Training Extensions has a
-saliency_map already; an ONNX graph reads sizes from tensor shapes at run time. Each is a check
-or a graph edit in place here.
+model takes and gives u8 and quantises its head; a model converted to float16 for a GPU
+computes in f16; an IR from OpenVINO Training Extensions has a saliency_map already; an ONNX
+graph reads sizes from tensor shapes at run time. Each is a check or a graph edit in place
+here.
 """
 
 from __future__ import annotations
@@ -47,6 +48,36 @@ def reduced_float_type(model: ov.Model) -> ov.Type | None:
             if kind.is_real() and kind != ov.Type.f32:
                 return kind
     return None
+
+
+# Floating types whose values numpy holds, so that constants convert exactly (bf16 and the
+# f8 types it has not: those models stay refused).
+WIDENED_TYPES = {ov.Type.f16: np.float16, ov.Type.f64: np.float64}
+
+
+def float32_arithmetic(model: ov.Model) -> list[str]:
+    """Make a model that computes in float16 (or float64) compute in float32, in place; say
+    so. Float16 ONNX files are what onnxconverter-common's `convert_float_to_float16` and
+    `torch.onnx.export` of a `.half()` module write for GPUs; the saliency branch and the
+    server's CPU arithmetic are float32, and every float16 value is a float32 value, so the
+    weights are kept exactly. The input, the constants and the casts to that type become
+    float32; the rest follows by type inference. A model that computes in f32 is left alone."""
+    kind = reduced_float_type(model)
+    if kind not in WIDENED_TYPES:
+        return []
+    for node in model.get_ordered_ops():
+        if node.get_output_size() != 1 or node.get_output_element_type(0) != kind:
+            continue
+        name = node.get_type_name()
+        if name == "Parameter":
+            node.set_element_type(ov.Type.f32)
+        elif name == "Constant":
+            widened = ops.constant(node.get_data().astype(np.float32))
+            node.output(0).replace(widened.output(0))
+        elif name == "Convert":
+            node.output(0).replace(ops.convert(node.input_value(0), ov.Type.f32).output(0))
+    model.validate_nodes_and_infer_types()
+    return [f"its {kind.get_type_name()} arithmetic widened to f32"]
 
 
 def drop_saliency_outputs(model: ov.Model) -> list[str]:

@@ -21,8 +21,9 @@ import openvino as ov
 from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
-from .deployed import (drop_saliency_outputs, fold_static_shape_reads, input_layout,
-                       float_head, real_valued_input, reduced_float_type, scores_as_logits)
+from .deployed import (drop_saliency_outputs, float32_arithmetic, float_head,
+                       fold_static_shape_reads, input_layout, real_valued_input,
+                       reduced_float_type, scores_as_logits)
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_SCALE = [58.395, 57.12, 57.375]
@@ -355,9 +356,9 @@ def read_model_file(path: Path) -> ov.Model:
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     """An IR, ONNX or TFLite file, or a TensorFlow SavedModel, someone already deployed: add
-    saliency without torch. Float NCHW or NHWC (Keras) input, f32 arithmetic; the first output
-    the class scores, made logits where they are not (`deployed`); the file as read (after
-    those edits) kept for the parity check."""
+    saliency without torch. Float NCHW or NHWC (Keras) input, f32 arithmetic (f16 widened); the
+    first output the class scores, made logits where they are not (`deployed`); the file as
+    read (after those edits) kept for the parity check."""
     path = Path(path_str)
     if not (path.is_file() or is_saved_model(path)):
         raise SourceError(f"{path}: no such file" + (
@@ -377,14 +378,15 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     if layout is None:
         raise SourceError(f"{path}: input has shape {shape}, expected an image [N, 3, H, W] "
                           "or [N, H, W, 3]")
-    dequantised = real_valued_input(model)
+    edits = real_valued_input(model) + float32_arithmetic(model)
     computes_in = reduced_float_type(model)
     if computes_in is not None:
         raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter "
-                          "takes float32 models: give the float32 model it was converted from")
+                          "takes float32 and float16 models: give the float32 model it was "
+                          "converted from")
     height, width = _fixed_size(model, layout, options.input_size, path)
     fold_static_shape_reads(model)
-    edits = dequantised + drop_saliency_outputs(model) + _as_logits(model, path)
+    edits += drop_saliency_outputs(model) + _as_logits(model, path)
     edits += float_head(model)
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
     check_class_count(options, num_classes, str(path))

@@ -5,8 +5,9 @@ the same maps as the torch source's export, and serve their own probabilities.
 The files are written by torch's ONNX exporter from the seeded small CNN (the weights of
 `small_export`) wrapped as other frameworks build their models: Keras (float NHWC input, a
 final Softmax), Caffe and SqueezeNet ([N, K, 1, 1] scores from a 1x1 convolution, Softmax),
-a batch fixed at 1, a second output; and as IRs: one that takes BGR (Open Model Zoo's,
-`--bgr`), one with a saliency map of its own (OpenVINO Training Extensions')."""
+a batch fixed at 1, a second output; as IRs: one that takes BGR (Open Model Zoo's, `--bgr`),
+one with a saliency map of its own (OpenVINO Training Extensions'); and in float16, as
+onnxconverter-common and torch's exporter write it for GPUs."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::torch.jit.TracerWarning",
     "ignore:`torch.jit.trace",
     "ignore:The feature will be removed:DeprecationWarning",
+    # onnxconverter-common, for each weight under float16's smallest normal number
+    "ignore:the float32 number:UserWarning",
 )
 
 
@@ -181,21 +184,81 @@ def test_bgr_is_for_files_only(tmp_path):
     assert "--bgr: only for model files" in result.stderr.strip().splitlines()[-1]
 
 
-def test_float16_model_is_refused_with_the_fix(tmp_path):
-    write_onnx(seeded_cnn().half(), tmp_path / "half.onnx", "NCHW", True, dtype=torch.float16)
-    result = run_cli("export", str(tmp_path / "half.onnx"), "--repository",
-                     str(tmp_path / "models"), "--name", "half")
+def write_float16(path: Path, form: str) -> None:
+    """The seeded network as a float16 file, in the forms tools write: torch's exporter of a
+    `.half()` module (f16 in and out), onnxconverter-common's `convert_float_to_float16`
+    (f16 in and out, or f32 with casts around, `keep_io_types`), an IR of the f16 ONNX file."""
+    from onnx import load, save
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    if form in ("torch_half", "float16_ir"):
+        write_onnx(seeded_cnn().half(), path.with_suffix(".onnx"), "NCHW", True,
+                   dtype=torch.float16)
+        if form == "float16_ir":
+            ov.save_model(ov.convert_model(path.with_suffix(".onnx")), path,
+                          compress_to_fp16=False)
+        return
+    write_onnx(seeded_cnn(), path, "NCHW", True)
+    save(convert_float_to_float16(load(path), keep_io_types=form == "converter_f32_io"), path)
+
+
+FLOAT16_FORMS = {"torch_half": "onnx", "converter_f16_io": "onnx", "converter_f32_io": "onnx",
+                 "float16_ir": "xml"}
+
+
+@pytest.mark.parametrize("form", list(FLOAT16_FORMS))
+def test_float16_model_exports_as_float32(form, small_export, tmp_path):
+    """A float16 file (written for a GPU) exports in float32 with its own weights: the logits
+    OpenVINO computes from the file, the torch network's up to float16's rounding of its
+    weights, the maps of the float32 source's export."""
+    deployed = tmp_path / f"half.{FLOAT16_FORMS[form]}"
+    write_float16(deployed, form)
+    result = run_cli("export", str(deployed), "--repository", str(tmp_path / "models"),
+                     "--name", "half", *SCALE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    version = tmp_path / "models" / "half" / "1"
+    card = json.loads((version / "model_card.json").read_text())
+    assert "its f16 arithmetic widened to f32" in card["source"]
+    assert card["parity"]["max_abs_logit_diff"] < 1e-4
+
+    images, _, _ = make_dataset(6, seed=3)
+    ours = outputs_of(version / "model.xml", images)
+    as_file = compile_f32(ov.Core().read_model(deployed))
+    tensor = (images.transpose(0, 3, 1, 2) / 255).astype(
+        as_file.input(0).get_element_type().to_dtype())
+    np.testing.assert_allclose(ours["logits"], as_file(tensor)[0], atol=1e-3)
+    with torch.no_grad():
+        logits = seeded_cnn()(torch.from_numpy(images.transpose(0, 3, 1, 2) / 255).float())
+    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=0.02)
+    np.testing.assert_allclose(ours["saliency_map"],
+                               outputs_of(small_export.path / "model.xml", images)["saliency_map"],
+                               atol=0.02)
+
+
+def test_bfloat16_model_is_refused_with_the_fix(tmp_path):
+    """bf16 values are no numpy type to widen exactly: refused in one line, nothing written."""
+    import openvino.opset13 as ops
+
+    image = ops.parameter([-1, 3, SIZE, SIZE], ov.Type.bf16, name="input")
+    scores = ops.reduce_mean(ops.relu(image), [2, 3])  # [N, 3]
+    ov.save_model(ov.Model([scores], [image]), tmp_path / "bf16.xml")
+    result = run_cli("export", str(tmp_path / "bf16.xml"), "--repository",
+                     str(tmp_path / "models"), "--name", "bf16")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert "computes in f16" in line and "give the float32 model" in line
-    assert not (tmp_path / "models" / "half").exists()
+    assert "computes in bf16" in line and "give the float32 model" in line
+    assert not (tmp_path / "models" / "bf16").exists()
 
 
-def test_lite0_deployed_as_keras_onnx_serves_its_own_probabilities(default_export, photos,
-                                                                    tmp_path):
-    """The real default model as a Keras-style ONNX file (NHWC, Softmax at the end), exported
-    and served beside the default export: the same classes, the same probabilities (not a
-    softmax of probabilities: 0.001 for every class), maps alike."""
+def test_lite0_deployed_as_keras_or_float16_onnx_serves_like_the_default(default_export, photos,
+                                                                          tmp_path):
+    """The real default model as a Keras-style ONNX file (NHWC, Softmax at the end) and as a
+    float16 ONNX file (onnxconverter-common), exported and served beside the default export:
+    the same classes, the same probabilities (for the Keras file its own, not a softmax of
+    probabilities: 0.001 for every class), maps alike."""
+    from onnx import load, save
+    from onnxconverter_common.float16 import convert_float_to_float16
+
     from xaiserve.export.sources import create_source, imagenet_labels
     from xaiserve.service.client import XaiClient
     from xaiserve.service.config import ServerSettings
@@ -204,16 +267,20 @@ def test_lite0_deployed_as_keras_onnx_serves_its_own_probabilities(default_expor
     from .test_server import jpeg
 
     source = create_source("default")
-    write_onnx(KerasStyle(source.torch_module), tmp_path / "lite0.onnx", "NHWC", True,
-               size=source.info.input_height)
+    size = source.info.input_height
+    write_onnx(KerasStyle(source.torch_module), tmp_path / "lite0_keras.onnx", "NHWC", True,
+               size=size)
+    write_onnx(source.torch_module, tmp_path / "lite0_f16.onnx", "NCHW", True, size=size)
+    save(convert_float_to_float16(load(tmp_path / "lite0_f16.onnx")), tmp_path / "lite0_f16.onnx")
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(imagenet_labels()) + "\n")
     repo = tmp_path / "models"
-    result = run_cli("export", str(tmp_path / "lite0.onnx"), "--repository", str(repo),
-                     "--name", "from_keras", "--labels", str(labels),
-                     "--mean", ",".join(map(str, source.info.mean_values)),
-                     "--scale", ",".join(map(str, source.info.scale_values)))
-    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("keras", "f16"):
+        result = run_cli("export", str(tmp_path / f"lite0_{name}.onnx"), "--repository",
+                         str(repo), "--name", name, "--labels", str(labels),
+                         "--mean", ",".join(map(str, source.info.mean_values)),
+                         "--scale", ",".join(map(str, source.info.scale_values)))
+        assert result.returncode == 0, result.stderr[-2000:]
     shutil.copytree(default_export.path, repo / "default" / "1")
 
     server = Server(ServerSettings(repository=repo, host="127.0.0.1", port=0, rest_port=0,
@@ -222,16 +289,18 @@ def test_lite0_deployed_as_keras_onnx_serves_its_own_probabilities(default_expor
     try:
         for photo in ("chelsea", "coffee"):
             image = jpeg(photos[photo])
-            ours, default = (client.explain(image, name, top_k=3, map_format="float")
-                             for name in ("from_keras", "default"))
-            assert [p.label for p in ours.predictions] == [p.label for p in default.predictions]
-            np.testing.assert_allclose([p.score for p in ours.predictions],
-                                       [p.score for p in default.predictions], atol=0.02)
-            assert ours.predictions[0].score > 0.5
-            for a, b in zip(ours.maps, default.maps):
-                ours_map, default_map = (np.asarray(m.values).reshape(tuple(m.shape))
-                                         for m in (a, b))
-                assert np.corrcoef(ours_map.ravel(), default_map.ravel())[0, 1] > 0.95
+            default = client.explain(image, "default", top_k=3, map_format="float")
+            for name in ("keras", "f16"):
+                ours = client.explain(image, name, top_k=3, map_format="float")
+                assert [p.label for p in ours.predictions] == \
+                    [p.label for p in default.predictions], name
+                np.testing.assert_allclose([p.score for p in ours.predictions],
+                                           [p.score for p in default.predictions], atol=0.02)
+                assert ours.predictions[0].score > 0.5
+                for a, b in zip(ours.maps, default.maps):
+                    ours_map, default_map = (np.asarray(m.values).reshape(tuple(m.shape))
+                                             for m in (a, b))
+                    assert np.corrcoef(ours_map.ravel(), default_map.ravel())[0, 1] > 0.95
     finally:
         client.close()
         server.stop(grace=1)
