@@ -15,9 +15,13 @@ here.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
+
+from xaiserve.service.model import error_reason
 
 from .saliency.graph import (MAP_LAYOUTS, constant_value, find_global_pool, nodes_between,
                              shape_indices, static_dims)
@@ -78,6 +82,27 @@ def float32_arithmetic(model: ov.Model) -> list[str]:
             node.output(0).replace(ops.convert(node.input_value(0), ov.Type.f32).output(0))
     model.validate_nodes_and_infer_types()
     return [f"its {kind.get_type_name()} arithmetic widened to f32"]
+
+
+def batch_refusal(model: ov.Model) -> str | None:
+    """Why the model, its input's batch free, cannot run a batch of 2: the node whose shape
+    inference fails ("Reshape 'node_view' to [1,64,729]") and OpenVINO's reason; None where it
+    can. torch.export writes such graphs: an example batch of 1 is specialised, `dynamic_axes`
+    or not, and a transformer's reshapes then hold the 1 (a CNN's usually do not); the saliency
+    branch runs masked copies of an image as one batch."""
+    trial = model.clone()
+    shape = trial.inputs[0].get_partial_shape()
+    shape[0] = ov.Dimension(2)
+    try:
+        trial.reshape({trial.inputs[0]: shape})
+    except Exception as exc:  # noqa: BLE001 - OpenVINO's shape inference raises RuntimeError
+        found = re.search(r"While validating node '[^']*?::(\w+) ([^ ']+)", str(exc))
+        nodes = {node.get_friendly_name(): node for node in model.get_ordered_ops()}
+        node = nodes.get(found.group(2)) if found else None
+        where = f"{node.get_type_name()} '{node.get_friendly_name()}' to " \
+            f"{node.get_output_partial_shape(0)}: " if node is not None else ""
+        return where + error_reason(exc, 120)
+    return None
 
 
 def drop_saliency_outputs(model: ov.Model) -> list[str]:

@@ -21,8 +21,8 @@ import openvino as ov
 from xaiserve.service.model import error_reason, read_ir
 from xaiserve.service.model_info import ModelInfo
 
-from .deployed import (drop_saliency_outputs, float32_arithmetic, float_head,
-                       fold_static_shape_reads, input_layout, real_valued_input,
+from .deployed import (batch_refusal, drop_saliency_outputs, float32_arithmetic,
+                       float_head, fold_static_shape_reads, input_layout, real_valued_input,
                        reduced_float_type, scores_as_logits)
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -426,6 +426,12 @@ def _fixed_size(model: ov.Model, layout: str, input_size: int | None,
         raise SourceError(f"{path}: cannot take input {shape} (batch free, {height} x {width}) "
                           f"({error_reason(exc, 160)}); export it with a dynamic batch "
                           "or give the --input-size it was built for") from None
+    refusal = batch_refusal(model)
+    if refusal is not None:
+        raise SourceError(f"{path}: cannot run a batch of 2, which the saliency branch's masked "
+                          f"copies and the server's batches need ({refusal}); write the file "
+                          "with a dynamic batch (torch.export specialises an example batch of "
+                          "1: give one of 2 and dynamic_shapes)")
     return height, width
 
 

@@ -108,11 +108,14 @@ class WithOwnSaliency(torch.nn.Module):
 
 
 SCALE = ("--scale", "255")  # the float forms take 0..1
-# name: (wrapper, input layout, dynamic batch, file, export options, what the card says)
+# name: (wrapper, input layout, dynamic batch, file, export options, what the card says);
+# file: "onnx" (torch's TorchScript exporter), "dynamo" (its torch.export one) or "xml"
 VARIANTS = {
     "plain": (lambda net: net, "NCHW", True, "onnx", SCALE, ""),
+    "plain_dynamo": (lambda net: net, "NCHW", True, "dynamo", SCALE, ""),
     "batch_fixed_at_1": (lambda net: net, "NCHW", False, "onnx", SCALE, ""),
     "keras": (KerasStyle, "NHWC", True, "onnx", SCALE, "its final Softmax removed"),
+    "keras_dynamo": (KerasStyle, "NHWC", True, "dynamo", SCALE, "its final Softmax removed"),
     "conv_scores": (ConvScores, "NCHW", True, "onnx", SCALE, "its final Softmax removed"),
     "two_outputs": (TwoOutputs, "NCHW", True, "onnx", SCALE, ""),
     "u8_pixels": (TakesPixels, "NHWC", True, "onnx", (), ""),
@@ -132,12 +135,18 @@ def seeded_cnn():
 
 
 def write_onnx(module, path, layout: str, dynamic_batch: bool, dtype=None,
-               size: int = SIZE) -> None:
-    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+               size: int = SIZE, dynamo: bool = False) -> None:
+    """torch's TorchScript-based exporter (`dynamic_axes`), or with `dynamo` its torch.export
+    one (`dynamic_shapes` and an example batch of 2: torch.export specialises a batch of 1)."""
+    batch = 2 if dynamo and dynamic_batch else 1
+    shape = (batch, 3, size, size) if layout == "NCHW" else (batch, size, size, 3)
     outputs = list(getattr(module, "OUTPUTS", ["scores"]))
+    if dynamo:
+        dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamic_batch else {}
+    else:
+        dynamic = {"dynamic_axes": {"input": {0: "batch"}} if dynamic_batch else None}
     torch.onnx.export(module.eval(), (torch.zeros(shape, dtype=dtype),), str(path),
-                      dynamo=False, input_names=["input"], output_names=outputs,
-                      dynamic_axes={"input": {0: "batch"}} if dynamic_batch else None)
+                      dynamo=dynamo, input_names=["input"], output_names=outputs, **dynamic)
 
 
 def outputs_of(ir, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -152,7 +161,7 @@ def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_
     net = seeded_cnn()
     deployed = tmp_path / "deployed.onnx"
     write_onnx(wrap(net), deployed, layout, dynamic_batch,
-               dtype=torch.uint8 if wrap is TakesPixels else None)
+               dtype=torch.uint8 if wrap is TakesPixels else None, dynamo=kind == "dynamo")
     if kind == "xml":  # an IR as ovc writes it from the ONNX file, f32 weights
         ov.save_model(ov.convert_model(deployed), tmp_path / "deployed.xml",
                       compress_to_fp16=False)
@@ -306,22 +315,27 @@ def test_lite0_deployed_as_keras_or_float16_onnx_serves_like_the_default(default
         server.stop(grace=1)
 
 
-@pytest.mark.parametrize("arch", ["pit_ti_distilled_224", "pvt_v2_b0", "deit_tiny_patch16_224"])
-def test_transformer_onnx_gets_the_torch_sources_maps(arch, tmp_path):
-    """A timm transformer as its ONNX file (legacy exporter, dynamic batch) against the same
-    weights exported from timm. The ONNX graph reads sizes from tensor shapes at run time
-    (PiT: its token count, from its prefix tokens before the branch's target; PVT v2:
-    `reshape(B, H, W, -1)`, whose output size is then unknown), which the torch converter
-    folds: the branch cannot re-run the last block on masked copies until they are constants.
-    benchmarks/onnx_sources.py compares every architecture of the saliency test so."""
+def seeded_timm(arch: str):
     import timm
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        net = timm.create_model(arch, pretrained=False, num_classes=4).eval()
+        return timm.create_model(arch, pretrained=False, num_classes=4).eval()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("arch", ["pit_ti_distilled_224", "pvt_v2_b0", "deit_tiny_patch16_224"])
+def test_transformer_onnx_gets_the_torch_sources_maps(arch, dynamo, tmp_path):
+    """A timm transformer as its ONNX file (either of torch's exporters, dynamic batch) against
+    the same weights exported from timm. The ONNX graph reads sizes from tensor shapes at run time
+    (PiT: its token count, from its prefix tokens before the branch's target; PVT v2:
+    `reshape(B, H, W, -1)`, whose output size is then unknown), which the torch converter
+    folds: the branch cannot re-run the last block on masked copies until they are constants.
+    benchmarks/onnx_sources.py compares every architecture of the saliency test so."""
+    net = seeded_timm(arch)
     size = net.pretrained_cfg["input_size"][1]
     torch.save(net.state_dict(), tmp_path / "weights.pth")
-    write_onnx(net, tmp_path / "deployed.onnx", "NCHW", True, size=size)
+    write_onnx(net, tmp_path / "deployed.onnx", "NCHW", True, size=size, dynamo=dynamo)
     mean, std = (",".join(str(255 * v) for v in net.pretrained_cfg[k]) for k in ("mean", "std"))
     exports = {
         "onnx": (str(tmp_path / "deployed.onnx"), "--mean", mean, "--scale", std),
@@ -340,6 +354,22 @@ def test_transformer_onnx_gets_the_torch_sources_maps(arch, tmp_path):
     np.testing.assert_allclose(outputs["onnx"]["logits"], outputs["timm"]["logits"], atol=1e-4)
     np.testing.assert_allclose(outputs["onnx"]["saliency_map"], outputs["timm"]["saliency_map"],
                                atol=0.01)
+
+
+def test_batch_specialised_by_torch_export_is_refused_with_the_fix(tmp_path):
+    """`torch.onnx.export(model, (x,), path)`, torch.export since torch 2.9, given an example
+    batch of 1 writes PiT's reshapes with that 1 (`dynamic_axes` or not): the file cannot run the
+    saliency branch's batch of masked copies. One line that names the node and the fix,
+    nothing written (it was an OpenVINO shape error)."""
+    write_onnx(seeded_timm("pit_ti_distilled_224"), tmp_path / "pit.onnx", "NCHW", False,
+               size=224, dynamo=True)
+    result = run_cli("export", str(tmp_path / "pit.onnx"), "--repository",
+                     str(tmp_path / "models"), "--name", "pit")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "cannot run a batch of 2" in line and "Reshape '" in line, line
+    assert "dynamic_shapes" in line
+    assert not (tmp_path / "models" / "pit").exists()
 
 
 KERAS = Path(__file__).parent / "data" / "keras_cnn"
