@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,6 +354,26 @@ def read_model_file(path: Path) -> ov.Model:
     return ov.convert_model(str(path))
 
 
+# OpenVINO's ONNX frontend, for a tensor whose bytes its external data file does not hold
+EXTERNAL_DATA_ERROR = re.compile(r"externally stored data in file \(([^,]+), offset: (\d+), "
+                                 r"data_length: (\d+)\)")
+
+
+def unreadable_model_file(path: Path, exc: BaseException) -> str:
+    """The line for a model file OpenVINO cannot read. An ONNX file whose weights are in a
+    file beside it (torch.onnx.export's default since torch 2.9 writes `model.onnx.data`)
+    copied without that file, or with part of it, is named as such."""
+    found = EXTERNAL_DATA_ERROR.search(str(exc))
+    if found:
+        data = path.parent / found.group(1)
+        have = f"{data.stat().st_size} bytes" if data.is_file() else "missing"
+        return (f"{path}: its weights are in {found.group(1)} beside it, which is {have} where "
+                f"the model needs {int(found.group(2)) + int(found.group(3))} bytes or more; "
+                "copy that file whole beside the .onnx file")
+    return (f"{path}: not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel) "
+            f"({error_reason(exc, 160)})")
+
+
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     """An IR, ONNX or TFLite file, or a TensorFlow SavedModel, someone already deployed: add
@@ -366,8 +387,7 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     try:
         model = read_model_file(path)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
-        raise SourceError(f"{path}: not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel) "
-                          f"({error_reason(exc, 160)})") from None
+        raise SourceError(unreadable_model_file(path, exc)) from None
     if len(model.inputs) != 1:
         raise SourceError(f"{path}: has {len(model.inputs)} inputs; only single-image classifiers")
     known = ModelInfo.from_model(model)

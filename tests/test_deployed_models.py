@@ -141,8 +141,9 @@ def write_onnx(module, path, layout: str, dynamic_batch: bool, dtype=None,
     batch = 2 if dynamo and dynamic_batch else 1
     shape = (batch, 3, size, size) if layout == "NCHW" else (batch, size, size, 3)
     outputs = list(getattr(module, "OUTPUTS", ["scores"]))
-    if dynamo:
+    if dynamo:  # the weights in path + ".data", torch's default
         dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamic_batch else {}
+        dynamic["external_data"] = True
     else:
         dynamic = {"dynamic_axes": {"input": {0: "batch"}} if dynamic_batch else None}
     torch.onnx.export(module.eval(), (torch.zeros(shape, dtype=dtype),), str(path),
@@ -370,6 +371,27 @@ def test_batch_specialised_by_torch_export_is_refused_with_the_fix(tmp_path):
     assert "cannot run a batch of 2" in line and "Reshape '" in line, line
     assert "dynamic_shapes" in line
     assert not (tmp_path / "models" / "pit").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_onnx_weights_file_missing_or_short_is_one_line(damage, tmp_path):
+    """torch.export writes the weights beside the .onnx file (`model.onnx.data`); a pipeline
+    that copies the .onnx alone, or stops part-way through the weights, gets a line that
+    names that file, not OpenVINO's "Invalid usage of method for externally stored data"."""
+    write_onnx(seeded_cnn(), tmp_path / "cnn.onnx", "NCHW", True, dynamo=True)
+    weights = tmp_path / "cnn.onnx.data"
+    assert weights.is_file()  # torch.onnx.export(external_data=True), its default
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    result = run_cli("export", str(tmp_path / "cnn.onnx"), "--repository",
+                     str(tmp_path / "models"), "--name", "cnn", *SCALE)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "its weights are in cnn.onnx.data beside it" in line
+    assert ("missing" if damage == "missing" else " bytes where the model needs") in line
+    assert not (tmp_path / "models" / "cnn").exists()
 
 
 KERAS = Path(__file__).parent / "data" / "keras_cnn"
