@@ -46,3 +46,26 @@ def resolve_version_dir(path: Path, version: str = "") -> Path:
         raise FileNotFoundError(f"--version {version}: {path} has versions "
                                 f"{', '.join(map(str, sorted(numbered)))}")
     return numbered[number]
+
+
+# Model files OpenVINO Model Server serves from a version folder that xaiserve does not: it
+# compiles the IR `xaiserve export` writes (model.xml, preprocessing and saliency map inside).
+FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml", "*.pdmodel")
+
+
+def foreign_model_files(version_dir: Path) -> list[str]:
+    """The model files in a version folder without model.xml (an OVMS repository's
+    model.onnx), which a server would otherwise pass over without a word."""
+    if (version_dir / "model.xml").is_file():
+        return []
+    return sorted({path.name for pattern in FOREIGN_MODEL_FILES
+                   for path in version_dir.glob(pattern) if path.is_file()})
+
+
+def export_hint(version_dir: Path, files: list[str]) -> str:
+    """What to say of a version folder that holds `files` and no model.xml."""
+    repository, name = version_dir.parent.parent, version_dir.parent.name
+    return (f"{version_dir} holds {', '.join(files)} and no model.xml, so it is not served: "
+            "xaiserve serves the IR `xaiserve export` writes (preprocessing and saliency map "
+            f"inside); run `xaiserve export {version_dir / files[0]} --repository {repository} "
+            f"--name {name}` with the --mean and --scale the model takes")

@@ -19,13 +19,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import openvino as ov
 
 from .config import ModelSettings, ServerSettings
 from .errors import NotServed, shown
-from .layout import version_dirs, version_number
+from .layout import export_hint, foreign_model_files, version_dirs, version_number
 from .model import ClassifierModel, error_reason
 from .statistics import VersionStatistics
 from .version_files import SETTLE_SECONDS, files_signature, mismatch, quiet
@@ -55,11 +55,17 @@ class RepositoryUnreadable(OSError):
     swapped by two renames): what is loaded keeps serving until it is back."""
 
 
-def scan(repository: Path) -> tuple[dict[str, dict[int, Path]], dict[str, str]]:
-    """({name: {version: dir}} for every `<name>/<int>/model.xml`, hidden staging dirs skipped;
-    {name: reason} for model folders it could not read, which are neither loaded nor dropped)."""
+class Scan(NamedTuple):
+    found: dict[str, dict[int, Path]]  # every `<name>/<int>/model.xml`, staging dirs skipped
+    unreadable: dict[str, str]  # {name: reason}: neither loaded nor dropped
+    unexported: dict[Path, str]  # {version dir: export_hint} for other model files only
+
+
+def scan(repository: Path) -> Scan:
+    """What the repository holds (see Scan)."""
     found: dict[str, dict[int, Path]] = {}
     unreadable: dict[str, str] = {}
+    unexported: dict[Path, str] = {}
     try:
         model_dirs = sorted(repository.iterdir())
     except OSError as exc:
@@ -68,14 +74,17 @@ def scan(repository: Path) -> tuple[dict[str, dict[int, Path]], dict[str, str]]:
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
         try:
-            complete = {v: d for v, d in version_dirs(model_dir).items()
-                        if (d / "model.xml").is_file()}
+            versions = version_dirs(model_dir)
+            complete = {v: d for v, d in versions.items() if (d / "model.xml").is_file()}
+            for version_dir in versions.values():
+                if files := foreign_model_files(version_dir):
+                    unexported[version_dir] = export_hint(version_dir, files)
         except OSError as exc:  # a folder this server may not read: the others still count
             unreadable[model_dir.name] = exc.strerror or str(exc)
             continue
         if complete:
             found[model_dir.name] = complete
-    return found, unreadable
+    return Scan(found, unreadable, unexported)
 
 
 def plan_versions(on_disk: dict[int, Path], policy: ModelSettings,
@@ -153,6 +162,7 @@ class ModelRepository:
         self._watcher: threading.Thread | None = None
         self._unreadable: dict[str, str] = {}  # model folders scan could not read, warned about
         self._repository_unreadable = False  # warned about
+        self._unexported: set[Path] = set()  # version folders of other model files, warned about
         self._missing_pins: dict[str, str] = {}  # model -> the warning last logged
         self._names_on_disk: list[str] = []  # model folders at the last scan, served or not
         self._settling: set[tuple[str, int]] = set()  # versions whose files are still written
@@ -265,7 +275,7 @@ class ModelRepository:
         into an outage."""
         repository = Path(self.settings.repository)
         try:
-            on_disk, unreadable = scan(repository)
+            on_disk, unreadable, unexported = scan(repository)
         except RepositoryUnreadable as exc:
             if not self._repository_unreadable:
                 self._repository_unreadable = True
@@ -281,6 +291,9 @@ class ModelRepository:
         for name in self._unreadable.keys() - unreadable.keys():
             log.info("%s can be read again", repository / name)
         self._unreadable = unreadable
+        for version_dir in unexported.keys() - self._unexported:
+            log.warning("%s", unexported[version_dir])
+        self._unexported = set(unexported)
         return on_disk
 
     def _warn_about_missing_pins(self, on_disk: dict[str, dict[int, Path]]) -> None:
@@ -468,7 +481,7 @@ class ModelRepository:
         """Every version on disk or loaded, with its state (the repository as it is now: a
         folder that cannot be read lists what is loaded)."""
         try:
-            on_disk, _ = scan(Path(self.settings.repository))
+            on_disk = scan(Path(self.settings.repository)).found
         except RepositoryUnreadable:
             on_disk = {}
         return index_entries(on_disk, self.states(), self.settings.for_model)

@@ -736,6 +736,39 @@ def test_a_model_folder_unreadable_for_a_while_is_said_once_each_way(tmp_path, c
                         f"{tmp_path / 'shapes'} can be read again"]
 
 
+def test_a_model_file_other_than_our_ir_is_named_with_the_export_that_serves_it(
+        small_export, tmp_path, caplog):
+    """An OpenVINO Model Server repository holds `<name>/1/model.onnx`; this server compiles
+    only the IRs `xaiserve export` writes and passed such a folder over without a word
+    ("serving nothing"). Now one warning per folder (not per poll), also from --check-config,
+    gives the command; run as it says, the model serves."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    (tmp_path / "keras" / "1").mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "data" / "keras_cnn" / "model.onnx",
+                tmp_path / "keras" / "1" / "model.onnx")
+    check = run_cli("serve", "--repository", str(tmp_path), "--check-config")
+    assert check.returncode == 0, check.stderr[-2000:]
+    hint = (f"{tmp_path / 'keras' / '1'} holds model.onnx and no model.xml, so it is not served")
+    assert hint in check.stderr and "would load shapes versions [1]" in check.stdout
+
+    settings = ServerSettings(repository=tmp_path, host="127.0.0.1", port=0, poll_seconds=0.2)
+    with caplog.at_level(logging.WARNING, logger="xaiserve.repository"):
+        server = Server(settings).start()
+        try:
+            time.sleep(1.0)  # a few polls
+            warned = [r.getMessage() for r in caplog.records if hint in r.getMessage()]
+            assert len(warned) == 1, warned
+            command = warned[0].split("run `xaiserve ", 1)[1].split("`")[0].split()
+            assert command[:2] == ["export", str(tmp_path / "keras" / "1" / "model.onnx")]
+            result = run_cli(*command)
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert wait_until(lambda: server.repository.serves("keras"), 30)
+            assert server.repository.versions("keras") == [2]
+        finally:
+            server.stop(grace=0)
+    assert sum(hint in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_config_entry_for_a_model_not_in_the_repository_is_warned_about(small_export,
                                                                           tmp_path, caplog):
     """`models: {shape: {latest_versions: 1}}` meant for `shapes` was ignored without a word."""

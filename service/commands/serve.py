@@ -143,10 +143,12 @@ def check_config(settings) -> int:
     server_credentials(settings)
     read_tokens(settings.token_file)
     ModelRepository(settings).check_devices()
-    on_disk, unreadable = scan(settings.repository)
+    on_disk, unreadable, unexported = scan(settings.repository)
     for name, reason in sorted(unreadable.items()):
         print(f"xaiserve serve: warning: cannot read {settings.repository / name} ({reason})",
               file=sys.stderr)
+    for _, hint in sorted(unexported.items()):
+        print(f"xaiserve serve: warning: {hint}", file=sys.stderr)
     for warning in unmatched_model_names(settings, sorted(on_disk)):
         print(f"xaiserve serve: warning: {warning}", file=sys.stderr)
     models = []
