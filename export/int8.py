@@ -394,7 +394,7 @@ def quantize_export(model: ov.Model, target_layer: str | None, info: ModelInfo,
     check_settings(settings, target_layer is not None)
     if settings.finetune_steps and torch_source is None:
         raise Int8Error("--finetune-steps needs a torch source (default, timm:..., torch:...): "
-                        "a model file has no weights to train")
+                        "a model file (IR, ONNX, TorchScript, ...) has no weights it can train")
     calibration = load_images(settings.calibration, info, settings.calibration_size,
                               "--calibration")
     validation = load_images(settings.validation_folder, info, settings.validation_size,

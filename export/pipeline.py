@@ -166,7 +166,7 @@ def _served_form(model: ov.Model, saliency: SaliencySettings, info: ModelInfo,
 
 def torch_source(loaded, saliency: SaliencySettings, info: ModelInfo) -> TorchSource | None:
     """What `--finetune-steps` trains, and how a trained module becomes the served IR."""
-    if loaded.torch_module is None:
+    if loaded.torch_module is None or loaded.scripted:
         return None
 
     def build_ir(module) -> tuple[ov.Model, str | None]:
@@ -188,6 +188,10 @@ def _reference(request: ExportRequest, loaded, model: ov.Model, info, images,
     if loaded.torch_module is None:
         raise ReferenceCheckError("--reference needs a torch source (default, timm:..., "
                                   "torch:...); a model file (IR, ONNX, ...) has no gradients")
+    if loaded.scripted and request.reference.method == "gradcam":
+        raise ReferenceCheckError("--reference gradcam: a TorchScript module takes no forward "
+                                  "hooks; use --reference gradient, or export it from its code "
+                                  "(torch:<module>:<callable> with --checkpoint)")
     t = time.perf_counter()
     progress("comparing with the torch reference")
     figures = check_reference(loaded.torch_module, compile_f32(model), images, info,

@@ -12,6 +12,7 @@ import importlib
 import math
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -79,6 +80,9 @@ class LoadedSource:
     info: ModelInfo
     description: str
     torch_module: Any = None  # kept for parity checks against the source framework
+    # a TorchScript module: it runs and has gradients, but takes no forward hooks (Grad-CAM)
+    # and no training wrappers (--finetune-steps)
+    scripted: bool = False
     source_model: ov.Model | None = None  # a model file's (IR, ONNX, TFLite), for parity
     input_layout: str = "NCHW"
     bgr: bool = False  # the model takes BGR channels
@@ -113,12 +117,15 @@ def _loader_for(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in _LOADERS:
         return prefix, rest
-    if Path(spec).suffix.lower() in (".xml", *MODEL_FILE_FRONTENDS) or is_saved_model(Path(spec)):
+    if Path(spec).suffix.lower() in (".xml", EXPORTED_PROGRAM_SUFFIX, *MODEL_FILE_FRONTENDS) \
+            or is_saved_model(Path(spec)):
         return "file", spec
+    if Path(spec).suffix.lower() in TORCHSCRIPT_SUFFIXES:
+        return "torchscript", spec
     raise SourceError(
         f"source {spec!r} is not understood; use default, timm:<architecture>, "
-        "torch:<module>:<callable>, a path to an .xml, .onnx or .tflite file, or a "
-        "TensorFlow SavedModel folder"
+        "torch:<module>:<callable>, a path to an .xml, .onnx, .tflite, torch.export (.pt2) or "
+        "TorchScript (.pt) file, or a TensorFlow SavedModel folder"
     )
 
 
@@ -314,6 +321,53 @@ def load_torch_factory(target: str, options: SourceOptions) -> LoadedSource:
     return LoadedSource(model, info, f"torch:{target}", torch_module=module)
 
 
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether a file is a TorchScript archive (torch.jit.save: a zip with the module's code
+    under code/), not a state dict that torch.save wrote (a zip with data.pkl alone)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+@register_source("torchscript")
+def load_torchscript(path_str: str, options: SourceOptions) -> LoadedSource:
+    """A TorchScript file (torch.jit.save of a traced or scripted module: what TorchServe and
+    libtorch deploy), converted as a torch module is, with its own weights. Like a
+    torch:<module>:<callable> source: --input-size (224), ImageNet's --mean and --scale."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    if options.checkpoint:
+        raise SourceError(f"--checkpoint: {path} holds its own weights; leave the option out")
+    if not is_torchscript(path):
+        raise SourceError(f"{path}: not a TorchScript model (torch.jit.save); weights alone "
+                          "need their architecture: timm:<architecture> or "
+                          f"torch:<module>:<callable> with --checkpoint {path}")
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others
+        raise SourceError(f"{path}: TorchScript cannot load it ({error_reason(exc, 160)})") \
+            from None
+    size = options.input_size or 224
+    try:
+        model = convert_torch(module, size)
+    except Exception as exc:  # noqa: BLE001 - the module's own errors on this input
+        raise SourceError(f"{path}: cannot run it on [N, 3, {size}, {size}] images "
+                          f"({error_reason(exc, 160)}); give the --input-size it takes") \
+            from None
+    num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
+    check_class_count(options, num_classes, str(path))
+    info = _module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
+    return LoadedSource(model, info, f"torchscript:{path}", torch_module=module, scripted=True)
+
+
 def check_class_count(options: SourceOptions, found: int, source: str) -> None:
     """--num-classes sizes the head of a timm model; a model built elsewhere has its own, and
     a different count asked for is an error, not ignored."""
@@ -346,12 +400,40 @@ def read_model_file(path: Path) -> ov.Model:
     corrupt file, before our one line; a file that passes is parsed once, by its own frontend."""
     if path.suffix.lower() == ".xml":
         return read_ir(ov.Core(), path)
+    if path.suffix.lower() == EXPORTED_PROGRAM_SUFFIX:
+        return read_exported_program(path)
     framework = "tf" if is_saved_model(path) else \
         MODEL_FILE_FRONTENDS.get(path.suffix.lower(), "onnx")
     frontend = ov.frontend.FrontEndManager().load_by_framework(framework)
     if not frontend.supported(str(path)):
         raise SourceError(f"the {framework} frontend does not take it")
     return ov.convert_model(str(path))
+
+
+EXPORTED_PROGRAM_SUFFIX = ".pt2"
+
+
+def read_exported_program(path: Path) -> ov.Model:
+    """A torch.export program (torch.export.save: PyTorch 2's deployment format, which replaces
+    TorchScript) as OpenVINO's converter reads it; torch does the reading, so this needs the
+    export extra."""
+    try:
+        import torch
+    except ImportError:
+        raise SourceError("a .pt2 file needs torch: pip install 'xaiserve[export]'") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's notices about its own versions
+        program = torch.export.load(str(path))
+    model = ov.convert_model(program)
+    # the converter leaves every input dimension free; the program's own are static but for
+    # those exported as dynamic (symbols)
+    inputs = set(program.graph_signature.user_inputs)
+    examples = [node.meta["val"] for node in program.graph.nodes
+                if node.op == "placeholder" and node.name in inputs and "val" in node.meta]
+    if len(examples) == len(model.inputs) == 1:
+        model.reshape({model.inputs[0]: ov.PartialShape(
+            [d if isinstance(d, int) else -1 for d in examples[0].shape])})
+    return model
 
 
 # OpenVINO's ONNX frontend, for a tensor whose bytes its external data file does not hold

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::torch.jit.TracerWarning",
     "ignore:`torch.jit.trace",
     "ignore:The feature will be removed:DeprecationWarning",
+    # TorchScript files are what TorchServe deploys; torch deprecates writing them
+    "ignore:`torch.jit.save` is deprecated:FutureWarning",
+    "ignore:`torch.jit.script` is deprecated:FutureWarning",
+    "ignore:`torch.jit.trace` is deprecated:FutureWarning",
     # onnxconverter-common, for each weight under float16's smallest normal number
     "ignore:the float32 number:UserWarning",
 )
@@ -185,6 +189,100 @@ def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_
     np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)  # logits, not softmax
     from_torch = outputs_of(small_export.path / "model.xml", images)
     np.testing.assert_allclose(ours["saliency_map"], from_torch["saliency_map"], atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_torchscript_file_exports_like_its_torch_source(how, small_export, tmp_path):
+    """A TorchScript file (torch.jit.save of a traced or scripted module, what TorchServe
+    deploys) exports with its own weights: the torch network's logits, the maps of the same
+    network exported from its code (`small_export`); its gradients give a reference map."""
+    net = seeded_cnn()
+    scripted = torch.jit.trace(net, torch.zeros(1, 3, SIZE, SIZE)) if how == "trace" \
+        else torch.jit.script(net)
+    torch.jit.save(scripted, tmp_path / "model.pt")
+    result = run_cli("export", str(tmp_path / "model.pt"), "--repository",
+                     str(tmp_path / "models"), "--name", how, "--input-size", str(SIZE),
+                     "--mean", "0", *SCALE, "--reference", "gradient")
+    assert result.returncode == 0, result.stderr[-2000:]
+    version = tmp_path / "models" / how / "1"
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["source"] == f"torchscript:{tmp_path / 'model.pt'}"
+    assert card["reference"]["method"] == "gradient" and card["reference"]["images"] == 4
+    assert card["saliency"]["method"] == "reciprocam"
+    images, _, _ = make_dataset(6, seed=3)
+    ours = outputs_of(version / "model.xml", images)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255))
+    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ours["saliency_map"],
+                               outputs_of(small_export.path / "model.xml", images)["saliency_map"],
+                               atol=1e-4)
+
+
+def write_exported_program(module, path: Path, dynamic_batch: bool, size: int = SIZE) -> None:
+    """torch.export.save of the module, exported at a batch of 2 with a free batch, or at 1."""
+    dims = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    torch.export.save(torch.export.export(module.eval(), (example,), dynamic_shapes=dims), path)
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True], ids=["batch_1", "batch_free"])
+def test_exported_program_file_exports_like_its_torch_source(dynamic_batch, small_export,
+                                                             tmp_path):
+    """A torch.export program (.pt2, PyTorch 2's deployment format) is read by OpenVINO's
+    converter with the sizes it was exported at (the converter leaves them all free); a CNN
+    exported at a batch of 1 runs any batch."""
+    net = seeded_cnn()
+    write_exported_program(net, tmp_path / "model.pt2", dynamic_batch)
+    result = run_cli("export", str(tmp_path / "model.pt2"), "--repository",
+                     str(tmp_path / "models"), "--name", "program", *SCALE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    version = tmp_path / "models" / "program" / "1"
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["parity"]["max_abs_logit_diff"] < 1e-4
+    images, _, _ = make_dataset(6, seed=3)
+    ours = outputs_of(version / "model.xml", images)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255))
+    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ours["saliency_map"],
+                               outputs_of(small_export.path / "model.xml", images)["saliency_map"],
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["--reference gradcam", "--finetune-steps 5"])
+def test_torchscript_file_refuses_hooks_and_training_in_one_line(option, tmp_path):
+    """A TorchScript module takes no forward hooks (Grad-CAM) and no training wrappers
+    (quantisation-aware training): the option is named with what to do instead, nothing is
+    written (they were RuntimeErrors from torch.jit)."""
+    torch.jit.save(torch.jit.trace(seeded_cnn(), torch.zeros(1, 3, SIZE, SIZE)),
+                   tmp_path / "model.pt")
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    import cv2
+
+    for i, image in enumerate(make_dataset(4, seed=1)[0]):
+        cv2.imwrite(str(calibration / f"{i}.png"), image[..., ::-1])
+    extra = ["--int8", "--calibration", str(calibration)] if "finetune" in option else []
+    result = run_cli("export", str(tmp_path / "model.pt"), "--repository",
+                     str(tmp_path / "models"), "--name", "ts", "--input-size", str(SIZE),
+                     *option.split(), *extra)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert option.split()[0] in line and "TorchScript" in line, line
+    assert not (tmp_path / "models" / "ts").exists()
+
+
+def test_state_dict_file_is_refused_with_the_fix(tmp_path):
+    """A .pt file of weights alone (torch.save of a state dict) is no model: one line that
+    says which sources take it as --checkpoint."""
+    torch.save(seeded_cnn().state_dict(), tmp_path / "weights.pt")
+    result = run_cli("export", str(tmp_path / "weights.pt"), "--repository",
+                     str(tmp_path / "models"), "--name", "weights")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "not a TorchScript model" in line and f"--checkpoint {tmp_path / 'weights.pt'}" in line
+    assert not (tmp_path / "models").exists()
 
 
 def test_bgr_is_for_files_only(tmp_path):
@@ -357,15 +455,21 @@ def test_transformer_onnx_gets_the_torch_sources_maps(arch, dynamo, tmp_path):
                                atol=0.01)
 
 
-def test_batch_specialised_by_torch_export_is_refused_with_the_fix(tmp_path):
-    """`torch.onnx.export(model, (x,), path)`, torch.export since torch 2.9, given an example
-    batch of 1 writes PiT's reshapes with that 1 (`dynamic_axes` or not): the file cannot run the
-    saliency branch's batch of masked copies. One line that names the node and the fix,
-    nothing written (it was an OpenVINO shape error)."""
-    write_onnx(seeded_timm("pit_ti_distilled_224"), tmp_path / "pit.onnx", "NCHW", False,
-               size=224, dynamo=True)
-    result = run_cli("export", str(tmp_path / "pit.onnx"), "--repository",
-                     str(tmp_path / "models"), "--name", "pit")
+@pytest.mark.parametrize("kind", ["onnx", "pt2"])
+def test_batch_specialised_by_torch_export_is_refused_with_the_fix(kind, tmp_path):
+    """`torch.onnx.export(model, (x,), path)`, torch.export since torch 2.9, or
+    `torch.export.save`, given an example batch of 1 writes PiT's reshapes with that 1
+    (`dynamic_axes` or not): the file cannot run the saliency branch's batch of masked copies.
+    One line that names the node and the fix, nothing written (it was an OpenVINO shape
+    error)."""
+    deployed = tmp_path / f"pit.{kind}"
+    if kind == "onnx":
+        write_onnx(seeded_timm("pit_ti_distilled_224"), deployed, "NCHW", False, size=224,
+                   dynamo=True)
+    else:
+        write_exported_program(seeded_timm("pit_ti_distilled_224"), deployed, False, size=224)
+    result = run_cli("export", str(deployed), "--repository", str(tmp_path / "models"),
+                     "--name", "pit")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert "cannot run a batch of 2" in line and "Reshape '" in line, line
