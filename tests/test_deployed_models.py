@@ -160,6 +160,19 @@ def outputs_of(ir, images: np.ndarray) -> dict[str, np.ndarray]:
     return {name: result[compiled.output(name)] for name in ("logits", "saliency_map")}
 
 
+def assert_like_the_seeded_cnn(version: Path, small_export) -> None:
+    """The exported IR gives the seeded network's logits (from 0..1 images) and the maps of
+    the same network exported from its code (`small_export`)."""
+    images, _, _ = make_dataset(6, seed=3)
+    ours = outputs_of(version / "model.xml", images)
+    with torch.no_grad():
+        logits = seeded_cnn()(torch.from_numpy(images.transpose(0, 3, 1, 2) / 255).float())
+    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ours["saliency_map"],
+                               outputs_of(small_export.path / "model.xml", images)["saliency_map"],
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_path):
     wrap, layout, dynamic_batch, kind, options, change = VARIANTS[variant]
@@ -182,13 +195,7 @@ def test_deployed_file_exports_like_its_torch_source(variant, small_export, tmp_
     assert card["parity"]["top1_agreement"] == 1.0 and card["parity"]["max_abs_logit_diff"] < 1e-4
     assert change in card["source"]
 
-    images, _, _ = make_dataset(6, seed=3)
-    ours = outputs_of(version / "model.xml", images)
-    with torch.no_grad():
-        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255))
-    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)  # logits, not softmax
-    from_torch = outputs_of(small_export.path / "model.xml", images)
-    np.testing.assert_allclose(ours["saliency_map"], from_torch["saliency_map"], atol=1e-4)
+    assert_like_the_seeded_cnn(version, small_export)  # logits, not softmax
 
 
 @pytest.mark.parametrize("how", ["trace", "script"])
@@ -209,14 +216,7 @@ def test_torchscript_file_exports_like_its_torch_source(how, small_export, tmp_p
     assert card["source"] == f"torchscript:{tmp_path / 'model.pt'}"
     assert card["reference"]["method"] == "gradient" and card["reference"]["images"] == 4
     assert card["saliency"]["method"] == "reciprocam"
-    images, _, _ = make_dataset(6, seed=3)
-    ours = outputs_of(version / "model.xml", images)
-    with torch.no_grad():
-        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255))
-    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)
-    np.testing.assert_allclose(ours["saliency_map"],
-                               outputs_of(small_export.path / "model.xml", images)["saliency_map"],
-                               atol=1e-4)
+    assert_like_the_seeded_cnn(version, small_export)
 
 
 def write_exported_program(module, path: Path, dynamic_batch: bool, size: int = SIZE) -> None:
@@ -240,14 +240,7 @@ def test_exported_program_file_exports_like_its_torch_source(dynamic_batch, smal
     version = tmp_path / "models" / "program" / "1"
     card = json.loads((version / "model_card.json").read_text())
     assert card["parity"]["max_abs_logit_diff"] < 1e-4
-    images, _, _ = make_dataset(6, seed=3)
-    ours = outputs_of(version / "model.xml", images)
-    with torch.no_grad():
-        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255))
-    np.testing.assert_allclose(ours["logits"], logits.numpy(), atol=1e-4)
-    np.testing.assert_allclose(ours["saliency_map"],
-                               outputs_of(small_export.path / "model.xml", images)["saliency_map"],
-                               atol=1e-4)
+    assert_like_the_seeded_cnn(version, small_export)
 
 
 @pytest.mark.parametrize("option", ["--reference gradcam", "--finetune-steps 5"])
