@@ -54,9 +54,9 @@ def reduced_float_type(model: ov.Model) -> ov.Type | None:
     return None
 
 
-# Floating types whose values numpy holds, so that constants convert exactly (bf16 and the
-# f8 types it has not: those models stay refused).
-WIDENED_TYPES = {ov.Type.f16: np.float16, ov.Type.f64: np.float64}
+# Floating types whose constants numpy holds (get_data), so that they convert exactly; bf16
+# and the f8 types it has not, and those models stay refused.
+WIDENED_TYPES = (ov.Type.f16, ov.Type.f64)
 
 
 def float32_arithmetic(model: ov.Model) -> list[str]:

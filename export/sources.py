@@ -9,6 +9,7 @@ it.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import re
 import warnings
@@ -421,9 +422,17 @@ def read_exported_program(path: Path) -> ov.Model:
         import torch
     except ImportError:
         raise SourceError("a .pt2 file needs torch: pip install 'xaiserve[export]'") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.export's notices about its own versions
-        program = torch.export.load(str(path))
+    if not zipfile.is_zipfile(path):
+        raise SourceError("not a torch.export archive (torch.export.save writes a zip file)")
+    quiet = logging.getLogger("torch.export")  # logs a traceback for a damaged archive
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's notices about its own versions
+            program = torch.export.load(str(path))
+    finally:
+        quiet.setLevel(level)
     model = ov.convert_model(program)
     # the converter leaves every input dimension free; the program's own are static but for
     # those exported as dynamic (symbols)
@@ -452,7 +461,7 @@ def unreadable_model_file(path: Path, exc: BaseException) -> str:
         return (f"{path}: its weights are in {found.group(1)} beside it, which is {have} where "
                 f"the model needs {int(found.group(2)) + int(found.group(3))} bytes or more; "
                 "copy that file whole beside the .onnx file")
-    return (f"{path}: not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel) "
+    return (f"{path}: not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel, torch.export) "
             f"({error_reason(exc, 160)})")
 
 

@@ -50,7 +50,7 @@ def resolve_version_dir(path: Path, version: str = "") -> Path:
 
 # Model files OpenVINO Model Server serves from a version folder that xaiserve does not: it
 # compiles the IR `xaiserve export` writes (model.xml, preprocessing and saliency map inside).
-FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml", "*.pdmodel")
+FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml")
 
 
 def foreign_model_files(version_dir: Path) -> list[str]:
@@ -65,7 +65,8 @@ def foreign_model_files(version_dir: Path) -> list[str]:
 def export_hint(version_dir: Path, files: list[str]) -> str:
     """What to say of a version folder that holds `files` and no model.xml."""
     repository, name = version_dir.parent.parent, version_dir.parent.name
+    source = version_dir if files[0] == "saved_model.pb" else version_dir / files[0]
     return (f"{version_dir} holds {', '.join(files)} and no model.xml, so it is not served: "
             "xaiserve serves the IR `xaiserve export` writes (preprocessing and saliency map "
-            f"inside); run `xaiserve export {version_dir / files[0]} --repository {repository} "
+            f"inside); run `xaiserve export {source} --repository {repository} "
             f"--name {name}` with the --mean and --scale the model takes")

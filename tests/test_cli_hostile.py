@@ -70,13 +70,13 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
     # a corrupt deployed model: OpenVINO's TensorFlow frontend used to print its own parse
     # errors before ours when every frontend was asked whether the file was theirs
     (tmp_path / "saved_model").mkdir()
-    for name in ("deployed.onnx", "deployed.tflite", "saved_model/saved_model.pb"):
+    for name in ("deployed.onnx", "deployed.tflite", "saved_model/saved_model.pb", "deployed.pt2"):
         garbage = tmp_path / name  # the TFLite frontend's load() takes any bytes
         garbage.write_bytes(np.random.default_rng(0).bytes(2000))
         source = garbage.parent if garbage.name == "saved_model.pb" else garbage
         result = run_cli("export", str(source), "--repository", str(repo), "--name", "x")
-        one_line_error(result, "not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel)",
-                       alone=False)
+        one_line_error(result, "not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel, "
+                       "torch.export)", alone=False)
         assert not [line for line in result.stderr.splitlines() if "text_format" in line
                     or "absl" in line], result.stderr
 

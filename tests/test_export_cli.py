@@ -118,7 +118,7 @@ def test_unreadable_model_file(tmp_path, content):
     bad.write_bytes(content)
     repo = tmp_path / "models"
     line = _error_line(run_cli("export", str(bad), "--repository", str(repo), "--name", "x"))
-    assert "not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel)" in line
+    assert "not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel, torch.export)" in line
     assert _repository_is_empty(repo)
 
 
