@@ -325,14 +325,16 @@ def load_torch_factory(target: str, options: SourceOptions) -> LoadedSource:
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 
 
-def is_torchscript(path: Path) -> bool:
-    """Whether a file is a TorchScript archive (torch.jit.save: a zip with the module's code
-    under code/), not a state dict that torch.save wrote (a zip with data.pkl alone)."""
+def torch_archive_kind(path: Path) -> str | None:
+    """"torchscript" for a TorchScript archive (torch.jit.save: a zip with the module's code
+    under code/), "weights" for what torch.save wrote (a zip with data.pkl alone: a state
+    dict), None for a file that is no whole zip archive."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name for name in archive.namelist())
+            names = archive.namelist()
     except (OSError, zipfile.BadZipFile):
-        return False
+        return None
+    return "torchscript" if any("/code/" in name for name in names) else "weights"
 
 
 @register_source("torchscript")
@@ -345,14 +347,20 @@ def load_torchscript(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: no such file")
     if options.checkpoint:
         raise SourceError(f"--checkpoint: {path} holds its own weights; leave the option out")
-    if not is_torchscript(path):
+    kind = torch_archive_kind(path)
+    if kind is None:
+        raise SourceError(f"{path}: not a whole TorchScript archive (torch.jit.save writes a "
+                          "zip file); copy it again or save it again")
+    if kind == "weights":
         raise SourceError(f"{path}: not a TorchScript model (torch.jit.save); weights alone "
                           "need their architecture: timm:<architecture> or "
                           f"torch:<module>:<callable> with --checkpoint {path}")
     import torch
 
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation of TorchScript
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others
         raise SourceError(f"{path}: TorchScript cannot load it ({error_reason(exc, 160)})") \
             from None

@@ -79,6 +79,10 @@ def test_an_export_is_readable_by_other_users_and_bad_targets_fail_first(tmp_pat
                        "torch.export)", alone=False)
         assert not [line for line in result.stderr.splitlines() if "text_format" in line
                     or "absl" in line], result.stderr
+    garbage = tmp_path / "deployed.pt"  # TorchScript's suffix
+    garbage.write_bytes(np.random.default_rng(0).bytes(2000))
+    one_line_error(run_cli("export", str(garbage), "--repository", str(repo), "--name", "x"),
+                   "not a whole TorchScript archive", alone=False)
 
 
 def test_sigterm_during_an_export_leaves_nothing_and_says_so(tmp_path):
