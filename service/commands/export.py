@@ -46,7 +46,8 @@ def check_report_file(path: Path | None, inputs: tuple[Path | None, ...] = ()) -
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a classifier to an IR with a saliency_map output")
     p.add_argument("source", help="default | timm:<arch> | torch:<module>:<callable> | "
-                                  "model.xml | model.onnx | model.tflite | saved_model/")
+                                  "model.xml | model.onnx | model.tflite | saved_model/ | "
+                                  "model.pt (TorchScript) | model.pt2 (torch.export)")
     p.add_argument("--repository", type=Path, default=Path("models"))
     p.add_argument("--name", required=True)
     p.add_argument("--version", type=int, default=None, help="default: the next free version")
