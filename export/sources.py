@@ -118,11 +118,10 @@ def _loader_for(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in _LOADERS:
         return prefix, rest
-    if Path(spec).suffix.lower() in (".xml", EXPORTED_PROGRAM_SUFFIX, *MODEL_FILE_FRONTENDS) \
-            or is_saved_model(Path(spec)):
-        return "file", spec
-    if Path(spec).suffix.lower() in TORCHSCRIPT_SUFFIXES:
-        return "torchscript", spec
+    path = Path(spec)
+    loader = "file" if is_saved_model(path) else FILE_LOADERS.get(path.suffix.lower())
+    if loader is not None:
+        return loader, spec
     raise SourceError(
         f"source {spec!r} is not understood; use default, timm:<architecture>, "
         "torch:<module>:<callable>, a path to an .xml, .onnx, .tflite, torch.export (.pt2) or "
@@ -315,11 +314,17 @@ def load_torch_factory(target: str, options: SourceOptions) -> LoadedSource:
     if options.checkpoint:
         load_checkpoint(module, options.checkpoint, f"torch:{target}")
     size = options.input_size or 224
-    model = convert_torch(module, size)
+    return _module_source(module, convert_torch(module, size), size, f"torch:{target}", options)
+
+
+def _module_source(module, model: ov.Model, size: int, described: str,
+                   options: SourceOptions, scripted: bool = False) -> LoadedSource:
+    """A torch module built outside timm, as converted: its classes from the IR's output,
+    ImageNet's normalisation unless --mean and --scale say otherwise."""
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
-    check_class_count(options, num_classes, f"torch:{target}")
+    check_class_count(options, num_classes, described)
     info = _module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
-    return LoadedSource(model, info, f"torch:{target}", torch_module=module)
+    return LoadedSource(model, info, described, torch_module=module, scripted=scripted)
 
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
@@ -371,10 +376,7 @@ def load_torchscript(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: cannot run it on [N, 3, {size}, {size}] images "
                           f"({error_reason(exc, 160)}); give the --input-size it takes") \
             from None
-    num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
-    check_class_count(options, num_classes, str(path))
-    info = _module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
-    return LoadedSource(model, info, f"torchscript:{path}", torch_module=module, scripted=True)
+    return _module_source(module, model, size, f"torchscript:{path}", options, scripted=True)
 
 
 def check_class_count(options: SourceOptions, found: int, source: str) -> None:
@@ -471,6 +473,12 @@ def unreadable_model_file(path: Path, exc: BaseException) -> str:
                 "copy that file whole beside the .onnx file")
     return (f"{path}: not a model OpenVINO reads (IR, ONNX, TFLite, SavedModel, torch.export) "
             f"({error_reason(exc, 160)})")
+
+
+# A source given as a path: the loader its suffix picks (a SavedModel is a folder).
+FILE_LOADERS = {**{suffix: "file" for suffix in (".xml", EXPORTED_PROGRAM_SUFFIX,
+                                                 *MODEL_FILE_FRONTENDS)},
+                **{suffix: "torchscript" for suffix in TORCHSCRIPT_SUFFIXES}}
 
 
 @register_source("file")

@@ -54,10 +54,8 @@ FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml")
 
 
 def foreign_model_files(version_dir: Path) -> list[str]:
-    """The model files in a version folder without model.xml (an OVMS repository's
+    """The model files in a version folder that has no model.xml (an OVMS repository's
     model.onnx), which a server would otherwise pass over without a word."""
-    if (version_dir / "model.xml").is_file():
-        return []
     return sorted({path.name for pattern in FOREIGN_MODEL_FILES
                    for path in version_dir.glob(pattern) if path.is_file()})
 

@@ -74,10 +74,11 @@ def scan(repository: Path) -> Scan:
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
         try:
-            versions = version_dirs(model_dir)
-            complete = {v: d for v, d in versions.items() if (d / "model.xml").is_file()}
-            for version_dir in versions.values():
-                if files := foreign_model_files(version_dir):
+            complete: dict[int, Path] = {}
+            for version, version_dir in version_dirs(model_dir).items():
+                if (version_dir / "model.xml").is_file():
+                    complete[version] = version_dir
+                elif files := foreign_model_files(version_dir):
                     unexported[version_dir] = export_hint(version_dir, files)
         except OSError as exc:  # a folder this server may not read: the others still count
             unreadable[model_dir.name] = exc.strerror or str(exc)
