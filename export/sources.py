@@ -111,6 +111,20 @@ def create_source(spec: str, options: SourceOptions | None = None) -> LoadedSour
     return _LOADERS[prefix](arg, options)
 
 
+# folders a loader recognises by their files (a SavedModel, a Hugging Face model), in order
+_FOLDER_LOADERS: list[tuple[Callable[[Path], bool], str]] = []
+
+
+def register_folder_source(recognises: Callable[[Path], bool]):
+    """Also pick this loader (registered with `register_source`, applied first) for a path that
+    `recognises` says is its kind of folder."""
+    def wrap(fn: Loader) -> Loader:
+        prefix = next(p for p, loader in _LOADERS.items() if loader is fn)
+        _FOLDER_LOADERS.append((recognises, prefix))
+        return fn
+    return wrap
+
+
 def _loader_for(spec: str) -> tuple[str, str]:
     """The registered prefix whose loader takes `spec`, and the argument it gets."""
     if spec in _LOADERS:
@@ -119,13 +133,14 @@ def _loader_for(spec: str) -> tuple[str, str]:
     if sep and prefix in _LOADERS:
         return prefix, rest
     path = Path(spec)
-    loader = "file" if is_saved_model(path) else FILE_LOADERS.get(path.suffix.lower())
+    loader = next((prefix for recognises, prefix in _FOLDER_LOADERS if recognises(path)),
+                  FILE_LOADERS.get(path.suffix.lower()))
     if loader is not None:
         return loader, spec
     raise SourceError(
         f"source {spec!r} is not understood; use default, timm:<architecture>, "
         "torch:<module>:<callable>, a path to an .xml, .onnx, .tflite, torch.export (.pt2) or "
-        "TorchScript (.pt) file, or a TensorFlow SavedModel folder"
+        "TorchScript (.pt) file, a TensorFlow SavedModel folder or a Hugging Face model folder"
     )
 
 
@@ -481,6 +496,7 @@ FILE_LOADERS = {**{suffix: "file" for suffix in (".xml", EXPORTED_PROGRAM_SUFFIX
                 **{suffix: "torchscript" for suffix in TORCHSCRIPT_SUFFIXES}}
 
 
+@register_folder_source(is_saved_model)
 @register_source("file")
 def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     """An IR, ONNX or TFLite file, or a TensorFlow SavedModel, someone already deployed: add
@@ -511,7 +527,10 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter "
                           "takes float32 and float16 models: give the float32 model it was "
                           "converted from")
-    height, width = _fixed_size(model, layout, options.input_size, path)
+    beside = folder_defaults(path if path.is_dir() else path.parent)
+    height, width = _fixed_size(model, layout, options.input_size, path,
+                                (beside.processor.height, beside.processor.width)
+                                if beside else None)
     fold_static_shape_reads(model)
     edits += drop_saliency_outputs(model) + _as_logits(model, path)
     edits += float_head(model)
@@ -519,29 +538,43 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
     check_class_count(options, num_classes, str(path))
     if known is not None and known.labels:
         labels = known.labels
+    elif beside and beside.labels and not options.labels_file:
+        labels = beside.labels
+        if len(labels) != num_classes:
+            raise SourceError(f"{path}: the config.json beside it names {len(labels)} classes "
+                              f"(id2label), the model has {num_classes}; give --labels")
     else:
         labels = default_labels(num_classes, options) if options.labels_file or num_classes != 1000 \
             else [f"class_{i}" for i in range(num_classes)]
+    fallback = beside.processor if beside else None
     info = ModelInfo(
         labels=labels, input_height=height, input_width=width,
-        mean_values=list(options.mean_values or (known.mean_values if known else [0.0] * 3)),
-        scale_values=list(options.scale_values or (known.scale_values if known else [1.0] * 3)),
+        mean_values=list(options.mean_values or (known.mean_values if known else None)
+                         or (fallback.mean_values if fallback else [0.0] * 3)),
+        scale_values=list(options.scale_values or (known.scale_values if known else None)
+                          or (fallback.scale_values if fallback else [1.0] * 3)),
         resize_type=known.resize_type if known else "standard",
     )
+    bgr = options.bgr or bool(fallback and fallback.bgr)
     described = f"file:{path}" + "".join(f" ({edit})" for edit in edits)
-    if options.bgr:
+    if beside:
+        described += " (labels and preprocessing from the Hugging Face files beside it)"
+    if bgr:
         described += " (takes BGR: the IR swaps the channels)"
     return LoadedSource(model, info, described, input_layout=layout,
-                        source_model=model.clone(), bgr=options.bgr)
+                        source_model=model.clone(), bgr=bgr)
 
 
 def _fixed_size(model: ov.Model, layout: str, input_size: int | None,
-                path: Path) -> tuple[int, int]:
-    """Reshape to a dynamic batch at the file's (or --input-size's) height and width."""
+                path: Path, processor_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Reshape to a dynamic batch at --input-size's height and width, or the file's, or for a
+    file whose size is free (Optimum's exports) its image processor's."""
     dims = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
     h_axis = layout.index("H")
     if input_size is not None:
         height = width = input_size
+    elif (dims[h_axis] is None or dims[h_axis + 1] is None) and processor_size is not None:
+        height, width = processor_size
     elif dims[h_axis] is None or dims[h_axis + 1] is None:
         raise SourceError(f"{path}: the input size is dynamic; give --input-size")
     else:
@@ -613,3 +646,7 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
         cv2.resize(c, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
         for c in coarse
     ])
+
+
+# Loaders in modules of their own register here, once this module's names exist.
+from .huggingface import folder_defaults  # noqa: E402 - also registers the "hf" loader

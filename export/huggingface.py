@@ -1,0 +1,269 @@
+"""Hugging Face image classifiers: a `save_pretrained` folder, and the model files Optimum writes.
+
+A folder with `config.json` and weights (`model.safetensors`, `pytorch_model.bin`; what
+`save_pretrained` writes and what a Hub snapshot holds) is loaded with transformers'
+`AutoModelForImageClassification`, from the folder only (nothing is downloaded, no custom code
+is run). Its labels come from the config's `id2label`, its input size, normalisation and
+channel order from `preprocessor_config.json` (the image processor's settings), so the export
+needs none of --labels, --mean, --scale and --input-size. Optimum's ONNX export
+(`model.onnx`) and optimum-intel's OpenVINO export (`openvino_model.xml`) write the same two
+JSON files beside the model file: `folder_defaults` reads them for the model-file loader.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from xaiserve.service.model import error_reason
+from xaiserve.service.model_info import ModelInfo
+
+from .deployed import fold_static_shape_reads
+from .sources import (LoadedSource, SourceError, SourceOptions, check_class_count,
+                      convert_torch, read_labels, register_folder_source, register_source)
+
+CONFIG = "config.json"
+PROCESSOR = "preprocessor_config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+DEFAULT_RESCALE = 1 / 255  # BaseImageProcessor's rescale_factor
+
+
+@dataclass
+class ProcessorSettings:
+    """What an image processor does to a u8 RGB image, in the exporter's terms: the model's
+    input (height, width), and x = (pixel - mean) / scale per channel (0..255 units), channels
+    reversed when `bgr` (MobileViT's `do_flip_channel_order`)."""
+
+    height: int
+    width: int
+    mean_values: list[float]
+    scale_values: list[float]
+    bgr: bool = False
+
+
+def processor_settings(processor: dict, source: str) -> ProcessorSettings:
+    """`preprocessor_config.json` as settings. The model's input is the crop when the processor
+    crops (`do_center_crop` with `crop_size`), else the resize target (`height` and `width`,
+    or a square of `shortest_edge`); rescaling then normalising, x = (p * r - m) / s, is
+    (p - m / r) / (s / r). Keys left out take the processor classes' defaults (rescale by
+    1/255; normalise when `image_mean` is given)."""
+    size = _crop_or_size(processor, source)
+    rescale = float(processor.get("rescale_factor", DEFAULT_RESCALE)) \
+        if processor.get("do_rescale", True) else 1.0
+    if not math.isfinite(rescale) or rescale <= 0:
+        raise SourceError(f"{source}: rescale_factor {rescale} is not a positive number")
+    mean, std = [0.0] * 3, [1.0] * 3
+    if processor.get("do_normalize", "image_mean" in processor):
+        mean = _per_channel(processor.get("image_mean"), "image_mean", source)
+        std = _per_channel(processor.get("image_std"), "image_std", source)
+    return ProcessorSettings(
+        height=size[0], width=size[1],
+        mean_values=[m / rescale for m in mean], scale_values=[s / rescale for s in std],
+        bgr=bool(processor.get("do_flip_channel_order", False)))
+
+
+def _crop_or_size(processor: dict, source: str) -> tuple[int, int]:
+    crops = processor.get("do_center_crop", False) and processor.get("crop_size")
+    size = processor.get("crop_size") if crops else processor.get("size")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return int(size["height"]), int(size["width"])
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"]), int(size["shortest_edge"])
+    raise SourceError(f"{source}: {PROCESSOR} gives no input size ({size!r}); give --input-size")
+
+
+def _per_channel(values, key: str, source: str) -> list[float]:
+    values = [values] * 3 if isinstance(values, (int, float)) else values
+    if not (isinstance(values, list) and len(values) == 3
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+        raise SourceError(f"{source}: {PROCESSOR} {key} is {values!r}, not three numbers; "
+                          "give --mean and --scale")
+    return [float(v) for v in values]
+
+
+def config_labels(config: dict) -> list[str] | None:
+    """The classes of `id2label` in index order (None when the config has none)."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(by_index) != list(range(len(by_index))):
+        return None
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: not readable JSON ({type(exc).__name__}); copy the file "
+                          "again") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{path}: holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+@dataclass
+class FolderDefaults:
+    """What the JSON files beside a model file say, for options not given."""
+
+    labels: list[str] | None
+    processor: ProcessorSettings
+
+
+def folder_defaults(folder: Path) -> FolderDefaults | None:
+    """Preprocessing from `preprocessor_config.json` beside a model file (Optimum's exports
+    write it) and labels from the `config.json` there; None without the first (a config.json
+    alone may be anyone's)."""
+    config_path, processor_path = folder / CONFIG, folder / PROCESSOR
+    if not processor_path.is_file():
+        return None
+    labels = config_labels(read_json(config_path)) if config_path.is_file() else None
+    return FolderDefaults(labels, processor_settings(read_json(processor_path),
+                                                     str(processor_path)))
+
+
+def is_pretrained_folder(path: Path) -> bool:
+    """A folder `save_pretrained` wrote (or a Hub snapshot): config.json and torch weights."""
+    return path.is_dir() and (path / CONFIG).is_file() \
+        and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+@register_folder_source(is_pretrained_folder)
+@register_source("hf")
+def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
+    """A transformers image classifier from its folder, with the folder's labels and
+    preprocessing (options given win)."""
+    path = Path(path_str)
+    if not path.is_dir() or not (path / CONFIG).is_file():
+        raise SourceError(f"{path}: not a Hugging Face model folder (config.json and "
+                          "model.safetensors, as save_pretrained writes them)")
+    if options.checkpoint:
+        raise SourceError(f"--checkpoint: {path} holds its own weights; leave the option out")
+    config = read_json(path / CONFIG)
+    if "auto_map" in config:
+        raise SourceError(f"{path}: the model's code is in the folder (auto_map); the exporter "
+                          "runs no code from model folders: export it as "
+                          "torch:<module>:<callable> with --checkpoint")
+    processor = _processor(path, options)
+    bgr = bool(processor and processor.bgr)
+    size = options.input_size or (processor.height if processor else None)
+    if size is None:
+        raise SourceError(f"{path}: no {PROCESSOR}; give --input-size, --mean and --scale")
+    if options.input_size is None and processor.height != processor.width:
+        raise SourceError(f"{path}: takes {processor.height} x {processor.width} images; the "
+                          "exporter converts square inputs: give --input-size")
+    module = _classifier_type()(_image_classifier(path, config), bgr).eval()
+    global_pooling_windows(module, size)
+    num_classes = module.model.config.num_labels
+    check_class_count(options, num_classes, str(path))
+    labels = read_labels(options.labels_file, num_classes) if options.labels_file \
+        else config_labels(config) or [f"class_{i}" for i in range(num_classes)]
+    info = ModelInfo(labels=labels, input_height=size, input_width=size,
+                     mean_values=list(options.mean_values or processor.mean_values),
+                     scale_values=list(options.scale_values or processor.scale_values))
+    try:
+        model = convert_torch(module, size)
+    except Exception as exc:  # noqa: BLE001 - the module's own errors on this input
+        raise SourceError(f"{path}: cannot run it on [N, 3, {size}, {size}] images "
+                          f"({error_reason(exc, 160)}); give the --input-size it takes") \
+            from None
+    fold_static_shape_reads(model)  # Swin's padding reads H and W from the tensors
+    described = f"hf:{path} ({type(module.model).__name__})"
+    if bgr:
+        described += " (takes BGR: the IR swaps the channels)"
+    return LoadedSource(model, info, described, torch_module=module)
+
+
+def _processor(path: Path, options: SourceOptions) -> ProcessorSettings | None:
+    """The folder's preprocessing, or None where it has none and the options give it all."""
+    if (path / PROCESSOR).is_file():
+        return processor_settings(read_json(path / PROCESSOR), str(path / PROCESSOR))
+    if options.mean_values and options.scale_values:
+        return None
+    raise SourceError(f"{path}: no {PROCESSOR} (the image processor's settings, which "
+                      "save_pretrained of the processor writes); give --input-size, --mean "
+                      "and --scale")
+
+
+def _image_classifier(path: Path, config: dict):
+    """The folder's model, from its files only."""
+    try:
+        import transformers
+    except ImportError:
+        raise SourceError("Hugging Face folders need the export extra: pip install "
+                          "'xaiserve[export]'") from None
+    architectures = config.get("architectures") or []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoModelForImageClassification.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False).eval()
+    except ValueError as exc:  # an architecture that is no image classifier
+        raise SourceError(f"{path}: {', '.join(architectures) or config.get('model_type')} is "
+                          "not an image classifier transformers knows "
+                          f"({error_reason(exc, 120)})") from None
+    except Exception as exc:  # noqa: BLE001 - missing or damaged weights, and others
+        raise SourceError(f"{path}: transformers cannot load it ({error_reason(exc, 160)})") \
+            from None
+
+
+def global_pooling_windows(module, size: int) -> int:
+    """Replace, in place, average poolings whose window covers the whole map they get at this
+    input size by the global mean they compute; return how many. Transformers' EfficientNet
+    pools with AvgPool2d(kernel=hidden_dim, ceil_mode=True): torch clips the window to the map
+    (a global mean), OpenVINO's shape inference refuses a window larger than the map."""
+    import torch
+
+    seen: dict[str, tuple[int, int]] = {}
+    hooks = [child.register_forward_pre_hook(
+        lambda _, args, name=name: seen.__setitem__(name, tuple(args[0].shape[-2:])))
+        for name, child in module.named_modules()
+        if isinstance(child, torch.nn.AvgPool2d) and child.ceil_mode]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    def pair(value) -> tuple:
+        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+    whole = [name for name, (h, w) in seen.items()
+             if pair(module.get_submodule(name).padding) == (0, 0)
+             and all(k >= d for k, d in zip(pair(module.get_submodule(name).kernel_size), (h, w)))]
+    for name in whole:
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent), attr, torch.nn.AdaptiveAvgPool2d(1))
+    return len(whole)
+
+
+@functools.cache
+def _classifier_type():
+    """Defined on first use: torch is imported only by the loaders that need it."""
+    import torch
+
+    class PretrainedClassifier(torch.nn.Module):
+        """pixel_values -> logits (transformers' models return an output object), RGB in:
+        a model that takes BGR gets its channels reversed first."""
+
+        def __init__(self, model, bgr: bool):
+            super().__init__()
+            self.model = model
+            self.bgr = bgr
+
+        def forward(self, x):
+            return self.model(pixel_values=x.flip(1) if self.bgr else x).logits
+
+    return PretrainedClassifier
