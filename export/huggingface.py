@@ -49,27 +49,37 @@ class ProcessorSettings:
 def processor_settings(processor: dict, source: str) -> ProcessorSettings:
     """`preprocessor_config.json` as settings. The model's input is the crop when the processor
     crops (`do_center_crop` with `crop_size`), else the resize target (`height` and `width`,
-    or a square of `shortest_edge`); rescaling then normalising, x = (p * r - m) / s, is
-    (p - m / r) / (s / r). Keys left out take the processor classes' defaults (rescale by
-    1/255; normalise when `image_mean` is given)."""
-    size = _crop_or_size(processor, source)
-    rescale = float(processor.get("rescale_factor", DEFAULT_RESCALE)) \
-        if processor.get("do_rescale", True) else 1.0
+    or a square of `shortest_edge`). Rescaling (with EfficientNet's `rescale_offset`, minus 1),
+    normalising, and EfficientNet's `include_top` (a second division by the std) give
+    x = ((p * r - o) - m) / s / s', which is (p - (m + o) / r) / (s * s' / r). A key left out or
+    null takes the processor classes' default."""
+    def setting(key: str, default):
+        value = processor.get(key)
+        return default if value is None else value
+
+    size = _crop_or_size(processor, bool(setting("do_center_crop", False)), source)
+    rescale = float(setting("rescale_factor", DEFAULT_RESCALE)) \
+        if setting("do_rescale", True) else 1.0
     if not math.isfinite(rescale) or rescale <= 0:
         raise SourceError(f"{source}: rescale_factor {rescale} is not a positive number")
+    offset = 1.0 if setting("do_rescale", True) and setting("rescale_offset", False) else 0.0
     mean, std = [0.0] * 3, [1.0] * 3
-    if processor.get("do_normalize", "image_mean" in processor):
+    if setting("do_normalize", False):
         mean = _per_channel(processor.get("image_mean"), "image_mean", source)
         std = _per_channel(processor.get("image_std"), "image_std", source)
+    # EfficientNetImageProcessor's include_top is on unless its file says otherwise
+    efficientnet = str(processor.get("image_processor_type", "")).startswith("EfficientNet")
+    again = std if setting("include_top", efficientnet) else [1.0] * 3
     return ProcessorSettings(
         height=size[0], width=size[1],
-        mean_values=[m / rescale for m in mean], scale_values=[s / rescale for s in std],
-        bgr=bool(processor.get("do_flip_channel_order", False)))
+        mean_values=[(m + offset) / rescale for m in mean],
+        scale_values=[s * t / rescale for s, t in zip(std, again)],
+        bgr=bool(setting("do_flip_channel_order", False)))
 
 
-def _crop_or_size(processor: dict, source: str) -> tuple[int, int]:
-    crops = processor.get("do_center_crop", False) and processor.get("crop_size")
-    size = processor.get("crop_size") if crops else processor.get("size")
+def _crop_or_size(processor: dict, crops: bool, source: str) -> tuple[int, int]:
+    size = processor.get("crop_size") if crops and processor.get("crop_size") \
+        else processor.get("size")
     if isinstance(size, int):
         return size, size
     if isinstance(size, dict):

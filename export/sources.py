@@ -527,6 +527,8 @@ def load_model_file(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: computes in {computes_in.get_type_name()}; the exporter "
                           "takes float32 and float16 models: give the float32 model it was "
                           "converted from")
+    from .huggingface import folder_defaults
+
     beside = folder_defaults(path if path.is_dir() else path.parent)
     height, width = _fixed_size(model, layout, options.input_size, path,
                                 (beside.processor.height, beside.processor.width)
@@ -646,7 +648,3 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
         cv2.resize(c, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
         for c in coarse
     ])
-
-
-# Loaders in modules of their own register here, once this module's names exist.
-from .huggingface import folder_defaults  # noqa: E402 - also registers the "hf" loader

@@ -103,7 +103,7 @@ def train_small_cnn(steps: int = 150, seed: int = 0, classes: tuple[str, ...] = 
 
     torch.manual_seed(seed)
     images, labels, _ = make_dataset(1024, seed, classes)
-    return _fit(small_cnn(len(classes)), images, labels, steps, 3e-3, seed)
+    return fit(small_cnn(len(classes)), images, labels, steps, 3e-3, seed)
 
 
 def train_small_vit(steps: int = 300, seed: int = 0):
@@ -112,15 +112,19 @@ def train_small_vit(steps: int = 300, seed: int = 0):
     import torch
 
     torch.manual_seed(seed)
+    return fit(small_vit(), *with_empty_images(seed), steps, 1e-3, seed)
+
+
+def with_empty_images(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """1024 synthetic images and 256 without an object, labelled len(CLASSES) ("none")."""
     images, labels, _ = make_dataset(1024, seed)
     rng = np.random.default_rng(seed + 1)
     empty = rng.integers(60, 140, size=(256, SIZE, SIZE, 3)).astype(np.uint8)
-    images = np.concatenate([images, empty])
-    labels = np.concatenate([labels, np.full(len(empty), len(CLASSES))])
-    return _fit(small_vit(), images, labels, steps, 1e-3, seed)
+    return (np.concatenate([images, empty]),
+            np.concatenate([labels, np.full(len(empty), len(CLASSES))]))
 
 
-def _fit(model, images: np.ndarray, labels: np.ndarray, steps: int, lr: float, seed: int):
+def fit(model, images: np.ndarray, labels: np.ndarray, steps: int, lr: float, seed: int):
     """Adam on cross-entropy, batches of 32 drawn with a seeded generator; the model in eval."""
     import torch
 

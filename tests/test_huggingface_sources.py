@@ -1,0 +1,395 @@
+"""Hugging Face image classifiers as export sources: a `save_pretrained` folder (config.json,
+model.safetensors, preprocessor_config.json), and Optimum's ONNX and OpenVINO files beside
+those JSON files.
+
+What a user relies on: the export needs no --labels, --mean, --scale or --input-size (the
+folder's own files say them, checked against transformers' own image processors); the IR gives
+the transformers model's logits on what its processor makes of the same images; its maps point
+at the object on data whose truth is known (a CNN and a ViT trained in seconds); a dozen
+architectures export with the method their kind needs; what cannot be exported is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import openvino as ov
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.conftest import run_cli  # noqa: E402
+from tests.synthetic import CLASSES, SIZE, fit, make_dataset  # noqa: E402
+from tests.test_cli_hostile import one_line_error  # noqa: E402
+from xaiserve.export.huggingface import processor_settings  # noqa: E402
+from xaiserve.export.parity import compile_f32  # noqa: E402
+from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
+from xaiserve.export.sources import SourceError, SourceOptions, create_source  # noqa: E402
+from xaiserve.service.model import ClassifierModel  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
+                                        "ignore::torch.jit.TracerWarning")
+
+def processor_json(processor) -> dict:
+    """What save_pretrained writes for this processor."""
+    return json.loads(processor.to_json_string())
+
+
+def save(folder, model, processor) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def hf_logits(model, processor, images: np.ndarray) -> np.ndarray:
+    """The transformers model's logits on what its own processor makes of u8 RGB images that
+    are already at the input size (no resize, no crop)."""
+    inputs = processor(list(images), do_resize=False, do_center_crop=False, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits.numpy()
+
+
+def ir_outputs(version, images: np.ndarray) -> dict[str, np.ndarray]:
+    compiled = compile_f32(ov.Core().read_model(version / "model.xml"))
+    result = compiled(images)
+    return {name: result[compiled.output(name)] for name in ("logits", "saliency_map")}
+
+
+# --- preprocessing read from preprocessor_config.json -----------------------------------------
+
+PROCESSORS = {  # name -> (processor class, settings): the processors of the models below
+    "vit": ("ViTImageProcessor", {}),
+    "deit_crop": ("DeiTImageProcessor", {}),
+    "beit": ("BeitImageProcessor", {}),
+    "convnext_crop_pct": ("ConvNextImageProcessor", {"size": {"shortest_edge": 224}}),
+    "convnext_384": ("ConvNextImageProcessor", {}),
+    "bit_clip_mean": ("BitImageProcessor", {}),
+    "mobilevit_bgr": ("MobileViTImageProcessor", {}),
+    "efficientnet_include_top": ("EfficientNetImageProcessor", {}),
+    "efficientnet_offset": ("EfficientNetImageProcessor",
+                            {"rescale_offset": True, "rescale_factor": 1 / 127.5,
+                             "include_top": False}),
+    "no_rescale": ("ViTImageProcessor", {"do_rescale": False, "image_mean": [100, 110, 120],
+                                         "image_std": [50, 60, 70]}),
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_processor_settings_are_what_the_processor_does(name):
+    """The exporter's reading of each processor's file (input size; (p - mean) / scale; channel
+    order) against transformers' processor on the same image."""
+    cls, kwargs = PROCESSORS[name]
+    processor = getattr(transformers, cls)(**kwargs)
+    settings = processor_settings(processor_json(processor), name)
+    photo = np.random.default_rng(0).integers(0, 256, (300, 360, 3), dtype=np.uint8)
+    processed = processor(photo, return_tensors="np")["pixel_values"]
+    assert processed.shape[2:] == (settings.height, settings.width)
+    image = photo[:settings.height, :settings.width]
+    expected = (image.astype(np.float64) - settings.mean_values) / settings.scale_values
+    if settings.bgr:
+        expected = expected[..., ::-1]
+    ours = processor(image, do_resize=False, do_center_crop=False,
+                     return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(ours, expected.transpose(2, 0, 1), atol=2e-5, rtol=1e-5)
+    assert settings.bgr == name.endswith("_bgr")
+
+
+# --- trained on the synthetic shapes: the maps point at the object ----------------------------
+
+def shapes_processor():
+    """x = p / 255, as tests.synthetic.fit trains."""
+    return transformers.ViTImageProcessor(size={"height": SIZE, "width": SIZE},
+                                          image_mean=[0.0] * 3, image_std=[1.0] * 3)
+
+
+def labelled(config_class, names, **kwargs):
+    return config_class(num_labels=len(names), id2label=dict(enumerate(names)),
+                        label2id={n: i for i, n in enumerate(names)}, **kwargs)
+
+
+class Logits(torch.nn.Module):
+    """A transformers classifier as tests.synthetic.fit trains it: images in, logits out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+@pytest.fixture(scope="module")
+def trained_resnet(tmp_path_factory):
+    """A transformers ResNet (8 x 8 last map at 64 px) trained on the shapes, saved as
+    save_pretrained writes it, and exported by the real command from the folder alone."""
+    torch.manual_seed(0)
+    config = labelled(transformers.ResNetConfig, CLASSES, embedding_size=16,
+                      hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic")
+    model = transformers.ResNetForImageClassification(config)
+    images, labels, _ = make_dataset(1024, 0)
+    fit(Logits(model), images, labels, 200, 3e-3, 0)
+    work = tmp_path_factory.mktemp("hf_resnet")
+    save(work / "resnet", model, shapes_processor())
+    result = run_cli("export", str(work / "resnet"), "--repository", str(work / "models"),
+                     "--name", "resnet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return model, work, json.loads(result.stdout)
+
+
+def test_folder_exports_with_its_own_labels_and_preprocessing(trained_resnet):
+    model, work, report = trained_resnet
+    version = work / "models" / "resnet" / "1"
+    assert (version / "labels.txt").read_text().split("\n")[:3] == list(CLASSES)
+    assert report["preprocessing"]["mean_values"] == [0.0] * 3
+    assert report["preprocessing"]["scale_values"] == pytest.approx([255.0] * 3)
+    assert report["input"]["shape"] == [-1, SIZE, SIZE, 3]
+    assert report["source"].endswith("(ResNetForImageClassification)")
+    assert report["saliency"]["method"] == "reciprocam"
+    assert report["saliency"]["feature_shape"][2:] == [8, 8]
+    assert report["parity"]["max_abs_logit_diff"] < 1e-4
+    images, _, _ = make_dataset(16, seed=5)
+    np.testing.assert_allclose(ir_outputs(version, images)["logits"],
+                               hf_logits(model, shapes_processor(), images), atol=1e-4)
+
+
+def test_trained_cnn_map_points_at_the_object_as_served(trained_resnet):
+    _, work, _ = trained_resnet
+    served = ClassifierModel(work / "models" / "resnet" / "1").load()
+    images, labels, masks = make_dataset(200, seed=123)
+    out = served.predict(images)
+    accuracy = (out["logits"].argmax(1) == labels).mean()
+    assert accuracy > 0.9, f"the ResNet did not learn the task ({accuracy:.2f})"
+    hits = 0
+    for saliency, label, mask in zip(out["saliency_map"], labels, masks):
+        up = cv2.resize(saliency[label], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+        hits += bool(mask.flat[np.argmax(up)])
+    assert hits / len(images) >= 0.9, f"map maximum inside the object for {hits}/{len(images)}"
+
+
+@torch.no_grad()
+def vit_reciprocam_in_torch(model, images: np.ndarray) -> np.ndarray:
+    """ViT-ReciproCAM computed on transformers' own modules, [N, K, h, w] raw logits: the
+    tokens entering the last layer, patch token j of copy k weighted by the 3 x 3 Gaussian
+    spread of location k on the residual path and after the first LayerNorm, the rest of the
+    layer, the final LayerNorm, the classifier on the class token."""
+    from tests.test_saliency_architectures import location_masks
+
+    vit, layer = model.vit, model.vit.layers[-1]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda _, args: captured.__setitem__("t", args[0]))
+    try:
+        model(pixel_values=torch.from_numpy(images))
+    finally:
+        hook.remove()
+    maps = []
+    for tokens in captured["t"]:  # [T, D]
+        side = int(round((tokens.shape[0] - 1) ** 0.5))
+        weights = torch.ones(side * side, tokens.shape[0])
+        weights[:, 1:] = location_masks(side, side, "gaussian").reshape(side * side, -1)
+        weights = weights[:, :, None]
+        attended, _ = layer.attention(layer.layernorm_before(tokens)[None] * weights, None)
+        copies = tokens[None] * weights + attended
+        copies = copies + layer.mlp(layer.layernorm_after(copies))
+        scores = model.classifier(vit.layernorm(copies)[:, 0])  # [hw, K]
+        maps.append(scores.T.reshape(-1, side, side).numpy())
+    return np.stack(maps)
+
+
+def test_vit_maps_are_vit_reciprocam_computed_in_torch(tmp_path):
+    """The branch inserted in transformers' ViT graph computes the method's formula on that
+    model's own layers (un-normalised logit maps, f32)."""
+    from xaiserve.export.saliency import SaliencySettings
+
+    kwargs = ARCHITECTURES["vit"][2]
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(
+        labelled(transformers.ViTConfig, ["a", "b", "c", "d", "e"], **kwargs)).eval()
+    save(tmp_path / "vit", model, shapes_processor())
+    result = export_model(ExportRequest(
+        str(tmp_path / "vit"), tmp_path / "models", "vit",
+        saliency=SaliencySettings(normalize="none", map_precision="f32")))
+    images, _, _ = make_dataset(3, seed=11)
+    ours = ir_outputs(result.path, images)["saliency_map"]
+    reference = vit_reciprocam_in_torch(model, (images / np.float32(255)).transpose(0, 3, 1, 2))
+    assert ours.shape == reference.shape == (3, 5, 4, 4)
+    np.testing.assert_allclose(ours, reference, atol=1e-4 * np.abs(reference).max())
+
+
+# --- Optimum's files: a model file with the JSON files beside it ------------------------------
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
+@pytest.mark.parametrize("form", ["onnx", "openvino"])
+def test_optimum_export_folder_gives_labels_and_preprocessing(trained_resnet, tmp_path, form):
+    """Optimum writes model.onnx (optimum-intel openvino_model.xml) with height and width free
+    beside config.json and preprocessor_config.json: the export takes the labels, size and
+    normalisation from those, and gives the same IR as from the model's folder."""
+    model, work, _ = trained_resnet
+    folder = tmp_path / "optimum"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(work / "resnet" / name, folder / name)
+    onnx_file = tmp_path / "model.onnx"
+    torch.onnx.export(Logits(model).eval(), torch.zeros(1, 3, SIZE, SIZE), onnx_file,
+                      input_names=["pixel_values"], output_names=["logits"], dynamo=False,
+                      dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}})
+    if form == "onnx":
+        source = shutil.copy(onnx_file, folder / "model.onnx")
+    else:
+        ov.save_model(ov.convert_model(onnx_file), folder / "openvino_model.xml",
+                      compress_to_fp16=False)
+        source = folder / "openvino_model.xml"
+    assert ov.Core().read_model(source).inputs[0].get_partial_shape()[2].is_dynamic
+    result = run_cli("export", str(source), "--repository", str(tmp_path / "models"),
+                     "--name", form)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert "Hugging Face files beside it" in report["source"]
+    assert report["input"]["shape"] == [-1, SIZE, SIZE, 3]
+    assert report["preprocessing"]["scale_values"] == pytest.approx([255.0] * 3)
+    version = tmp_path / "models" / form / "1"
+    assert (version / "labels.txt").read_text().split("\n")[:3] == list(CLASSES)
+    images, _, _ = make_dataset(6, seed=7)
+    ours = ir_outputs(version, images)
+    from_folder = ir_outputs(work / "models" / "resnet" / "1", images)
+    np.testing.assert_allclose(ours["logits"], from_folder["logits"], atol=1e-4)
+    np.testing.assert_allclose(ours["saliency_map"], from_folder["saliency_map"], atol=1e-4)
+
+
+# --- architectures: each exports with its kind's method and the model's logits ----------------
+
+ARCHITECTURES = {  # name -> (model class, config class, config, processor, method)
+    "vit": ("ViTForImageClassification", "ViTConfig",
+            dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=2,
+                 num_attention_heads=3, intermediate_size=96),
+            ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}), "vit-reciprocam"),
+    "deit_distilled": ("DeiTForImageClassificationWithTeacher", "DeiTConfig",
+                       dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=2,
+                            num_attention_heads=3, intermediate_size=96),
+                       ("DeiTImageProcessor", {"size": {"height": 72, "width": 72},
+                                               "crop_size": {"height": 64, "width": 64}}),
+                       "vit-reciprocam"),
+    "beit": ("BeitForImageClassification", "BeitConfig",
+             dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=2,
+                  num_attention_heads=3, intermediate_size=96, use_mean_pooling=True),
+             ("BeitImageProcessor", {"size": {"height": 64, "width": 64}}), "vit-reciprocam"),
+    "dinov2": ("Dinov2ForImageClassification", "Dinov2Config",
+               dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=2,
+                    num_attention_heads=3),
+               ("BitImageProcessor", {"size": {"shortest_edge": 64},
+                                      "crop_size": {"height": 64, "width": 64}}),
+               "vit-reciprocam"),
+    "swin": ("SwinForImageClassification", "SwinConfig",
+             dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                  window_size=4),
+             ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}), "vit-reciprocam"),
+    "convnext": ("ConvNextForImageClassification", "ConvNextConfig",
+                 dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1]),
+                 ("ConvNextImageProcessor", {"size": {"shortest_edge": 64}}), "reciprocam"),
+    "regnet": ("RegNetForImageClassification", "RegNetConfig",
+               dict(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                    groups_width=8),
+               ("ConvNextImageProcessor", {"size": {"shortest_edge": 64}}), "reciprocam"),
+    "mobilenet_v2": ("MobileNetV2ForImageClassification", "MobileNetV2Config",
+                     dict(depth_multiplier=0.35, image_size=64),
+                     ("MobileNetV2ImageProcessor", {"size": {"shortest_edge": 64},
+                                                    "crop_size": {"height": 64, "width": 64}}),
+                     "reciprocam"),
+    "efficientnet": ("EfficientNetForImageClassification", "EfficientNetConfig",
+                     dict(image_size=64, width_coefficient=0.5, depth_coefficient=0.5,
+                          hidden_dim=640),
+                     ("EfficientNetImageProcessor", {"size": {"height": 64, "width": 64}}),
+                     "reciprocam"),
+    "mobilevit_bgr": ("MobileViTForImageClassification", "MobileViTConfig",
+                      dict(image_size=64, hidden_sizes=[32, 40, 48],
+                           neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]),
+                      ("MobileViTImageProcessor", {"size": {"shortest_edge": 64},
+                                                   "crop_size": {"height": 64, "width": 64}}),
+                      "reciprocam"),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architecture_exports_with_its_logits_and_maps(name, tmp_path):
+    model_class, config_class, kwargs, (processor_class, processor_kwargs), method = \
+        ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = labelled(getattr(transformers, config_class), ["a", "b", "c", "d", "e"], **kwargs)
+    model = getattr(transformers, model_class)(config).eval()
+    processor = getattr(transformers, processor_class)(**processor_kwargs)
+    save(tmp_path / name, model, processor)
+    result = export_model(ExportRequest(str(tmp_path / name), tmp_path / "models", name))
+    card = result.card
+    assert card["saliency"]["method"] == method
+    assert card["input"]["shape"] == [-1, 64, 64, 3]
+    assert card["num_classes"] == 5
+    images, _, _ = make_dataset(3, seed=9)
+    ours = ir_outputs(result.path, images)
+    np.testing.assert_allclose(ours["logits"], hf_logits(model, processor, images), atol=2e-4)
+    maps = ours["saliency_map"]
+    assert maps.shape[:2] == (3, 5) and np.isfinite(maps).all()
+    alone = ir_outputs(result.path, images[1:2])["saliency_map"]
+    np.testing.assert_allclose(alone[0], maps[1], atol=1e-4)  # a batch changes no map
+
+
+# --- what cannot be exported: one line naming the fix -----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vit_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_refusals") / "vit"
+    kwargs = ARCHITECTURES["vit"][2]
+    torch.manual_seed(0)
+    save(folder, transformers.ViTForImageClassification(transformers.ViTConfig(**kwargs)),
+         transformers.ViTImageProcessor(size={"height": 64, "width": 64}))
+    return folder
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def edit_json(path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+REFUSALS = {  # case -> (edit of a copy of the folder, options, what the message says)
+    "custom code": (lambda f: edit_json(f / "config.json", auto_map={"x": "y.Z"}), {},
+                    "runs no code from model folders"),
+    "no processor file": (lambda f: (f / "preprocessor_config.json").unlink(), {},
+                          "give --input-size, --mean and --scale"),
+    "damaged weights": (lambda f: (f / "model.safetensors").write_bytes(b"\0" * 100), {},
+                        "transformers cannot load it"),
+    "not an image classifier": (lambda f: edit_json(f / "config.json", model_type="bert",
+                                                    architectures=["BertForMaskedLM"]), {},
+                                "not an image classifier"),
+    "damaged processor file": (lambda f: (f / "preprocessor_config.json").write_text("{"), {},
+                               "not readable JSON"),
+    "checkpoint": (lambda f: None, {"checkpoint": "w.pth"}, "holds its own weights"),
+    "class count": (lambda f: None, {"num_classes": 7}, "--num-classes 7"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_folder_that_cannot_be_exported_is_one_line(case, tiny_vit_folder, tmp_path):
+    edit, options, says = REFUSALS[case]
+    folder = copy_of(tiny_vit_folder, tmp_path)
+    edit(folder)
+    with pytest.raises(SourceError, match=says) as error:
+        create_source(str(folder), SourceOptions(**options))
+    assert "\n" not in str(error.value)
+
+
+def test_refusal_on_the_command_line(tiny_vit_folder, tmp_path):
+    folder = copy_of(tiny_vit_folder, tmp_path)
+    (folder / "preprocessor_config.json").unlink()
+    result = run_cli("export", str(folder), "--repository", str(tmp_path / "models"),
+                     "--name", "vit")
+    one_line_error(result, "give --input-size, --mean and --scale", alone=False)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    # with them given, the same folder exports
+    result = run_cli("export", str(folder), "--repository", str(tmp_path / "models"),
+                     "--name", "vit", "--input-size", "64", "--mean", "127.5", "--scale",
+                     "127.5")
+    assert result.returncode == 0, result.stderr[-2000:]
