@@ -22,7 +22,7 @@ from pathlib import Path
 from xaiserve.service.model import error_reason
 from xaiserve.service.model_info import ModelInfo
 
-from .deployed import fold_static_shape_reads
+from .deployed import batch_refusal, fold_static_shape_reads
 from .sources import (LoadedSource, SourceError, SourceOptions, check_class_count,
                       convert_torch, read_labels, register_folder_source, register_source)
 
@@ -175,7 +175,6 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: takes {processor.height} x {processor.width} images; the "
                           "exporter converts square inputs: give --input-size")
     module = _classifier_type()(_image_classifier(path, config), bgr).eval()
-    global_pooling_windows(module, size)
     num_classes = module.model.config.num_labels
     check_class_count(options, num_classes, str(path))
     labels = read_labels(options.labels_file, num_classes) if options.labels_file \
@@ -184,12 +183,21 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
                      mean_values=list(options.mean_values or processor.mean_values),
                      scale_values=list(options.scale_values or processor.scale_values))
     try:
-        model = convert_torch(module, size)
+        global_pooling_windows(module, size)
+        with warnings.catch_warnings():
+            # transformers' checks of the input's size become constants: the size is fixed
+            # here, and the batch is checked below
+            warnings.simplefilter("ignore", torch_tracer_warning())
+            model = convert_torch(module, size)
     except Exception as exc:  # noqa: BLE001 - the module's own errors on this input
         raise SourceError(f"{path}: cannot run it on [N, 3, {size}, {size}] images "
                           f"({error_reason(exc, 160)}); give the --input-size it takes") \
             from None
     fold_static_shape_reads(model)  # Swin's padding reads H and W from the tensors
+    refusal = batch_refusal(model)
+    if refusal is not None:
+        raise SourceError(f"{path}: its graph holds the batch of 1 it was traced with "
+                          f"({refusal}); the saliency branch and the server need batches")
     described = f"hf:{path} ({type(module.model).__name__})"
     if bgr:
         described += " (takes BGR: the IR swaps the channels)"
@@ -215,6 +223,10 @@ def _image_classifier(path: Path, config: dict):
         raise SourceError("Hugging Face folders need the export extra: pip install "
                           "'xaiserve[export]'") from None
     architectures = config.get("architectures") or []
+    logs = transformers.utils.logging
+    verbosity, bars = logs.get_verbosity(), logs.is_progress_bar_enabled()
+    logs.set_verbosity_error()  # its notices and "Loading weights" bar are not the user's
+    logs.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -227,6 +239,10 @@ def _image_classifier(path: Path, config: dict):
     except Exception as exc:  # noqa: BLE001 - missing or damaged weights, and others
         raise SourceError(f"{path}: transformers cannot load it ({error_reason(exc, 160)})") \
             from None
+    finally:
+        logs.set_verbosity(verbosity)
+        if bars:
+            logs.enable_progress_bar()
 
 
 def global_pooling_windows(module, size: int) -> int:
@@ -257,6 +273,12 @@ def global_pooling_windows(module, size: int) -> int:
         parent, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent), attr, torch.nn.AdaptiveAvgPool2d(1))
     return len(whole)
+
+
+def torch_tracer_warning() -> type[Warning]:
+    import torch
+
+    return torch.jit.TracerWarning
 
 
 @functools.cache

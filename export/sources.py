@@ -1,9 +1,10 @@
 """Model sources: a registry of loaders, each turning a source spec into an OpenVINO model.
 
 `create_source("timm:resnet50", options)` picks the loader by the spec's prefix (or by the file
-suffix for IR, ONNX, TFLite, TorchScript and torch.export files, and a SavedModel's folder),
-the way timm's `create_model` picks an architecture by name. Torch is imported only by the
-loaders that need it.
+suffix for IR, ONNX, TFLite, TorchScript and torch.export files, and by the files of a
+SavedModel's or a Hugging Face model's folder), the way timm's `create_model` picks an
+architecture by name. Loaders in modules of their own (`huggingface`) register when the
+package is imported. Torch is imported only by the loaders that need it.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a classifier to an IR with a saliency_map output")
     p.add_argument("source", help="default | timm:<arch> | torch:<module>:<callable> | "
                                   "model.xml | model.onnx | model.tflite | saved_model/ | "
-                                  "model.pt (TorchScript) | model.pt2 (torch.export)")
+                                  "model.pt (TorchScript) | model.pt2 (torch.export) | "
+                                  "hf_folder/ (Hugging Face save_pretrained)")
     p.add_argument("--repository", type=Path, default=Path("models"))
     p.add_argument("--name", required=True)
     p.add_argument("--version", type=int, default=None, help="default: the next free version")
