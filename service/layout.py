@@ -50,7 +50,12 @@ def resolve_version_dir(path: Path, version: str = "") -> Path:
 
 # Model files OpenVINO Model Server serves from a version folder that xaiserve does not: it
 # compiles the IR `xaiserve export` writes (model.xml, preprocessing and saliency map inside).
-FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml")
+FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml", "model.safetensors",
+                       "pytorch_model.bin")
+# files whose folder is the export's source (a SavedModel, a Hugging Face model's folder)
+FOLDER_SOURCE_FILES = ("saved_model.pb", "model.safetensors", "pytorch_model.bin")
+# an image processor's settings (Hugging Face, Optimum): the export reads mean and scale there
+PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def foreign_model_files(version_dir: Path) -> list[str]:
@@ -63,8 +68,12 @@ def foreign_model_files(version_dir: Path) -> list[str]:
 def export_hint(version_dir: Path, files: list[str]) -> str:
     """What to say of a version folder that holds `files` and no model.xml."""
     repository, name = version_dir.parent.parent, version_dir.parent.name
-    source = version_dir if files[0] == "saved_model.pb" else version_dir / files[0]
+    in_folder = any(file in FOLDER_SOURCE_FILES for file in files)
+    source = version_dir if in_folder else version_dir / files[0]
+    options = ("(its preprocessor_config.json gives the size, mean and scale)"
+               if (version_dir / PROCESSOR_FILE).is_file()
+               else "with the --mean and --scale the model takes")
     return (f"{version_dir} holds {', '.join(files)} and no model.xml, so it is not served: "
             "xaiserve serves the IR `xaiserve export` writes (preprocessing and saliency map "
             f"inside); run `xaiserve export {source} --repository {repository} "
-            f"--name {name}` with the --mean and --scale the model takes")
+            f"--name {name}` {options}")

@@ -393,3 +393,20 @@ def test_refusal_on_the_command_line(tiny_vit_folder, tmp_path):
                      "--name", "vit", "--input-size", "64", "--mean", "127.5", "--scale",
                      "127.5")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_model_folder_in_a_served_repository_is_named_with_its_export(tiny_vit_folder,
+                                                                      tmp_path):
+    """A Hugging Face model's folder copied as a version folder (`vit/1/`) is not served; the
+    server says so with the export command, which needs no options for it and serves."""
+    shutil.copytree(tiny_vit_folder, tmp_path / "vit" / "1")
+    check = run_cli("serve", "--repository", str(tmp_path), "--check-config")
+    assert check.returncode == 0, check.stderr[-2000:]
+    hint = [line for line in check.stderr.splitlines() if "no model.xml" in line]
+    assert len(hint) == 1 and "its preprocessor_config.json gives the size, mean and scale" \
+        in hint[0], check.stderr
+    command = hint[0].split("run `xaiserve ", 1)[1].split("`")[0].split()
+    assert command[:2] == ["export", str(tmp_path / "vit" / "1")]
+    result = run_cli(*command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "vit" / "2" / "model.xml").is_file()
