@@ -1,4 +1,5 @@
-"""Hugging Face image classifiers: a `save_pretrained` folder, and the model files Optimum writes.
+"""Hugging Face image classifiers: a `save_pretrained` folder (transformers' or timm's), and the
+model files Optimum writes.
 
 A folder with `config.json` and weights (`model.safetensors`, `pytorch_model.bin`; what
 `save_pretrained` writes and what a Hub snapshot holds) is loaded with transformers'
@@ -8,6 +9,9 @@ channel order from `preprocessor_config.json` (the image processor's settings), 
 needs none of --labels, --mean, --scale and --input-size. Optimum's ONNX export
 (`model.onnx`) and optimum-intel's OpenVINO export (`openvino_model.xml`) write the same two
 JSON files beside the model file: `folder_defaults` reads them for the model-file loader.
+A timm model saved for the Hub (`timm.models.save_for_hf`; the timm/* repositories: its
+config.json names the `architecture`) is built by timm from the folder, with its own
+preprocessing and label names.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from xaiserve.service.model_info import ModelInfo
 
 from .deployed import batch_refusal, fold_static_shape_reads
 from .sources import (LoadedSource, SourceError, SourceOptions, check_class_count,
-                      convert_torch, read_labels, register_folder_source, register_source)
+                      convert_torch, read_labels, register_folder_source, register_source,
+                      timm_source)
 
 CONFIG = "config.json"
 PROCESSOR = "preprocessor_config.json"
@@ -162,6 +167,8 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
     if options.checkpoint:
         raise SourceError(f"--checkpoint: {path} holds its own weights; leave the option out")
     config = read_json(path / CONFIG)
+    if "architecture" in config:  # timm's format (timm.models.save_for_hf, timm/* on the Hub)
+        return _timm_folder(path, config, options)
     if "auto_map" in config:
         raise SourceError(f"{path}: the model's code is in the folder (auto_map); the exporter "
                           "runs no code from model folders: export it as "
@@ -202,6 +209,41 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
     if bgr:
         described += " (takes BGR: the IR swaps the channels)"
     return LoadedSource(model, info, described, torch_module=module)
+
+
+def _timm_folder(path: Path, config: dict, options: SourceOptions) -> LoadedSource:
+    """A timm model saved for the Hub: timm builds it from the folder (`local-dir:`), with its
+    own input size, mean and std (pretrained_cfg) and label names."""
+    try:
+        import timm
+    except ImportError:
+        raise SourceError("timm folders need the export extra: pip install 'xaiserve[export]'") \
+            from None
+    arch = str(config["architecture"])
+    if not timm.is_model(arch):
+        raise SourceError(f"{path}: config.json names the timm architecture {arch!r}, which "
+                          f"timm {timm.__version__} does not have; upgrade timm")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    except Exception as exc:  # noqa: BLE001 - missing or damaged weights, and others
+        raise SourceError(f"{path}: timm cannot load it ({error_reason(exc, 160)})") from None
+    check_class_count(options, module.num_classes, str(path))
+    return timm_source(module, f"hf:{path} (timm {arch})", options,
+                       labels=timm_labels(config, module.num_classes))
+
+
+def timm_labels(config: dict, num_classes: int) -> list[str] | None:
+    """timm's label_names (a list, or {index: name}), each described where label_descriptions
+    says what it means (ImageNet synsets); None where there are none or not one per class."""
+    names = config.get("label_names")
+    if isinstance(names, dict):
+        names = config_labels({"id2label": names})
+    if not isinstance(names, list) or len(names) != num_classes:
+        return None
+    descriptions = config.get("label_descriptions") or {}
+    return [str(descriptions.get(name, name)) for name in names]
 
 
 def _processor(path: Path, options: SourceOptions) -> ProcessorSettings | None:

@@ -304,12 +304,21 @@ def load_timm(arch: str, options: SourceOptions) -> LoadedSource:
     module = timm.create_model(arch, pretrained=False, **kwargs)
     if options.checkpoint:
         load_checkpoint(module, options.checkpoint, f"timm:{arch}")
+    described = f"timm:{arch}" + ("" if options.checkpoint else " (random weights)")
+    return timm_source(module, described, options)
+
+
+def timm_source(module, described: str, options: SourceOptions,
+                labels: list[str] | None = None) -> LoadedSource:
+    """A timm module as converted, at its pretrained_cfg's input size, mean and std; `labels`
+    (a Hub folder's) unless --labels is given."""
     cfg = module.pretrained_cfg
     size = options.input_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     mean = [255.0 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))]
     scale = [255.0 * s for s in cfg.get("std", (0.229, 0.224, 0.225))]
     info = _module_info(module.num_classes, size, mean, scale, options)
-    described = f"timm:{arch}" + ("" if options.checkpoint else " (random weights)")
+    if labels and not options.labels_file:
+        info.labels = list(labels)
     return LoadedSource(convert_torch(module, size), info, described, torch_module=module)
 
 

@@ -334,6 +334,36 @@ def test_architecture_exports_with_its_logits_and_maps(name, tmp_path):
     np.testing.assert_allclose(alone[0], maps[1], atol=1e-4)  # a batch changes no map
 
 
+# --- timm models saved for the Hub ----------------------------------------------------------
+
+def test_timm_hub_folder_exports_as_its_timm_architecture(tmp_path):
+    """timm's save_for_hf (the layout of the timm/* repositories: config.json names the
+    architecture and holds pretrained_cfg, label names; model.safetensors): the same IR as
+    timm:<architecture> with --checkpoint of the same weights, with the folder's labels."""
+    import timm
+
+    torch.manual_seed(0)
+    module = timm.create_model("resnet18", num_classes=3).eval()
+    timm.models.save_for_hf(module, tmp_path / "resnet18", safe_serialization=True,
+                            model_config={"label_names": ["n1", "n2", "n3"],
+                                          "label_descriptions": dict(zip(["n1", "n2", "n3"],
+                                                                         CLASSES))})
+    torch.save(module.state_dict(), tmp_path / "resnet18.pth")
+    from_folder = export_model(ExportRequest(str(tmp_path / "resnet18"), tmp_path / "models",
+                                             "folder"))
+    from_code = export_model(ExportRequest(
+        "timm:resnet18", tmp_path / "models", "code",
+        source_options=SourceOptions(checkpoint=tmp_path / "resnet18.pth", num_classes=3)))
+    assert (from_folder.path / "labels.txt").read_text().split() == list(CLASSES)
+    assert from_folder.card["source"].endswith("(timm resnet18)")
+    for key in ("input", "preprocessing", "saliency"):
+        assert from_folder.card[key] == from_code.card[key], key
+    images = (np.random.default_rng(3).random((2, 224, 224, 3)) * 255).astype(np.uint8)
+    ours, theirs = ir_outputs(from_folder.path, images), ir_outputs(from_code.path, images)
+    for name in ("logits", "saliency_map"):
+        np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5)
+
+
 # --- what cannot be exported: one line naming the fix -----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -367,6 +397,9 @@ REFUSALS = {  # case -> (edit of a copy of the folder, options, what the message
     "damaged processor file": (lambda f: (f / "preprocessor_config.json").write_text("{"), {},
                                "not readable JSON"),
     "checkpoint": (lambda f: None, {"checkpoint": "w.pth"}, "holds its own weights"),
+    "unknown timm architecture": (lambda f: edit_json(f / "config.json",
+                                                      architecture="resnet_of_tomorrow"), {},
+                                  "timm architecture 'resnet_of_tomorrow'"),
     "class count": (lambda f: None, {"num_classes": 7}, "--num-classes 7"),
 }
 
