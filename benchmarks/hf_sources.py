@@ -29,11 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 SIZE = 224
 NUM_CLASSES = 10
-# Not image classifiers of pixels (ImageGPT takes colour-cluster ids; ShieldGemma 2 is a 4B
-# vision-language model; TimmWrapper needs a timm checkpoint): listed, not built.
+# Listed, not built: not classifiers of pixels (ImageGPT takes colour-cluster ids; ShieldGemma 2
+# is a 4B vision-language model), or exported another way (a timm model's folder, by timm).
 SKIPPED = {"imagegpt": "takes colour-cluster ids, not pixels",
            "shieldgemma2": "a 4-billion-parameter vision-language model",
-           "timm_wrapper": "wraps a timm checkpoint: export it as timm:<architecture>"}
+           "timm_wrapper": "a timm model: its folder exports through timm "
+                           "(tests/test_huggingface_sources.py)"}
 
 
 def model_types() -> dict[str, str]:

@@ -36,6 +36,7 @@ PROCESSOR = "preprocessor_config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 DEFAULT_RESCALE = 1 / 255  # BaseImageProcessor's rescale_factor
+MAX_SIDE = 8192  # an input side beyond this is a mistake in the file, not a classifier
 
 
 @dataclass
@@ -63,44 +64,61 @@ def processor_settings(processor: dict, source: str) -> ProcessorSettings:
         return default if value is None else value
 
     size = _crop_or_size(processor, bool(setting("do_center_crop", False)), source)
-    rescale = float(setting("rescale_factor", DEFAULT_RESCALE)) \
+    rescale = _positive(setting("rescale_factor", DEFAULT_RESCALE), "rescale_factor", source) \
         if setting("do_rescale", True) else 1.0
-    if not math.isfinite(rescale) or rescale <= 0:
-        raise SourceError(f"{source}: rescale_factor {rescale} is not a positive number")
     offset = 1.0 if setting("do_rescale", True) and setting("rescale_offset", False) else 0.0
     mean, std = [0.0] * 3, [1.0] * 3
     if setting("do_normalize", False):
         mean = _per_channel(processor.get("image_mean"), "image_mean", source)
-        std = _per_channel(processor.get("image_std"), "image_std", source)
+        std = [_positive(abs(v), "image_std", source)
+               for v in _per_channel(processor.get("image_std"), "image_std", source)]
     # EfficientNetImageProcessor's include_top is on unless its file says otherwise
     efficientnet = str(processor.get("image_processor_type", "")).startswith("EfficientNet")
     again = std if setting("include_top", efficientnet) else [1.0] * 3
-    return ProcessorSettings(
-        height=size[0], width=size[1],
-        mean_values=[(m + offset) / rescale for m in mean],
-        scale_values=[s * t / rescale for s, t in zip(std, again)],
-        bgr=bool(setting("do_flip_channel_order", False)))
+    mean_values = [(m + offset) / rescale for m in mean]
+    scale_values = [s * t / rescale for s, t in zip(std, again)]
+    if not all(1e-30 < abs(v) < 3e38 for v in scale_values) \
+            or not all(abs(v) < 3e38 for v in mean_values):  # float32's range, no divisor 0
+        raise SourceError(f"{source}: its rescale_factor, image_mean and image_std give a mean "
+                          f"{mean_values} and a divisor {scale_values} out of float32's "
+                          "range; give --mean and --scale")
+    return ProcessorSettings(height=size[0], width=size[1], mean_values=mean_values,
+                             scale_values=scale_values,
+                             bgr=bool(setting("do_flip_channel_order", False)))
 
 
 def _crop_or_size(processor: dict, crops: bool, source: str) -> tuple[int, int]:
     size = processor.get("crop_size") if crops and processor.get("crop_size") \
         else processor.get("size")
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, dict):
-        if "height" in size and "width" in size:
-            return int(size["height"]), int(size["width"])
-        if "shortest_edge" in size:
-            return int(size["shortest_edge"]), int(size["shortest_edge"])
-    raise SourceError(f"{source}: {PROCESSOR} gives no input size ({size!r}); give --input-size")
+    sides = [size, size] if not isinstance(size, dict) \
+        else [size.get("height"), size.get("width")] if "height" in size \
+        else [size.get("shortest_edge")] * 2
+    if not all(_is_number(side) and side == int(side) and 1 <= side <= MAX_SIDE
+               for side in sides):
+        raise SourceError(f"{source}: gives no input size of 1 to {MAX_SIDE} pixels "
+                          f"({size!r}); give --input-size")
+    return int(sides[0]), int(sides[1])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _positive(value, key: str, source: str) -> float:
+    """A setting the normalisation divides by: a finite number above 0 (float32's range)."""
+    if not (_is_number(value) and 1e-30 < value < 3e38):
+        raise SourceError(f"{source}: {key} {value!r} is not a positive number; give --mean "
+                          "and --scale")
+    return float(value)
 
 
 def _per_channel(values, key: str, source: str) -> list[float]:
-    values = [values] * 3 if isinstance(values, (int, float)) else values
+    values = [values] * 3 if _is_number(values) else values
     if not (isinstance(values, list) and len(values) == 3
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
-        raise SourceError(f"{source}: {PROCESSOR} {key} is {values!r}, not three numbers; "
-                          "give --mean and --scale")
+            and all(_is_number(v) and abs(v) < 3e38 for v in values)):
+        raise SourceError(f"{source}: {key} is {values!r}, not three numbers; give --mean "
+                          "and --scale")
     return [float(v) for v in values]
 
 

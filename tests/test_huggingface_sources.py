@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import openvino as ov
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -95,6 +97,37 @@ def test_processor_settings_are_what_the_processor_does(name):
                      return_tensors="np")["pixel_values"][0]
     np.testing.assert_allclose(ours, expected.transpose(2, 0, 1), atol=2e-5, rtol=1e-5)
     assert settings.bgr == name.endswith("_bgr")
+
+
+# Values a hand-edited or damaged preprocessor_config.json may hold.
+SETTING_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10 ** 6), st.text(max_size=4),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.lists(st.one_of(st.floats(allow_nan=True), st.integers(-3, 300), st.text(max_size=2)),
+             max_size=4),
+    st.dictionaries(st.sampled_from(["height", "width", "shortest_edge", "longest_edge"]),
+                    st.one_of(st.integers(-2, 10 ** 5), st.floats(), st.text(max_size=2)),
+                    max_size=3))
+PROCESSOR_KEYS = ["size", "crop_size", "do_center_crop", "do_rescale", "rescale_factor",
+                  "rescale_offset", "do_normalize", "image_mean", "image_std", "include_top",
+                  "do_flip_channel_order", "image_processor_type"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(PROCESSOR_KEYS), SETTING_VALUES, max_size=8))
+def test_any_processor_file_gives_usable_settings_or_one_line(processor):
+    """Whatever the file holds: settings the IR can embed (a size of 1 to 8192 pixels, finite
+    means, finite divisors other than 0), or a SourceError of one line naming the fix."""
+    try:
+        found = processor_settings(processor, "preprocessor_config.json")
+    except SourceError as error:
+        assert "\n" not in str(error) and "give --" in str(error)
+        return
+    assert 1 <= found.height <= 8192 and 1 <= found.width <= 8192
+    assert all(np.isfinite(found.mean_values)) and len(found.mean_values) == 3
+    assert all(np.isfinite(found.scale_values)) and all(v != 0 for v in found.scale_values)
+    SourceOptions(input_size=found.height, mean_values=found.mean_values,
+                  scale_values=found.scale_values)  # what the export checks options against
 
 
 # --- trained on the synthetic shapes: the maps point at the object ----------------------------
