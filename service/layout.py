@@ -50,18 +50,22 @@ def resolve_version_dir(path: Path, version: str = "") -> Path:
 
 # Model files OpenVINO Model Server serves from a version folder that xaiserve does not: it
 # compiles the IR `xaiserve export` writes (model.xml, preprocessing and saliency map inside).
-FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml", "model.safetensors",
-                       "pytorch_model.bin")
+FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml")
+# a Hugging Face model's folder: its config.json and one of these
+PRETRAINED_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # files whose folder is the export's source (a SavedModel, a Hugging Face model's folder)
-FOLDER_SOURCE_FILES = ("saved_model.pb", "model.safetensors", "pytorch_model.bin")
+FOLDER_SOURCE_FILES = ("saved_model.pb", *PRETRAINED_WEIGHT_FILES)
 # an image processor's settings (Hugging Face, Optimum): the export reads mean and scale there
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def foreign_model_files(version_dir: Path) -> list[str]:
     """The model files in a version folder that has no model.xml (an OVMS repository's
-    model.onnx), which a server would otherwise pass over without a word."""
-    return sorted({path.name for pattern in FOREIGN_MODEL_FILES
+    model.onnx, or a Hugging Face model's folder), which a server would otherwise pass over
+    without a word."""
+    patterns = FOREIGN_MODEL_FILES + (PRETRAINED_WEIGHT_FILES
+                                      if (version_dir / "config.json").is_file() else ())
+    return sorted({path.name for pattern in patterns
                    for path in version_dir.glob(pattern) if path.is_file()})
 
 
