@@ -53,6 +53,19 @@ def processor_class(model_type: str) -> str | None:
     return classes.get("torchvision") or classes.get("pil")
 
 
+def set_batch_statistics(model, pixel_values) -> None:
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches seen
+    with torch.no_grad():
+        model.train()
+        model(pixel_values=pixel_values)
+    model.eval()
+
+
 def run_one(model_type: str) -> dict:
     """Build, save, export and compare one architecture (in this process)."""
     import numpy as np
@@ -77,6 +90,12 @@ def run_one(model_type: str) -> dict:
     processor = getattr(transformers, name)(size={"height": SIZE, "width": SIZE},
                                             do_center_crop=False)
     images = synthetic_images(3, SIZE, seed=2)
+    # Untrained, deep BatchNorm networks (MobileNets) shrink their activations to 1e-28 and
+    # every comparison passes; statistics from images, as training sets them, undo that.
+    set_batch_statistics(model, processor(list(synthetic_images(8, SIZE, seed=4)),
+                                          do_resize=False, return_tensors="pt")["pixel_values"])
+    row["logit_scale"] = float(model(**processor(list(images), do_resize=False,
+                                                 return_tensors="pt")).logits.abs().max())
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / model_type
         model.save_pretrained(folder)
@@ -100,7 +119,6 @@ def run_one(model_type: str) -> dict:
         logits = ours[compiled.output("logits")]
         maps = ours[compiled.output("saliency_map")]
         row["max_abs_logit_diff"] = float(np.abs(logits - theirs).max())
-        row["logit_scale"] = float(np.abs(theirs).max())
         alone = compiled(images[1:2])[compiled.output("saliency_map")]
         row["map_batch_diff"] = float(np.abs(alone[0] - maps[1]).max())
         row["maps_finite"] = bool(np.isfinite(maps).all())
@@ -138,11 +156,13 @@ def main() -> None:
         rows.append(row)
         print(f"{model_type:24s} " + (f"error: {row['error']}" if "error" in row else
               f"{row['method']:15s} grid {row['map_grid']} logits {row['max_abs_logit_diff']:.1e}"
-              f" batch {row['map_batch_diff']:.1e} ({row['params_m']} M)"), flush=True)
+              f" of {row['logit_scale']:.1e}, batch {row['map_batch_diff']:.1e} "
+              f"({row['params_m']} M)"), flush=True)
     exported = [r for r in rows if "method" in r]
     summary = {"architectures": len(rows), "skipped": sum("skipped" in r for r in rows),
                "exported": len(exported),
-               "logits_within_1e-3": sum(r["max_abs_logit_diff"] <= 1e-3 for r in exported)}
+               "logits_within_1e-4_of_their_scale": sum(
+                   r["max_abs_logit_diff"] <= 1e-4 * r["logit_scale"] for r in exported)}
     print(json.dumps(summary))
     if args.json:
         import openvino
