@@ -176,7 +176,7 @@ def is_pretrained_folder(path: Path) -> bool:
 @register_folder_source(is_pretrained_folder)
 @register_source("hf")
 def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
-    """A transformers image classifier from its folder, with the folder's labels and
+    """A transformers (or timm) image classifier from its folder, with the folder's labels and
     preprocessing (options given win)."""
     path = Path(path_str)
     if not path.is_dir() or not (path / CONFIG).is_file():
