@@ -80,7 +80,7 @@ def run_one(model_type: str) -> dict:
     row: dict = {"model_type": model_type, "class": model_types()[model_type]}
     config_class = transformers.CONFIG_MAPPING[model_type]
     config = config_class(num_labels=NUM_CLASSES)
-    if hasattr(config, "image_size"):
+    if isinstance(getattr(config, "image_size", None), int):
         config.image_size = SIZE
     torch.manual_seed(0)
     model = getattr(transformers, row["class"])(config).eval()
@@ -90,12 +90,15 @@ def run_one(model_type: str) -> dict:
     processor = getattr(transformers, name)(size={"height": SIZE, "width": SIZE},
                                             do_center_crop=False)
     images = synthetic_images(3, SIZE, seed=2)
-    # Untrained, deep BatchNorm networks (MobileNets) shrink their activations to 1e-28 and
-    # every comparison passes; statistics from images, as training sets them, undo that.
+    # Untrained, deep BatchNorm networks (MobileNets, EfficientNet: convolutions drawn with a
+    # std of 0.02, BatchNorm's eps larger than their variance) shrink their activations to
+    # 1e-28, and every comparison passes: He's initialisation and statistics from images, as
+    # training sets them, undo that.
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(layer.weight)
     set_batch_statistics(model, processor(list(synthetic_images(8, SIZE, seed=4)),
                                           do_resize=False, return_tensors="pt")["pixel_values"])
-    row["logit_scale"] = float(model(**processor(list(images), do_resize=False,
-                                                 return_tensors="pt")).logits.abs().max())
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / model_type
         model.save_pretrained(folder)
@@ -109,6 +112,7 @@ def run_one(model_type: str) -> dict:
         row["export_s"] = round(time.perf_counter() - t, 1)
         card = result.card
         row["method"] = card["saliency"]["method"]
+        row["parity_vs_loaded"] = card["parity"]["max_abs_logit_diff"]
         row["target_layer"] = card["saliency"]["target_layer"]
         row["map_grid"] = card["saliency"]["map_shape"][-2:]
         compiled = compile_f32(ov.Core().read_model(result.path / "model.xml"))
@@ -116,6 +120,11 @@ def run_one(model_type: str) -> dict:
         inputs = processor(list(images), do_resize=False, return_tensors="pt")
         with torch.no_grad():
             theirs = model(**inputs).logits.numpy()
+            # torch's own rounding error on these images: an untrained network can amplify
+            # it (LeViT's logits moved by 380 for an input moved by 1e-6)
+            exact = model.double()(pixel_values=inputs["pixel_values"].double()).logits
+        row["logit_scale"] = float(np.abs(theirs).max())
+        row["torch_f32_vs_f64"] = float(np.abs(theirs - exact.numpy()).max())
         logits = ours[compiled.output("logits")]
         maps = ours[compiled.output("saliency_map")]
         row["max_abs_logit_diff"] = float(np.abs(logits - theirs).max())
@@ -156,13 +165,16 @@ def main() -> None:
         rows.append(row)
         print(f"{model_type:24s} " + (f"error: {row['error']}" if "error" in row else
               f"{row['method']:15s} grid {row['map_grid']} logits {row['max_abs_logit_diff']:.1e}"
-              f" of {row['logit_scale']:.1e}, batch {row['map_batch_diff']:.1e} "
+              f" of {row['logit_scale']:.1e} (torch f32 {row['torch_f32_vs_f64']:.1e}), batch "
+              f"{row['map_batch_diff']:.1e} "
               f"({row['params_m']} M)"), flush=True)
     exported = [r for r in rows if "method" in r]
     summary = {"architectures": len(rows), "skipped": sum("skipped" in r for r in rows),
                "exported": len(exported),
                "logits_within_1e-4_of_their_scale": sum(
-                   r["max_abs_logit_diff"] <= 1e-4 * r["logit_scale"] for r in exported)}
+                   r["max_abs_logit_diff"] <= 1e-4 * r["logit_scale"] for r in exported),
+               "logits_within_10x_torchs_own_f32_error": sum(
+                   r["max_abs_logit_diff"] <= 10 * r["torch_f32_vs_f64"] for r in exported)}
     print(json.dumps(summary))
     if args.json:
         import openvino
