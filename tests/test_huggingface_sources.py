@@ -251,6 +251,56 @@ def test_vit_maps_are_vit_reciprocam_computed_in_torch(tmp_path):
     np.testing.assert_allclose(ours, reference, atol=1e-4 * np.abs(reference).max())
 
 
+def test_tokens_pooled_channels_first_get_reciprocam_computed_in_torch(tmp_path):
+    """SwiftFormer's head pools `x.flatten(2).mean(-1)`, [N, C, h*w] over its last axis, then
+    averages two heads: ReciproCAM on that grid (plain formula: copy k keeps location k alone,
+    un-normalised) is the heads' mean on feature vector k over h*w."""
+    from xaiserve.export.saliency import SaliencySettings
+
+    torch.manual_seed(0)
+    config = labelled(transformers.SwiftFormerConfig, ["a", "b", "c"], depths=[1, 1, 1, 1],
+                      embed_dims=[16, 24, 32, 48])
+    model = transformers.SwiftFormerForImageClassification(config).eval()
+    save(tmp_path / "swiftformer", model, shapes_processor())
+    result = export_model(ExportRequest(
+        str(tmp_path / "swiftformer"), tmp_path / "models", "s",
+        saliency=SaliencySettings(mosaic="paper", spread="none", normalize="none",
+                                  map_precision="f32")))
+    assert result.card["saliency"]["feature_shape"] == [-1, 48, 4]
+    images, _, _ = make_dataset(2, seed=13)
+    ours = ir_outputs(result.path, images)["saliency_map"]
+    with torch.no_grad():
+        x = torch.from_numpy((images / np.float32(255)).transpose(0, 3, 1, 2))
+        features = model.norm(model.swiftformer(x).last_hidden_state).flatten(2)  # [N, C, 4]
+        copies = features.transpose(1, 2) / features.shape[2]  # [N, 4, C]: copy k pooled
+        scores = (model.head(copies) + model.dist_head(copies)) / 2  # [N, 4, K]
+    reference = scores.transpose(1, 2).reshape(2, 3, 2, 2).numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-5 * np.abs(reference).max())
+
+
+def test_a_norms_mean_over_tokens_is_not_taken_for_the_heads_pooling():
+    """A mean over the last axis of [N, C, h*w] that multiplies back into its tensor (an
+    RMS norm's statistics) pools nothing: auto detection refuses rather than explain the wrong
+    tensor."""
+    from xaiserve.export.saliency import InsertionError, SaliencySettings, insert_saliency
+    from xaiserve.export.sources import convert_torch
+
+    class RmsThenLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)  # 16 x 16 -> 4 x 4
+            self.head = torch.nn.Linear(8 * 16, 3)
+
+        def forward(self, x):
+            tokens = self.conv(x).flatten(2)  # [N, 8, 16]
+            tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.head(tokens.flatten(1))
+
+    model = convert_torch(RmsThenLinear().eval(), 16)
+    with pytest.raises(InsertionError, match="could not tell the architecture"):
+        insert_saliency(model, SaliencySettings())
+
+
 # --- Optimum's files: a model file with the JSON files beside it ------------------------------
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
@@ -318,6 +368,13 @@ ARCHITECTURES = {  # name -> (model class, config class, config, processor, meth
              dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
                   window_size=4),
              ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}), "vit-reciprocam"),
+    "swin_v2": ("Swinv2ForImageClassification", "Swinv2Config",
+                dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                     window_size=4),
+                ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}), "reciprocam"),
+    "swiftformer": ("SwiftFormerForImageClassification", "SwiftFormerConfig",
+                    dict(depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48]),
+                    ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}), "reciprocam"),
     "convnext": ("ConvNextForImageClassification", "ConvNextConfig",
                  dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1]),
                  ("ConvNextImageProcessor", {"size": {"shortest_edge": 64}}), "reciprocam"),

@@ -38,17 +38,31 @@ def static_dims(output: ov.Output) -> list[int | None]:
     return [d.get_length() if d.is_static else None for d in shape]
 
 
-def ancestors(output: ov.Output) -> set[str]:
-    """Ids of every node `output` depends on (including its own node)."""
+def ancestors(output: ov.Output, through: ov.Node | None = None,
+              shapes: bool = True) -> set[str]:
+    """Ids of every node `output` depends on (including its own node); with `through`, on
+    paths that do not pass through that node; without `shapes`, not through a ShapeOf (a read
+    of a tensor's shape carries none of its values)."""
     seen: set[str] = set()
     stack = [output.get_node()]
     while stack:
         node = stack.pop()
-        if key(node) in seen:
+        if key(node) in seen or (through is not None and key(node) == key(through)):
             continue
         seen.add(key(node))
-        stack.extend(v.get_node() for v in node.input_values())
+        if shapes or node.get_type_name() != "ShapeOf":
+            stack.extend(v.get_node() for v in node.input_values())
     return seen
+
+
+def is_bottleneck(node: ov.Node, scores: ov.Output) -> bool:
+    """Whether every value the scores read from the image passes through `node`: true of a
+    head's global pooling, false of a normalisation's statistics (an RMSNorm's mean of squares),
+    which multiply back into the tensor they were taken from."""
+    upstream = {k for k in ancestors(node.input_value(0), shapes=False)}
+    around = ancestors(scores, through=node, shapes=False)
+    constants = {key(n) for n in _upstream_nodes(scores) if n.get_type_name() == "Constant"}
+    return not (upstream & around) - constants
 
 
 def _upstream_nodes(output: ov.Output) -> list[ov.Node]:
@@ -203,7 +217,10 @@ MAP_LAYOUTS = ("NCHW", "NHWC")  # 4-D feature maps, what CNNs (and Swin) pool
 def global_pool_layout(node: ov.Node) -> str | None:
     """"NCHW" for an op that pools a 4-D [N, C, h, w] map over all of h and w, "NHWC" for a
     mean or max over axes 1 and 2 of [N, h, w, C] (Swin's head), "tokens" for a mean or max
-    over axis 1 of [N, h*w, C] whose h*w tokens make a square grid (LeViT's head), else None."""
+    over axis 1 of [N, h*w, C] whose h*w tokens make a square grid (LeViT's head),
+    "channels_tokens" for one over axis 2 of [N, C, h*w] (`x.flatten(2).mean(-1)`: SwiftFormer;
+    transformers' Swin V2 pools its tokens so; `find_global_pool` also asks that every value
+    pass through it, as a norm's statistics do not), else None."""
     kind = node.get_type_name()
     if kind not in _GLOBAL_POOL_TYPES:
         return None
@@ -217,9 +234,11 @@ def global_pool_layout(node: ov.Node) -> str | None:
             return None
         axes = frozenset(int(a) % rank.get_length() for a in np.ravel(axes_node.get_data()))
         if rank.get_length() == 3:
-            tokens = static_dims(src)[1]
+            if axes not in ({1}, {2}):
+                return None
+            tokens = static_dims(src)[min(axes)]
             square = tokens is not None and tokens >= 4 and math.isqrt(tokens) ** 2 == tokens
-            return "tokens" if axes == {1} and square else None
+            return None if not square else "tokens" if axes == {1} else "channels_tokens"
         return {frozenset({2, 3}): "NCHW", frozenset({1, 2}): "NHWC"}.get(axes)
     if rank.get_length() != 4:
         return None
@@ -237,7 +256,9 @@ def find_global_pool(scores: ov.Output, layouts: tuple[str, ...] = MAP_LAYOUTS
     while queue:
         node = queue.pop(0)
         d = depth[key(node)]
-        if global_pool_layout(node) in layouts and (best_depth is None or d < best_depth):
+        layout = global_pool_layout(node)
+        if layout in layouts and (best_depth is None or d < best_depth) \
+                and (layout != "channels_tokens" or is_bottleneck(node, scores)):
             best, best_depth = node, d
         for v in node.input_values():
             parent = v.get_node()

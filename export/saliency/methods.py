@@ -198,6 +198,9 @@ class SaliencyMethod:
         )
 
 
+TOKEN_GRIDS = ("tokens", "channels_tokens")  # pooled grids of tokens, as global_pool_layout says
+
+
 def _layout(target: ov.Output) -> str:
     """The layout of a target as the global pooling it feeds reads it ("NCHW" where none does,
     as for most --target-layer choices)."""
@@ -209,7 +212,8 @@ def _layout(target: ov.Output) -> str:
 @dataclass(frozen=True)
 class _FeatureMap:
     """A target as the branches compute on it, [N, C, h, w], whatever layout its head pools:
-    [N, h, w, C] (Swin) is transposed, [N, h*w, C] tokens (LeViT) reshaped to their grid."""
+    [N, h, w, C] (Swin) is transposed, [N, h*w, C] tokens (LeViT) and [N, C, h*w] ones
+    (SwiftFormer) reshaped to their grid."""
 
     features: ov.Output
     layout: str
@@ -220,6 +224,11 @@ class _FeatureMap:
     @classmethod
     def of(cls, target: ov.Output) -> "_FeatureMap":
         layout = _layout(target)
+        if layout == "channels_tokens":
+            _, c, tokens = _feature_dims(target, 3, "give the [N, C, h*w] --target-layer")
+            h = w = math.isqrt(tokens)
+            grid = ops.reshape(target, const([0, c, h, w]), special_zero=True)
+            return cls(grid.output(0), layout, c, h, w)
         if layout == "tokens":
             _, tokens, c = _feature_dims(target, 3, "give the [N, h*w, C] --target-layer")
             h = w = math.isqrt(tokens)
@@ -235,6 +244,8 @@ class _FeatureMap:
         """[M, C, h, w] (masked copies) back in the target's own layout, for its head."""
         if self.layout == "NCHW":
             return maps
+        if self.layout == "channels_tokens":
+            return ops.reshape(maps, const([-1, self.c, self.h * self.w]), False).output(0)
         channels_last = ops.transpose(maps, const([0, 2, 3, 1])).output(0)
         if self.layout == "NHWC":
             return channels_last
@@ -261,8 +272,8 @@ class ReciproCAM(SaliencyMethod):
         if self.settings.target_layer:
             return find_by_name(model, self.settings.target_layer)
         pool = find_global_pool(scores)
-        if pool is None:  # no 4-D map: a grid of tokens (LeViT)
-            pool = find_global_pool(scores, ("tokens",))
+        if pool is None:  # no 4-D map: a grid of tokens (LeViT, SwiftFormer)
+            pool = find_global_pool(scores, TOKEN_GRIDS)
         if pool is None:
             raise InsertionError(
                 "no global pooling over a 4-D feature map or a square grid of tokens was found "
@@ -576,15 +587,16 @@ METHODS: dict[str, type[SaliencyMethod]] = {
 
 def detect_method(model: ov.Model) -> str:
     """`auto`: a CNN (global pooling over a 4-D map) gets ReciproCAM, a transformer
-    ViT-ReciproCAM, and a network that pools a grid of tokens without transformer blocks
-    (LeViT: no LayerNorm) ReciproCAM on those tokens. A ViT that averages its tokens keeps
+    ViT-ReciproCAM, and a network that pools a grid of tokens without pre-norm transformer
+    blocks (LeViT: no LayerNorm; SwiftFormer; Swin V2's norms come after its layers)
+    ReciproCAM on those tokens. A ViT that averages its tokens keeps
     ViT-ReciproCAM, which re-runs its last block."""
     scores = score_output(model)
     if find_global_pool(scores) is not None:
         return ReciproCAM.name
     if find_last_transformer_block_input(model, scores) is not None:
         return ViTReciproCAM.name
-    if find_global_pool(scores, ("tokens",)) is not None:
+    if find_global_pool(scores, TOKEN_GRIDS) is not None:
         return ReciproCAM.name
     raise InsertionError(
         "could not tell the architecture from the graph (no global pooling over a 4-D map or a "
