@@ -219,6 +219,11 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
                           f"({error_reason(exc, 160)}); give the --input-size it takes") \
             from None
     fold_static_shape_reads(model)  # Swin's padding reads H and W from the tensors
+    scores = model.outputs[0].get_partial_shape()
+    if scores.rank.is_dynamic or scores.rank.get_length() != 2 or scores[1].is_dynamic \
+            or scores[1].get_length() != num_classes:
+        raise SourceError(f"{path}: its output is {scores}, not the scores of its "
+                          f"{num_classes} classes; only image classifiers can be exported")
     refusal = batch_refusal(model)
     if refusal is not None:
         raise SourceError(f"{path}: its graph holds the batch of 1 it was traced with "
@@ -347,8 +352,9 @@ def _classifier_type():
     import torch
 
     class PretrainedClassifier(torch.nn.Module):
-        """pixel_values -> logits (transformers' models return an output object), RGB in:
-        a model that takes BGR gets its channels reversed first."""
+        """pixel_values -> logits (transformers' models return an output object; PP-LCNet
+        gives its class scores as its first field), RGB in: a model that takes BGR gets its
+        channels reversed first."""
 
         def __init__(self, model, bgr: bool):
             super().__init__()
@@ -356,6 +362,7 @@ def _classifier_type():
             self.bgr = bgr
 
         def forward(self, x):
-            return self.model(pixel_values=x.flip(1) if self.bgr else x).logits
+            out = self.model(pixel_values=x.flip(1) if self.bgr else x)
+            return out["logits"] if "logits" in out else out[0]
 
     return PretrainedClassifier

@@ -51,7 +51,8 @@ def hf_logits(model, processor, images: np.ndarray) -> np.ndarray:
     are already at the input size (no resize, no crop)."""
     inputs = processor(list(images), do_resize=False, do_center_crop=False, return_tensors="pt")
     with torch.no_grad():
-        return model(**inputs).logits.numpy()
+        output = model(**inputs)
+    return (output["logits"] if "logits" in output else output[0]).numpy()  # PP-LCNet: [0]
 
 
 def ir_outputs(version, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -375,6 +376,9 @@ ARCHITECTURES = {  # name -> (model class, config class, config, processor, meth
     "swiftformer": ("SwiftFormerForImageClassification", "SwiftFormerConfig",
                     dict(depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48]),
                     ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}), "reciprocam"),
+    "pp_lcnet_scores_first": ("PPLCNetForImageClassification", "PPLCNetConfig", {},
+                              ("ViTImageProcessor", {"size": {"height": 64, "width": 64}}),
+                              "reciprocam"),
     "convnext": ("ConvNextForImageClassification", "ConvNextConfig",
                  dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1]),
                  ("ConvNextImageProcessor", {"size": {"shortest_edge": 64}}), "reciprocam"),
