@@ -37,6 +37,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 DEFAULT_RESCALE = 1 / 255  # BaseImageProcessor's rescale_factor
 MAX_SIDE = 8192  # an input side beyond this is a mistake in the file, not a classifier
+# What some processor classes do that their files do not say (transformers 5), by class name
+CLASS_SETTINGS: dict[str, dict] = {
+    "EfficientNetImageProcessor": {"include_top": True},  # divides by the std a second time
+    "PPLCNetImageProcessor": {"do_flip_channel_order": True},  # Paddle's models take BGR
+    "PerceiverImageProcessor": {"crop_before_resize": True},  # the model takes `size`
+}
 
 
 @dataclass
@@ -54,16 +60,20 @@ class ProcessorSettings:
 
 def processor_settings(processor: dict, source: str) -> ProcessorSettings:
     """`preprocessor_config.json` as settings. The model's input is the crop when the processor
-    crops (`do_center_crop` with `crop_size`), else the resize target (`height` and `width`,
-    or a square of `shortest_edge`). Rescaling (with EfficientNet's `rescale_offset`, minus 1),
+    crops (`do_center_crop` with `crop_size`) after resizing, else the resize target (`height`
+    and `width`, or a square of `shortest_edge`). Rescaling (with EfficientNet's `rescale_offset`, minus 1),
     normalising, and EfficientNet's `include_top` (a second division by the std) give
     x = ((p * r - o) - m) / s / s', which is (p - (m + o) / r) / (s * s' / r). A key left out or
-    null takes the processor classes' default."""
+    null takes the processor class's default (`CLASS_SETTINGS`, else the base class's)."""
+    kind = str(processor.get("image_processor_type", "")).removesuffix("Fast")
+    implied = CLASS_SETTINGS.get(kind.removesuffix("Pil"), {})
+
     def setting(key: str, default):
         value = processor.get(key)
-        return default if value is None else value
+        return implied.get(key, default) if value is None else value
 
-    size = _crop_or_size(processor, bool(setting("do_center_crop", False)), source)
+    crops = setting("do_center_crop", False) and not implied.get("crop_before_resize")
+    size = _crop_or_size(processor, bool(crops), source)
     rescale = _positive(setting("rescale_factor", DEFAULT_RESCALE), "rescale_factor", source) \
         if setting("do_rescale", True) else 1.0
     offset = 1.0 if setting("do_rescale", True) and setting("rescale_offset", False) else 0.0
@@ -72,9 +82,7 @@ def processor_settings(processor: dict, source: str) -> ProcessorSettings:
         mean = _per_channel(processor.get("image_mean"), "image_mean", source)
         std = [_positive(abs(v), "image_std", source)
                for v in _per_channel(processor.get("image_std"), "image_std", source)]
-    # EfficientNetImageProcessor's include_top is on unless its file says otherwise
-    efficientnet = str(processor.get("image_processor_type", "")).startswith("EfficientNet")
-    again = std if setting("include_top", efficientnet) else [1.0] * 3
+    again = std if setting("include_top", False) else [1.0] * 3
     mean_values = [(m + offset) / rescale for m in mean]
     scale_values = [s * t / rescale for s, t in zip(std, again)]
     if not all(1e-30 < abs(v) < 3e38 for v in scale_values) \
