@@ -61,10 +61,11 @@ class ProcessorSettings:
 def processor_settings(processor: dict, source: str) -> ProcessorSettings:
     """`preprocessor_config.json` as settings. The model's input is the crop when the processor
     crops (`do_center_crop` with `crop_size`) after resizing, else the resize target (`height`
-    and `width`, or a square of `shortest_edge`). Rescaling (with EfficientNet's `rescale_offset`, minus 1),
-    normalising, and EfficientNet's `include_top` (a second division by the std) give
-    x = ((p * r - o) - m) / s / s', which is (p - (m + o) / r) / (s * s' / r). A key left out or
-    null takes the processor class's default (`CLASS_SETTINGS`, else the base class's)."""
+    and `width`, or a square of `shortest_edge`). Rescaling (with EfficientNet's
+    `rescale_offset`, minus 1), normalising, and EfficientNet's `include_top` (a second
+    division by the std) give x = ((p * r - o) - m) / s / s', which is
+    (p - (m + o) / r) / (s * s' / r). A key left out or null takes the processor class's
+    default (`CLASS_SETTINGS`, else the base class's)."""
     kind = str(processor.get("image_processor_type", "")).removesuffix("Fast")
     implied = CLASS_SETTINGS.get(kind.removesuffix("Pil"), {})
 
@@ -80,7 +81,7 @@ def processor_settings(processor: dict, source: str) -> ProcessorSettings:
     mean, std = [0.0] * 3, [1.0] * 3
     if setting("do_normalize", False):
         mean = _per_channel(processor.get("image_mean"), "image_mean", source)
-        std = [_positive(abs(v), "image_std", source)
+        std = [_positive(v, "image_std", source)
                for v in _per_channel(processor.get("image_std"), "image_std", source)]
     again = std if setting("include_top", False) else [1.0] * 3
     mean_values = [(m + offset) / rescale for m in mean]
