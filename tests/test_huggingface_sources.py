@@ -315,6 +315,46 @@ def test_tokens_pooled_channels_first_get_reciprocam_computed_in_torch(tmp_path)
     np.testing.assert_allclose(ours, reference, atol=1e-5 * np.abs(reference).max())
 
 
+CNN_HEADS = {  # model class, config, the head after the global mean of the last map
+    "resnet": ("ResNetForImageClassification", "ResNetConfig",
+               dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic"),
+               lambda model, pooled: model.classifier(pooled)),
+    "convnext": ("ConvNextForImageClassification", "ConvNextConfig",
+                 dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+                 lambda model, pooled: model.classifier(model.convnext.layernorm(pooled))),
+}
+
+
+@pytest.mark.parametrize("name", list(CNN_HEADS))
+def test_cnn_maps_are_reciprocam_computed_in_torch(name, tmp_path):
+    """ReciproCAM in transformers' CNN graphs (plain formula, un-normalised): copy k keeps
+    location k of the last map alone, so the head reads its feature vector over h*w, through
+    the LayerNorm ConvNeXt puts after the pooling."""
+    from xaiserve.export.saliency import SaliencySettings
+
+    model_class, config_class, kwargs, head = CNN_HEADS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(
+        labelled(getattr(transformers, config_class), ["a", "b", "c"], **kwargs)).eval()
+    save(tmp_path / name, model, shapes_processor())
+    result = export_model(ExportRequest(
+        str(tmp_path / name), tmp_path / "models", name,
+        saliency=SaliencySettings(mosaic="paper", spread="none", normalize="none",
+                                  map_precision="f32")))
+    images, _, _ = make_dataset(2, seed=17)
+    ours = ir_outputs(result.path, images)["saliency_map"]
+    with torch.no_grad():
+        x = torch.from_numpy((images / np.float32(255)).transpose(0, 3, 1, 2))
+        base = getattr(model, model.base_model_prefix)
+        features = base(x).last_hidden_state  # [N, C, h, w]
+        n, c, h, w = features.shape
+        copies = features.flatten(2).transpose(1, 2) / (h * w)  # [N, hw, C]
+        scores = head(model, copies.reshape(n * h * w, c)).reshape(n, h * w, -1)
+    reference = scores.transpose(1, 2).reshape(n, 3, h, w).numpy()
+    assert ours.shape == reference.shape and h * w > 1
+    np.testing.assert_allclose(ours, reference, atol=1e-5 * np.abs(reference).max())
+
+
 def test_a_norms_mean_over_tokens_is_not_taken_for_the_heads_pooling():
     """A mean over the last axis of [N, C, h*w] that multiplies back into its tensor (an
     RMS norm's statistics) pools nothing: auto detection refuses rather than explain the wrong
