@@ -53,24 +53,6 @@ def processor_class(model_type: str) -> str | None:
     return classes.get("torchvision") or classes.get("pil")
 
 
-def scores_of(output):
-    """The class scores of a transformers model's output (PP-LCNet's are its first field)."""
-    return output["logits"] if "logits" in output else output[0]
-
-
-def set_batch_statistics(model, pixel_values) -> None:
-    import torch
-
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches seen
-    with torch.no_grad():
-        model.train()
-        model(pixel_values=pixel_values)
-    model.eval()
-
-
 def run_one(model_type: str) -> dict:
     """Build, save, export and compare one architecture (in this process)."""
     import numpy as np
@@ -78,6 +60,8 @@ def run_one(model_type: str) -> dict:
     import torch
     import transformers
 
+    from tests.test_saliency_architectures import set_batch_statistics
+    from xaiserve.export.huggingface import class_scores
     from xaiserve.export.parity import compile_f32
     from xaiserve.export.pipeline import ExportRequest, export_model
     from xaiserve.export.sources import synthetic_images
@@ -103,7 +87,7 @@ def run_one(model_type: str) -> dict:
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(layer.weight)
     set_batch_statistics(model, processor(list(synthetic_images(8, SIZE, seed=4)),
-                                          do_resize=False, return_tensors="pt")["pixel_values"])
+                                          do_resize=False, return_tensors="np")["pixel_values"])
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / model_type
         model.save_pretrained(folder)
@@ -124,10 +108,10 @@ def run_one(model_type: str) -> dict:
         ours = compiled(images)
         inputs = processor(list(images), do_resize=False, return_tensors="pt")
         with torch.no_grad():
-            theirs = scores_of(model(**inputs)).numpy()
+            theirs = class_scores(model(**inputs)).numpy()
             # torch's own rounding error on these images: an untrained network can amplify
             # it (LeViT's logits moved by 380 for an input moved by 1e-6)
-            exact = scores_of(model.double()(pixel_values=inputs["pixel_values"].double()))
+            exact = class_scores(model.double()(pixel_values=inputs["pixel_values"].double()))
         row["logit_scale"] = float(np.abs(theirs).max())
         row["torch_f32_vs_f64"] = float(np.abs(theirs - exact.numpy()).max())
         logits = ours[compiled.output("logits")]

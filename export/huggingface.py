@@ -23,18 +23,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from xaiserve.service.layout import (PRETRAINED_CONFIG_FILE, PRETRAINED_WEIGHT_FILES,
+                                     PROCESSOR_FILE)
 from xaiserve.service.model import error_reason
-from xaiserve.service.model_info import ModelInfo
 
 from .deployed import batch_refusal, fold_static_shape_reads
 from .sources import (LoadedSource, SourceError, SourceOptions, check_class_count,
-                      convert_torch, read_labels, register_folder_source, register_source,
-                      timm_source)
+                      convert_torch, load_checkpoint, module_info, register_folder_source,
+                      register_source, runs_on_images, timm_source)
 
-CONFIG = "config.json"
-PROCESSOR = "preprocessor_config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+CONFIG, PROCESSOR = PRETRAINED_CONFIG_FILE, PROCESSOR_FILE
+# the weights, whole or as the index of their shards
+WEIGHT_FILES = (*PRETRAINED_WEIGHT_FILES,
+                *(f"{name}.index.json" for name in PRETRAINED_WEIGHT_FILES))
 DEFAULT_RESCALE = 1 / 255  # BaseImageProcessor's rescale_factor
 MAX_SIDE = 8192  # an input side beyond this is a mistake in the file, not a classifier
 # What some processor classes do that their files do not say (transformers 5), by class name
@@ -208,25 +209,18 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
     if options.input_size is None and processor.height != processor.width:
         raise SourceError(f"{path}: takes {processor.height} x {processor.width} images; the "
                           "exporter converts square inputs: give --input-size")
-    module = _classifier_type()(_image_classifier(path, config), bgr).eval()
+    module = pretrained_classifier(_image_classifier(path, config), bgr)
     num_classes = module.model.config.num_labels
     check_class_count(options, num_classes, str(path))
-    labels = read_labels(options.labels_file, num_classes) if options.labels_file \
-        else config_labels(config) or [f"class_{i}" for i in range(num_classes)]
-    info = ModelInfo(labels=labels, input_height=size, input_width=size,
-                     mean_values=list(options.mean_values or processor.mean_values),
-                     scale_values=list(options.scale_values or processor.scale_values))
-    try:
+    labels = config_labels(config) or [f"class_{i}" for i in range(num_classes)]
+    info = module_info(num_classes, size, processor.mean_values if processor else None,
+                        processor.scale_values if processor else None, options, labels)
+    with runs_on_images(path, size), warnings.catch_warnings():
         global_pooling_windows(module, size)
-        with warnings.catch_warnings():
-            # transformers' checks of the input's size become constants: the size is fixed
-            # here, and the batch is checked below
-            warnings.simplefilter("ignore", torch_tracer_warning())
-            model = convert_torch(module, size)
-    except Exception as exc:  # noqa: BLE001 - the module's own errors on this input
-        raise SourceError(f"{path}: cannot run it on [N, 3, {size}, {size}] images "
-                          f"({error_reason(exc, 160)}); give the --input-size it takes") \
-            from None
+        # transformers' checks of the input's size become constants: the size is fixed
+        # here, and the batch is checked below
+        warnings.simplefilter("ignore", torch_tracer_warning())
+        model = convert_torch(module, size)
     fold_static_shape_reads(model)  # Swin's padding reads H and W from the tensors
     scores = model.outputs[0].get_partial_shape()
     if scores.rank.is_dynamic or scores.rank.get_length() != 2 or scores[1].is_dynamic \
@@ -244,8 +238,9 @@ def load_pretrained(path_str: str, options: SourceOptions) -> LoadedSource:
 
 
 def _timm_folder(path: Path, config: dict, options: SourceOptions) -> LoadedSource:
-    """A timm model saved for the Hub: timm builds it from the folder (`local-dir:`), with its
-    own input size, mean and std (pretrained_cfg) and label names."""
+    """A timm model saved for the Hub: built by timm as its config.json says (the arguments
+    and pretrained_cfg: input size, mean and std), the folder's weights loaded as a
+    --checkpoint is, labelled by its label names."""
     try:
         import timm
     except ImportError:
@@ -255,12 +250,22 @@ def _timm_folder(path: Path, config: dict, options: SourceOptions) -> LoadedSour
     if not timm.is_model(arch):
         raise SourceError(f"{path}: config.json names the timm architecture {arch!r}, which "
                           f"timm {timm.__version__} does not have; upgrade timm")
+    weights = next((path / name for name in PRETRAINED_WEIGHT_FILES if (path / name).is_file()),
+                   None)
+    if weights is None:
+        raise SourceError(f"{path}: no {' or '.join(PRETRAINED_WEIGHT_FILES)}; copy the folder "
+                          "whole")
+    arguments = dict(config.get("model_args") or {})  # num_classes, in_chans, global_pool
+    arguments.setdefault("num_classes", config.get("num_classes", 1000))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
-    except Exception as exc:  # noqa: BLE001 - missing or damaged weights, and others
-        raise SourceError(f"{path}: timm cannot load it ({error_reason(exc, 160)})") from None
+            module = timm.create_model(arch, pretrained=False, **arguments,
+                                       pretrained_cfg_overlay=config.get("pretrained_cfg") or {})
+    except Exception as exc:  # noqa: BLE001 - arguments this timm does not take, and others
+        raise SourceError(f"{path}: timm cannot build it from config.json "
+                          f"({error_reason(exc, 160)})") from None
+    load_checkpoint(module, weights, f"timm:{arch} as its config.json builds it")
     check_class_count(options, module.num_classes, str(path))
     return timm_source(module, f"hf:{path} (timm {arch})", options,
                        labels=timm_labels(config, module.num_classes))
@@ -355,6 +360,18 @@ def torch_tracer_warning() -> type[Warning]:
     return torch.jit.TracerWarning
 
 
+def class_scores(output):
+    """The class scores of a transformers model's output: `logits`, or its first field (PP-LCNet
+    gives them as `last_hidden_state`)."""
+    return output["logits"] if "logits" in output else output[0]
+
+
+def pretrained_classifier(model, bgr: bool = False):
+    """A transformers image classifier as a torch module that takes RGB images and gives
+    class scores (what the exporter converts), in eval mode."""
+    return _classifier_type()(model, bgr).eval()
+
+
 @functools.cache
 def _classifier_type():
     """Defined on first use: torch is imported only by the loaders that need it."""
@@ -371,7 +388,6 @@ def _classifier_type():
             self.bgr = bgr
 
         def forward(self, x):
-            out = self.model(pixel_values=x.flip(1) if self.bgr else x)
-            return out["logits"] if "logits" in out else out[0]
+            return class_scores(self.model(pixel_values=x.flip(1) if self.bgr else x))
 
     return PretrainedClassifier

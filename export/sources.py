@@ -15,6 +15,7 @@ import math
 import re
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -237,10 +238,12 @@ def load_checkpoint(module, path: Path, what: str) -> None:
         )
 
 
-def _module_info(num_classes: int, size: int, mean, scale, options: SourceOptions,
-                 resize_type: str = "standard") -> ModelInfo:
+def module_info(num_classes: int, size: int, mean, scale, options: SourceOptions,
+                 labels: list[str] | None = None, resize_type: str = "standard") -> ModelInfo:
+    """`labels`: the source's own class names (a Hub folder's), which --labels overrides."""
     return ModelInfo(
-        labels=default_labels(num_classes, options),
+        labels=list(labels) if labels and not options.labels_file
+        else default_labels(num_classes, options),
         input_height=size, input_width=size,
         mean_values=list(options.mean_values or mean),
         scale_values=list(options.scale_values or scale),
@@ -278,7 +281,7 @@ def load_default(_: str, options: SourceOptions) -> LoadedSource:
     module = Lite0(net).eval()
     size = 224
     # The TF Lite variants were trained on (x - 127) / 128.
-    info = _module_info(1000, size, [127.0] * 3, [128.0] * 3, options)
+    info = module_info(1000, size, [127.0] * 3, [128.0] * 3, options)
     return LoadedSource(convert_torch(module, size), info, "default: EfficientNet-Lite0 ImageNet",
                         torch_module=module)
 
@@ -316,9 +319,7 @@ def timm_source(module, described: str, options: SourceOptions,
     size = options.input_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     mean = [255.0 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))]
     scale = [255.0 * s for s in cfg.get("std", (0.229, 0.224, 0.225))]
-    info = _module_info(module.num_classes, size, mean, scale, options)
-    if labels and not options.labels_file:
-        info.labels = list(labels)
+    info = module_info(module.num_classes, size, mean, scale, options, labels)
     return LoadedSource(convert_torch(module, size), info, described, torch_module=module)
 
 
@@ -348,7 +349,7 @@ def _module_source(module, model: ov.Model, size: int, described: str,
     ImageNet's normalisation unless --mean and --scale say otherwise."""
     num_classes = model.outputs[0].get_partial_shape()[-1].get_length()
     check_class_count(options, num_classes, described)
-    info = _module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
+    info = module_info(num_classes, size, IMAGENET_MEAN, IMAGENET_SCALE, options)
     return LoadedSource(model, info, described, torch_module=module, scripted=scripted)
 
 
@@ -395,13 +396,23 @@ def load_torchscript(path_str: str, options: SourceOptions) -> LoadedSource:
         raise SourceError(f"{path}: TorchScript cannot load it ({error_reason(exc, 160)})") \
             from None
     size = options.input_size or 224
-    try:
+    with runs_on_images(path, size):
         model = convert_torch(module, size)
+    return _module_source(module, model, size, f"torchscript:{path}", options, scripted=True)
+
+
+@contextmanager
+def runs_on_images(source, size: int):
+    """A module whose own code fails on [N, 3, size, size] images (traced or run inside) is
+    one line naming --input-size, not a traceback."""
+    try:
+        yield
+    except SourceError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the module's own errors on this input
-        raise SourceError(f"{path}: cannot run it on [N, 3, {size}, {size}] images "
+        raise SourceError(f"{source}: cannot run it on [N, 3, {size}, {size}] images "
                           f"({error_reason(exc, 160)}); give the --input-size it takes") \
             from None
-    return _module_source(module, model, size, f"torchscript:{path}", options, scripted=True)
 
 
 def check_class_count(options: SourceOptions, found: int, source: str) -> None:

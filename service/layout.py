@@ -51,7 +51,8 @@ def resolve_version_dir(path: Path, version: str = "") -> Path:
 # Model files OpenVINO Model Server serves from a version folder that xaiserve does not: it
 # compiles the IR `xaiserve export` writes (model.xml, preprocessing and saliency map inside).
 FOREIGN_MODEL_FILES = ("*.onnx", "*.tflite", "saved_model.pb", "*.xml")
-# a Hugging Face model's folder: its config.json and one of these
+# a Hugging Face model's folder (save_pretrained): its config.json and one of these
+PRETRAINED_CONFIG_FILE = "config.json"
 PRETRAINED_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # files whose folder is the export's source (a SavedModel, a Hugging Face model's folder)
 FOLDER_SOURCE_FILES = ("saved_model.pb", *PRETRAINED_WEIGHT_FILES)
@@ -64,7 +65,8 @@ def foreign_model_files(version_dir: Path) -> list[str]:
     model.onnx, or a Hugging Face model's folder), which a server would otherwise pass over
     without a word."""
     patterns = FOREIGN_MODEL_FILES + (PRETRAINED_WEIGHT_FILES
-                                      if (version_dir / "config.json").is_file() else ())
+                                      if (version_dir / PRETRAINED_CONFIG_FILE).is_file()
+                                      else ())
     return sorted({path.name for pattern in patterns
                    for path in version_dir.glob(pattern) if path.is_file()})
 

@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 from tests.conftest import run_cli  # noqa: E402
 from tests.synthetic import CLASSES, SIZE, fit, make_dataset  # noqa: E402
 from tests.test_cli_hostile import one_line_error  # noqa: E402
-from xaiserve.export.huggingface import processor_settings  # noqa: E402
+from xaiserve.export.huggingface import (class_scores, pretrained_classifier,  # noqa: E402
+                                         processor_settings)
 from xaiserve.export.parity import compile_f32  # noqa: E402
 from xaiserve.export.pipeline import ExportRequest, export_model  # noqa: E402
 from xaiserve.export.sources import SourceError, SourceOptions, create_source  # noqa: E402
@@ -52,7 +53,7 @@ def hf_logits(model, processor, images: np.ndarray) -> np.ndarray:
     inputs = processor(list(images), do_resize=False, do_center_crop=False, return_tensors="pt")
     with torch.no_grad():
         output = model(**inputs)
-    return (output["logits"] if "logits" in output else output[0]).numpy()  # PP-LCNet: [0]
+    return class_scores(output).numpy()
 
 
 def ir_outputs(version, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -180,17 +181,6 @@ def labelled(config_class, names, **kwargs):
                         label2id={n: i for i, n in enumerate(names)}, **kwargs)
 
 
-class Logits(torch.nn.Module):
-    """A transformers classifier as tests.synthetic.fit trains it: images in, logits out."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(pixel_values=x).logits
-
-
 @pytest.fixture(scope="module")
 def trained_resnet(tmp_path_factory):
     """A transformers ResNet (8 x 8 last map at 64 px) trained on the shapes, saved as
@@ -200,7 +190,7 @@ def trained_resnet(tmp_path_factory):
                       hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic")
     model = transformers.ResNetForImageClassification(config)
     images, labels, _ = make_dataset(1024, 0)
-    fit(Logits(model), images, labels, 200, 3e-3, 0)
+    fit(pretrained_classifier(model).train(), images, labels, 200, 3e-3, 0)
     work = tmp_path_factory.mktemp("hf_resnet")
     save(work / "resnet", model, shapes_processor())
     result = run_cli("export", str(work / "resnet"), "--repository", str(work / "models"),
@@ -392,7 +382,7 @@ def test_optimum_export_folder_gives_labels_and_preprocessing(trained_resnet, tm
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(work / "resnet" / name, folder / name)
     onnx_file = tmp_path / "model.onnx"
-    torch.onnx.export(Logits(model).eval(), torch.zeros(1, 3, SIZE, SIZE), onnx_file,
+    torch.onnx.export(pretrained_classifier(model), torch.zeros(1, 3, SIZE, SIZE), onnx_file,
                       input_names=["pixel_values"], output_names=["logits"], dynamo=False,
                       dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}})
     if form == "onnx":

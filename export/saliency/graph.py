@@ -59,7 +59,7 @@ def is_bottleneck(node: ov.Node, scores: ov.Output) -> bool:
     """Whether every value the scores read from the image passes through `node`: true of a
     head's global pooling, false of a normalisation's statistics (an RMSNorm's mean of squares),
     which multiply back into the tensor they were taken from."""
-    upstream = {k for k in ancestors(node.input_value(0), shapes=False)}
+    upstream = ancestors(node.input_value(0), shapes=False)
     around = ancestors(scores, through=node, shapes=False)
     constants = {key(n) for n in _upstream_nodes(scores) if n.get_type_name() == "Constant"}
     return not (upstream & around) - constants
