@@ -21,6 +21,7 @@ import grpc
 from . import request_context
 from .errors import RETRY_LATER
 from .logs import RECORD_FIELDS
+from .message_stream import CallerStream
 from .model_slots import ModelSlots
 from .request_context import RequestRecord
 from .security import matching_token
@@ -30,6 +31,7 @@ log = logging.getLogger("xaiserve.access")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 QUIET_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes: logged at DEBUG
+INFER_METHODS = {"ModelInfer", "ModelStreamInfer"}  # a stream's messages count one by one
 MAX_ID_CHARS = 128
 COMPRESS_FROM = 16 * 1024  # bytes: a response smaller than this is sent as it is
 # the settings' response_compression names (also HTTP's Content-Encoding names)
@@ -94,6 +96,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong token: send metadata 'authorization: Bearer "
                             "<token>' (xaiserve explain --token-file FILE)")
+        if handler.stream_stream is not None and not service.startswith("grpc."):
+            return self._message_stream(handler, caller)
         if handler.unary_unary is None:  # reflection's stream: no model, nothing to measure
             return handler
         inner = handler.unary_unary
@@ -112,6 +116,20 @@ class RequestInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=None, response_serializer=handler.response_serializer)
+
+    @staticmethod
+    def _message_stream(handler, caller: str):
+        """A stream of requests (service.message_stream): its messages read leniently, each
+        run through `handle` as a call of its own by MessageStreams, with the stream's
+        caller."""
+        inner = handler.stream_stream
+        deserialize = handler.request_deserializer or (lambda raw: raw)
+
+        def stream(raw_messages, context):
+            return inner(CallerStream(raw_messages, deserialize, caller), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=None, response_serializer=handler.response_serializer)
 
     def authenticate(self, method: str, metadata, protocol: str = "grpc") -> str | None:
         """The id of the server's token the call carries ("" when the server has none), or
@@ -243,7 +261,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def _observe_success(self, record: RequestRecord, seconds: float, response) -> None:
         t = self.telemetry
         model, version = record.model, record.version
-        if record.method == "ModelInfer":  # the inference alone, as the response reports it
+        if record.method in INFER_METHODS:  # the inference alone, as the response reports it
             ms = response.parameters["inference_ms"].double_param \
                 if "inference_ms" in response.parameters else seconds * 1e3
             t.inference_seconds.labels(model, version).observe(ms / 1e3)

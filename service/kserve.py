@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from .errors import NotServed, RequestError, invalid, rpc, shown, unavailable
 from .images import ImageError, decode_image, resize_for_model
+from .message_stream import CallerStream, MessageStreams, StreamAnswers
 from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -164,9 +165,27 @@ def check_batch(images: int, max_batch: int) -> None:
                       "in the server's config")
 
 
+def stream_reply(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
+def stream_failure(request: pb.ModelInferRequest | None, code: grpc.StatusCode, message: str
+                   ) -> pb.ModelStreamInferResponse:
+    """A stream message that failed: its status and message as error_message (Triton's field,
+    which tritonclient raises as the message's error), and the request's id, model and version
+    so that the client knows which frame it was."""
+    answer = pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+    if request is not None:
+        answer.infer_response.id = request.id
+        answer.infer_response.model_name = request.model_name
+        answer.infer_response.model_version = request.model_version
+    return answer
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, streams: MessageStreams | None = None):
         self.repository = repository
+        self.streams = streams
 
     @rpc
     def ServerLive(self, request, context):
@@ -319,6 +338,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = self._infer(request, state, started, split.timings_ms)
             split.images = response.outputs[0].shape[0]
         return response
+
+    def ModelStreamInfer(self, requests: CallerStream, context):
+        """Triton's streaming extension: each message a ModelInfer, answered on the stream in
+        the order they came (service.message_stream)."""
+        if self.streams is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no streams; send "
+                          "ModelInfer calls")
+        return self.streams.answer(requests, context, StreamAnswers(
+            "ModelStreamInfer", self.ModelInfer, stream_reply, stream_failure))
 
     def _infer(self, request, state: VersionState, started: float, timings: dict[str, float]
                ) -> pb.ModelInferResponse:

@@ -5,8 +5,9 @@ unchanged, and explanations are one POST away for clients without gRPC.
 Every endpoint is a gRPC method: its request message is built from the URL and the body, and
 it runs through the same servicer method and the same RequestInterceptor as a gRPC call, so the
 token, the concurrency caps, the response size limit, the metrics and the access log have one
-implementation. `HttpCall` is what the interceptor and the handlers see of the HTTP exchange
-(the few calls they make on a gRPC context). The health endpoints, like gRPC's health service,
+implementation. A `DetachedCall` is what the interceptor and the handlers see of the HTTP
+exchange (the few calls they make on a gRPC context; HTTP carries no deadline, the client's
+timeout shows as a disconnect). The health endpoints, like gRPC's health service,
 need no token and take no request slot: kubelet's httpGet probes must never be refused."""
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .detached_call import CallAborted, DetachedCall
 from .errors import RETRY_LATER, RequestError
 from .interceptor import COMPRESS_FROM, COMPRESSION, RequestInterceptor
 from .proto import grpc_predict_v2_pb2 as pb
@@ -63,65 +65,12 @@ MAX_HEAD_BYTES = 64 * 1024  # a request line and headers; a longer head is refus
 BODY_SECONDS = 60.0
 
 
-class CallAborted(Exception):
-    """HttpCall.abort: ends the handler as gRPC's context.abort does."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 class BodyRefused(Exception):
     """A request body that is not read: too large, or in an encoding the server cannot undo."""
 
     def __init__(self, status: int, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-class HttpCall:
-    """One HTTP exchange as the servicer context the interceptor and handlers use: headers as
-    the call's metadata, abort as an exception, callbacks run once when the exchange ends
-    (the response sent, or the client gone), so long work stops for a client that left."""
-
-    def __init__(self, headers: list[tuple[str, str]]):
-        self.metadata = tuple(headers)
-        self.compression = grpc.Compression.NoCompression
-        self._code: grpc.StatusCode | None = None
-        self._callbacks: list[Callable[[], None]] = []
-        self._ended = False
-        self._lock = threading.Lock()
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self.metadata
-
-    def abort(self, code: grpc.StatusCode, details: str):
-        self._code = code
-        raise CallAborted(code, details)
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def time_remaining(self) -> None:
-        return None  # HTTP carries no deadline; the client's timeout shows as a disconnect
-
-    def set_compression(self, compression: grpc.Compression) -> None:
-        self.compression = compression
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        with self._lock:
-            if not self._ended:
-                self._callbacks.append(callback)
-                return True
-        return False
-
-    def end(self) -> None:
-        with self._lock:
-            if self._ended:
-                return
-            self._ended, callbacks = True, self._callbacks
-        for callback in callbacks:
-            callback()
 
 
 @dataclass(frozen=True)
@@ -295,7 +244,7 @@ class RestApp:
 
     def _endpoint(self, endpoint: Endpoint):
         async def respond(request: Request) -> Response:
-            call = HttpCall(list(request.headers.items()))
+            call = DetachedCall(request.headers.items())
             # the token before the body: a caller without one cannot make the server read and
             # hold max_message_bytes
             caller = "" if endpoint.health else self.interceptor.authenticate(
@@ -370,7 +319,7 @@ class RestApp:
                            "--max-message-bytes")
 
     @staticmethod
-    async def _watch_disconnect(request: Request, call: HttpCall) -> None:
+    async def _watch_disconnect(request: Request, call: DetachedCall) -> None:
         """End the call when the client goes away before its answer (what gRPC reports as a
         cancelled call), so that a black-box explanation stops working for nobody."""
         while (await request.receive())["type"] != "http.disconnect":
@@ -378,7 +327,7 @@ class RestApp:
         call.end()
 
     def _serve(self, endpoint: Endpoint, params: dict, body: bytes, request: Request,
-               call: HttpCall, caller: str) -> Reply:
+               call: DetachedCall, caller: str) -> Reply:
         """On a worker thread: read the request, run it through the interceptor, write."""
         handler = self.handlers[endpoint.method]
         try:
@@ -402,7 +351,7 @@ class RestApp:
             return error_reply(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
 
     @staticmethod
-    def _compressed(reply: Reply, request: Request, call: HttpCall) -> Reply:
+    def _compressed(reply: Reply, request: Request, call: DetachedCall) -> Reply:
         """Compressed as the server's response_compression says, when the interceptor found
         the response large enough and the client accepts that encoding."""
         encoding = ENCODINGS.get(call.compression)

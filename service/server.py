@@ -20,6 +20,7 @@ from .config import ConfigError, ServerSettings, check_server, unmatched_model_n
 from .explain_service import ExplanationServicer
 from .file_changes import file_identity
 from .interceptor import COMPRESSION, RequestInterceptor
+from .message_stream import MessageStreams
 from .kserve import KServeServicer
 from .model_health import ModelHealth
 from .proto import grpc_predict_v2_pb2 as kserve_pb
@@ -88,9 +89,13 @@ class Server:
                         ("grpc.max_connection_age_grace_ms",
                          int(max(settings.shutdown_grace, 1) * 1000))]
         threads = max(settings.workers, settings.max_concurrent_requests + SPARE_THREADS)
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
-                                interceptors=[interceptor], options=options)
-        kserve = KServeServicer(self.repository)
+        # an open stream holds a thread of the pool: they get threads of their own on top
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads + settings.max_open_streams),
+            interceptors=[interceptor], options=options)
+        self.streams = MessageStreams(interceptor, settings.max_concurrent_requests,
+                                      settings.max_open_streams)
+        kserve = KServeServicer(self.repository, self.streams)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
         self.explanation = ExplanationServicer(self.repository, settings)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
@@ -167,6 +172,7 @@ class Server:
         if rest is not None:  # both sides drain at once
             rest.start()
         self.grpc.stop(grace).wait()
+        self.streams.stop()
         if rest is not None:
             rest.join()
         self.telemetry.stop_http()

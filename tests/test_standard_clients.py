@@ -81,6 +81,11 @@ def test_tritonclient_works_unchanged(server, protocol, photo_files):
     assert seen["unload"]["status"] == ("StatusCode.FAILED_PRECONDITION" if grpc else "400")
     assert "remove" in seen["unload"]["message"]
     assert seen["unknown_model"]["status"] == ("StatusCode.NOT_FOUND" if grpc else "404")
+    if grpc:  # a stream's answers in order, a wrong frame answered with its error
+        assert seen["stream"][:2] == [{"id": "frame-0", "top1": 285},
+                                      {"id": "frame-1", "top1": 967}]
+        assert seen["stream"][2]["error"].startswith("INVALID_ARGUMENT: inputs[0].shape")
+        assert seen["stream"][3] == {"id": "frame-after", "top1": 285}
     if not grpc:  # gzip both ways
         assert seen["compressed"] == {"top1": [285, 967], "saliency_shape": [2, 1000, 7, 7]}
     assert "efficientnet_lite0" in seen["unknown_model"]["message"]
@@ -118,3 +123,20 @@ def test_perf_analyzer_measures_the_server(server, protocol, tmp_path):
     (row,) = list(csv.DictReader(report.open()))
     assert int(row["Concurrency"]) == 2 and float(row["Inferences/Second"]) > 0
     assert float(row["Server Compute Infer"]) > 0  # from ModelStatistics, in microseconds
+
+
+def test_perf_analyzer_streams_to_the_server(server, tmp_path):
+    """perf_analyzer --streaming: its requests over ModelStreamInfer, 4 in flight."""
+    assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
+    report = tmp_path / "perf.csv"
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
+         "-i", "grpc", "--streaming", "-u", address(server, "grpc"),
+         "--concurrency-range", "4", "--measurement-mode", "count_windows",
+         "--measurement-request-count", "40", "--max-trials", "10",
+         "--stability-percentage", "100", "-f", str(report)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    (row,) = list(csv.DictReader(report.open()))
+    assert int(row["Concurrency"]) == 4 and float(row["Inferences/Second"]) > 0
+    assert float(row["Server Compute Infer"]) > 0

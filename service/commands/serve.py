@@ -60,6 +60,9 @@ def add_serve_operations(p) -> None:
                         "health checks are exempt")
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="beyond it requests get RESOURCE_EXHAUSTED (default: 32)")
+    p.add_argument("--max-open-streams", type=int, default=None,
+                   help="open ModelStreamInfer streams at once; beyond it a stream is refused "
+                        "with RESOURCE_EXHAUSTED (default: 16)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest request or response (default: 32 MiB)")
     p.add_argument("--poll-seconds", type=float, default=None,
@@ -80,8 +83,9 @@ def add_serve_operations(p) -> None:
 
 SERVE_OPERATION_KEYS = ("metrics_port", "rest_port", "shutdown_grace", "tls_cert", "tls_key",
                         "tls_client_ca", "token_file", "max_concurrent_requests",
-                        "max_message_bytes", "poll_seconds", "max_connection_age",
-                        "keepalive_time", "min_client_ping_interval", "response_compression")
+                        "max_open_streams", "max_message_bytes", "poll_seconds",
+                        "max_connection_age", "keepalive_time", "min_client_ping_interval",
+                        "response_compression")
 
 
 def run_serve(args) -> int:

@@ -9,6 +9,7 @@ environment). Prints one JSON object of what the client saw.
 from __future__ import annotations
 
 import json
+import queue
 import sys
 
 import cv2
@@ -68,6 +69,27 @@ def main(protocol: str, url: str, model: str, paths: list[str]) -> dict:
                           outputs=[client_module.InferRequestedOutput("logits", class_count=3)])
     seen["classification"] = [[item.decode() for item in row]
                               for row in result.as_numpy("logits")]
+
+    if grpc:  # Triton's streaming extension: frames over one stream, answered by callback
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i, image in enumerate(pixels):
+            frame = client_module.InferInput("image", [1, *image.shape], "UINT8")
+            frame.set_data_from_numpy(image[None])
+            client.async_stream_infer(model, [frame], request_id=f"frame-{i}",
+                                      outputs=outputs[:1])
+        wrong = client_module.InferInput("image", [1, 2, 2, 3], "UINT8")
+        wrong.set_data_from_numpy(np.zeros((1, 2, 2, 3), np.uint8))
+        client.async_stream_infer(model, [wrong], request_id="frame-wrong")
+        frame = client_module.InferInput("image", [1, *pixels[0].shape], "UINT8")
+        frame.set_data_from_numpy(pixels[:1])
+        client.async_stream_infer(model, [frame], request_id="frame-after")
+        got = [answers.get(timeout=120) for _ in range(len(pixels) + 2)]
+        client.stop_stream()
+        seen["stream"] = [
+            {"error": error.message()} if error is not None else
+            {"id": response_of(result)["id"], "top1": top1(result, 1)[0]}
+            for result, error in got]
 
     if not grpc:  # the body gzipped both ways (Content-Encoding, Accept-Encoding)
         result = client.infer(model, [tensor], outputs=outputs,

@@ -1,0 +1,233 @@
+"""ModelStreamInfer, Triton's streaming extension, against a running server: a device's frames
+over one stream, each answered in order like a ModelInfer, a bad frame answered with its error
+while the stream goes on, answers sent while the client waits for them, every message counted
+and capped like a call, open streams capped and released when their clients leave."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from xaiserve.service.config import ModelSettings, ServerSettings
+from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
+from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
+from xaiserve.service.server import Server
+
+from .test_operations import calls_counted, infer_request, sample, scrape, wait_until
+
+MODEL = "efficientnet_lite0"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def pixels_request(image: np.ndarray, request_id: str, outputs=("logits",),
+                   model: str = MODEL) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, *image.shape])
+    request.raw_input_contents.append(np.ascontiguousarray(image).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def jpeg_request(image: np.ndarray, request_id: str) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name=MODEL, id=request_id)
+    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    tensor.contents.bytes_contents.append(jpeg.tobytes())
+    return request
+
+
+def output(response: kpb.ModelInferResponse, name: str) -> np.ndarray:
+    index = [o.name for o in response.outputs].index(name)
+    shape = list(response.outputs[index].shape)
+    return np.frombuffer(response.raw_output_contents[index], np.float32).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def frames(photos) -> dict[str, np.ndarray]:
+    return {name: cv2.resize(photos[name], (224, 224), interpolation=cv2.INTER_AREA)
+            for name in ("chelsea", "coffee")}
+
+
+def test_a_stream_answers_each_frame_in_order_and_goes_on_after_bad_ones(server, kserve,
+                                                                           frames, photos):
+    requests = [pixels_request(frames["chelsea"], "f0"),
+                jpeg_request(photos["coffee"], "f1"),
+                pixels_request(frames["chelsea"][:100], "f2"),  # a wrong shape
+                pixels_request(frames["coffee"], "f3", model="nonexistent"),
+                pixels_request(frames["coffee"], "f4", outputs=("logits", "saliency_map")),
+                pixels_request(frames["chelsea"], "f5", outputs=("heatmap",))]
+    answers = list(kserve.ModelStreamInfer(iter(requests), timeout=120))
+    assert [a.infer_response.id for a in answers] == ["f0", "f1", "f2", "f3", "f4", "f5"]
+    ok = [not a.error_message for a in answers]
+    assert ok == [True, True, False, False, True, False]
+    assert int(output(answers[0].infer_response, "logits").argmax()) == 285  # Egyptian cat
+    assert int(output(answers[1].infer_response, "logits").argmax()) == 967  # espresso
+    assert int(output(answers[4].infer_response, "logits").argmax()) == 967
+    assert output(answers[4].infer_response, "saliency_map").shape == (1, 1000, 7, 7)
+    assert answers[0].infer_response.model_version == "1"
+    assert answers[2].error_message.startswith("INVALID_ARGUMENT: inputs[0].shape [1, 100, 224")
+    assert answers[2].infer_response.model_name == MODEL
+    assert answers[3].error_message.startswith("NOT_FOUND: ")
+    assert MODEL in answers[3].error_message  # what is served, named
+    assert answers[5].error_message.startswith("INVALID_ARGUMENT: outputs[0].name 'heatmap'")
+    # the same frame as a unary call: the same class and scores
+    unary = output(kserve.ModelInfer(requests[0], timeout=60), "logits")
+    streamed = output(answers[0].infer_response, "logits")
+    np.testing.assert_allclose(streamed, unary, atol=0.05 * np.abs(unary).max())
+    # the server's split of each answered frame, as ModelInfer gives it
+    assert answers[0].infer_response.parameters["inference_ms"].double_param > 0
+    # and the server goes on serving unary calls
+    assert int(output(kserve.ModelInfer(requests[1], timeout=60), "logits").argmax()) == 967
+
+
+def test_answers_go_out_while_the_client_waits_for_them(server, kserve, frames):
+    """A device that sends its next frame only once the last one is answered: the server must
+    answer while it waits for the next request, not after."""
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (request := outbox.get(timeout=60)) is not None:
+            yield request
+
+    images = [frames["chelsea"], frames["coffee"]] * 3
+    outbox.put(pixels_request(images[0], "0"))
+    stream = kserve.ModelStreamInfer(requests(), timeout=120)
+    classes = []
+    for i in range(len(images)):
+        answer = next(stream)
+        assert answer.infer_response.id == str(i) and not answer.error_message
+        classes.append(int(output(answer.infer_response, "logits").argmax()))
+        outbox.put(pixels_request(images[i + 1], str(i + 1)) if i + 1 < len(images) else None)
+    assert classes == [285, 967] * 3
+    assert list(stream) == []  # the client closed its side: the stream ends OK
+
+
+def test_a_message_that_is_not_protobuf_is_answered_and_the_stream_goes_on(server, channel,
+                                                                          frames):
+    raw_stream = channel.stream_stream(
+        STREAM, request_serializer=None,
+        response_deserializer=kpb.ModelStreamInferResponse.FromString)
+    good = pixels_request(frames["chelsea"], "after").SerializeToString()
+    answers = list(raw_stream(iter([b"\xff\xff\xff", good]), timeout=60))
+    assert answers[0].error_message.startswith(
+        "INVALID_ARGUMENT: a ModelStreamInfer message is not a valid protobuf message")
+    assert answers[1].infer_response.id == "after" and not answers[1].error_message
+    assert int(output(answers[1].infer_response, "logits").argmax()) == 285
+
+
+# --- caps, cancellation, metrics: a server of the small model with one stream at a time ---
+
+@pytest.fixture(scope="module")
+def one_stream(small_export, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("streams")
+    shutil.copytree(small_export.path, repo / "shapes" / "1")
+    settings = ServerSettings(repository=repo, host="127.0.0.1", port=0, metrics_port=0,
+                              poll_seconds=0.5, max_open_streams=1,
+                              defaults=ModelSettings(max_requests_in_flight=2))
+    server = Server(settings).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield server, kgrpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+    server.stop(grace=2)
+
+
+def held_open(stub) -> tuple[queue.Queue, object]:
+    """A stream whose client sends when told (None: closes its side)."""
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (request := outbox.get(timeout=60)) is not None:
+            yield request
+
+    return outbox, stub.ModelStreamInfer(requests(), timeout=120)
+
+
+def test_open_streams_are_capped_and_a_stream_cancelled_gives_its_place_back(one_stream):
+    server, stub = one_stream
+    outbox, first = held_open(stub)
+    outbox.put(infer_request(request_id="a"))
+    assert next(first).infer_response.id == "a"
+    with pytest.raises(grpc.RpcError) as refused:  # the cap: one open stream
+        list(stub.ModelStreamInfer(iter([infer_request()]), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "maximum of 1 open streams" in refused.value.details()
+    assert "retry later" in refused.value.details()
+    assert stub.ModelInfer(infer_request(request_id="unary"), timeout=30).id == "unary"
+    first.cancel()  # the device goes away without closing its side
+    # its place is given back once gRPC has ended the call
+    assert wait_until(lambda: opens(stub), timeout=30)
+
+
+def opens(stub) -> bool:
+    try:
+        answers = list(stub.ModelStreamInfer(iter([infer_request(request_id="b")]), timeout=30))
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return False
+    return [a.infer_response.id for a in answers] == ["b"]
+
+
+def test_each_message_is_counted_and_capped_like_a_call(one_stream):
+    """A stream's messages count one by one in the metrics (method ModelStreamInfer), and a
+    model's cap on requests in flight applies to them: a client that sends faster than the
+    model's cap gets 'retry later' for those frames, not a stalled stream."""
+    server, stub = one_stream
+    before = scrape(server.metrics_port)
+
+    def counted(code: str) -> float:
+        families = scrape(server.metrics_port)
+        labels = dict(model="shapes", version="1" if code == "OK" else "",
+                      method="ModelStreamInfer", code=code, protocol="grpc")
+        try:
+            return sample(families, "xaiserve_requests", "xaiserve_requests_total", **labels)
+        except KeyError:
+            return 0.0
+
+    ok_before = counted("OK")
+    answers = list(stub.ModelStreamInfer(iter(
+        [infer_request(request_id=str(i)) for i in range(40)]), timeout=120))
+    assert [a.infer_response.id for a in answers] == [str(i) for i in range(40)]
+    refused = [a for a in answers if a.error_message]
+    for answer in refused:
+        assert answer.error_message.startswith("RESOURCE_EXHAUSTED: model 'shapes' is "
+                                               "handling its maximum of 2")
+        assert answer.error_message.endswith("retry later")
+    served = len(answers) - len(refused)
+    assert served >= 2
+    assert wait_until(lambda: counted("OK") == ok_before + served, timeout=10)
+    if refused:
+        assert wait_until(lambda: counted("RESOURCE_EXHAUSTED") >= len(refused), timeout=10)
+    assert calls_counted(server.metrics_port) >= calls_counted_in(before) + 40
+
+
+def calls_counted_in(families) -> float:
+    return sum(value for (name, _), value in families.get("xaiserve_requests", {}).items()
+               if name == "xaiserve_requests_total")
+
+
+def test_a_stream_without_the_token_is_refused(small_export, tmp_path):
+    shutil.copytree(small_export.path, tmp_path / "repo" / "shapes" / "1")
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = Server(ServerSettings(repository=tmp_path / "repo", host="127.0.0.1", port=0,
+                                   token_file=token)).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = kgrpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.ModelStreamInfer(iter([infer_request()]), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answers = list(stub.ModelStreamInfer(
+                iter([infer_request(request_id="t")]), timeout=30,
+                metadata=[("authorization", "Bearer s3cret")]))
+            assert [a.infer_response.id for a in answers] == ["t"]
+            assert not answers[0].error_message
+    finally:
+        server.stop(grace=1)
