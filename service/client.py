@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import namedtuple
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -104,16 +105,22 @@ class _CallDetails(namedtuple("_CallDetails", ("method", "timeout", "metadata", 
     pass
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor):
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """The token on every call of a channel, so that stubs used directly carry it as well."""
 
     def __init__(self, token: str):
         self.metadata = (("authorization", f"Bearer {token}"),)
 
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(_CallDetails(
+    def _with_token(self, details) -> _CallDetails:
+        return _CallDetails(
             details.method, details.timeout, (*(details.metadata or ()), *self.metadata),
-            details.credentials, details.wait_for_ready, details.compression), request)
+            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
 
 
 class XaiClient:
@@ -152,17 +159,30 @@ class XaiClient:
                 mask: bytes | Path | None = None, metrics: list[str] = (),
                 metric_options: dict | None = None,
                 thresholds: dict[str, float] | None = None) -> pb.ExplainResponse:
+        request = self.request(image, model, version=version, targets=targets, top_k=top_k,
+                               method=method, map_format=map_format, num_masks=num_masks,
+                               seed=seed, label=label, boxes=boxes, mask=mask, metrics=metrics,
+                               metric_options=metric_options, thresholds=thresholds)
+        return self.stub.Explain(request, timeout=self.timeout)
+
+    @staticmethod
+    def request(image: bytes | Path, model: str, *, mask: bytes | Path | None = None,
+                **options) -> pb.ExplainRequest:
+        """The ExplainRequest `explain` sends (options: explain's), files read here
+        (ValueError naming the file when one cannot be)."""
         if isinstance(image, Path) or isinstance(mask, Path):
             from .images import read_image_file  # OpenCV and Pillow only when files are read
 
             image = read_image_file(image) if isinstance(image, Path) else image
             mask = read_image_file(mask) if isinstance(mask, Path) else mask
-        request = explain_request(image, model, version=version, targets=targets, top_k=top_k,
-                                  method=method, map_format=map_format, num_masks=num_masks,
-                                  seed=seed, label=label, boxes=boxes, mask=mask,
-                                  metrics=metrics, metric_options=metric_options,
-                                  thresholds=thresholds)
-        return self.stub.Explain(request, timeout=self.timeout)
+        return explain_request(image, model, mask=mask, **options)
+
+    def explain_stream(self, requests: Iterable[pb.ExplainRequest]
+                       ) -> Iterator[pb.ExplainStreamResponse]:
+        """One ExplainStream: the answers in the order of `requests`, which are read as the
+        stream takes them (a generator can read images while earlier ones are explained).
+        No deadline: a stream lasts as long as its requests."""
+        return self.stub.ExplainStream(iter(requests))
 
     def repository_index(self, ready_only: bool = False) -> list:
         """Every version the server's repository holds (name, version, state, reason)."""

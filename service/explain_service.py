@@ -6,6 +6,7 @@ import threading
 import time
 
 import cv2
+import grpc
 import numpy as np
 
 from . import faithfulness as fm
@@ -17,6 +18,7 @@ from .explanation_quality import (QualityError, QualityRequest, model_scorer, qu
 from .images import ImageError, as_rgb, check_image_size, decode_image, resize_for_model
 from .kserve import served_version
 from .map_formats import to_png_heatmap, to_png_overlay, to_u8_image
+from .message_stream import CallerStream, MessageStreams, StreamAnswers
 from .model import SALIENCY_OUTPUT
 from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
@@ -102,9 +104,21 @@ def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
     return mask > 0
 
 
+def stream_reply(response: pb.ExplainResponse) -> pb.ExplainStreamResponse:
+    return pb.ExplainStreamResponse(response=response, id=response.id)
+
+
+def stream_failure(request: pb.ExplainRequest | None, code: grpc.StatusCode, message: str
+                   ) -> pb.ExplainStreamResponse:
+    return pb.ExplainStreamResponse(id=request.id if request is not None else "",
+                                    error_code=code.name, error_message=message)
+
+
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
-    def __init__(self, repository: ModelRepository, settings: ServerSettings):
+    def __init__(self, repository: ModelRepository, settings: ServerSettings,
+                 streams: MessageStreams | None = None):
         self.repository = repository
+        self.streams = streams
         self.rise = RiseExplainer()
         self.raise_black_box_cap(settings)
         self.black_box_slots = threading.BoundedSemaphore(settings.max_black_box_in_flight)
@@ -148,6 +162,14 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             response = self._explain(request, state, watch, context)
             split.timings_ms = dict(response.timings_ms)
         return response
+
+    def ExplainStream(self, requests: CallerStream, context):
+        """Explain per message of one stream, answered in order (service.message_stream)."""
+        if self.streams is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no streams; send "
+                          "Explain calls")
+        return self.streams.answer(requests, context, StreamAnswers(
+            "ExplainStream", self.Explain, stream_reply, stream_failure))
 
     def _explain(self, request, state: VersionState, watch: Stopwatch, context
                  ) -> pb.ExplainResponse:

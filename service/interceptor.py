@@ -31,7 +31,9 @@ log = logging.getLogger("xaiserve.access")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 QUIET_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes: logged at DEBUG
-INFER_METHODS = {"ModelInfer", "ModelStreamInfer"}  # a stream's messages count one by one
+# a stream's messages count one by one, under the stream's method
+INFER_METHODS = {"ModelInfer", "ModelStreamInfer"}
+EXPLAIN_METHODS = {"Explain", "ExplainStream"}
 MAX_ID_CHARS = 128
 COMPRESS_FROM = 16 * 1024  # bytes: a response smaller than this is sent as it is
 # the settings' response_compression names (also HTTP's Content-Encoding names)
@@ -265,7 +267,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
             ms = response.parameters["inference_ms"].double_param \
                 if "inference_ms" in response.parameters else seconds * 1e3
             t.inference_seconds.labels(model, version).observe(ms / 1e3)
-        elif record.method == "Explain":
+        elif record.method in EXPLAIN_METHODS:
             timings = response.timings_ms
             if "inference" in timings:
                 t.inference_seconds.labels(model, version).observe(timings["inference"] / 1e3)

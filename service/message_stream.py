@@ -81,6 +81,7 @@ class StreamAnswers:
 class MessageStreams:
     def __init__(self, gate, workers: int, max_open: int, depth: int = STREAM_DEPTH):
         self.gate = gate  # the RequestInterceptor
+        self.open_gauge = gate.telemetry.open_streams
         self.pool = futures.ThreadPoolExecutor(max_workers=workers,
                                                thread_name_prefix="xaiserve-stream")
         self.max_open = max_open
@@ -94,60 +95,16 @@ class MessageStreams:
                           f"the server holds its maximum of {self.max_open} open streams "
                           "(one ends when its client closes it); send unary calls meanwhile"
                           + RETRY_LATER)
-        return self._answers(requests, context, answers)
+        self.open_gauge.inc()
+        return OpenStream(self, requests, context, answers).answers()
 
-    def _answers(self, requests: CallerStream, context, answers: StreamAnswers) -> Iterator:
-        pending: queue.Queue = queue.Queue()  # (call, future) in request order; None: no more
-        room = threading.Semaphore(self.depth)
-        in_flight: set[StreamMessageCall] = set()
-        lock = threading.Lock()
-        ended = threading.Event()
+    def closed(self) -> None:
+        self.open_gauge.dec()
+        self.open.release()
 
-        def on_end() -> None:  # the stream is over (done, cancelled, deadline): once
-            ended.set()
-            with lock:
-                calls = list(in_flight)
-            for call in calls:  # long work of these messages stops (ClientWait)
-                call.end()
-            self.open.release()
-
-        if not context.add_callback(on_end):
-            on_end()
-        reader = threading.Thread(target=self._read, name="xaiserve-stream-reader", daemon=True,
-                                  args=(requests, context, answers, pending, room, in_flight,
-                                        lock, ended))
-        reader.start()
-        while (item := pending.get()) is not None:
-            call, future = item
-            answer = future.result()
-            with lock:
-                in_flight.discard(call)
-            call.end()  # its metrics and access log line
-            room.release()
-            yield answer
-
-    def _read(self, requests: CallerStream, context, answers: StreamAnswers,
-              pending: queue.Queue, room: threading.Semaphore, in_flight: set, lock, ended
-              ) -> None:
-        """On a thread of its own, so that answers go out while the next request is awaited."""
-        try:
-            for request in requests:
-                while not room.acquire(timeout=0.1):
-                    if ended.is_set():
-                        return
-                if ended.is_set():
-                    return
-                call = StreamMessageCall(context)
-                with lock:
-                    in_flight.add(call)
-                pending.put((call, self.pool.submit(self._one, request, call, answers,
-                                                    requests.caller)))
-        except Exception:  # noqa: BLE001 - gRPC's iterator raises when the client cancels
-            pass
-        finally:
-            pending.put(None)
-
-    def _one(self, request, call: StreamMessageCall, answers: StreamAnswers, caller: str):
+    def run_message(self, request, call: StreamMessageCall, answers: StreamAnswers,
+                    caller: str):
+        """One message as a call through the interceptor -> its answer on the stream."""
         try:
             if isinstance(request, Unreadable):
                 self.gate.refuse(call, answers.method, grpc.StatusCode.INVALID_ARGUMENT,
@@ -166,3 +123,60 @@ class MessageStreams:
 
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OpenStream:
+    """One stream from its opening (its place among max_open taken) to its end, whichever way
+    it ends: the client closes its side, cancels or goes, or the deadline passes. Set up
+    before gRPC first asks for an answer, so that a stream cancelled at once gives its place
+    back too."""
+
+    def __init__(self, streams: MessageStreams, requests: CallerStream, context,
+                 answers: StreamAnswers):
+        self.streams, self.requests, self.context, self.kind = streams, requests, context, answers
+        self.pending: queue.Queue = queue.Queue()  # (call, future) in request order; None: end
+        self.room = threading.Semaphore(streams.depth)
+        self.in_flight: set[StreamMessageCall] = set()
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
+        if not context.add_callback(self.end):
+            self.end()
+        # a thread of its own, so that answers go out while the next request is awaited
+        threading.Thread(target=self.read, name="xaiserve-stream-reader", daemon=True).start()
+
+    def end(self) -> None:
+        """gRPC's callback when the stream is over: once."""
+        self.ended.set()
+        with self.lock:
+            calls = list(self.in_flight)
+        for call in calls:  # long work of these messages stops (ClientWait)
+            call.end()
+        self.streams.closed()
+
+    def read(self) -> None:
+        try:
+            for request in self.requests:
+                while not self.room.acquire(timeout=0.1):
+                    if self.ended.is_set():
+                        return
+                if self.ended.is_set():
+                    return
+                call = StreamMessageCall(self.context)
+                with self.lock:
+                    self.in_flight.add(call)
+                self.pending.put((call, self.streams.pool.submit(
+                    self.streams.run_message, request, call, self.kind, self.requests.caller)))
+        except Exception:  # noqa: BLE001 - gRPC's iterator raises when the client cancels
+            pass
+        finally:
+            self.pending.put(None)
+
+    def answers(self) -> Iterator:
+        while (item := self.pending.get()) is not None:
+            call, future = item
+            answer = future.result()
+            with self.lock:
+                self.in_flight.discard(call)
+            call.end()  # its metrics and access log line
+            self.room.release()
+            yield answer

@@ -97,7 +97,7 @@ class Server:
                                       settings.max_open_streams)
         kserve = KServeServicer(self.repository, self.streams)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
-        self.explanation = ExplanationServicer(self.repository, settings)
+        self.explanation = ExplanationServicer(self.repository, settings, self.streams)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         services = (*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -43,6 +43,9 @@ class Telemetry:
             ["model", "version", "explainer"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("xaiserve_requests_in_flight",
                                "RPCs being handled now (health checks not counted)", registry=r)
+        self.open_streams = Gauge("xaiserve_open_streams", "Request streams open now "
+                                  "(ModelStreamInfer, ExplainStream; at most max_open_streams)",
+                                  registry=r)
         self.forward_passes = Histogram(
             "xaiserve_black_box_forward_passes", "Forward passes (masked images) per black-box "
             "explanation", ["model", "version"], buckets=PASSES_BUCKETS, registry=r)

@@ -5,6 +5,7 @@ and capped like a call, open streams capped and released when their clients leav
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 
@@ -160,9 +161,23 @@ def test_open_streams_are_capped_and_a_stream_cancelled_gives_its_place_back(one
     assert "maximum of 1 open streams" in refused.value.details()
     assert "retry later" in refused.value.details()
     assert stub.ModelInfer(infer_request(request_id="unary"), timeout=30).id == "unary"
+    families = scrape(server.metrics_port)
+    assert sample(families, "xaiserve_open_streams", "xaiserve_open_streams") == 1
     first.cancel()  # the device goes away without closing its side
     # its place is given back once gRPC has ended the call
     assert wait_until(lambda: opens(stub), timeout=30)
+    assert wait_until(lambda: sample(scrape(server.metrics_port), "xaiserve_open_streams",
+                                     "xaiserve_open_streams") == 0, timeout=10)
+
+
+def test_a_stream_cancelled_before_its_first_frame_gives_its_place_back(one_stream):
+    server, stub = one_stream
+    outbox, idle = held_open(stub)
+    assert wait_until(lambda: sample(scrape(server.metrics_port), "xaiserve_open_streams",
+                                     "xaiserve_open_streams") == 1, timeout=10)
+    idle.cancel()
+    assert wait_until(lambda: opens(stub), timeout=30)
+    outbox.put(None)
 
 
 def opens(stub) -> bool:
@@ -229,5 +244,107 @@ def test_a_stream_without_the_token_is_refused(small_export, tmp_path):
                 metadata=[("authorization", "Bearer s3cret")]))
             assert [a.infer_response.id for a in answers] == ["t"]
             assert not answers[0].error_message
+    finally:
+        server.stop(grace=1)
+
+
+# --- ExplainStream: the explanation service over one stream ---------------------------------
+
+def encoded(image: np.ndarray, ext: str = ".jpg") -> bytes:
+    ok, data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+def test_explain_stream_answers_each_image_in_order_as_explain_does(server, client, photos):
+    requests = [
+        client.request(encoded(photos["chelsea"]), MODEL, map_format="float"),
+        client.request(b"not an image", MODEL),
+        client.request(encoded(photos["coffee"]), "plain", method="black-box", num_masks=200,
+                       seed=3, map_format="float"),  # RISE: the plain IR has no map output
+        client.request(encoded(photos["coffee"]), MODEL, targets=[5000]),
+        client.request(encoded(photos["coffee"]), MODEL),
+    ]
+    for i, request in enumerate(requests):
+        request.id = f"e{i}"
+    answers = list(client.explain_stream(requests))
+    assert [a.id for a in answers] == ["e0", "e1", "e2", "e3", "e4"]
+    assert [a.error_code for a in answers] == ["", "INVALID_ARGUMENT", "", "INVALID_ARGUMENT", ""]
+    assert answers[0].response.predictions[0].class_id == 285
+    assert answers[0].response.maps[0].method == "reciprocam"
+    assert answers[1].error_message.startswith("image")
+    assert answers[2].response.predictions[0].class_id == 967
+    assert answers[2].response.maps[0].method == "rise"
+    assert "target_classes" in answers[3].error_message
+    assert answers[4].response.maps[0].data[:8] == b"\x89PNG\r\n\x1a\n"  # the default overlay
+    # the same request as a unary Explain: the same prediction and map
+    unary = client.stub.Explain(requests[0], timeout=60)
+    streamed = answers[0].response
+    assert unary.predictions[0].class_id == streamed.predictions[0].class_id
+    first = np.array(unary.maps[0].values)
+    assert first.size == 7 * 7
+    np.testing.assert_allclose(streamed.maps[0].values, first, atol=0.05 * np.abs(first).max())
+    rise = client.stub.Explain(requests[2], timeout=120)  # the same seed: the same map
+    assert len(rise.maps[0].values) > 0
+    np.testing.assert_allclose(answers[2].response.maps[0].values, rise.maps[0].values,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_cli_explain_stream_writes_each_image_and_names_the_one_that_failed(server, photos,
+                                                                          tmp_path):
+    from .conftest import run_cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_cat.jpg").write_bytes(encoded(photos["chelsea"]))
+    (folder / "b_broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    (folder / "c_cup.png").write_bytes(encoded(photos["coffee"], ".png"))
+    images = [str(folder / name) for name in ("a_cat.jpg", "b_broken.jpg", "c_cup.png")]
+    out = tmp_path / "out"
+    result = run_cli("explain", *images, "--server", f"127.0.0.1:{server.port}", "--model",
+                     MODEL, "--stream", "--out", str(out))
+    assert result.returncode == 1, result.stderr  # one image failed
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "b_broken.jpg: INVALID_ARGUMENT: image" in errors[0], errors
+    assert json.loads((out / "a_cat.json").read_text())["predictions"][0]["class_id"] == 285
+    assert json.loads((out / "c_cup.json").read_text())["predictions"][0]["class_id"] == 967
+    assert (out / "c_cup_overlay.png").stat().st_size > 0
+    assert not (out / "b_broken.json").exists()
+    lines = [line for line in result.stdout.splitlines() if line.endswith("ms]")]
+    assert [line.split(":")[0] for line in lines] == ["a_cat.jpg", "c_cup.png"]
+
+
+def test_cli_explain_stream_needs_a_server(photos, tmp_path):
+    from .conftest import run_cli
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(encoded(photos["chelsea"]))
+    result = run_cli("explain", str(image), "--model-path", str(tmp_path), "--stream")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--stream needs --server: it sends the images over one ExplainStream")
+
+
+def test_a_stream_of_explanations_carries_the_clients_token(small_export, tmp_path):
+    """XaiClient's token goes on streams too (its channel interceptor)."""
+    from xaiserve.service.client import XaiClient
+
+    shutil.copytree(small_export.path, tmp_path / "repo" / "shapes" / "1")
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = Server(ServerSettings(repository=tmp_path / "repo", host="127.0.0.1", port=0,
+                                   token_file=token)).start()
+    try:
+        image = encoded(np.full((64, 64, 3), 128, np.uint8), ".png")
+        with_token = XaiClient(f"127.0.0.1:{server.port}", token="s3cret")
+        answers = list(with_token.explain_stream([with_token.request(image, "shapes")] * 2))
+        assert [a.error_code for a in answers] == ["", ""]
+        assert answers[0].response.model_name == "shapes"
+        with_token.close()
+        without = XaiClient(f"127.0.0.1:{server.port}")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(without.explain_stream([without.request(image, "shapes")]))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        without.close()
     finally:
         server.stop(grace=1)

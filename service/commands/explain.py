@@ -3,7 +3,10 @@ PNG overlays and JSON per image."""
 
 from __future__ import annotations
 
+import collections
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import atomic_file, json_values
@@ -29,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=bounded_int(0, 2**64 - 1), default=0)
     p.add_argument("--device", default="CPU")
     p.add_argument("--out", type=Path, default=Path("out"))
+    p.add_argument("--stream", action="store_true",
+                   help="with --server: send the images over one ExplainStream, the next ones "
+                        "read and sent while earlier ones are explained (many images)")
     add_quality_options(p)
     add_client_options(p)
     p.set_defaults(run=run_explain)
@@ -123,9 +129,67 @@ def local_quality_metrics(model, image, result, quality: dict) -> list[dict]:
              "parameters": v.parameters} for v in values]
 
 
-def run_explain_remote(args) -> int:
+@dataclass(frozen=True)
+class Failed:
+    """An image the server (or the file system) did not explain: printed as one line."""
+
+    status: str  # the gRPC status name, or "" for a file that could not be read
+    message: str
+
+
+def unary_answers(client, args, options: dict) -> Iterator[tuple[Path, object]]:
+    """(image, ExplainResponse or Failed), one Explain call each; stops after UNAVAILABLE."""
     import grpc
 
+    for path in args.images:
+        try:
+            yield path, client.explain(path, args.model, **options)
+        except ValueError as exc:  # ImageError: not a regular file, too large, unreadable
+            yield path, Failed("", str(exc))
+        except grpc.RpcError as exc:
+            tried = (f" (tried {args.retries + 1} times)"
+                     if exc.code() == grpc.StatusCode.UNAVAILABLE and args.retries else "")
+            yield path, Failed(exc.code().name + tried, exc.details())
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+
+
+def streamed_answers(client, args, options: dict) -> Iterator[tuple[Path, object]]:
+    """(image, ExplainResponse or Failed) over one ExplainStream: the next images are read and
+    sent while earlier ones are explained. A stream that breaks fails every image it has not
+    answered, sent or not."""
+    import grpc
+
+    sent: collections.deque[int] = collections.deque()  # indexes in args.images, in order
+    unreadable: dict[int, Failed] = {}
+
+    def requests():
+        for i, path in enumerate(args.images):
+            try:
+                request = client.request(path, args.model, **options)
+            except ValueError as exc:
+                unreadable[i] = Failed("", str(exc))
+                continue
+            sent.append(i)
+            yield request
+
+    answered: set[int] = set()
+    try:
+        for answer in client.explain_stream(requests()):
+            i = sent.popleft()
+            answered.add(i)
+            yield args.images[i], (Failed(answer.error_code, answer.error_message)
+                                   if answer.error_code else answer.response)
+    except grpc.RpcError as exc:
+        broken = Failed(exc.code().name, exc.details())
+        for i, path in enumerate(args.images):
+            if i not in answered and i not in unreadable:
+                yield path, broken
+    for i, failed in sorted(unreadable.items()):
+        yield args.images[i], failed
+
+
+def run_explain_remote(args) -> int:
     from ..client import XaiClient
     from ..config import ConfigError
 
@@ -139,25 +203,17 @@ def run_explain_remote(args) -> int:
         return fail("explain", str(exc))
     from tqdm import tqdm
 
+    options = dict(version=args.version, top_k=1, method=args.method, num_masks=args.masks,
+                   seed=args.seed, **quality)
+    answers = (streamed_answers if args.stream else unary_answers)(client, args, options)
     failures = 0
-    for path in tqdm(args.images, desc="explain", unit="image",
-                     disable=not quality["metrics"] or len(args.images) < 2):
-        try:
-            response = client.explain(path, args.model, version=args.version, top_k=1,
-                                      method=args.method, num_masks=args.masks, seed=args.seed,
-                                      **quality)
-        except ValueError as exc:  # ImageError: not a regular file, too large, unreadable
-            print(f"xaiserve explain: error: {exc}", file=sys.stderr)
+    for path, response in tqdm(answers, desc="explain", unit="image", total=len(args.images),
+                               disable=not (quality["metrics"] or args.stream)
+                               or len(args.images) < 2):
+        if isinstance(response, Failed):
+            where = f"{path}: {response.status}: " if response.status else ""
+            print(f"xaiserve explain: error: {where}{response.message}", file=sys.stderr)
             failures += 1
-            continue
-        except grpc.RpcError as exc:
-            tried = (f" (tried {args.retries + 1} times)"
-                     if exc.code() == grpc.StatusCode.UNAVAILABLE and args.retries else "")
-            print(f"xaiserve explain: error: {path}: {exc.code().name}{tried}: {exc.details()}",
-                  file=sys.stderr)
-            failures += 1
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                break
             continue
         record = {
             "image": str(path), "id": response.id, "model": response.model_name,
@@ -184,6 +240,9 @@ def run_explain_remote(args) -> int:
 
 
 def run_explain(args) -> int:
+    if args.server is None and args.stream:
+        return fail("explain", "--stream needs --server: it sends the images over one "
+                               "ExplainStream")
     if args.server is None and (args.method == "black-box" or args.masks):
         return fail("explain", "--method black-box and --masks need --server: in-process "
                                 "explain computes the model's own saliency_map")

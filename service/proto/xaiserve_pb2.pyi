@@ -202,6 +202,18 @@ class ExplainResponse(_message.Message):
     timings_ms: _containers.ScalarMap[str, float]
     def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class ExplainStreamResponse(_message.Message):
+    __slots__ = ("response", "id", "error_code", "error_message")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    response: ExplainResponse
+    id: str
+    error_code: str
+    error_message: str
+    def __init__(self, response: _Optional[_Union[ExplainResponse, _Mapping]] = ..., id: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model_name", "model_version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]

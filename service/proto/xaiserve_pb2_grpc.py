@@ -39,6 +39,11 @@ class ExplanationServiceStub:
                 request_serializer=xaiserve__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=xaiserve__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ExplainStream = channel.stream_stream(
+                '/xaiserve.v1.ExplanationService/ExplainStream',
+                request_serializer=xaiserve__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=xaiserve__pb2.ExplainStreamResponse.FromString,
+                _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/xaiserve.v1.ExplanationService/ModelInfo',
                 request_serializer=xaiserve__pb2.ModelInfoRequest.SerializeToString,
@@ -51,6 +56,15 @@ class ExplanationServiceServicer:
 
     def Explain(self, request, context):
         """Predictions, one saliency map per target, metrics and timings for one image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainStream(self, request_iterator, context):
+        """Explain over one bidirectional stream (a camera's frames, a folder of images): each request
+        answered in the order sent, as Explain answers it; one that fails answers its status and
+        the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +84,11 @@ def add_ExplanationServiceServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=xaiserve__pb2.ExplainRequest.FromString,
                     response_serializer=xaiserve__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ExplainStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExplainStream,
+                    request_deserializer=xaiserve__pb2.ExplainRequest.FromString,
+                    response_serializer=xaiserve__pb2.ExplainStreamResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -104,6 +123,33 @@ class ExplanationService:
             '/xaiserve.v1.ExplanationService/Explain',
             xaiserve__pb2.ExplainRequest.SerializeToString,
             xaiserve__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/xaiserve.v1.ExplanationService/ExplainStream',
+            xaiserve__pb2.ExplainRequest.SerializeToString,
+            xaiserve__pb2.ExplainStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
