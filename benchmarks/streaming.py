@@ -5,11 +5,12 @@ OpenVINO's benchmark_app (throughput hint: the runtime's own limit on this machi
 Per round, one after the other (the order flips each round, so that drift hits both sides):
 - predict, 1 client: ModelInfer back to back; one ModelStreamInfer with 1 request in flight
   (what a frame costs on a stream); one with `--depth` in flight (a device that sends its next
-  frames before the answers come);
+  frames before the answers come); and, for comparison, `--depth` ModelInfer calls in flight
+  on one connection (threads: what a client gets without a stream);
 - predict, `--clients` clients: each with ModelInfer back to back, or each with a stream of
   1 in flight;
-- Explain, 1 client (JPEG in, top-1 float map out): Explain back to back, and one
-  ExplainStream with `--depth` in flight;
+- Explain, 1 client (JPEG in, top-1 float map out): Explain back to back, `--depth` Explain
+  calls in flight on one connection, and one ExplainStream with `--depth` in flight;
 and benchmark_app `-hint throughput`. Each figure is its FPS over benchmark_app's of its round,
 the median over rounds, with p50 latencies.
 
@@ -75,18 +76,25 @@ def run_window(what: str, clients: int, in_flight: int, client: Callable, warmup
                 percentile(latencies, 50), percentile(latencies, 90), sum(errors))
 
 
-def unary_client(address: str, call: Callable) -> Callable:
+def unary_client(address: str, call: Callable, shared=None) -> Callable:
+    """Calls back to back, on a connection of the client's own, or on `shared` (a channel the
+    window's threads share: one device with several calls in flight)."""
+    def calls(ch, stop, done, errors, i) -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                call(ch)
+            except Exception:  # noqa: BLE001 - counted
+                errors[i] += 1
+                continue
+            now = time.perf_counter()
+            done.append((now, now - t))
+
     def client(stop, done, errors, i) -> None:
+        if shared is not None:
+            return calls(shared, stop, done, errors, i)
         with channel(address) as ch:
-            while not stop.is_set():
-                t = time.perf_counter()
-                try:
-                    call(ch)
-                except Exception:  # noqa: BLE001 - counted
-                    errors[i] += 1
-                    continue
-                now = time.perf_counter()
-                done.append((now, now - t))
+            calls(ch, stop, done, errors, i)
     return client
 
 
@@ -133,6 +141,7 @@ def main() -> int:
     rounds = []
     with running_server(args.repository, "THROUGHPUT", [], out) as server:
         address = server.address
+        shared = channel(address)
 
         def infer_stream(ch):
             return kgrpc.GRPCInferenceServiceStub(ch).ModelStreamInfer
@@ -148,6 +157,9 @@ def main() -> int:
                 address, infer_stream, predict, 1, lambda a: a.error_message)),
             f"predict, stream, {args.depth} in flight": (1, args.depth, stream_client(
                 address, infer_stream, predict, args.depth, lambda a: a.error_message)),
+            f"predict, {args.depth} unary in flight": (args.depth, 1, unary_client(
+                address, lambda ch: kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(
+                    predict, timeout=30), shared)),
             f"predict, {args.clients} clients unary": (args.clients, 1, unary_client(
                 address, lambda ch: kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(
                     predict, timeout=30))),
@@ -156,6 +168,9 @@ def main() -> int:
             "explain, unary": (1, 1, unary_client(
                 address, lambda ch: xgrpc.ExplanationServiceStub(ch).Explain(
                     explain, timeout=30))),
+            f"explain, {args.depth} unary in flight": (args.depth, 1, unary_client(
+                address, lambda ch: xgrpc.ExplanationServiceStub(ch).Explain(
+                    explain, timeout=30), shared)),
             f"explain, stream, {args.depth} in flight": (1, args.depth, stream_client(
                 address, explain_stream, explain, args.depth, lambda a: a.error_code)),
         }
@@ -173,6 +188,7 @@ def main() -> int:
                     f"benchmark_app), p50 {load.p50_ms:6.2f} ms, errors {load.errors}")
             rounds.append({"benchmark_app_fps": reference.fps,
                            "loads": {n: asdict(load) for n, load in loads.items()}})
+        shared.close()
     summary = {}
     for name in windows:
         ratios = [r["loads"][name]["fps"] / r["benchmark_app_fps"] for r in rounds]

@@ -111,8 +111,8 @@ class ServerSettings:
     poll_seconds: Annotated[float, Field(gt=0, le=86400)] = 2.0
     max_black_box_in_flight: POSITIVE = 2  # server-wide cap on concurrent black-box explanations
     max_concurrent_requests: POSITIVE = 32  # beyond it a request gets RESOURCE_EXHAUSTED at once
-    # open request streams (ModelStreamInfer: a camera's frames); each holds a gRPC thread of
-    # its own for as long as it is open, on top of the threads unary calls get
+    # request streams open at once (ModelStreamInfer, ExplainStream: a camera's frames); each
+    # holds a gRPC thread of its own while it is open, on top of the threads unary calls get
     max_open_streams: Annotated[int, Field(ge=1, le=1024)] = 16
     # seconds in-flight requests get after SIGTERM
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0

@@ -133,7 +133,8 @@ class OpenStream:
 
     def __init__(self, streams: MessageStreams, requests: CallerStream, context,
                  answers: StreamAnswers):
-        self.streams, self.requests, self.context, self.kind = streams, requests, context, answers
+        self.streams, self.requests, self.context = streams, requests, context
+        self.method_answers = answers
         self.pending: queue.Queue = queue.Queue()  # (call, future) in request order; None: end
         self.room = threading.Semaphore(streams.depth)
         self.in_flight: set[StreamMessageCall] = set()
@@ -165,7 +166,8 @@ class OpenStream:
                 with self.lock:
                     self.in_flight.add(call)
                 self.pending.put((call, self.streams.pool.submit(
-                    self.streams.run_message, request, call, self.kind, self.requests.caller)))
+                    self.streams.run_message, request, call, self.method_answers,
+                    self.requests.caller)))
         except Exception:  # noqa: BLE001 - gRPC's iterator raises when the client cancels
             pass
         finally:

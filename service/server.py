@@ -20,8 +20,8 @@ from .config import ConfigError, ServerSettings, check_server, unmatched_model_n
 from .explain_service import ExplanationServicer
 from .file_changes import file_identity
 from .interceptor import COMPRESSION, RequestInterceptor
-from .message_stream import MessageStreams
 from .kserve import KServeServicer
+from .message_stream import MessageStreams
 from .model_health import ModelHealth
 from .proto import grpc_predict_v2_pb2 as kserve_pb
 from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc

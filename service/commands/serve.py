@@ -61,8 +61,8 @@ def add_serve_operations(p) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="beyond it requests get RESOURCE_EXHAUSTED (default: 32)")
     p.add_argument("--max-open-streams", type=int, default=None,
-                   help="open ModelStreamInfer streams at once; beyond it a stream is refused "
-                        "with RESOURCE_EXHAUSTED (default: 16)")
+                   help="request streams (ModelStreamInfer, ExplainStream) open at once; "
+                        "beyond it a stream is refused with RESOURCE_EXHAUSTED (default: 16)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest request or response (default: 32 MiB)")
     p.add_argument("--poll-seconds", type=float, default=None,
