@@ -35,12 +35,16 @@ def pixels_request(image: np.ndarray, request_id: str, outputs=("logits",),
     return request
 
 
+def encoded(image: np.ndarray, ext: str = ".jpg") -> bytes:
+    ok, data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
 def jpeg_request(image: np.ndarray, request_id: str) -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name=MODEL, id=request_id)
     tensor = request.inputs.add(name="image", datatype="BYTES", shape=[1])
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    assert ok
-    tensor.contents.bytes_contents.append(jpeg.tobytes())
+    tensor.contents.bytes_contents.append(encoded(image))
     return request
 
 
@@ -194,7 +198,7 @@ def test_each_message_is_counted_and_capped_like_a_call(one_stream):
     model's cap on requests in flight applies to them: a client that sends faster than the
     model's cap gets 'retry later' for those frames, not a stalled stream."""
     server, stub = one_stream
-    before = scrape(server.metrics_port)
+    calls_before = calls_counted(server.metrics_port)
 
     def counted(code: str) -> float:
         families = scrape(server.metrics_port)
@@ -219,42 +223,35 @@ def test_each_message_is_counted_and_capped_like_a_call(one_stream):
     assert wait_until(lambda: counted("OK") == ok_before + served, timeout=10)
     if refused:
         assert wait_until(lambda: counted("RESOURCE_EXHAUSTED") >= len(refused), timeout=10)
-    assert calls_counted(server.metrics_port) >= calls_counted_in(before) + 40
+    assert calls_counted(server.metrics_port) >= calls_before + 40
 
 
-def calls_counted_in(families) -> float:
-    return sum(value for (name, _), value in families.get("xaiserve_requests", {}).items()
-               if name == "xaiserve_requests_total")
+@pytest.fixture(scope="module")
+def token_server(small_export, tmp_path_factory):
+    """The small model on a server that asks for a token."""
+    folder = tmp_path_factory.mktemp("token")
+    shutil.copytree(small_export.path, folder / "repo" / "shapes" / "1")
+    (folder / "token").write_text("s3cret\n")
+    server = Server(ServerSettings(repository=folder / "repo", host="127.0.0.1", port=0,
+                                   token_file=folder / "token")).start()
+    yield server
+    server.stop(grace=1)
 
 
-def test_a_stream_without_the_token_is_refused(small_export, tmp_path):
-    shutil.copytree(small_export.path, tmp_path / "repo" / "shapes" / "1")
-    token = tmp_path / "token"
-    token.write_text("s3cret\n")
-    server = Server(ServerSettings(repository=tmp_path / "repo", host="127.0.0.1", port=0,
-                                   token_file=token)).start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = kgrpc.GRPCInferenceServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stub.ModelStreamInfer(iter([infer_request()]), timeout=30))
-            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            answers = list(stub.ModelStreamInfer(
-                iter([infer_request(request_id="t")]), timeout=30,
-                metadata=[("authorization", "Bearer s3cret")]))
-            assert [a.infer_response.id for a in answers] == ["t"]
-            assert not answers[0].error_message
-    finally:
-        server.stop(grace=1)
+def test_a_stream_without_the_token_is_refused(token_server):
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as channel:
+        stub = kgrpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.ModelStreamInfer(iter([infer_request()]), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = list(stub.ModelStreamInfer(
+            iter([infer_request(request_id="t")]), timeout=30,
+            metadata=[("authorization", "Bearer s3cret")]))
+        assert [a.infer_response.id for a in answers] == ["t"]
+        assert not answers[0].error_message
 
 
 # --- ExplainStream: the explanation service over one stream ---------------------------------
-
-def encoded(image: np.ndarray, ext: str = ".jpg") -> bytes:
-    ok, data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    assert ok
-    return data.tobytes()
-
 
 def test_explain_stream_answers_each_image_in_order_as_explain_does(server, client, photos):
     requests = [
@@ -325,26 +322,19 @@ def test_cli_explain_stream_needs_a_server(photos, tmp_path):
         "--stream needs --server: it sends the images over one ExplainStream")
 
 
-def test_a_stream_of_explanations_carries_the_clients_token(small_export, tmp_path):
+def test_a_stream_of_explanations_carries_the_clients_token(token_server):
     """XaiClient's token goes on streams too (its channel interceptor)."""
     from xaiserve.service.client import XaiClient
 
-    shutil.copytree(small_export.path, tmp_path / "repo" / "shapes" / "1")
-    token = tmp_path / "token"
-    token.write_text("s3cret\n")
-    server = Server(ServerSettings(repository=tmp_path / "repo", host="127.0.0.1", port=0,
-                                   token_file=token)).start()
-    try:
-        image = encoded(np.full((64, 64, 3), 128, np.uint8), ".png")
-        with_token = XaiClient(f"127.0.0.1:{server.port}", token="s3cret")
-        answers = list(with_token.explain_stream([with_token.request(image, "shapes")] * 2))
-        assert [a.error_code for a in answers] == ["", ""]
-        assert answers[0].response.model_name == "shapes"
-        with_token.close()
-        without = XaiClient(f"127.0.0.1:{server.port}")
-        with pytest.raises(grpc.RpcError) as refused:
-            list(without.explain_stream([without.request(image, "shapes")]))
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        without.close()
-    finally:
-        server.stop(grace=1)
+    address = f"127.0.0.1:{token_server.port}"
+    image = encoded(np.full((64, 64, 3), 128, np.uint8), ".png")
+    with_token = XaiClient(address, token="s3cret")
+    answers = list(with_token.explain_stream([with_token.request(image, "shapes")] * 2))
+    assert [a.error_code for a in answers] == ["", ""]
+    assert answers[0].response.model_name == "shapes"
+    with_token.close()
+    without = XaiClient(address)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(without.explain_stream([without.request(image, "shapes")]))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    without.close()
