@@ -5,8 +5,9 @@ shared pool, and answered on the stream in the order the requests came.
 
 A message that fails (bad input, a cap, an unreadable protobuf) answers with its error and the
 stream goes on, so one bad frame from a camera does not end the others. A stream holds one of
-the server's gRPC threads for as long as it is open, so their number is capped below the
-thread pool's size: unary calls are never starved by open streams."""
+the server's gRPC threads for as long as it is open, so their number is capped
+(max_open_streams) and the server's pool has that many threads on top of the unary calls'
+(service.server): open streams never starve unary calls."""
 
 from __future__ import annotations
 
