@@ -114,6 +114,12 @@ class ServerSettings:
     # request streams open at once (ModelStreamInfer, ExplainStream: a camera's frames); each
     # holds a gRPC thread of its own while it is open, on top of the threads unary calls get
     max_open_streams: Annotated[int, Field(ge=1, le=1024)] = 16
+    # True: the server is ready (ServerReady, /v2/health/ready, health "") only while every
+    # model in the repository serves a version, so a pod that cannot answer for one leaves its
+    # Service; False: ready while it takes requests, as Triton's --strict-readiness false, for
+    # pods of many models where one broken export must not take the others out (per-model
+    # health and ModelReady still say which model is down)
+    strict_readiness: bool = True
     # seconds in-flight requests get after SIGTERM
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
     # > 0: a client connection is closed (GOAWAY, in-flight calls finish) after this long, so

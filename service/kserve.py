@@ -193,7 +193,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=not self.repository.unserved())
+        return pb.ServerReadyResponse(ready=not self.repository.holding_back_readiness())
 
     @rpc
     def ModelReady(self, request, context):

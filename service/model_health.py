@@ -4,7 +4,9 @@
   a version (or is loading its first), NOT_SERVING while one serves none (every version failed,
   a pin that matches none, an unreadable folder) and from the start of a shutdown: a pod that
   cannot answer for a model it holds leaves its Service, and a rollout of a broken export stalls
-  instead of replacing the pods that serve.
+  instead of replacing the pods that serve. With the settings' strict_readiness off (pods of
+  many models): SERVING while the server takes requests, the broken model's own status alone
+  NOT_SERVING.
 - the API services by their full names (`inference.GRPCInferenceService`,
   `xaiserve.v1.ExplanationService`; liveness): SERVING while the process takes requests,
   whatever the models do: restarting a process does not mend a broken export.

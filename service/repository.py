@@ -498,6 +498,12 @@ class ModelRepository:
             time.sleep(0.05)
         return self.states(name)
 
+    def holding_back_readiness(self) -> list[str]:
+        """The models that keep the server from being ready: the unserved ones, unless the
+        settings' strict_readiness is off (multi-model pods: a broken model must not take the
+        others out of their Service; per-model health still says which one is down)."""
+        return self.unserved() if self.settings.strict_readiness else []
+
     def unserved(self) -> list[str]:
         """Models in the repository with no version ready and none loading (every version
         failed, a pin that matches none, a folder that cannot be read): while there is one,

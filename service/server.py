@@ -55,7 +55,7 @@ class Server:
         self.repository = ModelRepository(settings)
         self.health = health.HealthServicer()
         self.model_health = ModelHealth(self.health, self.repository.states,
-                                        self.repository.unserved)
+                                        self.repository.holding_back_readiness)
         self.repository.listeners.append(self.model_health.sync)
         self.telemetry = Telemetry()
         self.repository.on_settings_failed = self.telemetry.config_reloads.labels("failed").inc
@@ -143,9 +143,14 @@ class Server:
         log.info("serving %s on port %d (%s)", ", ".join(self.repository.names()) or "nothing",
                  self.port, "TLS" if self.tls else "plaintext")
         unserved = self.repository.unserved()
-        if unserved:
+        if unserved and self.settings.strict_readiness:
             log.warning("not ready: no version of %s serves (the lines above say why); health "
                         "'' is NOT_SERVING until one does", ", ".join(unserved))
+        elif unserved:
+            log.warning("no version of %s serves (the lines above say why); the server is "
+                        "ready all the same (strict_readiness false): its health %s is "
+                        "NOT_SERVING", ", ".join(unserved),
+                        ", ".join(repr(name) for name in unserved))
         if self.rest is not None:
             log.info("REST (Open Inference Protocol over HTTP%s) on port %d",
                      "S" if self.tls else "", self.rest.port)

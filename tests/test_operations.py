@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -385,10 +386,10 @@ def unversioned_requests(channel):
 
 
 @contextlib.contextmanager
-def server_on(repo: Path, latest_versions: int):
+def server_on(repo: Path, latest_versions: int, **options):
     settings = ServerSettings(repository=repo, host="127.0.0.1", port=0, poll_seconds=0.2,
                               metrics_port=0,
-                              defaults=ModelSettings(latest_versions=latest_versions))
+                              defaults=ModelSettings(latest_versions=latest_versions), **options)
     server = Server(settings).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -566,6 +567,42 @@ def test_each_model_has_a_health_status_of_its_own(small_export, tmp_path):
         assert health_of(channel, "broken") == "SERVING"
         server.health.enter_graceful_shutdown()  # what stop() does first: every status goes
         assert health_of(channel, "broken") == health_of(channel, live) == "NOT_SERVING"
+
+
+def test_without_strict_readiness_a_broken_model_leaves_the_server_ready(small_export,
+                                                                          tmp_path, caplog):
+    """A pod of many models: with strict_readiness false (Triton's --strict-readiness false)
+    one broken export keeps neither the pod nor its other models out of their Service; the
+    broken model is still NOT_SERVING and not ready on its own, and the log says so."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    shutil.copytree(small_export.path, tmp_path / "broken" / "1")
+    break_weights(tmp_path / "broken" / "1")
+    with caplog.at_level(logging.WARNING, logger="xaiserve.server"), \
+            server_on(tmp_path, latest_versions=0, strict_readiness=False,
+                      rest_port=0) as (server, channel):
+        assert [health_of(channel, s) for s in ("", "shapes", "broken")] == [
+            "SERVING", "SERVING", "NOT_SERVING"]
+        kserve = kgrpc.GRPCInferenceServiceStub(channel)
+        assert kserve.ServerReady(kpb.ServerReadyRequest()).ready
+        assert not kserve.ModelReady(kpb.ModelReadyRequest(name="broken")).ready
+        rest = f"http://127.0.0.1:{server.rest.port}"
+        assert urllib.request.urlopen(f"{rest}/v2/health/ready", timeout=10).status == 200
+        with pytest.raises(urllib.error.HTTPError) as broken:
+            urllib.request.urlopen(f"{rest}/v2/models/broken/ready", timeout=10)
+        assert broken.value.code != 200
+        assert kserve.ModelInfer(infer_request(), timeout=30).model_name == "shapes"
+    assert "the server is ready all the same (strict_readiness false)" in caplog.text
+    assert "'broken'" in caplog.text
+
+
+def test_the_strict_readiness_flag_takes_true_or_false(tmp_path):
+    ok = run_cli("serve", "--repository", str(tmp_path), "--strict-readiness", "false",
+                 "--check-config")
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("serve", "--repository", str(tmp_path), "--strict-readiness", "maybe",
+                  "--check-config")
+    assert bad.returncode == 2
+    assert "--strict-readiness: 'maybe': give true or false" in bad.stderr
 
 
 def test_a_reload_that_fails_to_compile_reports_the_settings_still_served(small_export,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -63,6 +64,10 @@ def add_serve_operations(p) -> None:
     p.add_argument("--max-open-streams", type=int, default=None,
                    help="request streams (ModelStreamInfer, ExplainStream) open at once; "
                         "beyond it a stream is refused with RESOURCE_EXHAUSTED (default: 16)")
+    p.add_argument("--strict-readiness", type=true_or_false, default=None,
+                   metavar="true|false",
+                   help="true (default): ready only while every model serves a version; "
+                        "false: ready while the server takes requests (many models per pod)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest request or response (default: 32 MiB)")
     p.add_argument("--poll-seconds", type=float, default=None,
@@ -81,11 +86,17 @@ def add_serve_operations(p) -> None:
                         "(default: 10 s; more often gets GOAWAY too_many_pings)")
 
 
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return text.lower() == "true"
+
+
 SERVE_OPERATION_KEYS = ("metrics_port", "rest_port", "shutdown_grace", "tls_cert", "tls_key",
                         "tls_client_ca", "token_file", "max_concurrent_requests",
-                        "max_open_streams", "max_message_bytes", "poll_seconds",
-                        "max_connection_age", "keepalive_time", "min_client_ping_interval",
-                        "response_compression")
+                        "max_open_streams", "strict_readiness", "max_message_bytes",
+                        "poll_seconds", "max_connection_age", "keepalive_time",
+                        "min_client_ping_interval", "response_compression")
 
 
 def run_serve(args) -> int:
