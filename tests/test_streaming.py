@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import queue
 import shutil
+import time
 
 import cv2
 import grpc
@@ -338,3 +339,23 @@ def test_a_stream_of_explanations_carries_the_clients_token(token_server):
         list(without.explain_stream([without.request(image, "shapes")]))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     without.close()
+
+
+def test_a_shutdown_ends_open_streams_after_the_grace(small_export, tmp_path):
+    """A rolling update with cameras connected: stop() ends the streams once the grace is
+    over (the devices open theirs again elsewhere) and returns, instead of waiting for
+    clients that never close their side."""
+    shutil.copytree(small_export.path, tmp_path / "shapes" / "1")
+    server = Server(ServerSettings(repository=tmp_path, host="127.0.0.1", port=0)).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    outbox, stream = held_open(kgrpc.GRPCInferenceServiceStub(channel))
+    outbox.put(infer_request(request_id="before"))
+    assert next(stream).infer_response.id == "before"
+    started = time.monotonic()
+    server.stop(grace=1)
+    assert time.monotonic() - started < 10
+    with pytest.raises(grpc.RpcError) as ended:
+        next(stream)
+    assert ended.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    outbox.put(None)
+    channel.close()
