@@ -32,7 +32,10 @@ from .layer_profile import LayerProfile, measure_layers, profile
 from .model import ClassifierModel, ModelLoadError, error_reason
 from .rest_client import RestError, model_path, rest_address
 
-MODES = ("in-process", "server", "server-rest")
+MODES = ("in-process", "server", "server-stream", "server-rest")
+# RemoteTarget.protocol -> the points' mode
+REMOTE_MODES = {"grpc": "server", "grpc-stream": "server-stream", "http": "server-rest",
+                "https": "server-rest"}
 # OPTIMIZATION_CAPABILITIES a device must list for an inference precision.
 PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
 META_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
@@ -346,7 +349,7 @@ class Bench:
             self.skip("skip benchmark_app for the server: give --model-path with the IR it serves")
         label = f"{s.model}/{served}"
         server_config = Config(Path(label), "server", "server", "server", "server")
-        mode = "server" if target.protocol == "grpc" else "server-rest"
+        mode = REMOTE_MODES[target.protocol]
         for work, batch, concurrency in jobs:
             self.progress.begin(f"{mode} {work} b{batch} c{concurrency}")
             calls = [works.WORKS[work].remote(target, self.work_input, batch)
@@ -385,7 +388,8 @@ class Bench:
             protocol = "https" if s.server.startswith("https://") else "http"
             return self.rest_target(works.RemoteTarget(address, s.model, s.version,
                                                        protocol=protocol, access=s.access))
-        target = works.RemoteTarget(s.server, s.model, s.version, access=s.access)
+        target = works.RemoteTarget(s.server, s.model, s.version, access=s.access,
+                                    protocol="grpc-stream" if s.stream else "grpc")
         client = target.grpc_client(timeout=10)
         try:
             client.wait_ready(timeout=5)

@@ -140,6 +140,8 @@ def measure(calls: list[works.Call], batch: int, settings: BenchSettings,
         stop.set()
         for th in threads:
             th.join(timeout=600)
+        for call in calls:  # a stream's client ends its stream
+            getattr(call, "close", lambda: None)()
     kept = bounds[-settings.stable_windows:]
     return Measurement(windows, samples[kept[0][0]:kept[-1][1]], sum(b[2] for b in kept),
                        stable, len(errors), errors[0] if errors else "")

@@ -116,18 +116,18 @@ def summary_text(result: BenchResult) -> str:
     # As wide as the longest name: two IRs or configurations must not read alike.
     width = max([20, *(len(p.model) for p in result.points)])
     cwidth = max([28, *(len(c) for c in configs)])
-    head = (f"{'mode':<11} {'model':<{width}} {'config':<{cwidth}} {'work':<13} {'b':>2} {'c':>3} "
+    head = (f"{'mode':<13} {'model':<{width}} {'config':<{cwidth}} {'work':<13} {'b':>2} {'c':>3} "
             f"{'img/s':>8} {'p50':>7} {'p90':>7} {'p95':>7} {'p99':>7}  {'fps/ba':>6} "
             f"{'p50/ba':>6}  stable")
     lines += [head, "-" * len(head)]
     for p, config in zip(result.points, configs):
         lines.append(
-            f"{p.mode:<11} {p.model:<{width}} {config:<{cwidth}} {p.work:<13} {p.batch:>2} "
+            f"{p.mode:<13} {p.model:<{width}} {config:<{cwidth}} {p.work:<13} {p.batch:>2} "
             f"{p.concurrency:>3} {p.throughput:8.1f} {p.p50_ms:7.2f} {p.p90_ms:7.2f} "
             f"{p.p95_ms:7.2f} {p.p99_ms:7.2f}  {_ratio(p.throughput_ratio):>6} "
             f"{_ratio(p.p50_ratio):>6}  {'yes' if p.stable else 'NO'}"
             + (f"  errors {p.errors}: {p.first_error[:60]}" if p.errors else ""))
-        lines.append(f"{'':<11} split ms: {split_text(p.split_ms)}")
+        lines.append(f"{'':<13} split ms: {split_text(p.split_ms)}")
     if result.references:
         lines.append("benchmark_app (same IR, same device/precision/hint/streams/batch):")
         for r in result.references:
@@ -196,7 +196,8 @@ def point_labels(points: list[Point]) -> list[str]:
     streams_differ = len({p.streams for p in local}) > 1
     labels = []
     for p in points:
-        parts = [{"server": "srv", "server-rest": "rest"}.get(p.mode, "")]
+        parts = [{"server": "srv", "server-stream": "stream", "server-rest": "rest"}.get(
+            p.mode, "")]
         if models_differ:
             parts.append(p.model)
         if p.mode == "in-process":

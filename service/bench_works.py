@@ -8,6 +8,7 @@ latency minus the server's total). New kinds register in WORKS; nothing else cha
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -45,12 +46,14 @@ class RemoteTarget:
     model: str
     version: str = ""
     input_hw: tuple[int, int] = (224, 224)
-    protocol: str = "grpc"  # "http" or "https": the server's REST side (service.rest)
+    # "grpc-stream": gRPC, each client's requests over one stream; "http" or "https": the
+    # server's REST side (service.rest)
+    protocol: str = "grpc"
     access: ServerAccess = ServerAccess()  # TLS files and token
 
     def rest_client(self, timeout: float = 600.0) -> RestClient | None:
         """A client of the REST side; None when the target is the gRPC side."""
-        if self.protocol == "grpc":
+        if self.protocol.startswith("grpc"):
             return None
         return RestClient(self.address, timeout, self.access, tls=self.protocol == "https")
 
@@ -169,6 +172,40 @@ def local_explain_black(model: ClassifierModel, work: WorkInput, batch: int) -> 
 
 # --- through a server --------------------------------------------------------------------------
 
+class StreamFailed(RuntimeError):
+    """A stream's answer that carries an error instead of a response (counted as an error)."""
+
+
+class StreamCall:
+    """A load client's stream with one request in flight, as perf_analyzer --streaming: each
+    call sends the request and waits for its answer. `close` ends the stream and its
+    connection (the server caps open streams)."""
+
+    def __init__(self, client: XaiClient, method, request, failed: Callable[[object], str],
+                 stages: Callable[[object], Stages]):
+        self.client, self.request, self.failed, self.stages = client, request, failed, stages
+        self.outbox: queue.Queue = queue.Queue()
+        self.answers = method(iter(self.outbox.get, None))
+
+    def __call__(self) -> Stages:
+        self.outbox.put(self.request)
+        answer = next(self.answers)
+        error = self.failed(answer)
+        if error:
+            raise StreamFailed(error)
+        return self.stages(answer)
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        self.client.close()
+
+
+def _infer_split(response: kpb.ModelInferResponse) -> Stages:
+    """The server's split of a ModelInfer, from its `<stage>_ms` parameters."""
+    return {name[:-3]: p.double_param for name, p in response.parameters.items()
+            if name.endswith("_ms")}
+
+
 def _explain_call(target: RemoteTarget, work: WorkInput, method: str,
                   metrics: tuple[str, ...] = ()) -> Call:
     """One Explain per call on the client's own connection; the server's timings_ms come back."""
@@ -179,6 +216,10 @@ def _explain_call(target: RemoteTarget, work: WorkInput, method: str,
     if rest is not None:
         return lambda: dict(rest.explain(request)["timings_ms"])
     client = target.grpc_client(timeout=600)
+    if target.protocol == "grpc-stream":
+        return StreamCall(client, client.stub.ExplainStream, request,
+                          lambda a: a.error_code and f"{a.error_code}: {a.error_message}",
+                          lambda a: dict(a.response.timings_ms))
 
     def call() -> Stages:
         return dict(client.stub.Explain(request, timeout=client.timeout).timings_ms)
@@ -200,12 +241,10 @@ def remote_predict(target: RemoteTarget, work: WorkInput, batch: int) -> Call:
         return lambda: {name[:-3]: value for name, value in rest.infer(request)["parameters"]
                         .items() if name.endswith("_ms")}
     client = target.grpc_client()
-
-    def call() -> Stages:
-        response = client.kserve.ModelInfer(request, timeout=600)
-        return {name[:-3]: p.double_param for name, p in response.parameters.items()
-                if name.endswith("_ms")}
-    return call
+    if target.protocol == "grpc-stream":
+        return StreamCall(client, client.kserve.ModelStreamInfer, request,
+                          lambda a: a.error_message, lambda a: _infer_split(a.infer_response))
+    return lambda: _infer_split(client.kserve.ModelInfer(request, timeout=600))
 
 
 def remote_explain_white(target: RemoteTarget, work: WorkInput, batch: int) -> Call:

@@ -139,8 +139,10 @@ def test_layer_counters_say_where_the_inference_goes_and_in_which_precision(defa
 
 @pytest.fixture(scope="module")
 def server(default_export):
+    # two open streams at most: the bench's --stream clients must close theirs after each
+    # point, or the next point's would be refused
     settings = ServerSettings(repository=default_export.path.parent.parent, host="127.0.0.1",
-                              port=0, rest_port=0, poll_seconds=0.5,
+                              port=0, rest_port=0, poll_seconds=0.5, max_open_streams=2,
                               defaults=ModelSettings(black_box_masks=50, max_black_box_masks=200))
     srv = Server(settings).start()
     yield srv
@@ -149,14 +151,16 @@ def server(default_export):
 
 def server_url(server, protocol: str) -> str:
     """What `--server` takes: HOST:PORT for gRPC, http://HOST:PORT for the REST side."""
-    return (f"127.0.0.1:{server.port}" if protocol == "grpc"
+    return (f"127.0.0.1:{server.port}" if protocol.startswith("grpc")
             else f"http://127.0.0.1:{server.rest.port}")
 
 
-@pytest.mark.parametrize("protocol, mode", [("grpc", "server"), ("http", "server-rest")])
+@pytest.mark.parametrize("protocol, mode", [("grpc", "server"), ("grpc-stream", "server-stream"),
+                                            ("http", "server-rest")])
 def test_server_mode_gives_the_split_with_queue_and_transport(server, protocol, mode, tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli("bench", "--server", server_url(server, protocol), "--model",
+    stream = ["--stream"] if protocol == "grpc-stream" else []
+    proc = run_cli("bench", "--server", server_url(server, protocol), *stream, "--model",
                    "efficientnet_lite0", "--works",
                    "predict,explain-white,explain-black,faithfulness", "--masks", "40",
                    "--batch", "1,2", "--concurrency", "1,2", "--no-reference", *SHORT,
@@ -188,7 +192,8 @@ def test_server_mode_gives_the_split_with_queue_and_transport(server, protocol, 
     assert "skip explain-white server batch 2: an Explain request takes one image " \
            "(use --batch 1)" in skips
     assert all(line in proc.stdout for line in skips)
-    assert f"{mode:<11} efficientnet_lite0/1" in proc.stdout  # the summary's rows
+    assert f"{mode:<13} efficientnet_lite0/1" in proc.stdout  # the summary's rows
+
 
 
 def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
