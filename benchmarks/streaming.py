@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    out = args.json.parent if args.json else Path("bench-out")
+    out = Path("bench-out")  # the server's log (the JSON goes where --json says)
     out.mkdir(parents=True, exist_ok=True)
     models = ensure_models(args.repository, reexport=False)
     predict = infer_request(SALIENCY_MODEL)
