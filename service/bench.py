@@ -389,7 +389,7 @@ class Bench:
             return self.rest_target(works.RemoteTarget(address, s.model, s.version,
                                                        protocol=protocol, access=s.access))
         target = works.RemoteTarget(s.server, s.model, s.version, access=s.access,
-                                    protocol="grpc-stream" if s.stream else "grpc")
+                                    protocol="grpc-stream" if s.streaming else "grpc")
         client = target.grpc_client(timeout=10)
         try:
             client.wait_ready(timeout=5)

@@ -22,7 +22,7 @@ class BenchSettings:
 
     model_paths: tuple[Path, ...] = ()
     server: str | None = None
-    stream: bool = False  # with --server (gRPC): each client's requests over one stream
+    streaming: bool = False  # with --server (gRPC): each client's requests over one stream
     access: ServerAccess = ServerAccess()  # with --server: TLS files and token
     token_file: Path | None = None  # where access.token came from, for the record only
     model: str | None = None
@@ -77,8 +77,8 @@ class BenchSettings:
         if self.server and self.server.startswith("http://") and self.access.tls:
             raise BenchError(f"--server {self.server} with --tls-ca/--tls-cert: give "
                              f"https://{self.server[len('http://'):]} for the REST side over TLS")
-        if self.stream and (not self.server or "://" in self.server):
-            raise BenchError("--stream sends each client's requests over a gRPC stream: give "
+        if self.streaming and (not self.server or "://" in self.server):
+            raise BenchError("--streaming sends each client's requests over a gRPC stream: give "
                              "--server HOST:PORT (the REST side has no streams)")
         if self.layers and not self.model_paths:
             raise BenchError("--layers reads the IR's per-layer counters in-process: give "

@@ -159,7 +159,7 @@ def server_url(server, protocol: str) -> str:
                                             ("http", "server-rest")])
 def test_server_mode_gives_the_split_with_queue_and_transport(server, protocol, mode, tmp_path):
     out = tmp_path / "bench"
-    stream = ["--stream"] if protocol == "grpc-stream" else []
+    stream = ["--streaming"] if protocol == "grpc-stream" else []
     proc = run_cli("bench", "--server", server_url(server, protocol), *stream, "--model",
                    "efficientnet_lite0", "--works",
                    "predict,explain-white,explain-black,faithfulness", "--masks", "40",
@@ -239,6 +239,9 @@ def test_absent_device_and_precision_give_skip_lines(default_export, tmp_path):
      "give https://127.0.0.1:1"),
     (("--server", "127.0.0.1:1", "--model", "m", "--tls-ca", "/nonexistent.pem"), "--tls-ca"),
     (("--model-path", "MODEL", "--layers", "--layer-iterations", "0"), "--layer-iterations"),
+    (("--model-path", "MODEL", "--streaming"), "--streaming sends each client's requests"),
+    (("--server", "http://127.0.0.1:1", "--model", "m", "--streaming"),
+     "the REST side has no streams"),
 ])
 def test_bad_options_give_one_line_and_exit_2(default_export, args, words):
     import grpc

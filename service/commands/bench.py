@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                         "IRs (f32, INT8); with --server: the IR it serves, for benchmark_app")
     p.add_argument("--server", help="HOST:PORT of a running `xaiserve serve` (gRPC), or "
                    "http[s]://HOST:PORT for its REST side (`serve --rest-port`)")
-    p.add_argument("--stream", action="store_true",
+    p.add_argument("--streaming", action="store_true",
                    help="with --server HOST:PORT: each client sends its requests over one "
                         "stream (ModelStreamInfer, ExplainStream), one in flight, as "
                         "perf_analyzer --streaming")
@@ -112,7 +112,7 @@ def run_bench(args) -> int:
     try:
         paths = tuple(resolve_version_dir(p, args.version) for p in args.model_path)
         settings = BenchSettings(
-            model_paths=paths, server=args.server, stream=args.stream, model=args.model,
+            model_paths=paths, server=args.server, streaming=args.streaming, model=args.model,
             version=args.version,
             access=server_access(args), token_file=args.token_file,
             works=comma_list("--works", args.works),
