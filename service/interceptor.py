@@ -23,6 +23,8 @@ from .errors import RETRY_LATER
 from .logs import RECORD_FIELDS
 from .message_stream import CallerStream
 from .model_slots import ModelSlots
+from .proto import grpc_predict_v2_pb2 as kpb
+from .proto import xaiserve_pb2 as xpb
 from .request_context import RequestRecord
 from .security import matching_token
 from .telemetry import Telemetry
@@ -31,9 +33,6 @@ log = logging.getLogger("xaiserve.access")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 QUIET_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes: logged at DEBUG
-# a stream's messages count one by one, under the stream's method
-INFER_METHODS = {"ModelInfer", "ModelStreamInfer"}
-EXPLAIN_METHODS = {"Explain", "ExplainStream"}
 MAX_ID_CHARS = 128
 COMPRESS_FROM = 16 * 1024  # bytes: a response smaller than this is sent as it is
 # the settings' response_compression names (also HTTP's Content-Encoding names)
@@ -263,11 +262,12 @@ class RequestInterceptor(grpc.ServerInterceptor):
     def _observe_success(self, record: RequestRecord, seconds: float, response) -> None:
         t = self.telemetry
         model, version = record.model, record.version
-        if record.method in INFER_METHODS:  # the inference alone, as the response reports it
+        # by what answered: ModelInfer and a stream's message alike, over gRPC or REST
+        if isinstance(response, kpb.ModelInferResponse):  # the inference alone, as reported
             ms = response.parameters["inference_ms"].double_param \
                 if "inference_ms" in response.parameters else seconds * 1e3
             t.inference_seconds.labels(model, version).observe(ms / 1e3)
-        elif record.method in EXPLAIN_METHODS:
+        elif isinstance(response, xpb.ExplainResponse):
             timings = response.timings_ms
             if "inference" in timings:
                 t.inference_seconds.labels(model, version).observe(timings["inference"] / 1e3)

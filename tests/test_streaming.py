@@ -55,6 +55,17 @@ def output(response: kpb.ModelInferResponse, name: str) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[index], np.float32).reshape(shape)
 
 
+def held_open(stub) -> tuple[queue.Queue, object]:
+    """A stream whose client sends when told (None: closes its side)."""
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (request := outbox.get(timeout=60)) is not None:
+            yield request
+
+    return outbox, stub.ModelStreamInfer(requests(), timeout=120)
+
+
 @pytest.fixture(scope="module")
 def frames(photos) -> dict[str, np.ndarray]:
     return {name: cv2.resize(photos[name], (224, 224), interpolation=cv2.INTER_AREA)
@@ -96,15 +107,9 @@ def test_a_stream_answers_each_frame_in_order_and_goes_on_after_bad_ones(server,
 def test_answers_go_out_while_the_client_waits_for_them(server, kserve, frames):
     """A device that sends its next frame only once the last one is answered: the server must
     answer while it waits for the next request, not after."""
-    outbox: queue.Queue = queue.Queue()
-
-    def requests():
-        while (request := outbox.get(timeout=60)) is not None:
-            yield request
-
     images = [frames["chelsea"], frames["coffee"]] * 3
+    outbox, stream = held_open(kserve)
     outbox.put(pixels_request(images[0], "0"))
-    stream = kserve.ModelStreamInfer(requests(), timeout=120)
     classes = []
     for i in range(len(images)):
         answer = next(stream)
@@ -142,17 +147,6 @@ def one_stream(small_export, tmp_path_factory):
     yield server, kgrpc.GRPCInferenceServiceStub(channel)
     channel.close()
     server.stop(grace=2)
-
-
-def held_open(stub) -> tuple[queue.Queue, object]:
-    """A stream whose client sends when told (None: closes its side)."""
-    outbox: queue.Queue = queue.Queue()
-
-    def requests():
-        while (request := outbox.get(timeout=60)) is not None:
-            yield request
-
-    return outbox, stub.ModelStreamInfer(requests(), timeout=120)
 
 
 def test_open_streams_are_capped_and_a_stream_cancelled_gives_its_place_back(one_stream):

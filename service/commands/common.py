@@ -52,6 +52,13 @@ class DependentOptions:
                              f"{self.needs}; without it {fix}")
 
 
+def true_or_false(text: str) -> bool:
+    """An argparse type: true or false, in any case (as Triton's boolean flags)."""
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return text.lower() == "true"
+
+
 def bounded_int(low: int, high: int):
     """An argparse type: an integer in [low, high] (argparse names the option when not)."""
     def parse(text: str) -> int:

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from .common import fail
+from .common import fail, true_or_false
 
 
 def add_parser(sub) -> None:
@@ -84,12 +83,6 @@ def add_serve_operations(p) -> None:
     p.add_argument("--min-client-ping-interval", type=float, default=None,
                    help="clients' keepalive pings accepted this often, with or without calls "
                         "(default: 10 s; more often gets GOAWAY too_many_pings)")
-
-
-def true_or_false(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
-    return text.lower() == "true"
 
 
 SERVE_OPERATION_KEYS = ("metrics_port", "rest_port", "shutdown_grace", "tls_cert", "tls_key",
