@@ -120,6 +120,10 @@ class ServerSettings:
     # pods of many models where one broken export must not take the others out (per-model
     # health and ModelReady still say which model is down)
     strict_readiness: bool = True
+    # Triton's system shared memory extension (service.shared_memory): "system" lets clients
+    # on this host register POSIX shared memory objects and pass tensors through them; off by
+    # default, since a registered key is read and written with the server's rights
+    shared_memory: Literal["off", "system"] = "off"
     # seconds in-flight requests get after SIGTERM
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
     # > 0: a client connection is closed (GOAWAY, in-flight calls finish) after this long, so

@@ -57,7 +57,14 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
     return handler
 
 
+# requests whose `name` is a shared memory region's, not a model's
+REGION_REQUESTS = (kpb.SystemSharedMemoryStatusRequest, kpb.SystemSharedMemoryRegisterRequest,
+                   kpb.SystemSharedMemoryUnregisterRequest)
+
+
 def _model_name(request) -> str:
+    if isinstance(request, REGION_REQUESTS):
+        return ""
     for field in ("model_name", "name"):
         value = getattr(request, field, None)
         if isinstance(value, str):

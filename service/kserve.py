@@ -18,6 +18,7 @@ from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
+from .shared_memory import RegionStatus, SharedMemoryRegions, TensorPlace, tensor_place
 
 SCORES_OUTPUT = "logits"
 INPUT_NAME = "image"
@@ -25,6 +26,7 @@ PLATFORM = "openvino_ir"
 # Triton's names for the protocol extensions this server answers (ModelConfig, ModelStatistics);
 # clients such as perf_analyzer look for them before they call those RPCs.
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "classification")
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed while it is on
 # RepositoryModelLoad without a deadline waits this long for a compile at most
 LOAD_WAIT_SECONDS = 600.0
 TRITON_TYPES = {"UINT8": pb.TYPE_UINT8, "FP32": pb.TYPE_FP32}
@@ -76,17 +78,30 @@ def split_bytes_tensor(raw: bytes, max_items: int) -> list[bytes]:
     return items
 
 
-def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: int
-                 ) -> np.ndarray:
-    """The request's single input -> u8 [N, H, W, 3] at the model's size, N <= max_batch."""
-    info = state.model.info
-    if len(request.inputs) != 1:
-        raise invalid(f"inputs: {len(request.inputs)} given; send exactly one image input")
+def input_bytes(request: pb.ModelInferRequest, shared: SharedMemoryRegions) -> bytes | None:
+    """The input's raw bytes: from raw_input_contents, or from the shared memory region its
+    parameters name; None when its values are in its typed contents."""
     if len(request.raw_input_contents) > 1:  # the protocol: one per input, in their order
         raise invalid(f"raw_input_contents: {len(request.raw_input_contents)} given for 1 "
                       "input; send one")
     tensor = request.inputs[0]
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    place = tensor_place(tensor.parameters, "inputs[0]")
+    if place is None:
+        return request.raw_input_contents[0] if request.raw_input_contents else None
+    if request.raw_input_contents or tensor.HasField("contents"):
+        raise invalid("inputs[0]: values in the request and in shared memory; send them one "
+                      "way")
+    return shared.read(place, "inputs[0]")
+
+
+def decode_input(request: pb.ModelInferRequest, state: VersionState, max_batch: int,
+                 shared: SharedMemoryRegions) -> np.ndarray:
+    """The request's single input -> u8 [N, H, W, 3] at the model's size, N <= max_batch."""
+    info = state.model.info
+    if len(request.inputs) != 1:
+        raise invalid(f"inputs: {len(request.inputs)} given; send exactly one image input")
+    tensor = request.inputs[0]
+    raw = input_bytes(request, shared)
     shape = list(tensor.shape)
     if tensor.datatype == "UINT8":
         expected = [info.input_height, info.input_width, 3]
@@ -182,10 +197,35 @@ def stream_failure(request: pb.ModelInferRequest | None, code: grpc.StatusCode, 
     return answer
 
 
+def output_places(request: pb.ModelInferRequest, shared: SharedMemoryRegions,
+                  classified: dict[int, int]) -> dict[int, TensorPlace]:
+    """{output index: place} for the requested outputs to be written to shared memory, each
+    checked before the inference that fills it."""
+    places = {}
+    for i, output in enumerate(request.outputs):
+        where = f"outputs[{i}]"
+        place = tensor_place(output.parameters, where)
+        if place is None:
+            continue
+        if i in classified:
+            raise invalid(f"{where}: classification and shared memory both asked; the top "
+                          "classes come in the response, so drop shared_memory_region")
+        shared.check(place, where)
+        places[i] = place
+    return places
+
+
+def region_message(region: RegionStatus) -> pb.SystemSharedMemoryStatusResponse.RegionStatus:
+    return pb.SystemSharedMemoryStatusResponse.RegionStatus(
+        name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size)
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, streams: MessageStreams | None = None):
+    def __init__(self, repository: ModelRepository, streams: MessageStreams | None = None,
+                 shared_memory: SharedMemoryRegions | None = None):
         self.repository = repository
         self.streams = streams
+        self.shared_memory = shared_memory or SharedMemoryRegions(enabled=False)
 
     @rpc
     def ServerLive(self, request, context):
@@ -202,8 +242,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     def ServerMetadata(self, request, context):
+        extensions = [*EXTENSIONS, *([SHARED_MEMORY_EXTENSION] if self.shared_memory.enabled
+                                     else [])]
         return pb.ServerMetadataResponse(name="xaiserve", version=__version__,
-                                         extensions=list(EXTENSIONS))
+                                         extensions=extensions)
 
     @rpc
     def ModelMetadata(self, request, context):
@@ -325,6 +367,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                            ", or a version folder, or pin its versions (or bound "
                            "latest_versions) in its config")
 
+    # --- Triton's system shared memory extension (service.shared_memory) --------------------
+
+    @rpc
+    def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shared_memory.status(request.name):
+            response.regions[region.name].CopyFrom(region_message(region))
+        return response
+
+    @rpc
+    def SystemSharedMemoryRegister(self, request, context):
+        self.shared_memory.register(request.name, request.key, request.offset,
+                                    request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    def SystemSharedMemoryUnregister(self, request, context):
+        self.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     def max_batch_size(self, state: VersionState) -> int:
         """The configured bound, or the IR's own batch size where it is static."""
         bound = self.repository.settings.for_model(state.name).max_batch_size
@@ -351,7 +413,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _infer(self, request, state: VersionState, started: float, timings: dict[str, float]
                ) -> pb.ModelInferResponse:
         model = state.model
-        batch = decode_input(request, state, self.max_batch_size(state))
+        batch = decode_input(request, state, self.max_batch_size(state), self.shared_memory)
         timings["decode"] = (time.perf_counter() - started) * 1e3
         wanted = [o.name for o in request.outputs] or [SCORES_OUTPUT]
         available = {SCORES_OUTPUT} | ({SALIENCY_OUTPUT} if model.has_saliency else set())
@@ -360,6 +422,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise invalid(f"outputs[{i}].name {shown(name)}: this model has "
                               f"{sorted(available)}")
         top = classification_counts(request, len(model.info.labels) or None)
+        places = output_places(request, self.shared_memory, top)
         results = model.predict(batch, tuple(wanted), timings)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=str(state.version), id=request.id)
@@ -371,7 +434,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.raw_output_contents.append(bytes_tensor(
                     [text for row in classes for text in row]))
                 continue
-            response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
+            output = response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
+            if i in places:  # written there; an empty entry keeps the outputs' order
+                self.shared_memory.write(places[i], array.tobytes(), f"outputs[{i}]")
+                output.parameters["shared_memory_region"].string_param = places[i].region
+                output.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+                response.raw_output_contents.append(b"")
+                continue
             response.raw_output_contents.append(array.tobytes())
         timings["total"] = (time.perf_counter() - started) * 1e3
         for stage, ms in timings.items():  # the server's split of this request, in ms

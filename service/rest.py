@@ -168,9 +168,25 @@ def _load_request(message: type) -> Callable[[dict, bytes, Request], object]:
     return read
 
 
+def _region_request(message: type) -> Callable[[dict, bytes, Request], object]:
+    """Triton's shared memory paths: the region's name in the path (none: every region), a
+    registration's key, offset and byte_size in the body."""
+    def read(params: dict, body: bytes, _request: Request):
+        request = parse_message(body, message(), "shared memory region")
+        request.name = params.get("name", "")
+        return request
+    return read
+
+
+def _write_regions(response: pb.SystemSharedMemoryStatusResponse, _request) -> Reply:
+    """Triton's REST answer: a list of the regions."""
+    return json_reply([message_json(region) for region in response.regions.values()])
+
+
 def endpoints() -> list[tuple[str, str, Endpoint]]:
     """(HTTP method, path, endpoint), model paths with and without /versions/V."""
     model = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+    regions = ("/v2/systemsharedmemory", "/v2/systemsharedmemory/region/{name}")
     table = [
         ("GET", ("/v2",), Endpoint("ServerMetadata",
                                    lambda p, b, r: pb.ServerMetadataRequest())),
@@ -198,6 +214,14 @@ def endpoints() -> list[tuple[str, str, Endpoint]]:
             "RepositoryModelLoad", _load_request(pb.RepositoryModelLoadRequest))),
         ("POST", ("/v2/repository/models/{name}/unload",), Endpoint(
             "RepositoryModelUnload", _load_request(pb.RepositoryModelUnloadRequest))),
+        ("GET", tuple(f"{r}/status" for r in regions), Endpoint(
+            "SystemSharedMemoryStatus", _region_request(pb.SystemSharedMemoryStatusRequest),
+            _write_regions)),
+        ("POST", (f"{regions[1]}/register",), Endpoint(
+            "SystemSharedMemoryRegister", _region_request(pb.SystemSharedMemoryRegisterRequest))),
+        ("POST", tuple(f"{r}/unregister" for r in regions), Endpoint(
+            "SystemSharedMemoryUnregister",
+            _region_request(pb.SystemSharedMemoryUnregisterRequest))),
     ]
     return [(verb, path, endpoint) for verb, paths, endpoint in table for path in paths]
 

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from .errors import invalid, shown
 from .kserve import bytes_tensor, split_bytes_tensor
 from .proto import grpc_predict_v2_pb2 as pb
+from .shared_memory import REGION
 
 HEADER_LENGTH = "inference-header-content-length"
 # the protocol's tensor datatypes and their element types (BYTES is length-prefixed strings)
@@ -170,8 +171,9 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
             request.raw_input_contents.append(
                 json_tensor(item["data"], datatype, item_parameters.get("content_type"),
                             f"{where}.data"))
-        else:
-            raise invalid(f"{where}: no data; give \"data\" or parameters.binary_data_size")
+        elif REGION not in item_parameters:  # in shared memory: read where the gRPC side does
+            raise invalid(f"{where}: no data; give \"data\", parameters.binary_data_size or "
+                          f"parameters.{REGION}")
     if offset != len(binary):
         raise invalid(f"{len(binary) - offset} bytes after the JSON are not claimed by any "
                       "input's parameters.binary_data_size")
@@ -239,7 +241,10 @@ def infer_body(response: pb.ModelInferResponse, call: InferCall) -> tuple[bytes,
     outputs, chunks = [], []
     for output, raw in zip(response.outputs, response.raw_output_contents):
         entry = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
-        if call.binary(output.name):
+        if REGION in output.parameters:
+            pass  # written into the client's shared memory: no data, and as Triton no
+            # parameters (perf_analyzer reads binary_data_size from any it finds)
+        elif call.binary(output.name):
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif output.datatype == "BYTES":

@@ -30,6 +30,7 @@ from .proto import xaiserve_pb2_grpc as xai_grpc
 from .repository import ModelRepository
 from .rest import RestApp, RestServer
 from .security import BearerToken, server_credentials, server_ssl_context
+from .shared_memory import SharedMemoryRegions
 from .telemetry import Telemetry
 
 log = logging.getLogger("xaiserve.server")
@@ -95,7 +96,8 @@ class Server:
             interceptors=[interceptor], options=options)
         self.streams = MessageStreams(interceptor, settings.max_concurrent_requests,
                                       settings.max_open_streams)
-        kserve = KServeServicer(self.repository, self.streams)
+        self.shared_memory = SharedMemoryRegions(settings.shared_memory == "system")
+        kserve = KServeServicer(self.repository, self.streams, self.shared_memory)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
         self.explanation = ExplanationServicer(self.repository, settings, self.streams)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
@@ -178,6 +180,7 @@ class Server:
             rest.start()
         self.grpc.stop(grace).wait()
         self.streams.stop()
+        self.shared_memory.close()
         if rest is not None:
             rest.join()
         self.telemetry.stop_http()

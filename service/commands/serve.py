@@ -67,6 +67,11 @@ def add_serve_operations(p) -> None:
                    metavar="true|false",
                    help="true (default): ready only while every model serves a version; "
                         "false: ready while the server takes requests (many models per pod)")
+    p.add_argument("--shared-memory", default=None, choices=["off", "system"],
+                   help="system: clients on this host may pass tensors through POSIX shared "
+                        "memory regions (Triton's extension: tritonclient.utils.shared_memory,"
+                        " perf_analyzer --shared-memory system); they read and write them with"
+                        " the server's rights (default: off)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest request or response (default: 32 MiB)")
     p.add_argument("--poll-seconds", type=float, default=None,
@@ -87,7 +92,8 @@ def add_serve_operations(p) -> None:
 
 SERVE_OPERATION_KEYS = ("metrics_port", "rest_port", "shutdown_grace", "tls_cert", "tls_key",
                         "tls_client_ca", "token_file", "max_concurrent_requests",
-                        "max_open_streams", "strict_readiness", "max_message_bytes",
+                        "max_open_streams", "strict_readiness", "shared_memory",
+                        "max_message_bytes",
                         "poll_seconds", "max_connection_age", "keepalive_time",
                         "min_client_ping_interval", "response_compression")
 
