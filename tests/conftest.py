@@ -112,6 +112,7 @@ def server(repository):
     defaults = ModelSettings(black_box_masks=500, max_black_box_masks=2000)
     settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, rest_port=0,
                               poll_seconds=0.5, max_message_bytes=MAX_MESSAGE, defaults=defaults,
+                              shared_memory="system",  # for the standard clients' regions
                               # asks for bf16, which a CPU without it computes in f32
                               models={"plain": replace(defaults, inference_precision="bf16")})
     srv = Server(settings).start()

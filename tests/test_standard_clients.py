@@ -68,6 +68,9 @@ def test_tritonclient_works_unchanged(server, protocol, photo_files):
     assert seen["bytes"]["id"] == "bytes-1"
     assert seen["bytes"]["saliency_shape"] == [2, 1000, 7, 7]
     assert seen["uint8"]["outputs"] == ["logits"]
+    # the same classes from frames and scores in shared memory (--shared-memory system)
+    assert seen["shared_memory"] == {"listed": ["frames", "scores"], "top1": [285, 967],
+                                     "left": 0}
     (stats,) = seen["statistics"]["model_stats"]
     assert int(stats["inference_count"]) >= 4 and int(stats["execution_count"]) >= 2
     top3 = seen["classification"]
@@ -140,3 +143,21 @@ def test_perf_analyzer_streams_to_the_server(server, tmp_path):
     (row,) = list(csv.DictReader(report.open()))
     assert int(row["Concurrency"]) == 4 and float(row["Inferences/Second"]) > 0
     assert float(row["Server Compute Infer"]) > 0
+
+
+def test_perf_analyzer_passes_tensors_through_shared_memory(server, tmp_path):
+    """perf_analyzer --shared-memory system: it registers regions for every input and output,
+    sends only their names, and reads nothing back through the socket."""
+    assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
+    report = tmp_path / "perf.csv"
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
+         "-i", "grpc", "--shared-memory", "system", "-u", address(server, "grpc"),
+         "--concurrency-range", "2", "--measurement-mode", "count_windows",
+         "--measurement-request-count", "20", "--max-trials", "10",
+         "--stability-percentage", "100", "-f", str(report)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    (row,) = list(csv.DictReader(report.open()))
+    assert int(row["Concurrency"]) == 2 and float(row["Inferences/Second"]) > 0
+    assert not server.shared_memory.status("")  # perf_analyzer unregistered its regions
