@@ -18,7 +18,8 @@ from .model import SALIENCY_OUTPUT, ClassifierModel
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
-from .shared_memory import RegionStatus, SharedMemoryRegions, TensorPlace, tensor_place
+from .shared_memory import (BYTE_SIZE, REGION, RegionStatus, SharedMemoryRegions, TensorPlace,
+                            tensor_place)
 
 SCORES_OUTPUT = "logits"
 INPUT_NAME = "image"
@@ -209,7 +210,7 @@ def output_places(request: pb.ModelInferRequest, shared: SharedMemoryRegions,
             continue
         if i in classified:
             raise invalid(f"{where}: classification and shared memory both asked; the top "
-                          "classes come in the response, so drop shared_memory_region")
+                          f"classes come in the response, so drop {REGION}")
         shared.check(place, where)
         places[i] = place
     return places
@@ -437,8 +438,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             output = response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             if i in places:  # written there; an empty entry keeps the outputs' order
                 self.shared_memory.write(places[i], array.tobytes(), f"outputs[{i}]")
-                output.parameters["shared_memory_region"].string_param = places[i].region
-                output.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+                output.parameters[REGION].string_param = places[i].region
+                output.parameters[BYTE_SIZE].int64_param = array.nbytes
                 response.raw_output_contents.append(b"")
                 continue
             response.raw_output_contents.append(array.tobytes())
