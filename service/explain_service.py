@@ -26,6 +26,7 @@ from .repository import ModelRepository, VersionState
 from .request_context import ClientGone, ClientWait, new_request_id, note_forward_passes
 from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
+from .shared_memory import SharedMemoryRegions, TensorPlace
 from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
 
 MAX_TOP_K = TOP_K  # the classes the summary head ranks
@@ -57,25 +58,41 @@ class Stopwatch:
         return {**self.timings, "total": (time.perf_counter() - self._start) * 1e3}
 
 
-def decode_request_image(image: pb.Image) -> np.ndarray:
+def decode_encoded(data: bytes, field: str) -> np.ndarray:
+    try:
+        return decode_image(data)
+    except ImageError as exc:
+        raise invalid(f"{field}: {exc}") from None
+
+
+def decode_pixels(shape: list[int], data: bytes, field: str, data_field: str) -> np.ndarray:
+    """u8 [H, W, 3] RGB of any size within the image limits; `field` holds the shape."""
+    if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
+        raise invalid(f"{field}.shape {shape}: expected [H, W, 3] u8 RGB")
+    try:
+        check_image_size(shape[0], shape[1])
+    except ImageError as exc:
+        raise invalid(f"{field}.shape {shape}: {exc}") from None
+    if len(data) != shape[0] * shape[1] * 3:
+        raise invalid(f"{data_field}: {len(data)} bytes for shape {shape}")
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
+def decode_request_image(image: pb.Image, shared: SharedMemoryRegions) -> np.ndarray:
     kind = image.WhichOneof("source")
     if kind == "encoded":
-        try:
-            return decode_image(image.encoded)
-        except ImageError as exc:
-            raise invalid(f"image.encoded: {exc}") from None
+        return decode_encoded(image.encoded, "image.encoded")
     if kind == "tensor":
-        shape = list(image.tensor.shape)
-        if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
-            raise invalid(f"image.tensor.shape {shape}: expected [H, W, 3] u8 RGB")
-        try:
-            check_image_size(shape[0], shape[1])
-        except ImageError as exc:
-            raise invalid(f"image.tensor.shape {shape}: {exc}") from None
-        if len(image.tensor.data) != shape[0] * shape[1] * 3:
-            raise invalid(f"image.tensor.data: {len(image.tensor.data)} bytes for shape {shape}")
-        return np.frombuffer(image.tensor.data, np.uint8).reshape(shape)
-    raise invalid("image: set image.encoded (JPEG/PNG bytes) or image.tensor (u8 [H, W, 3])")
+        return decode_pixels(list(image.tensor.shape), image.tensor.data, "image.tensor",
+                             "image.tensor.data")
+    if kind == "shared_memory":
+        source, field = image.shared_memory, "image.shared_memory"
+        data = shared.read(TensorPlace(source.region, source.offset, source.byte_size), field)
+        if not source.shape:
+            return decode_encoded(data, field)
+        return decode_pixels(list(source.shape), data, field, f"{field}.byte_size")
+    raise invalid("image: set image.encoded (JPEG/PNG bytes), image.tensor (u8 [H, W, 3]) or "
+                  "image.shared_memory")
 
 
 # Enum fields hold any number on the wire; one this server does not know is an error, not a
@@ -116,9 +133,11 @@ def stream_failure(request: pb.ExplainRequest | None, code: grpc.StatusCode, mes
 
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def __init__(self, repository: ModelRepository, settings: ServerSettings,
-                 streams: MessageStreams | None = None):
+                 streams: MessageStreams | None = None,
+                 shared_memory: SharedMemoryRegions | None = None):
         self.repository = repository
         self.streams = streams
+        self.shared_memory = shared_memory or SharedMemoryRegions(enabled=False)
         self.rise = RiseExplainer()
         self.raise_black_box_cap(settings)
         self.black_box_slots = threading.BoundedSemaphore(settings.max_black_box_in_flight)
@@ -174,7 +193,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def _explain(self, request, state: VersionState, watch: Stopwatch, context
                  ) -> pb.ExplainResponse:
         model = state.model
-        image = as_rgb(decode_request_image(request.image))
+        image = as_rgb(decode_request_image(request.image, self.shared_memory))
         watch.lap("decode")
         tensor = resize_for_model(image, model.info)
         watch.lap("preprocess")

@@ -96,10 +96,12 @@ class Server:
             interceptors=[interceptor], options=options)
         self.streams = MessageStreams(interceptor, settings.max_concurrent_requests,
                                       settings.max_open_streams)
-        self.shared_memory = SharedMemoryRegions(settings.shared_memory == "system")
+        self.shared_memory = SharedMemoryRegions(settings.shared_memory == "system",
+                                                 settings.max_message_bytes)
         kserve = KServeServicer(self.repository, self.streams, self.shared_memory)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
-        self.explanation = ExplanationServicer(self.repository, settings, self.streams)
+        self.explanation = ExplanationServicer(self.repository, settings, self.streams,
+                                               self.shared_memory)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         services = (*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)

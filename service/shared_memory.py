@@ -25,7 +25,9 @@ from .errors import RequestError, exhausted, invalid, shown
 SHM_ROOT = Path("/dev/shm")  # where Linux keeps shm_open's objects
 MAX_REGIONS = 256
 # the parameters of an input, or of a requested output, that place it in a region
-REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
+REGION = "shared_memory_region"
+OFFSET = "shared_memory_offset"
+BYTE_SIZE = "shared_memory_byte_size"
 TURN_ON = ("system shared memory is off on this server: start it with --shared-memory system "
            "(for clients on the same host), or send the tensor in the request")
 
@@ -90,9 +92,9 @@ class _Region:
     def span(self, place: TensorPlace, where: str) -> int:
         """The object offset of the tensor, once it is known to lie inside the region."""
         if place.offset + place.byte_size > self.status.byte_size:
-            raise invalid(f"{where}.parameters: {place.byte_size} bytes at offset {place.offset}"
-                          f" run past region {place.region!r} ({self.status.byte_size} bytes); "
-                          "give an offset and size inside it")
+            raise invalid(f"{where}: {place.byte_size} bytes at offset {place.offset} run past "
+                          f"region {place.region!r} ({self.status.byte_size} bytes); give an "
+                          "offset and size inside it")
         return self.status.offset + place.offset
 
     def object_size(self) -> int:
@@ -101,10 +103,13 @@ class _Region:
 
 class SharedMemoryRegions:
     """The registered regions, by name; every read, write and change holds one lock, so a
-    region is never closed while a request reads it (a copy of a frame takes microseconds)."""
+    region is never closed while a request reads it (a copy of a frame takes microseconds).
+    A read is bounded as a message is (`max_read_bytes`): a client's region may be any size."""
 
-    def __init__(self, enabled: bool, root: Path = SHM_ROOT):
+    def __init__(self, enabled: bool, max_read_bytes: int = 32 * 1024 * 1024,
+                 root: Path = SHM_ROOT):
         self.enabled = enabled
+        self.max_read_bytes = max_read_bytes
         self.root = root
         self._regions: dict[str, _Region] = {}
         self._lock = threading.Lock()
@@ -180,9 +185,8 @@ class SharedMemoryRegions:
         self._check_enabled()
         region = self._regions.get(place.region)
         if region is None:
-            raise invalid(f"{where}.parameters.{REGION} {shown(place.region)}: no region of "
-                          "that name is registered; register it first "
-                          "(SystemSharedMemoryRegister)")
+            raise invalid(f"{where}: region {shown(place.region)} is not registered; register "
+                          "it first (SystemSharedMemoryRegister)")
         return region
 
     def check(self, place: TensorPlace, where: str) -> None:
@@ -191,6 +195,9 @@ class SharedMemoryRegions:
             self._region(place, where).span(place, where)
 
     def read(self, place: TensorPlace, where: str) -> bytes:
+        if place.byte_size > self.max_read_bytes:
+            raise exhausted(f"{where}: {place.byte_size} bytes, over the server's "
+                            f"max_message_bytes ({self.max_read_bytes}); send less")
         with self._lock:
             region = self._region(place, where)
             data = os.pread(region.descriptor, place.byte_size, region.span(place, where))
@@ -202,8 +209,9 @@ class SharedMemoryRegions:
 
     def write(self, place: TensorPlace, data: bytes, where: str) -> None:
         if len(data) > place.byte_size:
-            raise invalid(f"{where}.parameters.{BYTE_SIZE} {place.byte_size}: the output takes "
-                          f"{len(data)} bytes; give a place of at least that size")
+            raise invalid(f"{where}: the output takes {len(data)} bytes, more than the "
+                          f"{place.byte_size} given for it in region {place.region!r}; give "
+                          "at least that")
         with self._lock:
             region = self._region(place, where)
             start = region.span(place, where)

@@ -16,6 +16,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import grpc
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ import pytest
 from xaiserve.service.config import ServerSettings
 from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
+from xaiserve.service.proto import xaiserve_pb2 as xpb
+from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
 from xaiserve.service.server import Server
 from xaiserve.service.shared_memory import SHM_ROOT
 
@@ -60,6 +63,10 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
         return file.read(size)
 
 
+# a camera's frame at its own size: Explain resizes it (ModelInfer takes the model's size)
+CAMERA_FRAME = cv2.resize(IMAGE, (320, 240), interpolation=cv2.INTER_NEAREST)
+
+
 def serve(repo: Path, **options):
     server = Server(ServerSettings(repository=repo, host="127.0.0.1", port=0, rest_port=0,
                                    **options)).start()
@@ -72,8 +79,8 @@ def shared(small_export, tmp_path_factory):
     """The small model served with --shared-memory system."""
     repo = tmp_path_factory.mktemp("shm")
     shutil.copytree(small_export.path, repo / "shapes" / "1")
-    server, channel = serve(repo, shared_memory="system")
-    yield server, kgrpc.GRPCInferenceServiceStub(channel)
+    server, channel = serve(repo, shared_memory="system", max_message_bytes=1024 * 1024)
+    yield server, kgrpc.GRPCInferenceServiceStub(channel), xgrpc.ExplanationServiceStub(channel)
     channel.close()
     server.stop(grace=1)
 
@@ -243,13 +250,13 @@ def _offset_alone(request):
 
 
 BAD_REQUESTS = [
-    (_unknown_region, "inputs[0].parameters.shared_memory_region 'nowhere': no region"),
+    (_unknown_region, "inputs[0]: region 'nowhere' is not registered"),
     (_past_the_region, "run past region 'frames'"),
     (_wrong_size, f"inputs[0]: {FRAMES.nbytes - 3} values for shape [2, 64, 64, 3]"),
     (_no_size, "inputs[0].parameters.shared_memory_byte_size: missing"),
     (_both_ways, "values in the request and in shared memory"),
-    (_small_output, f"outputs[0].parameters.shared_memory_byte_size {LOGITS_BYTES - 4}: "
-                    f"the output takes {LOGITS_BYTES} bytes"),
+    (_small_output, f"outputs[0]: the output takes {LOGITS_BYTES} bytes, more than the "
+                    f"{LOGITS_BYTES - 4} given"),
     (_classified_output, "outputs[0]: classification and shared memory"),
     (_offset_alone, "outputs[0].parameters.shared_memory_offset without shared_memory_region"),
 ]
@@ -303,7 +310,7 @@ def test_regions_unregistered_while_requests_read_them(stub):
                     stub.ModelInfer(frames_request("frames"), timeout=30)
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as error:
-                    assert "no region of that name" in error.details(), error.details()
+                    assert "'frames' is not registered" in error.details(), error.details()
                     codes.append(error.code())
         senders = [threading.Thread(target=send) for _ in range(3)]
         for thread in senders:
@@ -316,6 +323,53 @@ def test_regions_unregistered_while_requests_read_them(stub):
             thread.join()
         assert len(codes) == 60 and grpc.StatusCode.OK in codes
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+
+
+def explain(image: xpb.Image) -> xpb.ExplainRequest:
+    return xpb.ExplainRequest(model_name="shapes", image=image, top_k=2,
+                              map_format=xpb.MAP_FORMAT_FLOAT)
+
+
+def explained(response: xpb.ExplainResponse) -> tuple:
+    """What a client reads: the classes, scores and maps."""
+    return ([(p.class_id, round(p.score, 5)) for p in response.predictions],
+            [(m.class_id, list(m.shape), np.round(m.values, 5).tolist()) for m in response.maps])
+
+
+def test_explain_reads_frames_and_encoded_images_from_shared_memory(shared, stub):
+    """A frame at the camera's size, and a JPEG, each explained from a region as from the
+    request."""
+    explainer = shared[2]
+    ok, jpeg = cv2.imencode(".jpg", CAMERA_FRAME)
+    jpeg = jpeg.tobytes()
+    with shm_object(CAMERA_FRAME.nbytes + len(jpeg)) as (key, path):
+        write_at(path, 0, CAMERA_FRAME.tobytes())
+        write_at(path, CAMERA_FRAME.nbytes, jpeg)
+        register(stub, "camera", key, CAMERA_FRAME.nbytes + len(jpeg))
+        from_region = explainer.Explain(explain(xpb.Image(shared_memory=xpb.SharedImage(
+            region="camera", byte_size=CAMERA_FRAME.nbytes, shape=[240, 320, 3]))), timeout=30)
+        sent = explainer.Explain(explain(xpb.Image(tensor=xpb.Tensor(
+            shape=[240, 320, 3], data=CAMERA_FRAME.tobytes()))), timeout=30)
+        assert explained(from_region) == explained(sent)
+        assert len(from_region.maps) == 2
+        encoded = explainer.Explain(explain(xpb.Image(shared_memory=xpb.SharedImage(
+            region="camera", offset=CAMERA_FRAME.nbytes, byte_size=len(jpeg)))), timeout=30)
+        assert explained(encoded) == explained(explainer.Explain(
+            explain(xpb.Image(encoded=jpeg)), timeout=30))
+        for image, code, words in [
+            (xpb.SharedImage(region="elsewhere", byte_size=10, shape=[1, 1, 3]),
+             grpc.StatusCode.INVALID_ARGUMENT,
+             "image.shared_memory: region 'elsewhere' is not registered"),
+            (xpb.SharedImage(region="camera", byte_size=CAMERA_FRAME.nbytes, shape=[240, 300, 3]),
+             grpc.StatusCode.INVALID_ARGUMENT,
+             f"image.shared_memory.byte_size: {CAMERA_FRAME.nbytes} bytes for shape"),
+            (xpb.SharedImage(region="camera", byte_size=100), grpc.StatusCode.INVALID_ARGUMENT,
+             "image.shared_memory: "),  # not an image
+            (xpb.SharedImage(region="camera", byte_size=2 * 1024 * 1024, shape=[1024, 683, 3]),
+             grpc.StatusCode.RESOURCE_EXHAUSTED, "over the server's max_message_bytes"),
+        ]:
+            error = refused(explainer.Explain, explain(xpb.Image(shared_memory=image)))
+            assert error.code() == code and words in error.details(), error.details()
 
 
 def test_shared_memory_over_rest_as_triton_s_paths(shared, stub):
@@ -361,6 +415,9 @@ def test_shared_memory_is_off_unless_the_server_is_started_with_it(small_export,
             assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "start it with --shared-memory system" in error.details()
             error = refused(stub.ModelInfer, frames_request("frames"))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            error = refused(xgrpc.ExplanationServiceStub(channel).Explain, explain(xpb.Image(
+                shared_memory=xpb.SharedImage(region="frames", byte_size=FRAMES.nbytes))))
             assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         metadata = stub.ServerMetadata(kpb.ServerMetadataRequest(), timeout=30)
         assert "system_shared_memory" not in metadata.extensions

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0exaiserve.proto\x12\x0bxaiserve.v1\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.xaiserve.v1.TensorH\x00\x42\x08\n\x06source\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x0f\x42lackBoxOptions\x12\x11\n\tnum_masks\x18\x01 \x01(\r\x12\r\n\x05\x63\x65lls\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"b\n\x0bGroundTruth\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x11\n\thas_label\x18\x02 \x01(\x08\x12\x10\n\x08mask_png\x18\x03 \x01(\x0c\x12\x1f\n\x05\x62oxes\x18\x04 \x03(\x0b\x32\x10.xaiserve.v1.Box\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\xfc\x03\n\x0e\x45xplainRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12!\n\x05image\x18\x04 \x01(\x0b\x32\x12.xaiserve.v1.Image\x12\x16\n\x0etarget_classes\x18\x05 \x03(\x03\x12\r\n\x05top_k\x18\x06 \x01(\r\x12#\n\x06method\x18\x07 \x01(\x0e\x32\x13.xaiserve.v1.Method\x12/\n\tblack_box\x18\x08 \x01(\x0b\x32\x1c.xaiserve.v1.BlackBoxOptions\x12.\n\x0cground_truth\x18\t \x01(\x0b\x32\x18.xaiserve.v1.GroundTruth\x12\x0f\n\x07metrics\x18\n \x03(\t\x12*\n\nmap_format\x18\x0b \x01(\x0e\x32\x16.xaiserve.v1.MapFormat\x12?\n\nthresholds\x18\x0c \x03(\x0b\x32+.xaiserve.v1.ExplainRequest.ThresholdsEntry\x12\x32\n\x0emetric_options\x18\r \x01(\x0b\x32\x1a.xaiserve.v1.MetricOptions\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb3\x01\n\rMetricOptions\x12\x14\n\x0c\x62inarization\x18\x01 \x01(\t\x12\x1f\n\x12\x62inarization_value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tsubstrate\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x13\n\x0b\x62lur_kernel\x18\x05 \x01(\r\x12\x1d\n\x15pointing_tolerance_px\x18\x06 \x01(\rB\x15\n\x13_binarization_value\"<\n\nPrediction\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x93\x01\n\x0bSaliencyMap\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12&\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x16.xaiserve.v1.MapFormat\x12\x0e\n\x06values\x18\x06 \x03(\x02\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x9f\x01\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\nparameters\x18\x04 \x03(\x0b\x32#.xaiserve.v1.Metric.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x02\n\x0f\x45xplainResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12,\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x17.xaiserve.v1.Prediction\x12&\n\x04maps\x18\x05 \x03(\x0b\x32\x18.xaiserve.v1.SaliencyMap\x12$\n\x07metrics\x18\x06 \x03(\x0b\x32\x13.xaiserve.v1.Metric\x12?\n\ntimings_ms\x18\x07 \x03(\x0b\x32+.xaiserve.v1.ExplainResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"~\n\x15\x45xplainStreamResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.xaiserve.v1.ExplainResponse\x12\n\n\x02id\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\"=\n\x10ModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb2\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x14\n\x0cinput_height\x18\x05 \x01(\x03\x12\x13\n\x0binput_width\x18\x06 \x01(\x03\x12\x13\n\x0bmean_values\x18\x07 \x03(\x02\x12\x14\n\x0cscale_values\x18\x08 \x03(\x02\x12\x13\n\x0bresize_type\x18\t \x01(\t\x12\x17\n\x0fsaliency_method\x18\n \x01(\t\x12\x1d\n\x15saliency_target_layer\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\r\n\x05ready\x18\r \x01(\x08\x12\x0e\n\x06reason\x18\x0e \x01(\t*E\n\x06Method\x12\x0f\n\x0bMETHOD_AUTO\x10\x00\x12\x14\n\x10METHOD_WHITE_BOX\x10\x01\x12\x14\n\x10METHOD_BLACK_BOX\x10\x02*r\n\tMapFormat\x12\x14\n\x10MAP_FORMAT_FLOAT\x10\x00\x12\x17\n\x13MAP_FORMAT_U8_IMAGE\x10\x01\x12\x1a\n\x16MAP_FORMAT_PNG_HEATMAP\x10\x02\x12\x1a\n\x16MAP_FORMAT_PNG_OVERLAY\x10\x03\x32\x82\x02\n\x12\x45xplanationService\x12\x46\n\x07\x45xplain\x12\x1b.xaiserve.v1.ExplainRequest\x1a\x1c.xaiserve.v1.ExplainResponse\"\x00\x12V\n\rExplainStream\x12\x1b.xaiserve.v1.ExplainRequest\x1a\".xaiserve.v1.ExplainStreamResponse\"\x00(\x01\x30\x01\x12L\n\tModelInfo\x12\x1d.xaiserve.v1.ModelInfoRequest\x1a\x1e.xaiserve.v1.ModelInfoResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0exaiserve.proto\x12\x0bxaiserve.v1\"~\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.xaiserve.v1.TensorH\x00\x12\x31\n\rshared_memory\x18\x03 \x01(\x0b\x32\x18.xaiserve.v1.SharedImageH\x00\x42\x08\n\x06source\"O\n\x0bSharedImage\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x12\r\n\x05shape\x18\x04 \x03(\x03\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x0f\x42lackBoxOptions\x12\x11\n\tnum_masks\x18\x01 \x01(\r\x12\r\n\x05\x63\x65lls\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"b\n\x0bGroundTruth\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x11\n\thas_label\x18\x02 \x01(\x08\x12\x10\n\x08mask_png\x18\x03 \x01(\x0c\x12\x1f\n\x05\x62oxes\x18\x04 \x03(\x0b\x32\x10.xaiserve.v1.Box\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\xfc\x03\n\x0e\x45xplainRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12!\n\x05image\x18\x04 \x01(\x0b\x32\x12.xaiserve.v1.Image\x12\x16\n\x0etarget_classes\x18\x05 \x03(\x03\x12\r\n\x05top_k\x18\x06 \x01(\r\x12#\n\x06method\x18\x07 \x01(\x0e\x32\x13.xaiserve.v1.Method\x12/\n\tblack_box\x18\x08 \x01(\x0b\x32\x1c.xaiserve.v1.BlackBoxOptions\x12.\n\x0cground_truth\x18\t \x01(\x0b\x32\x18.xaiserve.v1.GroundTruth\x12\x0f\n\x07metrics\x18\n \x03(\t\x12*\n\nmap_format\x18\x0b \x01(\x0e\x32\x16.xaiserve.v1.MapFormat\x12?\n\nthresholds\x18\x0c \x03(\x0b\x32+.xaiserve.v1.ExplainRequest.ThresholdsEntry\x12\x32\n\x0emetric_options\x18\r \x01(\x0b\x32\x1a.xaiserve.v1.MetricOptions\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb3\x01\n\rMetricOptions\x12\x14\n\x0c\x62inarization\x18\x01 \x01(\t\x12\x1f\n\x12\x62inarization_value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tsubstrate\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x13\n\x0b\x62lur_kernel\x18\x05 \x01(\r\x12\x1d\n\x15pointing_tolerance_px\x18\x06 \x01(\rB\x15\n\x13_binarization_value\"<\n\nPrediction\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x93\x01\n\x0bSaliencyMap\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12&\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x16.xaiserve.v1.MapFormat\x12\x0e\n\x06values\x18\x06 \x03(\x02\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x9f\x01\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\nparameters\x18\x04 \x03(\x0b\x32#.xaiserve.v1.Metric.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x02\n\x0f\x45xplainResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12,\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x17.xaiserve.v1.Prediction\x12&\n\x04maps\x18\x05 \x03(\x0b\x32\x18.xaiserve.v1.SaliencyMap\x12$\n\x07metrics\x18\x06 \x03(\x0b\x32\x13.xaiserve.v1.Metric\x12?\n\ntimings_ms\x18\x07 \x03(\x0b\x32+.xaiserve.v1.ExplainResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"~\n\x15\x45xplainStreamResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.xaiserve.v1.ExplainResponse\x12\n\n\x02id\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\"=\n\x10ModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb2\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x14\n\x0cinput_height\x18\x05 \x01(\x03\x12\x13\n\x0binput_width\x18\x06 \x01(\x03\x12\x13\n\x0bmean_values\x18\x07 \x03(\x02\x12\x14\n\x0cscale_values\x18\x08 \x03(\x02\x12\x13\n\x0bresize_type\x18\t \x01(\t\x12\x17\n\x0fsaliency_method\x18\n \x01(\t\x12\x1d\n\x15saliency_target_layer\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\r\n\x05ready\x18\r \x01(\x08\x12\x0e\n\x06reason\x18\x0e \x01(\t*E\n\x06Method\x12\x0f\n\x0bMETHOD_AUTO\x10\x00\x12\x14\n\x10METHOD_WHITE_BOX\x10\x01\x12\x14\n\x10METHOD_BLACK_BOX\x10\x02*r\n\tMapFormat\x12\x14\n\x10MAP_FORMAT_FLOAT\x10\x00\x12\x17\n\x13MAP_FORMAT_U8_IMAGE\x10\x01\x12\x1a\n\x16MAP_FORMAT_PNG_HEATMAP\x10\x02\x12\x1a\n\x16MAP_FORMAT_PNG_OVERLAY\x10\x03\x32\x82\x02\n\x12\x45xplanationService\x12\x46\n\x07\x45xplain\x12\x1b.xaiserve.v1.ExplainRequest\x1a\x1c.xaiserve.v1.ExplainResponse\"\x00\x12V\n\rExplainStream\x12\x1b.xaiserve.v1.ExplainRequest\x1a\".xaiserve.v1.ExplainStreamResponse\"\x00(\x01\x30\x01\x12L\n\tModelInfo\x12\x1d.xaiserve.v1.ModelInfoRequest\x1a\x1e.xaiserve.v1.ModelInfoResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +37,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRIC_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_EXPLAINRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_EXPLAINRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_METHOD']._serialized_start=2262
-  _globals['_METHOD']._serialized_end=2331
-  _globals['_MAPFORMAT']._serialized_start=2333
-  _globals['_MAPFORMAT']._serialized_end=2447
+  _globals['_METHOD']._serialized_start=2394
+  _globals['_METHOD']._serialized_end=2463
+  _globals['_MAPFORMAT']._serialized_start=2465
+  _globals['_MAPFORMAT']._serialized_end=2579
   _globals['_IMAGE']._serialized_start=31
-  _globals['_IMAGE']._serialized_end=106
-  _globals['_TENSOR']._serialized_start=108
-  _globals['_TENSOR']._serialized_end=145
-  _globals['_BLACKBOXOPTIONS']._serialized_start=147
-  _globals['_BLACKBOXOPTIONS']._serialized_end=212
-  _globals['_GROUNDTRUTH']._serialized_start=214
-  _globals['_GROUNDTRUTH']._serialized_end=312
-  _globals['_BOX']._serialized_start=314
-  _globals['_BOX']._serialized_end=379
-  _globals['_EXPLAINREQUEST']._serialized_start=382
-  _globals['_EXPLAINREQUEST']._serialized_end=890
-  _globals['_EXPLAINREQUEST_THRESHOLDSENTRY']._serialized_start=841
-  _globals['_EXPLAINREQUEST_THRESHOLDSENTRY']._serialized_end=890
-  _globals['_METRICOPTIONS']._serialized_start=893
-  _globals['_METRICOPTIONS']._serialized_end=1072
-  _globals['_PREDICTION']._serialized_start=1074
-  _globals['_PREDICTION']._serialized_end=1134
-  _globals['_SALIENCYMAP']._serialized_start=1137
-  _globals['_SALIENCYMAP']._serialized_end=1284
-  _globals['_METRIC']._serialized_start=1287
-  _globals['_METRIC']._serialized_end=1446
-  _globals['_METRIC_PARAMETERSENTRY']._serialized_start=1397
-  _globals['_METRIC_PARAMETERSENTRY']._serialized_end=1446
-  _globals['_EXPLAINRESPONSE']._serialized_start=1449
-  _globals['_EXPLAINRESPONSE']._serialized_end=1760
-  _globals['_EXPLAINRESPONSE_TIMINGSMSENTRY']._serialized_start=1712
-  _globals['_EXPLAINRESPONSE_TIMINGSMSENTRY']._serialized_end=1760
-  _globals['_EXPLAINSTREAMRESPONSE']._serialized_start=1762
-  _globals['_EXPLAINSTREAMRESPONSE']._serialized_end=1888
-  _globals['_MODELINFOREQUEST']._serialized_start=1890
-  _globals['_MODELINFOREQUEST']._serialized_end=1951
-  _globals['_MODELINFORESPONSE']._serialized_start=1954
-  _globals['_MODELINFORESPONSE']._serialized_end=2260
-  _globals['_EXPLANATIONSERVICE']._serialized_start=2450
-  _globals['_EXPLANATIONSERVICE']._serialized_end=2708
+  _globals['_IMAGE']._serialized_end=157
+  _globals['_SHAREDIMAGE']._serialized_start=159
+  _globals['_SHAREDIMAGE']._serialized_end=238
+  _globals['_TENSOR']._serialized_start=240
+  _globals['_TENSOR']._serialized_end=277
+  _globals['_BLACKBOXOPTIONS']._serialized_start=279
+  _globals['_BLACKBOXOPTIONS']._serialized_end=344
+  _globals['_GROUNDTRUTH']._serialized_start=346
+  _globals['_GROUNDTRUTH']._serialized_end=444
+  _globals['_BOX']._serialized_start=446
+  _globals['_BOX']._serialized_end=511
+  _globals['_EXPLAINREQUEST']._serialized_start=514
+  _globals['_EXPLAINREQUEST']._serialized_end=1022
+  _globals['_EXPLAINREQUEST_THRESHOLDSENTRY']._serialized_start=973
+  _globals['_EXPLAINREQUEST_THRESHOLDSENTRY']._serialized_end=1022
+  _globals['_METRICOPTIONS']._serialized_start=1025
+  _globals['_METRICOPTIONS']._serialized_end=1204
+  _globals['_PREDICTION']._serialized_start=1206
+  _globals['_PREDICTION']._serialized_end=1266
+  _globals['_SALIENCYMAP']._serialized_start=1269
+  _globals['_SALIENCYMAP']._serialized_end=1416
+  _globals['_METRIC']._serialized_start=1419
+  _globals['_METRIC']._serialized_end=1578
+  _globals['_METRIC_PARAMETERSENTRY']._serialized_start=1529
+  _globals['_METRIC_PARAMETERSENTRY']._serialized_end=1578
+  _globals['_EXPLAINRESPONSE']._serialized_start=1581
+  _globals['_EXPLAINRESPONSE']._serialized_end=1892
+  _globals['_EXPLAINRESPONSE_TIMINGSMSENTRY']._serialized_start=1844
+  _globals['_EXPLAINRESPONSE_TIMINGSMSENTRY']._serialized_end=1892
+  _globals['_EXPLAINSTREAMRESPONSE']._serialized_start=1894
+  _globals['_EXPLAINSTREAMRESPONSE']._serialized_end=2020
+  _globals['_MODELINFOREQUEST']._serialized_start=2022
+  _globals['_MODELINFOREQUEST']._serialized_end=2083
+  _globals['_MODELINFORESPONSE']._serialized_start=2086
+  _globals['_MODELINFORESPONSE']._serialized_end=2392
+  _globals['_EXPLANATIONSERVICE']._serialized_start=2582
+  _globals['_EXPLANATIONSERVICE']._serialized_end=2840
 # @@protoc_insertion_point(module_scope)

@@ -28,12 +28,26 @@ MAP_FORMAT_PNG_HEATMAP: MapFormat
 MAP_FORMAT_PNG_OVERLAY: MapFormat
 
 class Image(_message.Message):
-    __slots__ = ("encoded", "tensor")
+    __slots__ = ("encoded", "tensor", "shared_memory")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     tensor: Tensor
-    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedImage
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedImage, _Mapping]] = ...) -> None: ...
+
+class SharedImage(_message.Message):
+    __slots__ = ("region", "offset", "byte_size", "shape")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
