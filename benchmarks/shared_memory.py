@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -38,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_speed import (SALIENCY_MODEL, channel, ensure_models, log,  # noqa: E402
                            percentile, run_benchmark_app, running_server)
 
-from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb  # noqa: E402
-from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc  # noqa: E402
 from xaiserve.service.proto import xaiserve_pb2 as xpb  # noqa: E402
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc  # noqa: E402
+from xaiserve.service.shared_frames import SharedFrames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("none", "system")
@@ -78,29 +76,17 @@ def perf_analyzer(url: str, protocol: str, mode: str, concurrency: int, window_m
             "client_recv_ms": float(row["Client Recv"]) / 1e3}
 
 
-def register(stub, path: Path) -> None:
-    """The object as a region named after it (again: perf_analyzer unregisters every region,
-    as a Triton client may, when it starts and ends)."""
-    stub.SystemSharedMemoryUnregister(kpb.SystemSharedMemoryUnregisterRequest(name=path.name),
-                                      timeout=30)
-    stub.SystemSharedMemoryRegister(kpb.SystemSharedMemoryRegisterRequest(
-        name=path.name, key="/" + path.name, byte_size=path.stat().st_size), timeout=30)
-
-
-def explain_requests(height: int, width: int) -> tuple[dict, Path]:
-    """Explain of one camera frame sent in the request and read from a region: the requests
-    by mode, and the shared memory object (the caller registers it, and removes it)."""
+def explain_requests(frames: SharedFrames) -> dict:
+    """Explain of one camera frame sent in the request, and read from `frames`' region."""
+    height, width, _ = frames.shape
     frame = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    path = Path("/dev/shm") / f"xaiserve-bench-{os.getpid()}-{height}"
-    path.write_bytes(frame.tobytes())
 
     def request(image: xpb.Image) -> xpb.ExplainRequest:
         return xpb.ExplainRequest(model_name=SALIENCY_MODEL, image=image, top_k=1,
                                   map_format=xpb.MAP_FORMAT_FLOAT)
     return {"tensor": request(xpb.Image(tensor=xpb.Tensor(shape=frame.shape,
                                                           data=frame.tobytes()))),
-            "shared_memory": request(xpb.Image(shared_memory=xpb.SharedImage(
-                region=path.name, byte_size=frame.nbytes, shape=frame.shape)))}, path
+            "shared_memory": request(frames.put(frame))}
 
 
 def back_to_back(call, request, seconds: float) -> dict:
@@ -132,16 +118,16 @@ def main() -> int:
     rounds = []
     explains = [(f"explain {w} x {h}, {mode}", h, w, mode) for h, w in CAMERA_SIZES
                 for mode in ("tensor", "shared_memory")]
-    objects = []
+    objects: list[SharedFrames] = []
     with running_server(args.repository, "SHARED_MEMORY",
                         ["--shared-memory", "system", "--rest-port", "0"], out) as server, \
             channel(server.address) as ch:
         urls = {"grpc": server.address, "http": f"127.0.0.1:{rest_port(server.log_path)}"}
         requests = {}
         for height, width in CAMERA_SIZES:
-            by_mode, path = explain_requests(height, width)
-            objects.append(path)
-            requests.update({(height, width, mode): r for mode, r in by_mode.items()})
+            objects.append(SharedFrames(ch, (height, width, 3), slots=1))
+            requests.update({(height, width, mode): r
+                             for mode, r in explain_requests(objects[-1]).items()})
         explainer = xgrpc.ExplanationServiceStub(ch).Explain
         for r in range(args.rounds):
             log(f"round {r + 1} of {args.rounds}")
@@ -156,8 +142,8 @@ def main() -> int:
                 log(f"  {name:<28} {figure['fps']:7.1f}/s ({figure['fps'] / reference.fps:.3f}"
                     f" of benchmark_app), p50 {figure['p50_ms']:6.2f} ms, client send "
                     f"{figure['client_send_ms']:.2f} + receive {figure['client_recv_ms']:.2f} ms")
-            for path in objects:
-                register(kgrpc.GRPCInferenceServiceStub(ch), path)
+            for frames in objects:  # perf_analyzer unregistered every region
+                frames.register()
             for name, height, width, mode in explains[::-1 if r % 2 else 1]:
                 back_to_back(explainer, requests[(height, width, mode)], 0.5)  # warm-up
                 figure = back_to_back(explainer, requests[(height, width, mode)],
@@ -167,8 +153,8 @@ def main() -> int:
                     f"({figure['fps'] / reference.fps:.3f} of benchmark_app), p50 "
                     f"{figure['p50_ms']:6.2f} ms")
             rounds.append({"benchmark_app_fps": reference.fps, "figures": figures})
-    for path in objects:
-        path.unlink(missing_ok=True)
+        for frames in objects:
+            frames.close()
     summary = {}
     pairs = [(f"{protocol}, {concurrency} in flight, {mode}",
               f"{protocol}, {concurrency} in flight, none")

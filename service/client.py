@@ -71,19 +71,20 @@ def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024,
     return grpc.insecure_channel(address, options=options)
 
 
-def explain_request(image: bytes, model: str, *, version: str = "",
+def explain_request(image: bytes | pb.Image, model: str, *, version: str = "",
                     targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
                     map_format: str = "overlay", num_masks: int = 0, seed: int = 0,
                     label: int | None = None, boxes: list[tuple[float, float, float, float]] = (),
                     mask: bytes | None = None, metrics: list[str] = (),
                     metric_options: dict | None = None,
                     thresholds: dict[str, float] | None = None) -> pb.ExplainRequest:
-    """An ExplainRequest from plain values (method and map format by their CLI names).
-    `boxes` (x_min, y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground truth for
+    """An ExplainRequest from plain values (method and map format by their CLI names): `image`
+    encoded, or an Image (a frame in shared memory: service.shared_frames). `boxes` (x_min, y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground truth for
     Shared Interest; `metrics` names extra metrics ("all", "faithfulness", ...);
     `metric_options` holds MetricOptions fields (substrate, steps, binarization, ...)."""
     request = pb.ExplainRequest(
-        model_name=model, model_version=version, image=pb.Image(encoded=image),
+        model_name=model, model_version=version,
+        image=image if isinstance(image, pb.Image) else pb.Image(encoded=image),
         target_classes=targets or [], top_k=top_k, method=METHODS[method],
         black_box=pb.BlackBoxOptions(num_masks=num_masks, seed=seed),
         map_format=MAP_FORMATS[map_format], metrics=list(metrics or []),
@@ -152,7 +153,7 @@ class XaiClient:
         return self.stub.ModelInfo(pb.ModelInfoRequest(model_name=model, model_version=version),
                                    timeout=self.timeout)
 
-    def explain(self, image: bytes | Path, model: str, *, version: str = "",
+    def explain(self, image: bytes | Path | pb.Image, model: str, *, version: str = "",
                 targets: list[int] | None = None, top_k: int = 1, method: str = "auto",
                 map_format: str = "overlay", num_masks: int = 0, seed: int = 0,
                 label: int | None = None, boxes: list[tuple[float, float, float, float]] = (),
@@ -166,7 +167,7 @@ class XaiClient:
         return self.stub.Explain(request, timeout=self.timeout)
 
     @staticmethod
-    def request(image: bytes | Path, model: str, *, mask: bytes | Path | None = None,
+    def request(image: bytes | Path | pb.Image, model: str, *, mask: bytes | Path | None = None,
                 **options) -> pb.ExplainRequest:
         """The ExplainRequest `explain` sends (options: explain's), files read here
         (ValueError naming the file when one cannot be)."""

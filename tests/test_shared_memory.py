@@ -26,7 +26,9 @@ from xaiserve.service.proto import grpc_predict_v2_pb2 as kpb
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc
 from xaiserve.service.proto import xaiserve_pb2 as xpb
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc
+from xaiserve.service.client import XaiClient
 from xaiserve.service.server import Server
+from xaiserve.service.shared_frames import SharedFrames
 from xaiserve.service.shared_memory import SHM_ROOT
 
 from tests.test_operations import IMAGE, infer_request
@@ -370,6 +372,31 @@ def test_explain_reads_frames_and_encoded_images_from_shared_memory(shared, stub
         ]:
             error = refused(explainer.Explain, explain(xpb.Image(shared_memory=image)))
             assert error.code() == code and words in error.details(), error.details()
+
+
+def test_a_camera_process_sends_frames_through_shared_frames(shared, stub):
+    """The library's client side: frames written to slots in turn, each explained as the
+    same frame sent in the request; the region and the object gone after."""
+    server = shared[0]
+    client = XaiClient(f"127.0.0.1:{server.port}")
+    frames = [CAMERA_FRAME, CAMERA_FRAME[::-1].copy(), CAMERA_FRAME[:, ::-1].copy()]
+    try:
+        with SharedFrames(client.channel, CAMERA_FRAME.shape, slots=2) as shared_frames:
+            path = shared_frames.path
+            assert path.stat().st_size == 2 * CAMERA_FRAME.nbytes
+            answers = [client.explain(shared_frames.put(f), "shapes", top_k=2,
+                                      map_format="float") for f in frames]
+            with pytest.raises(ValueError, match="uint8"):
+                shared_frames.put(CAMERA_FRAME.astype(np.float32))
+        assert not path.exists()
+        assert not server.shared_memory.status("")
+        for frame, answer in zip(frames, answers):
+            sent = client.explain(xpb.Image(tensor=xpb.Tensor(shape=frame.shape,
+                                                              data=frame.tobytes())),
+                                  "shapes", top_k=2, map_format="float")
+            assert explained(answer) == explained(sent)
+    finally:
+        client.close()
 
 
 def test_shared_memory_over_rest_as_triton_s_paths(shared, stub):
