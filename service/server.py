@@ -155,6 +155,10 @@ class Server:
                         "ready all the same (strict_readiness false): its health %s is "
                         "NOT_SERVING", ", ".join(unserved),
                         ", ".join(repr(name) for name in unserved))
+        if self.shared_memory.enabled:
+            log.warning("system shared memory on: callers may register shared memory objects "
+                        "of this host (/dev/shm), which the server reads and writes with its "
+                        "rights; for clients on this host that are trusted")
         if self.rest is not None:
             log.info("REST (Open Inference Protocol over HTTP%s) on port %d",
                      "S" if self.tls else "", self.rest.port)

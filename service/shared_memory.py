@@ -100,6 +100,11 @@ class _Region:
     def object_size(self) -> int:
         return os.fstat(self.descriptor).st_size
 
+    def shrunk(self, where: str) -> Exception:
+        return invalid(f"{where}: region {self.status.name!r} ends early: its object "
+                       f"{self.status.key!r} was shrunk after it was registered; register it "
+                       "again")
+
 
 class SharedMemoryRegions:
     """The registered regions, by name; every read, write and change holds one lock, so a
@@ -195,6 +200,7 @@ class SharedMemoryRegions:
             self._region(place, where).span(place, where)
 
     def read(self, place: TensorPlace, where: str) -> bytes:
+        self._check_enabled()
         if place.byte_size > self.max_read_bytes:
             raise exhausted(f"{where}: {place.byte_size} bytes, over the server's "
                             f"max_message_bytes ({self.max_read_bytes}); send less")
@@ -202,9 +208,7 @@ class SharedMemoryRegions:
             region = self._region(place, where)
             data = os.pread(region.descriptor, place.byte_size, region.span(place, where))
         if len(data) < place.byte_size:
-            raise invalid(f"{where}: region {place.region!r} ends early: its object "
-                          f"{region.status.key!r} was shrunk after it was registered; register "
-                          "it again")
+            raise region.shrunk(where)
         return data
 
     def write(self, place: TensorPlace, data: bytes, where: str) -> None:
@@ -216,9 +220,7 @@ class SharedMemoryRegions:
             region = self._region(place, where)
             start = region.span(place, where)
             if start + len(data) > region.object_size():  # never grow a client's object
-                raise invalid(f"{where}: region {place.region!r} ends early: its object "
-                              f"{region.status.key!r} was shrunk after it was registered; "
-                              "register it again")
+                raise region.shrunk(where)
             view = memoryview(data)
             while view:
                 written = os.pwrite(region.descriptor, view, start)

@@ -426,6 +426,12 @@ def test_shared_memory_over_rest_as_triton_s_paths(shared, stub):
         logits = np.frombuffer(read_at(path, FRAMES.nbytes, LOGITS_BYTES), np.float32)
         expected = as_array(stub.ModelInfer(frames_request("frames"), timeout=30), "logits")
         np.testing.assert_allclose(logits.reshape(2, 3), expected, rtol=1e-5, atol=1e-6)
+        # Explain's image from a region too, in the ExplainRequest's proto3 JSON
+        status, _, body = call(server, "POST", "/v2/models/shapes/explain", {
+            "image": {"shared_memory": {"region": "frames", "byte_size": IMAGE.nbytes,
+                                        "shape": [64, 64, 3]}}, "map_format": "MAP_FORMAT_FLOAT"})
+        assert status == 200, body
+        assert json.loads(body)["predictions"][0]["class_id"] == int(expected[0].argmax())
         status, _, _ = call(server, "POST", "/v2/systemsharedmemory/unregister")
         assert status == 200
         assert json.loads(call(server, "GET", "/v2/systemsharedmemory/status")[2]) == []
