@@ -313,6 +313,13 @@ def running_server(repository: Path, label: str, extra_args: list[str],
 
 # --- measurements -----------------------------------------------------------------------------
 
+def write_results(path: Path, summary: dict, rounds: list, args: argparse.Namespace) -> None:
+    """A benchmark's JSON: its summary, every round's figures, and the options it ran with."""
+    path.write_text(json.dumps({"summary": summary, "rounds": rounds,
+                                "args": {k: str(v) for k, v in vars(args).items()}},
+                               indent=2) + "\n")
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 

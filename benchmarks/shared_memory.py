@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_speed import (SALIENCY_MODEL, channel, ensure_models, log,  # noqa: E402
-                           percentile, run_benchmark_app, running_server)
+                           percentile, run_benchmark_app, running_server, write_results)
 
 from xaiserve.service.proto import xaiserve_pb2 as xpb  # noqa: E402
 from xaiserve.service.proto import xaiserve_pb2_grpc as xgrpc  # noqa: E402
@@ -173,9 +172,7 @@ def main() -> int:
         print(f"{name:<36} {figure['fps_over_benchmark_app']:>20.3f} "
               f"{figure['fps_over_in_request']:>7.3f} {figure['p50_ms']:>7.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "rounds": rounds,
-                                         "args": {k: str(v) for k, v in vars(args).items()}},
-                                        indent=2) + "\n")
+        write_results(args.json, summary, rounds, args)
     return 0
 
 

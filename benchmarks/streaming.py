@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import sys
 import threading
@@ -33,7 +32,8 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_speed import (SALIENCY_MODEL, channel, ensure_models, infer_request,  # noqa: E402
-                           log, percentile, run_benchmark_app, running_server, sample_jpeg)
+                           log, percentile, run_benchmark_app, running_server, sample_jpeg,
+                           write_results)
 
 from xaiserve.service.proto import grpc_predict_v2_pb2_grpc as kgrpc  # noqa: E402
 from xaiserve.service.proto import xaiserve_pb2 as xpb  # noqa: E402
@@ -202,9 +202,7 @@ def main() -> int:
         print(f"{name:<38} {figure['fps_over_benchmark_app']:>20.3f} {figure['p50_ms']:>8.2f}"
               f"  rounds {figure['rounds']}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "rounds": rounds,
-                                         "args": {k: str(v) for k, v in vars(args).items()}},
-                                        indent=2) + "\n")
+        write_results(args.json, summary, rounds, args)
     return 0
 
 

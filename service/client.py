@@ -79,8 +79,9 @@ def explain_request(image: bytes | pb.Image, model: str, *, version: str = "",
                     metric_options: dict | None = None,
                     thresholds: dict[str, float] | None = None) -> pb.ExplainRequest:
     """An ExplainRequest from plain values (method and map format by their CLI names): `image`
-    encoded, or an Image (a frame in shared memory: service.shared_frames). `boxes` (x_min, y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground truth for
-    Shared Interest; `metrics` names extra metrics ("all", "faithfulness", ...);
+    encoded, or an Image (a frame in shared memory: service.shared_frames). `boxes` (x_min,
+    y_min, x_max, y_max) and `mask` (PNG, the image's size) are ground truth for Shared
+    Interest; `metrics` names extra metrics ("all", "faithfulness", ...);
     `metric_options` holds MetricOptions fields (substrate, steps, binarization, ...)."""
     request = pb.ExplainRequest(
         model_name=model, model_version=version,

@@ -107,57 +107,43 @@ def test_kserve_sdk_works_unchanged(server, protocol, photo_files):
     assert "'nonexistent'" in seen["unknown_model"]
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_perf_analyzer_measures_the_server(server, protocol, tmp_path):
-    """perf_analyzer reads ModelMetadata and ModelConfig, sends random u8 batches of 2 from 2
-    concurrent clients, and splits the server's time with ModelStatistics."""
+def perf_analyzer(server, protocol: str, tmp_path: Path, concurrency: int, requests: int,
+                  *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """One perf_analyzer run against the server at one concurrency: its output and CSV row."""
     assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
     report = tmp_path / "perf.csv"
     run = subprocess.run(
         ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
-         "-i", protocol, "-u", address(server, protocol), "-b", "2", "--concurrency-range", "2",
-         "--measurement-mode", "count_windows", "--measurement-request-count", "20",
+         "-i", protocol, "-u", address(server, protocol), *options,
+         "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
+         "--measurement-request-count", str(requests),
          # up to 10 windows to find 3 within 100% of each other: on 2 vCPUs a window can be
          # twice as slow as the others (4 failed once in CI, the server answering throughout)
          "--max-trials", "10", "--stability-percentage", "100", "-f", str(report)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "Server:" in run.stdout and "compute infer" in run.stdout, run.stdout[-2000:]
     (row,) = list(csv.DictReader(report.open()))
-    assert int(row["Concurrency"]) == 2 and float(row["Inferences/Second"]) > 0
+    assert int(row["Concurrency"]) == concurrency and float(row["Inferences/Second"]) > 0
+    return run, row
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_perf_analyzer_measures_the_server(server, protocol, tmp_path):
+    """perf_analyzer reads ModelMetadata and ModelConfig, sends random u8 batches of 2 from 2
+    concurrent clients, and splits the server's time with ModelStatistics."""
+    run, row = perf_analyzer(server, protocol, tmp_path, 2, 20, "-b", "2")
+    assert "Server:" in run.stdout and "compute infer" in run.stdout, run.stdout[-2000:]
     assert float(row["Server Compute Infer"]) > 0  # from ModelStatistics, in microseconds
 
 
 def test_perf_analyzer_streams_to_the_server(server, tmp_path):
     """perf_analyzer --streaming: its requests over ModelStreamInfer, 4 in flight."""
-    assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
-    report = tmp_path / "perf.csv"
-    run = subprocess.run(
-        ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
-         "-i", "grpc", "--streaming", "-u", address(server, "grpc"),
-         "--concurrency-range", "4", "--measurement-mode", "count_windows",
-         "--measurement-request-count", "40", "--max-trials", "10",
-         "--stability-percentage", "100", "-f", str(report)],
-        capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    (row,) = list(csv.DictReader(report.open()))
-    assert int(row["Concurrency"]) == 4 and float(row["Inferences/Second"]) > 0
+    _, row = perf_analyzer(server, "grpc", tmp_path, 4, 40, "--streaming")
     assert float(row["Server Compute Infer"]) > 0
 
 
 def test_perf_analyzer_passes_tensors_through_shared_memory(server, tmp_path):
     """perf_analyzer --shared-memory system: it registers regions for every input and output,
     sends only their names, and reads nothing back through the socket."""
-    assert PERF_ANALYZER.exists(), f"{PERF_ANALYZER} is missing: {SETUP_HINT}"
-    report = tmp_path / "perf.csv"
-    run = subprocess.run(
-        ["bash", str(ROOT / "scripts/perf_analyzer.sh"), "-m", "efficientnet_lite0",
-         "-i", "grpc", "--shared-memory", "system", "-u", address(server, "grpc"),
-         "--concurrency-range", "2", "--measurement-mode", "count_windows",
-         "--measurement-request-count", "20", "--max-trials", "10",
-         "--stability-percentage", "100", "-f", str(report)],
-        capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    (row,) = list(csv.DictReader(report.open()))
-    assert int(row["Concurrency"]) == 2 and float(row["Inferences/Second"]) > 0
+    perf_analyzer(server, "grpc", tmp_path, 2, 20, "--shared-memory", "system")
     assert not server.shared_memory.status("")  # perf_analyzer unregistered its regions
