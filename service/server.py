@@ -98,6 +98,7 @@ class Server:
                                       settings.max_open_streams)
         self.shared_memory = SharedMemoryRegions(settings.shared_memory == "system",
                                                  settings.max_message_bytes)
+        self.telemetry.watch_shared_memory(self.shared_memory.totals)
         kserve = KServeServicer(self.repository, self.streams, self.shared_memory)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
         self.explanation = ExplanationServicer(self.repository, settings, self.streams,

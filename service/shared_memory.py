@@ -186,6 +186,12 @@ class SharedMemoryRegions:
                                    f"({len(self._regions)} are)")
             return [r.status for n, r in self._regions.items() if not name or n == name]
 
+    def totals(self) -> tuple[int, int]:
+        """How many regions are registered, and the bytes they span (for metrics; on or off)."""
+        with self._lock:
+            return (len(self._regions),
+                    sum(r.status.byte_size for r in self._regions.values()))
+
     def _region(self, place: TensorPlace, where: str) -> _Region:
         self._check_enabled()
         region = self._regions.get(place.region)

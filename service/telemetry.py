@@ -46,6 +46,12 @@ class Telemetry:
         self.open_streams = Gauge("xaiserve_open_streams", "Request streams open now "
                                   "(ModelStreamInfer, ExplainStream; at most max_open_streams)",
                                   registry=r)
+        self.shared_memory_regions = Gauge(
+            "xaiserve_shared_memory_regions", "Shared memory regions registered now "
+            "(--shared-memory system; at most 256)", registry=r)
+        self.shared_memory_bytes = Gauge(
+            "xaiserve_shared_memory_bytes", "Bytes the registered shared memory regions span",
+            registry=r)
         self.forward_passes = Histogram(
             "xaiserve_black_box_forward_passes", "Forward passes (masked images) per black-box "
             "explanation", ["model", "version"], buckets=PASSES_BUCKETS, registry=r)
@@ -70,6 +76,11 @@ class Telemetry:
         """Export `xaiserve_model_versions` from `states`, read at each scrape: a version that
         failed to load while the one before serves in its place must be visible to alerts."""
         self.registry.register(_VersionCollector(states))
+
+    def watch_shared_memory(self, totals: Callable[[], tuple[int, int]]) -> None:
+        """The regions' count and bytes from `totals`, read at each scrape."""
+        self.shared_memory_regions.set_function(lambda: totals()[0])
+        self.shared_memory_bytes.set_function(lambda: totals()[1])
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on its own thread; returns the bound port."""

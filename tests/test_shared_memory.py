@@ -31,7 +31,7 @@ from xaiserve.service.server import Server
 from xaiserve.service.shared_frames import SharedFrames
 from xaiserve.service.shared_memory import SHM_ROOT
 
-from tests.test_operations import IMAGE, infer_request
+from tests.test_operations import IMAGE, infer_request, sample, scrape
 from tests.test_rest import call
 
 FRAMES = np.stack([IMAGE, IMAGE[::-1]])  # two 64x64 frames of the small model
@@ -81,7 +81,8 @@ def shared(small_export, tmp_path_factory):
     """The small model served with --shared-memory system."""
     repo = tmp_path_factory.mktemp("shm")
     shutil.copytree(small_export.path, repo / "shapes" / "1")
-    server, channel = serve(repo, shared_memory="system", max_message_bytes=1024 * 1024)
+    server, channel = serve(repo, shared_memory="system", max_message_bytes=1024 * 1024,
+                            metrics_port=0)
     yield server, kgrpc.GRPCInferenceServiceStub(channel), xgrpc.ExplanationServiceStub(channel)
     channel.close()
     server.stop(grace=1)
@@ -169,14 +170,21 @@ def test_frames_in_shared_memory_give_the_answers_of_frames_in_the_request(stub)
     assert "system_shared_memory" in metadata.extensions
 
 
-def test_regions_are_listed_and_unregistered_one_or_all(stub):
+def regions_in_metrics(server) -> tuple[float, float]:
+    families = scrape(server.metrics_port)
+    return (sample(families, "xaiserve_shared_memory_regions", "xaiserve_shared_memory_regions"),
+            sample(families, "xaiserve_shared_memory_bytes", "xaiserve_shared_memory_bytes"))
+
+
+def test_regions_are_listed_and_unregistered_one_or_all(shared, stub):
     with shm_object(1000) as (key, _):
         register(stub, "a", key, 500)
-        register(stub, "b", key, 500, offset=500)
+        register(stub, "b", key, 400, offset=500)
+        assert regions_in_metrics(shared[0]) == (2, 900)
         listed = stub.SystemSharedMemoryStatus(kpb.SystemSharedMemoryStatusRequest(),
                                                timeout=30).regions
         assert {n: (r.key, r.offset, r.byte_size) for n, r in listed.items()} == {
-            "a": (key, 0, 500), "b": (key, 500, 500)}
+            "a": (key, 0, 500), "b": (key, 500, 400)}
         one = stub.SystemSharedMemoryStatus(kpb.SystemSharedMemoryStatusRequest(name="b"),
                                             timeout=30).regions
         assert list(one) == ["b"]
@@ -191,6 +199,7 @@ def test_regions_are_listed_and_unregistered_one_or_all(stub):
         unregister(kpb.SystemSharedMemoryUnregisterRequest(), timeout=30)
         assert not stub.SystemSharedMemoryStatus(kpb.SystemSharedMemoryStatusRequest(),
                                                  timeout=30).regions
+        assert regions_in_metrics(shared[0]) == (0, 0)
 
 
 BAD_REGISTRATIONS = [  # (name, key, offset, byte_size) -> code, words in the message
