@@ -7,11 +7,18 @@ the middle of an import (torch's take seconds) can reach C++ code that cannot pa
 process aborted (SIGABRT), or CPython marked it as killed by SIGINT whatever exit code it
 chose (6 of 40 SIGTERMs in the first seconds of an export here; 0 of 33 since). So a signal
 that arrives inside an import is raised again once the import is over.
+
+A child forked while these handlers are installed gets the default SIGTERM and SIGINT back.
+OpenVINO's telemetry sends each event from a forked multiprocessing child; one that inherited a
+C lock held by another thread (the dynamic loader's, in getaddrinfo) waits on it for ever, and
+with our handler it never runs Python again to act on SIGTERM, so the export's exit, which
+terminates and joins such children, waited for ever too (seen in CI).
 """
 
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -32,15 +39,29 @@ def inside_import(frame: FrameType | None) -> bool:
     return False
 
 
+_OURS: set = set()  # the handlers installed now, which a forked child must not keep
+
+
+def _default_handlers_in_child() -> None:
+    for sig in SIGNALS:
+        if signal.getsignal(sig) in _OURS:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_handlers_in_child)
+
+
 @contextmanager
 def _handled_by(handler) -> Iterator[None]:
     """SIGTERM and SIGINT go to `handler` within the block; the handlers before come back."""
+    _OURS.add(handler)
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     try:
         yield
     finally:
         for sig, handler_before in previous.items():
             signal.signal(sig, handler_before)
+        _OURS.discard(handler)
 
 
 @contextmanager

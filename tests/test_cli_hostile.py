@@ -196,6 +196,40 @@ def test_a_signal_inside_an_import_is_raised_after_it(tmp_path):
     assert done.stdout.strip() == "interrupted: SIGTERM import complete: True", done.stdout
 
 
+A_FORKED_CHILD_STUCK_IN_C = """
+import ctypes, multiprocessing, time
+from xaiserve.service.interrupts import interrupts_raised
+
+def stuck_in_c():
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)  # zeroed: an unlocked normal pthread mutex
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_mutex_lock(mutex)  # locked again: waits for ever, in C, as a lock inherited
+
+with interrupts_raised():
+    child = multiprocessing.get_context("fork").Process(target=stuck_in_c, daemon=True)
+    child.start()
+    time.sleep(1.0)
+    child.terminate()
+    child.join(10)
+    print("exit code:", child.exitcode)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+"""
+
+
+def test_a_child_forked_during_an_export_dies_on_sigterm():
+    """OpenVINO's telemetry sends from a forked child; one stuck in a C lock it inherited never
+    ran our SIGTERM handler, so the export's exit (which terminates and joins its children)
+    hung: an export in CI waited 15 minutes. Forked children get the default handler."""
+    done = subprocess.run([sys.executable, "-c", A_FORKED_CHILD_STUCK_IN_C],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"exit code: {-signal.SIGTERM}", done.stdout
+
+
 def test_outputs_devices_ports_and_counts_are_checked_before_the_work(default_export, tmp_path):
     model = str(default_export.path)
     image = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
