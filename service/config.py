@@ -67,6 +67,9 @@ class ModelSettings:
     # Requests of this model in flight at once (0: only the server's max_concurrent_requests):
     # beyond it RESOURCE_EXHAUSTED, so one model's flood leaves slots to the others.
     max_requests_in_flight: Annotated[int, Field(ge=0)] = 0
+    # Answers of this model kept in the server's response cache (when it has one:
+    # response_cache_bytes > 0) and given again for the same request (service.response_cache)
+    response_cache: bool = True
     # How many of the model's newest versions are loaded (OVMS's and Triton's version policy
     # "latest", which defaults to 1 there); 0: every version on disk, as before. Each loaded
     # version is up to six compiled copies, so a repository that keeps every daily export
@@ -144,6 +147,9 @@ class ServerSettings:
     # --grpc-infer-response-compression-level: gzip halves Lite0's maps (196 KB of floats per
     # image) for devices on metered links, at about 4 ms of CPU per image; none: as they are
     response_compression: Literal["none", "gzip", "deflate"] = "none"
+    # Triton's response cache (service.response_cache): answers of ModelInfer and Explain kept
+    # for the same request, least recently used out, within this many bytes; 0: off
+    response_cache_bytes: Annotated[int, Field(ge=0, le=2**40)] = 0
     metrics_port: PORT | None = None  # Prometheus text over HTTP; None: off, 0: any free port
     # the Open Inference Protocol's REST side (service.rest); None: off, 0: any free port
     rest_port: PORT | None = None

@@ -26,6 +26,7 @@ from .repository import ModelRepository, VersionState
 from .request_context import ClientGone, ClientWait, new_request_id, note_forward_passes
 from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
+from .response_cache import CachedAnswers, ResponseCache
 from .shared_memory import SharedMemoryRegions, TensorPlace
 from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
 
@@ -56,6 +57,14 @@ class Stopwatch:
 
     def total(self) -> dict[str, float]:
         return {**self.timings, "total": (time.perf_counter() - self._start) * 1e3}
+
+
+def mark_cache_hit(response: pb.ExplainResponse, ms: float) -> None:
+    """A cached answer: an id of its own when the request gave none, the lookup's timings."""
+    response.id = response.id or new_request_id()
+    response.timings_ms.clear()
+    response.timings_ms["cache"] = ms
+    response.timings_ms["total"] = ms
 
 
 def decode_encoded(data: bytes, field: str) -> np.ndarray:
@@ -134,10 +143,12 @@ def stream_failure(request: pb.ExplainRequest | None, code: grpc.StatusCode, mes
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def __init__(self, repository: ModelRepository, settings: ServerSettings,
                  streams: MessageStreams | None = None,
-                 shared_memory: SharedMemoryRegions | None = None):
+                 shared_memory: SharedMemoryRegions | None = None,
+                 answers: CachedAnswers | None = None):
         self.repository = repository
         self.streams = streams
         self.shared_memory = shared_memory or SharedMemoryRegions(enabled=False)
+        self.answers = answers or CachedAnswers(ResponseCache(0), lambda name: False)
         self.rise = RiseExplainer()
         self.raise_black_box_cap(settings)
         self.black_box_slots = threading.BoundedSemaphore(settings.max_black_box_in_flight)
@@ -177,10 +188,15 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         watch = Stopwatch()
         state = served_version(self.repository, request.model_name, request.model_version)
         check_choices(request)
-        with state.statistics.measure() as split:
-            response = self._explain(request, state, watch, context)
-            split.timings_ms = dict(response.timings_ms)
-        return response
+
+        def compute() -> pb.ExplainResponse:
+            with state.statistics.measure() as split:
+                response = self._explain(request, state, watch, context)
+                split.timings_ms = dict(response.timings_ms)
+            return response
+        return self.answers.answer(
+            "Explain", state, request, request.image.WhichOneof("source") == "shared_memory",
+            pb.ExplainResponse, compute, mark_cache_hit)
 
     def ExplainStream(self, requests: CallerStream, context):
         """Explain per message of one stream, answered in order (service.message_stream)."""

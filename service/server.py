@@ -30,6 +30,7 @@ from .proto import xaiserve_pb2_grpc as xai_grpc
 from .repository import ModelRepository
 from .rest import RestApp, RestServer
 from .security import BearerToken, server_credentials, server_ssl_context
+from .response_cache import CachedAnswers, ResponseCache
 from .shared_memory import SharedMemoryRegions
 from .telemetry import Telemetry
 
@@ -99,10 +100,14 @@ class Server:
         self.shared_memory = SharedMemoryRegions(settings.shared_memory == "system",
                                                  settings.max_message_bytes)
         self.telemetry.watch_shared_memory(self.shared_memory.totals)
-        kserve = KServeServicer(self.repository, self.streams, self.shared_memory)
+        self.response_cache = ResponseCache(settings.response_cache_bytes)
+        self.telemetry.watch_response_cache(self.response_cache.totals)
+        answers = CachedAnswers(self.response_cache,
+                                lambda name: repository.settings.for_model(name).response_cache)
+        kserve = KServeServicer(self.repository, self.streams, self.shared_memory, answers)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
         self.explanation = ExplanationServicer(self.repository, settings, self.streams,
-                                               self.shared_memory)
+                                               self.shared_memory, answers)
         xai_grpc.add_ExplanationServiceServicer_to_server(self.explanation, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         services = (*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -20,7 +20,8 @@ INPUT_STAGES = ("decode", "preprocess")
 QUEUE_STAGE = "queue"
 INFER_STAGE = "inference"
 # Triton's InferStatistics fields, in its order.
-BUCKETS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+BUCKETS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+           "cache_hit", "cache_miss")
 
 
 @dataclass
@@ -84,6 +85,20 @@ class VersionStatistics:
             self._last_inference_ms = int(time.time() * 1e3)
             for name, ns in parts_ns.items():
                 self._durations[name].add(ns)
+
+    def record_cache_hit(self, images: int, ns: int) -> None:
+        """A request answered from the response cache: a success and a hit, its images
+        counted as inferred (as Triton counts them), no execution."""
+        with self._lock:
+            self._inference_count += images
+            self._last_inference_ms = int(time.time() * 1e3)
+            self._durations["success"].add(ns)
+            self._durations["cache_hit"].add(ns)
+
+    def record_cache_miss(self, ns: int) -> None:
+        """The lookup and the keeping of a request computed because it was not cached."""
+        with self._lock:
+            self._durations["cache_miss"].add(ns)
 
     def snapshot(self) -> StatisticsSnapshot:
         with self._lock:

@@ -10,9 +10,10 @@ from typing import Callable, Iterable
 import openvino
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
                                PlatformCollector, ProcessCollector, start_http_server)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__
+from .response_cache import CacheTotals
 
 # (model, version, "ready" | "loading" | "failed") of every listed version
 VersionStates = Callable[[], Iterable[tuple[str, int, str]]]
@@ -82,6 +83,11 @@ class Telemetry:
         self.shared_memory_regions.set_function(lambda: totals()[0])
         self.shared_memory_bytes.set_function(lambda: totals()[1])
 
+    def watch_response_cache(self, totals: Callable[[], CacheTotals]) -> None:
+        """The response cache's entries, bytes, hits and misses from `totals`, read at each
+        scrape."""
+        self.registry.register(_CacheCollector(totals))
+
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on its own thread; returns the bound port."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -105,3 +111,22 @@ class _VersionCollector:
         for model, version, state in self.states():
             family.add_metric([model, str(version), state], 1)
         yield family
+
+
+class _CacheCollector:
+    def __init__(self, totals):
+        self.totals = totals
+
+    def collect(self):
+        totals = self.totals()
+        yield GaugeMetricFamily("xaiserve_response_cache_entries",
+                                "Answers kept in the response cache", value=totals.entries)
+        yield GaugeMetricFamily("xaiserve_response_cache_bytes",
+                                "Bytes the response cache holds (at most response_cache_bytes)",
+                                value=totals.bytes)
+        lookups = CounterMetricFamily("xaiserve_response_cache_lookups",
+                                      "Requests looked up in the response cache, by result",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], totals.hits)
+        lookups.add_metric(["miss"], totals.misses)
+        yield lookups

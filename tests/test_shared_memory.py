@@ -78,11 +78,12 @@ def serve(repo: Path, **options):
 
 @pytest.fixture(scope="module")
 def shared(small_export, tmp_path_factory):
-    """The small model served with --shared-memory system."""
+    """The small model served with --shared-memory system (and a response cache, which
+    requests with data in shared memory must not use)."""
     repo = tmp_path_factory.mktemp("shm")
     shutil.copytree(small_export.path, repo / "shapes" / "1")
     server, channel = serve(repo, shared_memory="system", max_message_bytes=1024 * 1024,
-                            metrics_port=0)
+                            metrics_port=0, response_cache_bytes=1024 * 1024)
     yield server, kgrpc.GRPCInferenceServiceStub(channel), xgrpc.ExplanationServiceStub(channel)
     channel.close()
     server.stop(grace=1)
@@ -152,6 +153,8 @@ def test_frames_in_shared_memory_give_the_answers_of_frames_in_the_request(stub)
               32 + LOGITS_BYTES)
         response = stub.ModelInfer(request, timeout=30)
         assert list(response.raw_output_contents) == [b"", b""]
+        # the frame is not in the request: asked again, it is computed again, never cached
+        assert "cache_hit" not in stub.ModelInfer(request, timeout=30).parameters
         for output in response.outputs:
             assert output.parameters["shared_memory_region"].string_param == "answers"
         logits = as_array(response, "logits", read_at(out_path, 32, LOGITS_BYTES))
@@ -362,6 +365,9 @@ def test_explain_reads_frames_and_encoded_images_from_shared_memory(shared, stub
         sent = explainer.Explain(explain(xpb.Image(tensor=xpb.Tensor(
             shape=[240, 320, 3], data=CAMERA_FRAME.tobytes()))), timeout=30)
         assert explained(from_region) == explained(sent)
+        assert "inference" in explainer.Explain(explain(xpb.Image(shared_memory=xpb.SharedImage(
+            region="camera", byte_size=CAMERA_FRAME.nbytes, shape=[240, 320, 3]))),
+            timeout=30).timings_ms  # computed again, not cached
         assert len(from_region.maps) == 2
         encoded = explainer.Explain(explain(xpb.Image(shared_memory=xpb.SharedImage(
             region="camera", offset=CAMERA_FRAME.nbytes, byte_size=len(jpeg)))), timeout=30)

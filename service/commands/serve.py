@@ -72,6 +72,10 @@ def add_serve_operations(p) -> None:
                         "memory regions (Triton's extension: tritonclient.utils.shared_memory,"
                         " perf_analyzer --shared-memory system); they read and write them with"
                         " the server's rights (default: off)")
+    p.add_argument("--response-cache-bytes", type=int, default=None,
+                   help="keep answers of ModelInfer and Explain for the same request (a RISE "
+                        "explanation asked again is answered at once) within this many bytes, "
+                        "least recently used out; per model: response_cache (default: 0, off)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest request or response (default: 32 MiB)")
     p.add_argument("--poll-seconds", type=float, default=None,
@@ -95,7 +99,8 @@ SERVE_OPERATION_KEYS = ("metrics_port", "rest_port", "shutdown_grace", "tls_cert
                         "max_open_streams", "strict_readiness", "shared_memory",
                         "max_message_bytes",
                         "poll_seconds", "max_connection_age", "keepalive_time",
-                        "min_client_ping_interval", "response_compression")
+                        "min_client_ping_interval", "response_compression",
+                        "response_cache_bytes")
 
 
 def run_serve(args) -> int:
