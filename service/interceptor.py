@@ -271,9 +271,10 @@ class RequestInterceptor(grpc.ServerInterceptor):
         model, version = record.model, record.version
         # by what answered: ModelInfer and a stream's message alike, over gRPC or REST
         if isinstance(response, kpb.ModelInferResponse):  # the inference alone, as reported
-            ms = response.parameters["inference_ms"].double_param \
-                if "inference_ms" in response.parameters else seconds * 1e3
-            t.inference_seconds.labels(model, version).observe(ms / 1e3)
+            if "cache_hit" not in response.parameters:  # a cached answer ran no inference
+                ms = response.parameters["inference_ms"].double_param \
+                    if "inference_ms" in response.parameters else seconds * 1e3
+                t.inference_seconds.labels(model, version).observe(ms / 1e3)
         elif isinstance(response, xpb.ExplainResponse):
             timings = response.timings_ms
             if "inference" in timings:

@@ -53,6 +53,11 @@ def lookups(server) -> dict[str, float]:
             for result in ("hit", "miss")}
 
 
+def inferences_observed(server) -> float:
+    return sample(scrape(server.metrics_port), "xaiserve_inference_seconds",
+                  "xaiserve_inference_seconds_count", model="shapes", version="1")
+
+
 def test_an_explanation_asked_again_is_the_answer_given_before(cached):
     """A black-box explanation (200 forward passes) asked again by another caller: the same
     classes and maps, its own id, the lookup's timings; another seed is another answer."""
@@ -80,8 +85,11 @@ def test_an_explanation_asked_again_is_the_answer_given_before(cached):
 def test_a_prediction_asked_again_is_counted_as_triton_counts_a_hit(cached):
     server, kserve, _ = cached
     stats_before = statistics(kserve, "shapes")
+    inferences_before = inferences_observed(server)
     first = kserve.ModelInfer(infer_request(request_id="one"), timeout=30)
     again = kserve.ModelInfer(infer_request(request_id="two"), timeout=30)
+    # xaiserve_inference_seconds observes inferences: the hit ran none
+    assert inferences_observed(server) - inferences_before == 1
     assert again.id == "two" and again.parameters["cache_hit"].bool_param
     assert "cache_hit" not in first.parameters and "inference_ms" in first.parameters
     assert "inference_ms" not in again.parameters and again.parameters["cache_ms"].double_param > 0
