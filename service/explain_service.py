@@ -24,9 +24,9 @@ from .proto import xaiserve_pb2 as pb
 from .proto import xaiserve_pb2_grpc as pb_grpc
 from .repository import ModelRepository, VersionState
 from .request_context import ClientGone, ClientWait, new_request_id, note_forward_passes
+from .response_cache import CachedAnswers, ResponseCache
 from .rise import RiseExplainer, RiseSettings
 from .shared_interest import Binarization, PatternCutoffs
-from .response_cache import CachedAnswers, ResponseCache
 from .shared_memory import SharedMemoryRegions, TensorPlace
 from .summary_head import CONCENTRATION_TOP_FRACTION, COVERAGE_THRESHOLD, TOP_K, Summary
 

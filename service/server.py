@@ -28,9 +28,9 @@ from .proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from .proto import xaiserve_pb2 as xai_pb
 from .proto import xaiserve_pb2_grpc as xai_grpc
 from .repository import ModelRepository
+from .response_cache import CachedAnswers, ResponseCache
 from .rest import RestApp, RestServer
 from .security import BearerToken, server_credentials, server_ssl_context
-from .response_cache import CachedAnswers, ResponseCache
 from .shared_memory import SharedMemoryRegions
 from .telemetry import Telemetry
 
