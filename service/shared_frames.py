@@ -22,7 +22,7 @@ import numpy as np
 from .proto import grpc_predict_v2_pb2 as kpb
 from .proto import grpc_predict_v2_pb2_grpc as kgrpc
 from .proto import xaiserve_pb2 as pb
-from .shared_memory import SHM_ROOT
+from .shared_memory import SHM_ROOT, write_all
 
 
 class SharedFrames:
@@ -63,10 +63,7 @@ class SharedFrames:
                              f"{list(self.shape)}")
         offset = self._next * self.frame_bytes
         self._next = (self._next + 1) % self.slots
-        view = memoryview(np.ascontiguousarray(frame)).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.pwrite(self._descriptor, view[written:], offset + written)
+        write_all(self._descriptor, np.ascontiguousarray(frame), offset)
         return pb.Image(shared_memory=pb.SharedImage(
             region=self.name, offset=offset, byte_size=self.frame_bytes, shape=self.shape))
 

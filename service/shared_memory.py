@@ -75,6 +75,14 @@ def tensor_place(parameters, where: str) -> TensorPlace | None:
                        _parameter(parameters, BYTE_SIZE, where, int))
 
 
+def write_all(descriptor: int, data, offset: int) -> None:
+    """pwrite until every byte is written (one call may write fewer)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(descriptor, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def object_path(key: str, root: Path = SHM_ROOT) -> Path:
     """shm_open's name ("/frames" or "frames") as its file; nothing outside the root."""
     name = key[1:] if key.startswith("/") else key
@@ -227,10 +235,7 @@ class SharedMemoryRegions:
             start = region.span(place, where)
             if start + len(data) > region.object_size():  # never grow a client's object
                 raise region.shrunk(where)
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(region.descriptor, view, start)
-                view, start = view[written:], start + written
+            write_all(region.descriptor, data, start)
 
     def close(self) -> None:
         with self._lock:
